@@ -1,0 +1,136 @@
+"""Typed configs of the model components (the single schema; YAML under conf/ holds presets only).
+
+Every stage composes these groups: ``first_stage``, ``unet``, ``text_encoder``. The dataclasses are
+registered in Hydra's ConfigStore as ``schema/<group>`` so a preset starts with
+``defaults: [/schema/unet@_here_, _self_]`` and gets type checking of its fields.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+
+
+@dataclass
+class DDConfig:
+    """CompVis ``ddconfig``: the Encoder/Decoder of a first stage (field names as in the released yaml)."""
+
+    double_z: bool = True
+    z_channels: int = 4
+    resolution: int = 256
+    in_channels: int = 3
+    out_ch: int = 3
+    ch: int = 128
+    ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    attn_resolutions: list[int] = field(default_factory=list)
+    dropout: float = 0.0
+
+
+@dataclass
+class FirstStageLossConfig:
+    """LPIPS + patch discriminator objective (CompVis LPIPSWithDiscriminator / VQLPIPSWithDiscriminator)."""
+
+    disc_start: int = 50001
+    kl_weight: float = 1.0e-6
+    codebook_weight: float = 1.0
+    pixelloss_weight: float = 1.0
+    perceptual_weight: float = 1.0
+    disc_weight: float = 0.5
+    disc_factor: float = 1.0
+    disc_num_layers: int = 3
+    disc_in_channels: int = 3
+    disc_ndf: int = 64
+
+
+@dataclass
+class FirstStageConfig:
+    """An autoencoder of the paper: ``kind`` kl (AutoencoderKL) or vq (VQModel)."""
+
+    name: str = "kl_f8"
+    kind: str = "kl"  # "kl" or "vq"
+    downsample_factor: int = 8  # f; must equal 2 ** (len(ddconfig.ch_mult) - 1)
+    embed_dim: int = 4  # latent channels the diffusion model sees
+    n_embed: int = 0  # VQ codebook size (0 for KL)
+    ddconfig: DDConfig = field(default_factory=DDConfig)
+    lossconfig: FirstStageLossConfig = field(default_factory=FirstStageLossConfig)
+    checkpoint: str | None = None  # local path or fsspec URL of trained weights (CompVis layout)
+    scale_factor: float | None = None  # None: take it from the latent manifest
+
+
+@dataclass
+class UNetConfig:
+    """CompVis ``openaimodel.UNetModel`` with SpatialTransformer (parameter names as released)."""
+
+    image_size: int = 32  # latent side; derived from data resolution / f in the presets
+    in_channels: int = 4  # latent channels (+ concat_channels for concat conditioning)
+    out_channels: int = 4
+    model_channels: int = 320
+    attention_resolutions: list[int] = field(default_factory=lambda: [4, 2, 1])  # downsample rates
+    num_res_blocks: int = 2
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_heads: int = 8
+    num_head_channels: int = -1  # -1: channels // num_heads
+    transformer_depth: int = 1
+    context_dim: int | None = 1280  # None: no cross-attention (unconditional / class-conditional)
+    num_classes: int | None = None  # class-conditional (ImageNet) through a label embedding
+    concat_channels: int = 0  # extra input channels concatenated to z (super-resolution, inpainting)
+    dropout: float = 0.0
+    use_checkpoint: bool = False  # activation (gradient) checkpointing
+    use_linear_in_transformer: bool = False  # paper: 1x1-conv proj_in/proj_out
+
+
+@dataclass
+class TextEncoderConfig:
+    """The paper's BERT-style transformer (CompVis ``BERTEmbedder``), trained jointly with the UNet."""
+
+    name: str = "bert_1p45b"
+    vocab_size: int = 30522
+    max_seq_len: int = 77
+    n_embed: int = 1280
+    n_layer: int = 32
+    heads: int = 8
+    dim_head: int = 64
+    ff_mult: int = 4
+    use_checkpoint: bool = False
+    # Directory of a BERT WordPiece tokenizer (vocab.txt or tokenizer.json), local path or fsspec URL.
+    # None: the trainer trains a WordPiece tokenizer on the caption corpus and saves it beside the run.
+    tokenizer: str | None = None
+
+
+def _div(a: Any, b: Any) -> int:
+    a, b = int(a), int(b)
+    if a % b:
+        raise ValueError(f"resolution {a} is not divisible by the downsample factor {b}")
+    return a // b
+
+
+def register_resolvers() -> None:
+    """OmegaConf resolvers the presets use (``${div:${data.resolution},${first_stage.downsample_factor}}``)."""
+    if not OmegaConf.has_resolver("div"):
+        OmegaConf.register_new_resolver("div", _div)
+
+
+def register_configs() -> None:
+    """Register the typed schemas with Hydra's ConfigStore (call before ``@hydra.main`` runs)."""
+    from hydra.core.config_store import ConfigStore
+
+    register_resolvers()
+    cs = ConfigStore.instance()
+    cs.store(group="schema", name="first_stage", node=FirstStageConfig)
+    cs.store(group="schema", name="unet", node=UNetConfig)
+    cs.store(group="schema", name="text_encoder", node=TextEncoderConfig)
+
+
+def to_dataclass(cfg: Any, cls: type) -> Any:
+    """Turn a DictConfig node (or dict) into the typed dataclass, rejecting unknown keys."""
+    if OmegaConf.is_config(cfg):
+        # resolve against the whole composed config (a group node interpolates ${data.resolution} etc.)
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    base = OmegaConf.structured(cls)
+    merged = OmegaConf.merge(base, cfg if cfg is not None else {})
+    return OmegaConf.to_object(merged)
+
+
+register_resolvers()
