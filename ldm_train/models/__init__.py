@@ -1,0 +1,4 @@
+"""Pure nn.Modules of the LDM: the UNet, the text encoder (the autoencoders live in ``autoencoder.py``)."""
+from ldm_train.models.unet import UNetModel
+
+__all__ = ["UNetModel"]

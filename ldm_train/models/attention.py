@@ -1,0 +1,194 @@
+"""Attention blocks of the LDM UNet, with the parameter names of CompVis ``ldm.modules.attention``.
+
+``SpatialTransformer`` (text / cross-attention conditioning) and the legacy ``AttentionBlock`` (used when
+the UNet has no context, as the released unconditional LDMs do). Every attention runs through
+``torch.nn.functional.scaled_dot_product_attention`` so flash / memory-efficient kernels are picked on GPU.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
+    # [B, N, H*D] -> [B, H, N, D] as a strided view: SDPA takes it without a copy
+    b, n, _ = t.shape
+    return t.view(b, n, heads, -1).transpose(1, 2)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of ``query`` over ``context`` (self-attention when context is None)."""
+
+    def __init__(
+        self,
+        query_dim: int,
+        context_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        dropout: float = 0.0,
+    ) -> None:
+        super().__init__()
+        inner_dim = heads * dim_head
+        context_dim = query_dim if context_dim is None else context_dim
+        self.heads = heads
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        context = x if context is None else context
+        if context.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+            context = context.to(x.dtype)
+        q = _split_heads(self.to_q(x), self.heads)
+        k = _split_heads(self.to_k(context), self.heads)
+        v = _split_heads(self.to_v(context), self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(dim_head), as CompVis
+        b, _, n, _ = out.shape
+        return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class GEGLU(nn.Module):
+    """Gated GELU projection (Shazeer 2020): one Linear gives value and gate."""
+
+    def __init__(self, dim_in: int, dim_out: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU feed-forward, width ``dim * mult`` (CompVis ``FeedForward(glu=True)``: net.0.proj, net.2)."""
+
+    def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0) -> None:
+        super().__init__()
+        inner = dim * mult
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention over the context, GEGLU feed-forward."""
+
+    def __init__(
+        self,
+        dim: int,
+        n_heads: int,
+        d_head: int,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        self.attn1 = CrossAttention(dim, None, n_heads, d_head, dropout)
+        self.ff = FeedForward(dim, dropout=dropout)
+        self.attn2 = CrossAttention(dim, context_dim, n_heads, d_head, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.use_checkpoint = use_checkpoint
+
+    def _forward(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, context, use_reentrant=False)
+        return self._forward(x, context)
+
+
+class SpatialTransformer(nn.Module):
+    """Transformer over the pixels of a feature map: GroupNorm, 1x1-conv (or linear) proj_in, blocks, proj_out.
+
+    ``proj_out`` starts at zero, so a fresh block is the identity (as in CompVis).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        n_heads: int,
+        d_head: int,
+        depth: int = 1,
+        dropout: float = 0.0,
+        context_dim: int | None = None,
+        use_linear: bool = False,
+        use_checkpoint: bool = False,
+    ) -> None:
+        super().__init__()
+        inner = n_heads * d_head
+        self.use_linear = use_linear
+        self.norm = nn.GroupNorm(32, in_channels, eps=1e-6)
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner)
+            self.proj_out = nn.Linear(inner, in_channels)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner, 1)
+            self.proj_out = nn.Conv2d(inner, in_channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner, n_heads, d_head, dropout, context_dim, use_checkpoint)
+            for _ in range(depth)
+        )
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, h, w = x.shape
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)
+        # NCHW -> N(HW)C: a free view when the activations are channels-last
+        x = x.permute(0, 2, 3, 1).reshape(b, h * w, -1)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
+
+
+class AttentionBlock(nn.Module):
+    """Self-attention over pixels without context (CompVis openaimodel ``AttentionBlock``, legacy head order).
+
+    Names: norm, qkv (1x1 conv1d to 3C), proj_out (zero-initialised conv1d). The legacy layout stores each
+    head's q, k, v next to each other, which the released unconditional checkpoints rely on.
+    """
+
+    def __init__(self, channels: int, num_heads: int, use_checkpoint: bool = False) -> None:
+        super().__init__()
+        if channels % num_heads:
+            raise ValueError(f"attention channels {channels} are not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.norm = nn.GroupNorm(32, channels)
+        self.qkv = nn.Conv1d(channels, channels * 3, 1)
+        self.proj_out = nn.Conv1d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+        self.use_checkpoint = use_checkpoint
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c = x.shape[:2]
+        flat = x.reshape(b, c, -1)
+        qkv = self.qkv(self.norm(flat))  # [B, 3C, T]
+        q, k, v = qkv.reshape(b, self.num_heads, 3 * c // self.num_heads, -1).chunk(3, dim=2)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = out.transpose(-1, -2).reshape(b, c, -1)
+        return (flat + self.proj_out(out)).reshape(x.shape)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)
