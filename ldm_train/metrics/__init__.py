@@ -1,0 +1,1 @@
+"""Metrics the trainer needs without importing ``eval`` (Frechet distance from streamed statistics)."""
