@@ -1,0 +1,379 @@
+"""Latent-shard loader: WebDataset tars of precomputed first-stage latents -> training batches.
+
+Batches (one per micro-step, per rank) are dicts::
+
+    {"moments": float32 [B, 2z, h, w]}   (KL first stage: mean then logvar)  or  {"latents": [B, z, h, w]} (VQ),
+    "tokens": LongTensor [B, L] (when a tokenizer is given), "caption": list[str] (after dropout: "" = uncond),
+    "dropped": BoolTensor [B], "key": list[str], "meta": list[dict]
+
+``sample_latents(moments, scale_factor, generator)`` turns moments into the diffusion model's z.
+
+Stream order and resume guarantee
+---------------------------------
+The data never runs out (every rank always has a batch): shards are drawn epoch by epoch, each epoch a
+permutation of all shards seeded by (seed, epoch), cut into *blocks* of ``shards_per_block`` shards. Block g
+is a pure function of (seed, g): its shards are read interleaved (random pick weighted by what is left in
+each), pass a shuffle buffer seeded by (seed, g), and get a caption-dropout mask seeded by (seed, g). Every
+(rank, worker) pair is a stream s = rank * num_workers + worker of S = world_size * num_workers streams and
+reads blocks base + s, base + s + S, base + s + 2S, ... The DataLoader hands out the workers' batches
+round-robin, so after n batches on a rank worker w has produced exactly ceil((n - w) / num_workers).
+
+``state_dict()`` is {"batches_yielded": n, "samples_yielded": n * batch_size, "base_block", "world_size",
+"num_workers", "batch_size", "seed"}; it is the same on every rank (all ranks step together), so rank 0's
+copy in the checkpoint is enough.
+
+- Same world size, num_workers, batch_size and seed: the batches after ``load_state_dict`` are exactly those
+  an uninterrupted run would have produced next. Each worker jumps to its block with shard sizes from the
+  manifest (no reading) and re-reads at most its current block to refill the shuffle buffer.
+- Anything else changed: the new streams start at the first block no old stream had begun, so no sample
+  of the current pass is repeated; the unread rest of the blocks in flight (at most S blocks) is skipped.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from ldm_train.data.manifest import check_manifest, read_manifest, shard_list
+
+LATENT_EXT = "latent.npy"
+
+
+@dataclass
+class LatentDataConfig:
+    """``conf/data/latents.yaml``: where the shards are and how they are streamed."""
+
+    resolution: int = 64  # image side the latents were encoded at (checked against the manifest)
+    latents_root: str = "data/latents"  # folder/prefix holding one shard folder per first stage
+    shards: str = "data/latents/tiny_kl_f4"  # shard folder (manifest.json + shard-*.tar); local or fsspec URL
+    manifest: str | None = None  # default <shards>/manifest.json
+    batch_size: int = 8  # micro batch per rank
+    num_workers: int = 2  # loader processes per rank (0: in the training process)
+    shuffle_buffer: int = 1000  # samples held per worker for shuffling within a block
+    shards_per_block: int = 4  # shards interleaved per block (mixing across shards)
+    caption_dropout: float = 0.1  # probability a caption is replaced by "" (the uncond input for CFG)
+    scale_factor: float | None = None  # None: the manifest's (1/std of the latents)
+    seed: int = 0
+    prefetch_factor: int = 4
+    pin_memory: bool = True  # only used with CUDA
+
+
+def sample_latents(
+    moments: torch.Tensor, scale_factor: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """z = (mean + std * noise) * scale_factor from KL moments [B, 2z, h, w] (CompVis DiagonalGaussian)."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + std * noise) * scale_factor
+
+
+def _open(url: str):
+    try:  # data prep's opener knows the project's s3 settings; plain fsspec otherwise
+        from ldm_train.data.fsspec_io import open_url
+
+        return open_url(url, "rb")
+    except ImportError:
+        return fsspec.open(url, "rb").open()
+
+
+def _rng(seed: int, *stream: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([seed % 2**63, *stream]))
+
+
+class BlockPlan:
+    """Which shards make block g, and how many samples it holds (no I/O)."""
+
+    TAG_EPOCH, TAG_ORDER, TAG_DROP = 1, 2, 3
+
+    def __init__(self, shards: list[tuple[str, int]], shards_per_block: int, seed: int) -> None:
+        self.shards = shards
+        self.k = max(1, min(shards_per_block, len(shards)))
+        self.seed = seed
+        self.blocks_per_epoch = math.ceil(len(shards) / self.k)
+        self._perm: dict[int, np.ndarray] = {}
+
+    def block_shards(self, g: int) -> list[int]:
+        epoch, i = divmod(g, self.blocks_per_epoch)
+        if epoch not in self._perm:
+            self._perm = {epoch: _rng(self.seed, self.TAG_EPOCH, epoch).permutation(len(self.shards))}
+        return [int(j) for j in self._perm[epoch][i * self.k : (i + 1) * self.k]]
+
+    def block_size(self, g: int) -> int:
+        return sum(self.shards[j][1] for j in self.block_shards(g))
+
+    def locate(self, first_block: int, step: int, position: int) -> tuple[int, int]:
+        """The block of the stream first_block, first_block + step, ... holding sample ``position``.
+
+        Returns (block, offset in block); offset 0 means the block has not been started.
+        """
+        g = first_block
+        while True:
+            size = self.block_size(g)
+            if position < size:
+                return g, position
+            position -= size
+            g += step
+
+
+class LatentShardDataset(IterableDataset):
+    """The per-worker stream (see the module docstring); yields whole batches."""
+
+    def __init__(
+        self,
+        shards: list[tuple[str, int]],
+        batch_size: int,
+        stored: str = "moments",
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        shards_per_block: int = 4,
+        caption_dropout: float = 0.0,
+        tokenize_fn: Callable[[list[str]], torch.Tensor] | None = None,
+        base_block: int = 0,
+        start_batches: int = 0,
+    ) -> None:
+        super().__init__()
+        self.plan = BlockPlan(shards, shards_per_block, seed)
+        self.batch_size = batch_size
+        self.latent_key = "moments" if stored == "moments" else "latents"
+        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
+        self.seed = seed
+        self.shuffle_buffer = max(1, shuffle_buffer)
+        self.caption_dropout = caption_dropout
+        self.tokenize_fn = tokenize_fn
+        self.base_block = base_block
+        self.start_batches = start_batches
+
+    # ---- one block: interleave its shards, shuffle, drop captions --------------------------------------
+    def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
+        with _open(url) as stream:
+            yield from group_by_keys(tar_file_iterator(stream))
+
+    def _block_samples(self, g: int, skip: int) -> Iterator[dict[str, Any]]:
+        shard_ids = self.plan.block_shards(g)
+        left = np.array([self.plan.shards[j][1] for j in shard_ids], dtype=np.float64)
+        readers = [self._read_shard(self.plan.shards[j][0]) for j in shard_ids]
+        order_rng = _rng(self.seed, BlockPlan.TAG_ORDER, g)
+        drop = _rng(self.seed, BlockPlan.TAG_DROP, g).random(int(left.sum())) < self.caption_dropout
+        buffer: list[dict[str, Any]] = []
+        out = 0
+
+        def emit(sample: dict[str, Any]) -> dict[str, Any] | None:
+            nonlocal out
+            i, out = out, out + 1
+            if i < skip:
+                return None  # already consumed before the resume: not even decoded
+            sample["__dropped__"] = bool(drop[i]) if i < len(drop) else False
+            return sample
+
+        while left.sum() > 0:
+            r = int(order_rng.choice(len(readers), p=left / left.sum()))
+            sample = next(readers[r], None)
+            if sample is None:
+                raise RuntimeError(
+                    f"shard {self.plan.shards[shard_ids[r]][0]} has fewer samples than its manifest entry "
+                    f"({self.plan.shards[shard_ids[r]][1]}): re-run data_prep.finalize"
+                )
+            left[r] -= 1
+            buffer.append(sample)
+            if len(buffer) >= self.shuffle_buffer:
+                j = int(order_rng.integers(len(buffer)))
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                if (s := emit(buffer.pop())) is not None:
+                    yield s
+        order_rng.shuffle(buffer)
+        for sample in buffer:
+            if (s := emit(sample)) is not None:
+                yield s
+
+    # ---- decode + collate ------------------------------------------------------------------------------
+    def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        arrays = [np.load(io.BytesIO(s[LATENT_EXT])) for s in samples]
+        captions = [
+            "" if s["__dropped__"] else (s["txt"].decode("utf-8") if "txt" in s else "") for s in samples
+        ]
+        batch: dict[str, Any] = {
+            self.latent_key: torch.from_numpy(np.stack(arrays)).float(),
+            "caption": captions,
+            "dropped": torch.tensor([s["__dropped__"] for s in samples]),
+            "key": [s["__key__"].rsplit("/", 1)[-1] for s in samples],
+            "meta": [json.loads(s["json"]) if "json" in s else {} for s in samples],
+        }
+        if self.tokenize_fn is not None:
+            batch["tokens"] = self.tokenize_fn(captions)
+        return batch
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        workers = max(1, self.num_workers)
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one tokenizer thread per worker process
+        stream = self.rank * workers + worker
+        step = self.world_size * workers
+        done_batches = max(0, -(-(self.start_batches - worker) // workers))  # ceil, batches this worker made
+        g, skip = self.plan.locate(self.base_block + stream, step, done_batches * self.batch_size)
+        pending: list[dict[str, Any]] = []
+        while True:
+            for sample in self._block_samples(g, skip):
+                pending.append(sample)
+                if len(pending) == self.batch_size:
+                    yield self._collate(pending)
+                    pending = []
+            g, skip = g + step, 0
+
+
+def next_unstarted_block(state: dict[str, Any], plan: BlockPlan) -> int:
+    """First block index that no stream of the saved topology had started (resume at another topology)."""
+    workers = max(1, int(state["num_workers"]))
+    streams = int(state["world_size"]) * workers
+    n, batch = int(state["batches_yielded"]), int(state["batch_size"])
+    last = int(state.get("base_block", 0)) - 1
+    for s in range(streams):
+        worker = s % workers
+        done = max(0, -(-(n - worker) // workers))
+        g, offset = plan.locate(int(state.get("base_block", 0)) + s, streams, done * batch)
+        last = max(last, g if offset > 0 else g - streams)
+    return last + 1
+
+
+class LatentLoader:
+    """The training-side iterator: a DataLoader over ``LatentShardDataset`` that counts what it handed out.
+
+    Iterating yields batches forever; every ``iter()`` continues from the current position (so a
+    ``load_state_dict`` before the first ``iter()`` resumes).
+    """
+
+    def __init__(
+        self,
+        cfg: LatentDataConfig,
+        shards: list[tuple[str, int]],
+        stored: str = "moments",
+        tokenize_fn: Callable[[list[str]], torch.Tensor] | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+        manifest: dict[str, Any] | None = None,
+    ) -> None:
+        from ldm_train.distributed import get_rank, get_world_size
+
+        if sum(n for _, n in shards) == 0:
+            raise ValueError(f"the shards under {cfg.shards} hold no samples: check the encode job's manifest")
+        self.cfg = cfg
+        self.shards = shards
+        self.stored = stored
+        self.tokenize_fn = tokenize_fn
+        self.rank = get_rank() if rank is None else rank
+        self.world_size = get_world_size() if world_size is None else world_size
+        self.manifest = manifest
+        self.batches_yielded = 0
+        self.base_block = 0
+
+    @property
+    def scale_factor(self) -> float:
+        """The config's override, else the manifest's 1/std (1.0 with neither, and said so at start-up)."""
+        if self.cfg.scale_factor is not None:
+            return float(self.cfg.scale_factor)
+        if self.manifest is not None and self.manifest.get("scale_factor") is not None:
+            return float(self.manifest["scale_factor"])
+        return 1.0
+
+    def _dataset(self) -> LatentShardDataset:
+        return LatentShardDataset(
+            self.shards,
+            batch_size=self.cfg.batch_size,
+            stored=self.stored,
+            rank=self.rank,
+            world_size=self.world_size,
+            num_workers=self.cfg.num_workers,
+            seed=self.cfg.seed,
+            shuffle_buffer=self.cfg.shuffle_buffer,
+            shards_per_block=self.cfg.shards_per_block,
+            caption_dropout=self.cfg.caption_dropout,
+            tokenize_fn=self.tokenize_fn,
+            base_block=self.base_block,
+            start_batches=self.batches_yielded,
+        )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        workers = self.cfg.num_workers
+        loader = DataLoader(
+            self._dataset(),
+            batch_size=None,  # the dataset yields whole batches (tokenized in the workers)
+            num_workers=workers,
+            pin_memory=self.cfg.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
+            persistent_workers=False,
+            in_order=True,  # round-robin over workers: the resume arithmetic depends on it
+        )
+        for batch in loader:
+            self.batches_yielded += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "batches_yielded": self.batches_yielded,
+            "samples_yielded": self.batches_yielded * self.cfg.batch_size,
+            "base_block": self.base_block,
+            "world_size": self.world_size,
+            "num_workers": self.cfg.num_workers,
+            "batch_size": self.cfg.batch_size,
+            "seed": self.cfg.seed,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        same = all(
+            int(state[k]) == v
+            for k, v in (
+                ("world_size", self.world_size),
+                ("num_workers", self.cfg.num_workers),
+                ("batch_size", self.cfg.batch_size),
+                ("seed", self.cfg.seed),
+            )
+        )
+        if same:
+            self.batches_yielded = int(state["batches_yielded"])
+            self.base_block = int(state.get("base_block", 0))
+        else:
+            # another topology: start every new stream after the blocks the old ones had begun
+            plan = BlockPlan(self.shards, self.cfg.shards_per_block, int(state["seed"]))
+            self.base_block = next_unstarted_block(state, plan)
+            self.batches_yielded = 0
+
+
+def build_latent_loader(
+    cfg: LatentDataConfig | Any,
+    first_stage_cfg: Any,
+    unet_cfg: Any | None = None,
+    tokenize_fn: Callable[[list[str]], torch.Tensor] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> LatentLoader:
+    """Read and check the manifest of ``cfg.shards`` against the model config, then build the loader.
+
+    ``cfg`` may be a LatentDataConfig or the ``data`` DictConfig node. ``tokenize_fn(captions) -> LongTensor``
+    runs in the loader workers, e.g. ``functools.partial(tokenize, tokenizer, max_len=77)`` with
+    ``ldm_train.data.tokenizer.tokenize``.
+    """
+    if not isinstance(cfg, LatentDataConfig):
+        from ldm_train.config import to_dataclass
+
+        cfg = to_dataclass(cfg, LatentDataConfig)
+    manifest = read_manifest(cfg.manifest or cfg.shards)
+    check_manifest(manifest, first_stage_cfg, unet_cfg, resolution=cfg.resolution)
+    shards = shard_list(manifest, base_url=None if cfg.manifest else cfg.shards)
+    return LatentLoader(
+        cfg, shards, stored=manifest["stored"], tokenize_fn=tokenize_fn, rank=rank, world_size=world_size,
+        manifest=manifest,
+    )
