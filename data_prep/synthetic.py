@@ -1,0 +1,241 @@
+"""The built-in captioned-shapes dataset: the embedded default for the quickstart and the tests.
+
+``python -m data_prep.synthetic output=DIR num_samples=N resolution=R [shard_size=1000 seed=0 split=train|heldout
+quality=95]`` draws one shape per image (circle, square, triangle, star; small or large; at one of five positions;
+in one of eight well separated colours, on white or on another plain colour) and writes it as img2dataset lays out
+LAION: WebDataset tars ``000000.tar ...`` of ``<key>.jpg`` + ``<key>.txt`` (caption) + ``<key>.json`` (metadata), keys
+``000000000``-style. The caption says exactly what is drawn: "a small red circle at the top left on a blue background".
+
+Every image is a pure function of (seed, split, index), so any shard size gives the same samples. The
+(colour, shape) pairs in ``HELDOUT_COMBOS`` are never drawn in ``split=train`` and are the only ones drawn in
+``split=heldout``: prompts for those test text conditioning on combinations the model never saw.
+``parse_caption`` inverts the captions and ``object_core_mask`` gives pixels that lie inside the object for
+every jitter, for the quickstart's prompt-adherence metric (the object's colour in generated images).
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import sys
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from omegaconf import OmegaConf
+from PIL import Image, ImageDraw
+
+from ldm_train.data import fsspec_io
+
+# Far apart in RGB so the colour of a generated object is unambiguous. White is only a background.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 160, 40),
+    "blue": (30, 60, 220),
+    "yellow": (245, 220, 30),
+    "purple": (130, 40, 170),
+    "orange": (250, 140, 20),
+    "cyan": (40, 210, 220),
+    "black": (20, 20, 20),
+}
+BACKGROUND_WHITE: tuple[int, int, int] = (255, 255, 255)
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
+SIZES: tuple[str, ...] = ("small", "large")
+POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
+# Each colour and each shape still occurs in train with other partners, only these pairs are new.
+HELDOUT_COMBOS: tuple[tuple[str, str], ...] = (
+    ("red", "star"),
+    ("blue", "triangle"),
+    ("yellow", "circle"),
+    ("green", "square"),
+)
+SPLITS = ("train", "heldout")
+
+# Geometry as fractions of the image side. At 64 px a small object spans ~24 px, a large one ~41 px.
+_RADIUS = {"small": 0.19, "large": 0.32}
+_OFFSET = {"small": 0.27, "large": 0.36}  # centre distance from the image edge for the corner positions
+_JITTER_POS = 0.015  # max centre shift
+_JITTER_RADIUS = 0.1  # radius scale in [0.9, 1.1]
+_JITTER_ROT = 15.0  # degrees
+_JITTER_COLOUR = 12  # per channel
+_STAR_INNER = 0.55  # inner/outer radius: fat arms so the star's core holds measurable colour
+_SUPERSAMPLE = 4  # draw large then downsample: antialiased edges
+
+_CAPTION_RE = re.compile(
+    r"^a (?P<size>small|large) (?P<colour>[a-z]+) (?P<shape>circle|square|triangle|star) "
+    r"(?:at the (?P<corner>top left|top right|bottom left|bottom right)|in the (?P<center>center)) "
+    r"on a (?P<background>[a-z]+) background$"
+)
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What one image shows; ``caption`` and ``parse_caption`` map it to text and back."""
+
+    size: str
+    colour: str
+    shape: str
+    position: str
+    background: str  # "white" or a name in COLOURS
+
+    @property
+    def caption(self) -> str:
+        where = "in the center" if self.position == "center" else f"at the {self.position}"
+        return f"a {self.size} {self.colour} {self.shape} {where} on a {self.background} background"
+
+
+def parse_caption(caption: str) -> Scene:
+    """Caption of this dataset -> Scene(size, colour, shape, position, background); ValueError otherwise."""
+    m = _CAPTION_RE.match(caption.strip().lower())
+    if m is None or m["colour"] not in COLOURS or (m["background"] != "white" and m["background"] not in COLOURS):
+        raise ValueError(
+            f"caption {caption!r} is not of the synthetic form "
+            "'a <small|large> <colour> <shape> <at the top left|...|in the center> on a <colour|white> background'"
+        )
+    return Scene(m["size"], m["colour"], m["shape"], m["corner"] or m["center"], m["background"])
+
+
+def background_rgb(name: str) -> tuple[int, int, int]:
+    return BACKGROUND_WHITE if name == "white" else COLOURS[name]
+
+
+def _nominal_centre(scene: Scene) -> tuple[float, float]:
+    """(x, y) in fractions of the side, before jitter."""
+    if scene.position == "center":
+        return 0.5, 0.5
+    off = _OFFSET[scene.size]
+    vert, horiz = scene.position.split()
+    return (off if horiz == "left" else 1 - off), (off if vert == "top" else 1 - off)
+
+
+def object_core_mask(scene: Scene, resolution: int) -> np.ndarray:
+    """Bool [R, R]: a disc around the nominal centre that lies inside the drawn object for any jitter.
+
+    Radius = the smallest inscribed radius over shapes (the star's inner pentagon, 0.55*cos 36deg of r) at the
+    smallest jittered size, minus the largest centre shift. At 64 px: ~3.7 px (small), ~7.5 px (large).
+    """
+    cx, cy = _nominal_centre(scene)
+    r = _RADIUS[scene.size] * (1 - _JITTER_RADIUS) * _STAR_INNER * math.cos(math.radians(36))
+    r = (r - _JITTER_POS) * resolution
+    yy, xx = np.mgrid[0:resolution, 0:resolution] + 0.5
+    return (xx - cx * resolution) ** 2 + (yy - cy * resolution) ** 2 <= max(r, 1.0) ** 2
+
+
+def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tuple[float, float]]:
+    if shape == "square":
+        angles, radii = [45 + 90 * k for k in range(4)], [r] * 4
+    elif shape == "triangle":
+        angles, radii = [-90 + 120 * k for k in range(3)], [r] * 3
+    else:  # star: 5 outer points alternating with 5 inner ones
+        angles = [-90 + 36 * k for k in range(10)]
+        radii = [r if k % 2 == 0 else r * _STAR_INNER for k in range(10)]
+    return [
+        (cx + rr * math.cos(math.radians(a + rot)), cy + rr * math.sin(math.radians(a + rot)))
+        for a, rr in zip(angles, radii, strict=True)
+    ]
+
+
+def render(scene: Scene, resolution: int, rng: np.random.Generator) -> Image.Image:
+    """Draw ``scene`` with small random jitter (position, size, rotation, colour) from ``rng``."""
+    side = resolution * _SUPERSAMPLE
+    img = Image.new("RGB", (side, side), background_rgb(scene.background))
+    draw = ImageDraw.Draw(img)
+    cx, cy = _nominal_centre(scene)
+    cx = (cx + rng.uniform(-_JITTER_POS, _JITTER_POS)) * side
+    cy = (cy + rng.uniform(-_JITTER_POS, _JITTER_POS)) * side
+    r = _RADIUS[scene.size] * rng.uniform(1 - _JITTER_RADIUS, 1 + _JITTER_RADIUS) * side
+    rot = rng.uniform(-_JITTER_ROT, _JITTER_ROT)
+    base = np.array(COLOURS[scene.colour])
+    fill = tuple(int(v) for v in np.clip(base + rng.integers(-_JITTER_COLOUR, _JITTER_COLOUR + 1, 3), 0, 255))
+    if scene.shape == "circle":
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    else:
+        draw.polygon(_polygon(scene.shape, cx, cy, r, rot), fill=fill)
+    return img.resize((resolution, resolution), resample=Image.LANCZOS)
+
+
+def allowed_combos(split: str) -> list[tuple[str, str]]:
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}: use one of {SPLITS}")
+    held = set(HELDOUT_COMBOS)
+    every = [(c, s) for c in COLOURS for s in SHAPES]
+    return [cs for cs in every if (cs in held) == (split == "heldout")]
+
+
+def sample_scene(seed: int, split: str, index: int) -> tuple[Scene, np.random.Generator]:
+    """The scene of sample ``index`` and the generator to render it with (pure function of the arguments)."""
+    rng = np.random.default_rng([seed, SPLITS.index(split), index])
+    combos = allowed_combos(split)
+    colour, shape = combos[rng.integers(len(combos))]
+    size = SIZES[rng.integers(len(SIZES))]
+    position = POSITIONS[rng.integers(len(POSITIONS))]
+    others = [c for c in COLOURS if c != colour]
+    # half on white; otherwise any other colour, so the object always contrasts with its background
+    background = "white" if rng.random() < 0.5 else others[rng.integers(len(others))]
+    return Scene(size, colour, shape, position, background), rng
+
+
+@dataclass
+class SyntheticConfig:
+    output: str = "???"
+    num_samples: int = 1000
+    resolution: int = 64
+    shard_size: int = 1000
+    seed: int = 0
+    split: str = "train"
+    quality: int = 95  # JPEG quality
+
+
+def write_synthetic(
+    output: str,
+    num_samples: int,
+    resolution: int = 64,
+    shard_size: int = 1000,
+    seed: int = 0,
+    split: str = "train",
+    quality: int = 95,
+) -> list[str]:
+    """Write the dataset as img2dataset-style tars under ``output`` (path or URL); returns the shard URLs."""
+    import webdataset as wds
+
+    if num_samples <= 0 or shard_size <= 0:
+        raise ValueError(f"num_samples ({num_samples}) and shard_size ({shard_size}) must be positive")
+    fsspec_io.makedirs(output)
+    urls = []
+    for shard, start in enumerate(range(0, num_samples, shard_size)):
+        url = fsspec_io.join(output, f"{shard:06d}.tar")
+        with fsspec_io.atomic_write(url) as f:
+            writer = wds.TarWriter(f)
+            for index in range(start, min(start + shard_size, num_samples)):
+                scene, rng = sample_scene(seed, split, index)
+                buf = io.BytesIO()
+                render(scene, resolution, rng).save(buf, format="JPEG", quality=quality)
+                key = f"{index:09d}"
+                meta = {
+                    "key": key,
+                    "caption": scene.caption,
+                    "status": "success",
+                    "width": resolution,
+                    "height": resolution,
+                    "original_width": resolution,
+                    "original_height": resolution,
+                    "split": split,
+                    "scene": asdict(scene),
+                }
+                writer.write({"__key__": key, "jpg": buf.getvalue(), "txt": scene.caption, "json": meta})
+            writer.close()
+        urls.append(url)
+    return urls
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
+    cfg: SyntheticConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SyntheticConfig), args))
+    if cfg.output == "???":
+        raise SystemExit("usage: python -m data_prep.synthetic output=DIR num_samples=N resolution=R [split=train]")
+    urls = write_synthetic(cfg.output, cfg.num_samples, cfg.resolution, cfg.shard_size, cfg.seed, cfg.split, cfg.quality)
+    print(json.dumps({"output": cfg.output, "split": cfg.split, "num_samples": cfg.num_samples, "shards": len(urls)}))
+
+
+if __name__ == "__main__":
+    main()

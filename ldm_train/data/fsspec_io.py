@@ -1,0 +1,163 @@
+"""Local paths and fsspec URLs (``s3://``, ``file://``, ...) behind one small API.
+
+Every stage reads and writes through these helpers so that nothing assumes one machine:
+``open_url`` / ``atomic_write`` / ``exists`` / ``ls`` / ``join``, and ``register_fsspec_schemes()``
+which teaches WebDataset's ``gopen`` to open ``s3://`` (and other fsspec protocols) URLs.
+WebDataset has no S3 opener of its own; DataLoader workers import this module (through the readers)
+so the registration also happens in every worker process.
+
+S3 endpoints and credentials come from the usual AWS environment (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ...), which botocore and s3fs honour.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+
+# Protocols that WebDataset handles itself (or that are local); everything else goes through fsspec.
+_WDS_NATIVE = {"", "file", "pipe", "http", "https", "ais", "sftp", "ftps", "scp", "gs", "htgs", "hf"}
+_FSSPEC_SCHEMES = ("s3", "s3a", "gcs", "az", "abfs", "memory")
+
+
+def protocol_of(url: str) -> str:
+    """``"s3"`` for ``s3://b/k``, ``""`` for a plain local path."""
+    return url.split("://", 1)[0] if "://" in url else ""
+
+
+def is_local(url: str) -> bool:
+    return protocol_of(url) in ("", "file")
+
+
+def local_path(url: str) -> str:
+    """The filesystem path of a local URL (``file:///x`` -> ``/x``)."""
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def join(url: str, *parts: str) -> str:
+    """Join path components onto a local path or URL with ``/`` (never the OS separator on URLs)."""
+    out = url.rstrip("/")
+    for p in parts:
+        out = out + "/" + p.strip("/")
+    return out
+
+
+def _fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def _gopen_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    """WebDataset ``gopen`` handler: open any fsspec URL as a binary stream."""
+    del bufsize, kw  # fsspec manages its own block size
+    return fsspec.open(url, mode).open()
+
+
+def register_fsspec_schemes(schemes: tuple[str, ...] = _FSSPEC_SCHEMES) -> None:
+    """Make ``webdataset`` open ``s3://`` (and the other given fsspec protocols) URLs through fsspec.
+
+    Idempotent; call it in every process that builds a WebDataset pipeline over remote URLs
+    (importing ``data_prep.readers`` or this module's users does it at import time).
+    """
+    import importlib
+
+    gopen_mod = importlib.import_module("webdataset.gopen")  # `webdataset.gopen` the attribute is the function
+    for s in schemes:
+        if s not in _WDS_NATIVE:
+            gopen_mod.gopen_schemes[s] = _gopen_fsspec
+
+
+def open_url(url: str, mode: str = "rb") -> IO:
+    """Open a local path or fsspec URL. Parent directories of local files are created for writing."""
+    if is_local(url) and ("w" in mode or "a" in mode):
+        parent = os.path.dirname(local_path(url))
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+    return fsspec.open(url, mode).open()
+
+
+def exists(url: str) -> bool:
+    fs, path = _fs(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    """Create a directory (a no-op on object stores, where prefixes need not exist)."""
+    if is_local(url):
+        os.makedirs(local_path(url), exist_ok=True)
+
+
+def ls(url: str) -> list[str]:
+    """Names (not full paths) of the entries directly under ``url``, sorted; [] if it does not exist."""
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        return []
+    # refresh: an S3 listing may be cached from before another process wrote
+    entries = fs.ls(path, detail=False, refresh=True) if not is_local(url) else fs.ls(path, detail=False)
+    return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
+
+
+def isdir(url: str) -> bool:
+    fs, path = _fs(url)
+    return fs.isdir(path)
+
+
+def rm(url: str, missing_ok: bool = True) -> None:
+    fs, path = _fs(url)
+    try:
+        fs.rm(path)
+    except FileNotFoundError:
+        if not missing_ok:
+            raise
+
+
+def read_bytes(url: str) -> bytes:
+    with open_url(url, "rb") as f:
+        return f.read()
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    with atomic_write(url) as f:
+        f.write(data)
+
+
+@contextlib.contextmanager
+def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
+    """Write ``url`` so readers see either nothing or the whole file.
+
+    Local: write ``<url>.tmp-<random>`` then ``os.replace`` (atomic on POSIX). Object stores: the
+    upload only becomes visible when the multipart/put completes, which is atomic by nature; on an
+    exception the partial upload is aborted (fsspec discards it) so no half object appears.
+    """
+    if is_local(url):
+        final = local_path(url)
+        parent = os.path.dirname(final)
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            with open(tmp, mode) as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        return
+    fs, path = _fs(url)
+    f = fs.open(path, mode)
+    try:
+        yield f
+    except BaseException:
+        # s3fs: discard() aborts the multipart upload; close() would publish the partial object
+        discard = getattr(f, "discard", None)
+        if discard is not None:
+            discard()
+            f.closed = True  # else __del__ -> close() would try to flush the discarded buffer
+        raise
+    f.close()
