@@ -160,14 +160,17 @@ class LatentShardDataset(IterableDataset):
     # ---- one block: interleave its shards, shuffle, drop captions --------------------------------------
     def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
         with _open(url) as stream:
-            yield from group_by_keys(tar_file_iterator(stream))
+            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
+            yield from group_by_keys(files)
 
     def _block_samples(self, g: int, skip: int) -> Iterator[dict[str, Any]]:
         shard_ids = self.plan.block_shards(g)
-        left = np.array([self.plan.shards[j][1] for j in shard_ids], dtype=np.float64)
+        sizes = [self.plan.shards[j][1] for j in shard_ids]
         readers = [self._read_shard(self.plan.shards[j][0]) for j in shard_ids]
         order_rng = _rng(self.seed, BlockPlan.TAG_ORDER, g)
-        drop = _rng(self.seed, BlockPlan.TAG_DROP, g).random(int(left.sum())) < self.caption_dropout
+        # a uniformly random interleaving of the shards (which shard the next sample comes from)
+        interleave = order_rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+        drop = _rng(self.seed, BlockPlan.TAG_DROP, g).random(len(interleave)) < self.caption_dropout
         buffer: list[dict[str, Any]] = []
         out = 0
 
@@ -176,18 +179,16 @@ class LatentShardDataset(IterableDataset):
             i, out = out, out + 1
             if i < skip:
                 return None  # already consumed before the resume: not even decoded
-            sample["__dropped__"] = bool(drop[i]) if i < len(drop) else False
+            sample["__dropped__"] = bool(drop[i])
             return sample
 
-        while left.sum() > 0:
-            r = int(order_rng.choice(len(readers), p=left / left.sum()))
+        for r in interleave:
             sample = next(readers[r], None)
             if sample is None:
+                url, n = self.plan.shards[shard_ids[r]]
                 raise RuntimeError(
-                    f"shard {self.plan.shards[shard_ids[r]][0]} has fewer samples than its manifest entry "
-                    f"({self.plan.shards[shard_ids[r]][1]}): re-run data_prep.finalize"
+                    f"shard {url} has fewer samples than its manifest entry ({n}): re-run data_prep.finalize"
                 )
-            left[r] -= 1
             buffer.append(sample)
             if len(buffer) >= self.shuffle_buffer:
                 j = int(order_rng.integers(len(buffer)))
@@ -218,8 +219,10 @@ class LatentShardDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
         workers = max(1, self.num_workers)
+        # A fresh DataLoader asks worker 0 first, but after n batches the uninterrupted run would ask worker
+        # n % workers next: loader worker i plays the stream of worker (i + n) % workers.
+        worker = ((info.id if info is not None else 0) + self.start_batches) % workers
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one tokenizer thread per worker process
         stream = self.rank * workers + worker
         step = self.world_size * workers

@@ -1,0 +1,165 @@
+"""Latent-shard loader: batch contract, determinism, resume continuation, topology change, dropout, manifest checks."""
+from __future__ import annotations
+
+import functools
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import write_latent_shards
+
+from ldm_train.config import FirstStageConfig, UNetConfig
+from ldm_train.data.latents import LatentDataConfig, LatentLoader, build_latent_loader, sample_latents
+from ldm_train.data.manifest import ManifestError, check_manifest, read_manifest, shard_list
+
+
+def make_loader(shards_dir: Path, rank: int = 0, world_size: int = 1, tokenize_fn=None, **kw) -> LatentLoader:
+    cfg = LatentDataConfig(shards=str(shards_dir), **{"batch_size": 4, "num_workers": 0, "shuffle_buffer": 8,
+                                                      "shards_per_block": 2, "caption_dropout": 0.0, **kw})
+    manifest = read_manifest(str(shards_dir))
+    return LatentLoader(cfg, shard_list(manifest), stored=manifest["stored"], tokenize_fn=tokenize_fn,
+                        rank=rank, world_size=world_size, manifest=manifest)
+
+
+def take(loader: LatentLoader, n: int) -> list[dict]:
+    return list(itertools.islice(iter(loader), n))
+
+
+def keys(batches: list[dict]) -> list[str]:
+    return [k for b in batches for k in b["key"]]
+
+
+def test_batch_contract(latent_shards: Path) -> None:
+    loader = make_loader(latent_shards, tokenize_fn=lambda caps: torch.full((len(caps), 5), len(caps)))
+    (batch,) = take(loader, 1)
+    assert batch["moments"].shape == (4, 6, 16, 16) and batch["moments"].dtype == torch.float32
+    assert batch["tokens"].shape == (4, 5) and batch["tokens"].dtype == torch.int64
+    assert batch["dropped"].dtype == torch.bool and not batch["dropped"].any()
+    for key, caption, moments, meta in zip(batch["key"], batch["caption"], batch["moments"], batch["meta"],
+                                           strict=True):
+        i = int(key)
+        assert caption.endswith(f"number {i}")  # caption belongs to its latent
+        assert torch.all(moments == i)
+        assert meta["source_key"] == f"src{i}"
+    assert loader.scale_factor == 0.5  # from the manifest
+    assert make_loader(latent_shards, scale_factor=0.18215).scale_factor == 0.18215
+
+
+def test_one_pass_covers_every_sample_once(latent_shards: Path) -> None:
+    # 91 samples = 13 batches of 7: one stream reads the first epoch's blocks, each sample exactly once
+    got = keys(take(make_loader(latent_shards, batch_size=7), 13))
+    assert sorted(got) == [f"{i:08d}" for i in range(91)]
+    assert got != sorted(got)  # shuffled, not in file order
+
+
+def test_order_is_a_function_of_the_seed(latent_shards: Path) -> None:
+    a = keys(take(make_loader(latent_shards, num_workers=2, seed=3), 10))
+    b = keys(take(make_loader(latent_shards, num_workers=2, seed=3), 10))
+    c = keys(take(make_loader(latent_shards, num_workers=2, seed=4), 10))
+    assert a == b
+    assert a != c
+
+
+def test_ranks_read_disjoint_samples(latent_shards: Path) -> None:
+    r0 = keys(take(make_loader(latent_shards, rank=0, world_size=2), 5))
+    r1 = keys(take(make_loader(latent_shards, rank=1, world_size=2), 5))
+    assert not set(r0) & set(r1)
+
+
+@pytest.mark.parametrize(("num_workers", "head_batches"), [(0, 6), (2, 6), (2, 5), (3, 7)])
+def test_resume_continues_the_uninterrupted_stream(latent_shards: Path, num_workers: int, head_batches: int) -> None:
+    kw = dict(num_workers=num_workers, caption_dropout=0.3, seed=7)
+    full = take(make_loader(latent_shards, **kw), 15)  # 60 samples: crosses block boundaries
+    first = make_loader(latent_shards, **kw)
+    head = take(first, head_batches)
+    state = first.state_dict()
+    assert state["samples_yielded"] == 4 * head_batches and state["batches_yielded"] == head_batches
+    resumed = make_loader(latent_shards, **kw)
+    resumed.load_state_dict(state)
+    tail = take(resumed, 15 - head_batches)
+    assert keys(head + tail) == keys(full)
+    assert [c for b in head + tail for c in b["caption"]] == [c for b in full for c in b["caption"]]
+    assert all(torch.equal(x["moments"], y["moments"]) for x, y in zip(head + tail, full, strict=True))
+    assert resumed.state_dict()["batches_yielded"] == 15
+
+
+def test_resume_at_another_world_size_repeats_nothing(latent_shards: Path) -> None:
+    kw = dict(num_workers=2, shards_per_block=1)
+    consumed: set[str] = set()
+    states = []
+    for rank in range(2):
+        loader = make_loader(latent_shards, rank=rank, world_size=2, **kw)
+        consumed |= set(keys(take(loader, 3)))
+        states.append(loader.state_dict())
+    assert states[0] == states[1]  # rank 0's copy in the checkpoint stands for every rank
+    resumed = make_loader(latent_shards, rank=0, world_size=1, num_workers=1, shards_per_block=1)
+    resumed.load_state_dict(states[0])
+    assert resumed.base_block == 4  # streams 0..3 each began one block (one shard) of the first epoch
+    after = keys(take(resumed, 7))  # 28 samples: still within the first epoch's unread shards
+    assert not set(after) & consumed
+
+
+def test_caption_dropout_gives_the_empty_caption(latent_shards: Path) -> None:
+    seen = []
+    tok = functools.partial(lambda caps: torch.tensor([[len(c)] for c in caps]))
+    for batch in take(make_loader(latent_shards, caption_dropout=0.5, batch_size=7, tokenize_fn=tok), 26):
+        for caption, dropped, tokens in zip(batch["caption"], batch["dropped"], batch["tokens"], strict=True):
+            assert (caption == "") == bool(dropped)
+            assert (tokens.item() == 0) == bool(dropped)  # tokens were made from the dropped caption
+            seen.append(bool(dropped))
+    assert 0.35 < sum(seen) / len(seen) < 0.65
+
+
+def test_sample_latents_draws_from_the_posterior() -> None:
+    mean = torch.full((64, 3, 8, 8), 1.5)
+    logvar = torch.full((64, 3, 8, 8), float(torch.log(torch.tensor(4.0))))
+    moments = torch.cat([mean, logvar], dim=1)
+    z = sample_latents(moments, 0.5, torch.Generator().manual_seed(0))
+    assert z.shape == (64, 3, 8, 8)
+    assert abs(z.mean().item() - 0.75) < 0.05  # 0.5 * 1.5
+    assert abs(z.std().item() - 1.0) < 0.05  # 0.5 * sqrt(4)
+    assert torch.equal(z, sample_latents(moments, 0.5, torch.Generator().manual_seed(0)))
+
+
+def test_manifest_mismatch_is_refused_with_the_fix(latent_shards: Path) -> None:
+    manifest = read_manifest(str(latent_shards))
+    kl_f16 = FirstStageConfig(name="kl_f16", downsample_factor=16, embed_dim=16)
+    with pytest.raises(ManifestError) as err:
+        check_manifest(manifest, kl_f16)
+    msg = str(err.value)
+    assert "z_channels=3 but first_stage kl_f16 has 16" in msg
+    assert "downsample_factor=4 but first_stage kl_f16 has 16" in msg
+    assert "re-encode" in msg and "first_stage=tiny_kl_f4" in msg and "manifest.json" in msg
+
+    tiny = FirstStageConfig(name="tiny_kl_f4", downsample_factor=4, embed_dim=3)
+    check_manifest(manifest, tiny, UNetConfig(image_size=16, in_channels=3), resolution=64)  # fits
+    with pytest.raises(ManifestError, match="latents of 16x16 but unet.image_size=32"):
+        check_manifest(manifest, tiny, UNetConfig(image_size=32, in_channels=3))
+    with pytest.raises(ManifestError, match="resolution=64 but data.resolution=128"):
+        check_manifest(manifest, tiny, resolution=128)
+    with pytest.raises(ManifestError, match="stored=moments but a vq first stage needs prequant"):
+        check_manifest(manifest, FirstStageConfig(name="tiny_kl_f4", kind="vq", downsample_factor=4, embed_dim=3))
+    with pytest.raises(ManifestError, match="no manifest at .*nowhere/manifest.json"):
+        read_manifest(str(latent_shards.parent / "nowhere"))
+
+
+def test_vq_shards_give_latents(tmp_path: Path) -> None:
+    write_latent_shards(tmp_path / "vq", [5, 5], name="tiny_vq_f4", kind="vq")
+    (batch,) = take(make_loader(tmp_path / "vq"), 1)
+    assert "moments" not in batch and batch["latents"].shape == (4, 3, 16, 16)
+
+
+def test_hydra_preset_follows_first_stage(latent_shards: Path) -> None:
+    from hydra import compose, initialize_config_dir
+
+    from ldm_train.config import register_configs, to_dataclass
+
+    register_configs()
+    conf_dir = str(Path(__file__).resolve().parents[2] / "conf")
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        cfg = compose("train", overrides=[f"data.latents_root={latent_shards.parent}", "data.num_workers=0"])
+    assert cfg.data.shards == str(latent_shards)  # ${data.latents_root}/${first_stage.name}
+    fs = to_dataclass(cfg.first_stage, FirstStageConfig)
+    loader = build_latent_loader(cfg.data, fs, rank=0, world_size=1)
+    assert len(take(loader, 1)[0]["key"]) == cfg.data.batch_size
