@@ -1,0 +1,85 @@
+"""Merge the per-shard stats parts of an encode job into ``manifest.json``.
+
+    python -m data_prep.finalize output=<latents root> first_stage=<name>    (or output=<the shard folder>)
+
+Checks that every input shard has its output shard and part, and fails listing the missing ones (re-run the
+encode job: it redoes exactly those). The encode job calls this itself when its last task finishes
+(``finalize=auto``), so running it by hand is only needed after ``finalize=false``.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from data_prep import manifest as mf
+from ldm_train.data import fsspec_io
+
+
+class FinalizeError(RuntimeError):
+    """Some input shards have no complete output yet."""
+
+
+def _missing_urls(job: dict[str, Any], missing: list[int]) -> list[str]:
+    """Input URLs of the missing shard indices (re-lists the input; falls back to the index)."""
+    try:
+        from data_prep.readers import list_input_shards
+
+        spec = job["input"]["spec"]
+        shards = list_input_shards(spec, job["input"]["format"], int(job["encode"].get("files_per_shard", 1000)))
+        return [f"{j}: {shards[j].url}" for j in missing]
+    except Exception:  # listing the input is only for the message
+        return [str(j) for j in missing]
+
+
+def finalize(output: str) -> dict[str, Any]:
+    """Merge ``<output>/_stats/part-*.json`` into ``<output>/manifest.json``; returns the manifest (with ``_url``)."""
+    job_url = mf.job_url(output)
+    if not fsspec_io.exists(job_url):
+        raise FinalizeError(
+            f"{job_url} not found: {output} is not the shard folder of an encode job "
+            f"(pass output=<latents root> first_stage=<name>, or output=<root>/<name>)"
+        )
+    job = mf.read_json(job_url)
+    stats_dir = fsspec_io.join(output, mf.STATS_DIR)
+    names = set(fsspec_io.ls(stats_dir))
+    shard_names = set(fsspec_io.ls(output))
+    n = int(job["input"]["num_shards"])
+    missing = [j for j in range(n) if f"part-{j:06d}.json" not in names or mf.shard_name(j) not in shard_names]
+    if missing:
+        listed = _missing_urls(job, missing[:20])
+        more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
+        raise FinalizeError(
+            f"{len(missing)} of {n} input shards have no complete output under {output}:\n  "
+            + "\n  ".join(listed)
+            + more
+            + "\nre-run the encode job (it redoes only the missing shards) or fix/remove those inputs"
+        )
+    parts = [mf.read_json(fsspec_io.join(stats_dir, f"part-{j:06d}.json")) for j in range(n)]
+    manifest = mf.build_manifest(job, parts)
+    manifest["_url"] = mf.write_manifest(output, manifest)
+    if manifest["input_errors"]:
+        print(f"[finalize] warning: {len(manifest['input_errors'])} damaged input shard(s), their readable samples "
+              f"were kept: {manifest['input_errors'][:3]}", flush=True)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
+    if "output" not in args:
+        raise SystemExit("usage: python -m data_prep.finalize output=<latents root> first_stage=<name>")
+    output = str(args.output)
+    if "first_stage" in args and not fsspec_io.exists(mf.job_url(output)):
+        output = fsspec_io.join(output, str(args.first_stage))
+    try:
+        m = finalize(output)
+    except FinalizeError as e:
+        print(f"[finalize] {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"[finalize] {m['_url']}: {m['num_samples']} samples in {m['num_shards']} shards, "
+          f"scale_factor={m['scale_factor']}, skipped={m['skipped']}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
