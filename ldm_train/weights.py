@@ -1,0 +1,229 @@
+"""Weights in the CompVis latent-diffusion layout: read (safetensors or data-only torch files), split, load, export.
+
+A released LDM checkpoint is a Lightning ``.ckpt`` whose ``state_dict`` holds ``model.diffusion_model.*``
+(UNet), ``cond_stage_model.*`` (text encoder), ``first_stage_model.*`` (autoencoder), ``model_ema.*`` (LitEma:
+the UNet's parameter names with the dots removed, plus ``decay`` / ``num_updates``) and the diffusion
+schedule buffers (``betas``, ``alphas_cumprod``, ..., ``scale_factor``). Our modules use the same names,
+so loading is a prefix strip and a strict ``load_state_dict``.
+
+Safety: nothing here unpickles code. Torch files go through ``torch.load(weights_only=True)``; a file that
+needs more is refused with a message naming it. Every path may be local or an fsspec URL.
+CLI: ``python -m ldm_train.weights PATH`` prints the groups and tensor counts of a checkpoint as JSON.
+"""
+from __future__ import annotations
+
+import io
+import json
+import pickle
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import fsspec
+import torch
+from torch import nn
+
+UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIX = "cond_stage_model."
+FIRST_STAGE_PREFIX = "first_stage_model."
+EMA_PREFIX = "model_ema."
+# parameters that exist for checkpoint parity but never get a gradient (the text encoder's LM head)
+UNUSED_KEYS = ("transformer.to_logits.weight", "transformer.to_logits.bias")
+
+
+def _is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a ``.safetensors`` or torch (``.ckpt``/``.pt``/``.bin``) file; a Lightning
+    ``{"state_dict": ...}`` is unwrapped. Non-tensor entries (``global_step``...) are dropped."""
+    path = str(path)
+    fs, fpath = fsspec.core.url_to_fs(path)
+    if not fs.exists(fpath):
+        raise FileNotFoundError(f"weights file {path} does not exist: check the configured checkpoint path")
+    with fs.open(fpath, "rb") as f:
+        head = f.read(9)
+    # safetensors: 8-byte little-endian header length, then the JSON header
+    if path.endswith(".safetensors") or head[8:9] == b"{":
+        from safetensors.torch import load, load_file
+
+        if _is_local(path):
+            return load_file(fpath)
+        with fs.open(fpath, "rb") as f:
+            return load(f.read())
+    try:
+        if _is_local(path):
+            obj = torch.load(fpath, map_location="cpu", weights_only=True, mmap=head[:2] == b"PK")
+        else:
+            with fs.open(fpath, "rb") as f:
+                obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
+        # torch names the offending global ("Unsupported global: GLOBAL builtins.print ..."): show that line
+        first = next((ln for ln in lines if "global" in ln.lower()), lines[0])[:300]
+        raise ValueError(
+            f"refusing to load {path}: it is a pickle that needs more than tensors and plain containers "
+            f"({first}). Loading it would run code from the file. Re-save its tensors as .safetensors where "
+            "you trust the file (safetensors.torch.save_file(state_dict, 'model.safetensors')) and point the "
+            "config at that"
+        ) from None
+    if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
+        obj = obj["state_dict"]  # Lightning checkpoint
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict of tensors")
+    tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors (keys: {list(obj)[:8]})")
+    return tensors
+
+
+def ema_key(unet_key: str) -> str:
+    """LitEma's buffer name of a UNet parameter (``input_blocks.0.0.weight`` ->
+    ``model_ema.diffusion_modelinput_blocks00weight``)."""
+    return EMA_PREFIX + ("diffusion_model." + unet_key).replace(".", "")
+
+
+def split_compvis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """Group a CompVis LDM state dict: ``unet``, ``text_encoder``, ``first_stage`` (prefix removed),
+    ``ema`` (LitEma's flattened names without ``model_ema.``), ``other`` (schedule buffers, scale_factor...)."""
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in ("unet", "text_encoder", "first_stage", "ema", "other")}
+    prefixes = (("unet", UNET_PREFIX), ("text_encoder", TEXT_PREFIX), ("first_stage", FIRST_STAGE_PREFIX),
+                ("ema", EMA_PREFIX))
+    for key, value in state_dict.items():
+        for group, prefix in prefixes:
+            if key.startswith(prefix):
+                groups[group][key[len(prefix):]] = value
+                break
+        else:
+            groups["other"][key] = value
+    return groups
+
+
+def ema_unet_state_dict(state_dict: Mapping[str, torch.Tensor], unet_keys: list[str]) -> dict[str, torch.Tensor]:
+    """The UNet's EMA weights under the UNet's own names, from LitEma's flattened ``model_ema.*`` keys."""
+    missing = [k for k in unet_keys if ema_key(k) not in state_dict]
+    if missing:
+        raise KeyError(f"checkpoint has no EMA weights for {len(missing)} UNet tensors (e.g. {ema_key(missing[0])})")
+    return {k: state_dict[ema_key(k)] for k in unet_keys}
+
+
+@dataclass
+class LoadReport:
+    """What ``load_compvis`` did: tensors loaded per module, keys deliberately left alone."""
+
+    loaded: dict[str, int] = field(default_factory=dict)
+    unused_missing: list[str] = field(default_factory=list)  # to_logits absent from the file: kept as initialised
+    ignored: list[str] = field(default_factory=list)  # groups present in the file but not asked for
+    ema: bool = False
+
+    def __str__(self) -> str:
+        parts = [f"{name}: {n} tensors" for name, n in self.loaded.items()]
+        if self.ema:
+            parts.append("UNet from EMA weights")
+        if self.unused_missing:
+            parts.append(f"not in file, unused by the LDM (kept as initialised): {', '.join(self.unused_missing)}")
+        if self.ignored:
+            parts.append(f"ignored groups: {', '.join(self.ignored)}")
+        return "; ".join(parts)
+
+
+def _load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str,
+                 allowed_missing: tuple[str, ...] = ()) -> list[str]:
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd and k not in allowed_missing]
+    unexpected = [k for k in sd if k not in own]
+    shape = [f"{k} {tuple(sd[k].shape)} vs ours {tuple(own[k].shape)}" for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shape:
+        raise ValueError(
+            f"{source}: {what} weights do not match the configured model: "
+            f"{len(missing)} missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+            f"{len(shape)} shape mismatches (e.g. {shape[:2]}). Check that the unet / text_encoder / first_stage "
+            "config matches the checkpoint's"
+        )
+    module.load_state_dict({k: v for k, v in sd.items()}, strict=False)
+    return [k for k in allowed_missing if k in own and k not in sd]
+
+
+def load_compvis(
+    source: str | Mapping[str, torch.Tensor],
+    unet: nn.Module | None = None,
+    text_encoder: nn.Module | None = None,
+    first_stage: nn.Module | None = None,
+    use_ema: bool = False,
+) -> LoadReport:
+    """Load a CompVis-layout checkpoint (path, URL or state dict) into the given modules, strictly.
+
+    ``use_ema`` takes the UNet from LitEma's ``model_ema.*`` (or, for our ``model_ema.safetensors``
+    exports, the plain keys of that file). The text encoder's unused ``to_logits`` may be absent.
+    """
+    name = source if isinstance(source, str) else "state dict"
+    sd = load_state_dict_file(source) if isinstance(source, str) else source
+    groups = split_compvis(sd)
+    report = LoadReport()
+    if unet is not None:
+        unet_sd = groups["unet"]
+        if use_ema and groups["ema"]:
+            unet_sd = ema_unet_state_dict(sd, list(unet.state_dict()))
+            report.ema = True
+        if not unet_sd:
+            raise ValueError(f"{name} has no {UNET_PREFIX}* keys: not a CompVis LDM checkpoint")
+        _load_strict(unet, unet_sd, "UNet", name)
+        report.loaded["unet"] = len(unet_sd)
+    if text_encoder is not None:
+        if not groups["text_encoder"]:
+            raise ValueError(f"{name} has no {TEXT_PREFIX}* keys: no text encoder in this checkpoint")
+        report.unused_missing = _load_strict(text_encoder, groups["text_encoder"], "text encoder", name, UNUSED_KEYS)
+        report.loaded["text_encoder"] = len(groups["text_encoder"])
+    if first_stage is not None:
+        fs_sd = {k: v for k, v in groups["first_stage"].items() if not k.startswith("loss.")}
+        if not fs_sd:
+            raise ValueError(f"{name} has no {FIRST_STAGE_PREFIX}* keys: load the first stage from its own file")
+        _load_strict(first_stage, fs_sd, "first stage", name)
+        report.loaded["first_stage"] = len(fs_sd)
+    asked = {"unet": unet, "text_encoder": text_encoder, "first_stage": first_stage, "ema": unet if use_ema else None}
+    report.ignored = [g for g, v in groups.items() if v and g != "other" and asked.get(g) is None]
+    return report
+
+
+def export_safetensors(
+    path: str,
+    modules: Mapping[str, nn.Module | Mapping[str, torch.Tensor]],
+    metadata: Mapping[str, str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Write ``{prefix: module or state dict}`` as one safetensors file (local path or fsspec URL).
+
+    ``export_safetensors(p, {"model.diffusion_model": unet, "cond_stage_model": text_encoder})`` gives the
+    CompVis layout. Returns the written tensors.
+    """
+    from safetensors.torch import save
+
+    out: dict[str, torch.Tensor] = {}
+    for prefix, part in modules.items():
+        sd = part.state_dict() if isinstance(part, nn.Module) else part
+        pre = prefix if not prefix or prefix.endswith(".") else prefix + "."
+        for key, value in sd.items():
+            out[pre + key] = value.detach().to("cpu").contiguous()
+    meta = {"format": "compvis-ldm", **{str(k): str(v) for k, v in (metadata or {}).items()}}
+    data = save(out, metadata=meta)
+    fs, fpath = fsspec.core.url_to_fs(str(path))
+    parent = fpath.rsplit("/", 1)[0] if "/" in fpath else ""
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(fpath, "wb") as f:
+        f.write(data)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m ldm_train.weights PATH``: groups, tensor and parameter counts of a checkpoint."""
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        raise SystemExit("usage: python -m ldm_train.weights PATH_OR_URL")
+    groups = split_compvis(load_state_dict_file(args[0]))
+    print(json.dumps({g: {"tensors": len(sd), "elements": sum(v.numel() for v in sd.values())}
+                      for g, sd in groups.items() if sd}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

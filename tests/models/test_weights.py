@@ -1,0 +1,114 @@
+"""CompVis-layout weights: a Lightning-style .ckpt loads strictly (EMA too), exports round-trip, pickles with
+code are refused, fsspec URLs read."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from ldm_train.config import TextEncoderConfig, UNetConfig
+from ldm_train.models.text_encoder import BERTEmbedder
+from ldm_train.models.unet import UNetModel
+from ldm_train.weights import (
+    ema_key,
+    export_safetensors,
+    load_compvis,
+    load_state_dict_file,
+    main,
+    split_compvis,
+)
+
+
+class NotData:
+    """A class in a pickle: loading it would import and run code named by the file."""
+
+    def __init__(self) -> None:
+        self.x = 1
+
+
+def _models(unet_cfg: UNetConfig, text_cfg: TextEncoderConfig, randomize, seed: int) -> tuple:
+    return randomize(UNetModel(unet_cfg), seed=seed), randomize(BERTEmbedder(text_cfg), seed=seed + 1)
+
+
+def _lightning_ckpt(path: Path, unet: UNetModel, text: BERTEmbedder, ema_offset: float | None = None) -> None:
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    sd |= {"cond_stage_model." + k: v for k, v in text.state_dict().items()}
+    sd |= {"betas": torch.linspace(1e-4, 2e-2, 1000), "scale_factor": torch.tensor(0.18215)}
+    if ema_offset is not None:  # LitEma's flattened buffer names
+        sd |= {ema_key(k): v + ema_offset for k, v in unet.state_dict().items()}
+        sd |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(10)}
+    torch.save({"state_dict": sd, "global_step": 1234, "epoch": 3}, path)
+
+
+def test_lightning_ckpt_loads_strictly_with_ema(small_unet_cfg, small_text_cfg, randomize, tmp_path: Path) -> None:
+    src_unet, src_text = _models(small_unet_cfg, small_text_cfg, randomize, seed=1)
+    ckpt = tmp_path / "last.ckpt"
+    _lightning_ckpt(ckpt, src_unet, src_text, ema_offset=0.5)
+    assert ema_key("input_blocks.0.0.weight") == "model_ema.diffusion_modelinput_blocks00weight"
+
+    unet, text = _models(small_unet_cfg, small_text_cfg, randomize, seed=7)
+    report = load_compvis(str(ckpt), unet=unet, text_encoder=text)
+    assert report.loaded == {"unet": len(src_unet.state_dict()), "text_encoder": len(src_text.state_dict())}
+    assert report.ignored == ["ema"] and not report.ema
+    for k, v in src_unet.state_dict().items():
+        assert torch.equal(unet.state_dict()[k], v), k
+    for k, v in src_text.state_dict().items():
+        assert torch.equal(text.state_dict()[k], v), k
+
+    ema_unet = UNetModel(small_unet_cfg)
+    report = load_compvis(str(ckpt), unet=ema_unet, use_ema=True)
+    assert report.ema
+    for k, v in src_unet.state_dict().items():
+        assert torch.equal(ema_unet.state_dict()[k], v + 0.5), k
+
+    groups = split_compvis(load_state_dict_file(str(ckpt)))
+    assert set(groups["other"]) == {"betas", "scale_factor"}  # global_step/epoch are not tensors: dropped
+    assert "decay" in groups["ema"]
+
+
+def test_mismatch_fails_and_missing_to_logits_is_reported(small_unet_cfg, small_text_cfg, randomize, tmp_path) -> None:
+    unet, text = _models(small_unet_cfg, small_text_cfg, randomize, seed=1)
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    sd |= {"cond_stage_model." + k: v for k, v in text.state_dict().items() if "to_logits" not in k}
+    report = load_compvis(sd, text_encoder=BERTEmbedder(small_text_cfg))
+    assert report.unused_missing == ["transformer.to_logits.weight", "transformer.to_logits.bias"]
+    assert "unused" in str(report)
+
+    del sd["model.diffusion_model.out.2.bias"]
+    with pytest.raises(ValueError, match=r"1 missing .*out\.2\.bias"):
+        load_compvis(sd, unet=UNetModel(small_unet_cfg))
+    wider = UNetModel(UNetConfig(**{**small_unet_cfg.__dict__, "model_channels": 64}))
+    with pytest.raises(ValueError, match="shape mismatches"):
+        load_compvis({"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}, unet=wider)
+
+
+def test_export_round_trip_and_fsspec(small_unet_cfg, small_text_cfg, randomize, tmp_path: Path, capsys) -> None:
+    unet, text = _models(small_unet_cfg, small_text_cfg, randomize, seed=2)
+    for path in (str(tmp_path / "export" / "model.safetensors"), "memory://ldm-weights-test/model.safetensors"):
+        written = export_safetensors(path, {"model.diffusion_model": unet, "cond_stage_model.": text}, {"step": 5})
+        loaded = load_state_dict_file(path)
+        assert loaded.keys() == written.keys()
+        assert all(torch.equal(loaded[k], written[k]) for k in loaded)
+        fresh_unet, fresh_text = UNetModel(small_unet_cfg), BERTEmbedder(small_text_cfg)
+        load_compvis(path, unet=fresh_unet, text_encoder=fresh_text)
+        x, t, ctx = torch.randn(1, 4, 16, 16), torch.tensor([10]), fresh_text(torch.tensor([[1, 2, 3]]))
+        with torch.no_grad():
+            torch.testing.assert_close(fresh_unet(x, t, ctx), unet(x, t, text(torch.tensor([[1, 2, 3]]))))
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "compvis-ldm", "step": "5"}
+    main([str(tmp_path / "export" / "model.safetensors")])
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["unet"]["elements"] == sum(p.numel() for p in unet.parameters())
+
+
+def test_pickled_code_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {"model.diffusion_model.x": torch.zeros(1)}, "callback": NotData()}, path)
+    with pytest.raises(ValueError, match=r"refusing to load .*evil\.ckpt.*NotData"):
+        load_state_dict_file(str(path))
+    with pytest.raises(FileNotFoundError, match="nope.ckpt"):
+        load_state_dict_file(str(tmp_path / "nope.ckpt"))
