@@ -38,6 +38,10 @@ TERMINAL_STATES = frozenset({
 })
 
 
+# Character devices that exist everywhere, standing in for GPU device files (see LocalSlurmCluster).
+FAKE_GPU_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")
+
+
 def missing_binaries() -> list[str]:
     """The SLURM/munge executables that are not on PATH (or in /usr/sbin, where Debian puts the daemons)."""
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -77,10 +81,16 @@ class LocalSlurmCluster:
     """Start/stop a local SLURM cluster and submit/wait/cancel jobs on it (see the module docstring)."""
 
     def __init__(self, base_dir: str | os.PathLike, nodes: int = 2, cpus_per_node: int = 2,
-                 real_memory_mb: int = 4000, start_timeout: float = 60.0) -> None:
+                 gpus_per_node: int = 2, real_memory_mb: int = 4000, start_timeout: float = 60.0) -> None:
         self.base = Path(base_dir).resolve()
         self.n_nodes = nodes
         self.cpus_per_node = cpus_per_node
+        # Pretend GPUs, so scripts with `#SBATCH --gpus-per-node=N` are schedulable here as on a GPU cluster.
+        # Slurm's gpu GRES wants one device file per GPU (a count alone registers as 0); harmless character
+        # devices stand in. Jobs get CUDA_VISIBLE_DEVICES=0,.. but still run on CPU (no driver).
+        if gpus_per_node > len(FAKE_GPU_FILES):
+            raise ValueError(f"gpus_per_node={gpus_per_node}: at most {len(FAKE_GPU_FILES)} pretend GPUs")
+        self.gpus_per_node = gpus_per_node
         self.real_memory_mb = real_memory_mb
         self.start_timeout = start_timeout
         self.nodes = [f"node{i}" for i in range(1, nodes + 1)]
@@ -241,6 +251,20 @@ class LocalSlurmCluster:
             cmd.append("--full")
         self.run([*cmd, str(job_id)], timeout=30)
 
+    def release_requeued(self, job_id: str, restarts: int = 1, timeout: float = 120.0) -> None:
+        """Wait until the job has been requeued `restarts` times and is pending again, then let it start now.
+        slurmctld holds a requeued job for ~2 min (Reason=BeginTime) before it may run again; tests of
+        requeue/resume call this instead of waiting that out."""
+        deadline = time.monotonic() + timeout
+        while True:
+            rec = self.show_job(job_id)[0]
+            if rec.get("JobState") == "PENDING" and int(rec.get("Restarts", "0")) >= restarts:
+                break
+            if rec.get("JobState") in TERMINAL_STATES or time.monotonic() > deadline:
+                raise SlurmError(f"job {job_id} was not requeued {restarts}x within {timeout:.0f}s: {rec}")
+            time.sleep(0.2)
+        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
+
     def logs(self, tail: int = 40) -> str:
         """The last lines of every daemon log, for failure messages."""
         out = []
@@ -251,7 +275,7 @@ class LocalSlurmCluster:
 
     # ------------------------------------------------------------------ internals
     def _write_files(self) -> None:
-        for sub in ("etc", "state", "spool", "log", "run", "tmp"):
+        for sub in ("etc", "state", "log", "run", "tmp", *(f"spool/slurmd-{n}" for n in self.nodes)):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         self._munge_run = Path(tempfile.mkdtemp(prefix="ldm-munge-"))
         self.munge_socket = self._munge_run / "munge.socket"
@@ -309,10 +333,15 @@ class LocalSlurmCluster:
             "SlurmctldDebug=info",
             "SlurmdDebug=info",
         ]
+        if self.gpus_per_node:
+            lines.append("GresTypes=gpu")
+            (self.conf_path.parent / "gres.conf").write_text(
+                f"NodeName={','.join(self.nodes)} Name=gpu File={','.join(FAKE_GPU_FILES[:self.gpus_per_node])}\n")
         for node in self.nodes:
             lines.append(
                 f"NodeName={node} NodeHostname={self.hostname} NodeAddr=127.0.0.1 Port={self.node_ports[node]} "
-                f"CPUs={self.cpus_per_node} RealMemory={self.real_memory_mb} State=UNKNOWN")
+                f"CPUs={self.cpus_per_node} RealMemory={self.real_memory_mb} State=UNKNOWN"
+                + (f" Gres=gpu:{self.gpus_per_node}" if self.gpus_per_node else ""))
         lines.append("PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP")
         self.conf_path.write_text("\n".join(lines) + "\n")
 

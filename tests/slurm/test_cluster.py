@@ -104,3 +104,28 @@ def test_usr1_reaches_batch_script(slurm_cluster: LocalSlurmCluster, tmp_path: P
     slurm_cluster.scancel(job, signal="USR1", batch=True)
     assert slurm_cluster.wait(job, timeout=60) == "COMPLETED"
     assert got.read_text().strip() == "usr1"
+
+
+def test_gpu_requests_are_schedulable(slurm_cluster: LocalSlurmCluster, tmp_path: Path) -> None:
+    # Stage scripts ask for GPUs (#SBATCH --gpus-per-node); the pretend GRES lets them run here on CPU.
+    out = tmp_path / "gpu.txt"
+    script = _script(tmp_path / "gpu.sh", """\
+        srun bash -c 'echo "$SLURM_PROCID $CUDA_VISIBLE_DEVICES"' | sort
+        """)
+    job = slurm_cluster.sbatch(script, sbatch_args=["--nodes=2", "--gpus-per-node=2", f"--output={out}"])
+    assert slurm_cluster.wait(job, timeout=60) == "COMPLETED"
+    assert out.read_text().split("\n")[:2] == ["0 0,1", "1 0,1"]
+
+
+def test_requeued_job_runs_again(slurm_cluster: LocalSlurmCluster, tmp_path: Path) -> None:
+    # What the trainer does on preemption: `scontrol requeue` itself; the job restarts with a restart count.
+    out = tmp_path / "requeue.txt"
+    script = _script(tmp_path / "requeue.sh", """\
+        echo "run ${SLURM_RESTART_COUNT:-0}"
+        if [ "${SLURM_RESTART_COUNT:-0}" = 0 ]; then scontrol requeue "$SLURM_JOB_ID"; sleep 60; exit 7; fi
+        """)
+    job = slurm_cluster.sbatch(script, sbatch_args=["--requeue", "--open-mode=append", f"--output={out}"])
+    slurm_cluster.release_requeued(job, restarts=1, timeout=60)  # skips slurmctld's ~2 min hold
+    assert slurm_cluster.wait(job, timeout=60) == "COMPLETED"
+    runs = [line for line in out.read_text().splitlines() if line.startswith("run")]
+    assert runs == ["run 0", "run 1"]
