@@ -1,0 +1,101 @@
+"""Typed config of the trainer (the ``train``, ``optim``, ``checkpoint``... nodes of conf/train.yaml).
+
+YAML under conf/ holds presets only; these dataclasses are the schema and the defaults. Every interval and
+length is counted in samples seen (EDM style), so a run keeps its meaning when the world size changes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class OptimConfig:
+    """AdamW on UNet + text encoder (one param group each way: decay / no decay is not used by CompVis)."""
+
+    base_lr: float = 1.0e-4
+    # "none": lr = base_lr. "compvis": lr = global_batch * base_lr (CompVis main.py scale_lr:
+    # ngpu * batch_size * accumulate_grad_batches * base_learning_rate).
+    lr_scaling: str = "none"
+    warmup_samples: int = 0  # linear warm-up from 0 to lr over this many samples, then constant (CompVis LambdaLR)
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1.0e-8
+    weight_decay: float = 0.01  # torch AdamW default, as CompVis (no explicit weight decay)
+    grad_clip: float = 1.0  # global L2 norm; 0 disables
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward process and the objective (paper: scaled_linear 0.00085..0.012, T=1000, eps)."""
+
+    beta_schedule: str = "scaled_linear"
+    timesteps: int = 1000
+    linear_start: float = 0.00085
+    linear_end: float = 0.012
+    parameterization: str = "eps"  # "eps" or "v"
+    min_snr_gamma: float | None = None
+
+
+@dataclass
+class EMAConfig:
+    enabled: bool = True
+    decay: float = 0.9999
+    warmup: bool = True  # CompVis LitEma: decay_n = min(decay, (1 + n) / (10 + n))
+
+
+@dataclass
+class CheckpointConfig:
+    every_samples: int = 0  # 0: only at exit
+    keep_last: int = 3
+    export_weights: bool = True  # safetensors in the CompVis layout beside each DeepSpeed checkpoint
+    resume: bool = True  # resume automatically from <run_dir>/checkpoints/latest
+
+
+@dataclass
+class SamplingConfig:
+    """A grid of samples for fixed prompts during training (DDIM, few steps, CFG)."""
+
+    every_samples: int = 0  # 0: never
+    prompts: list[str] = field(default_factory=list)
+    steps: int = 20
+    guidance_scale: float = 3.0
+    eta: float = 0.0
+    seed: int = 0
+    use_ema: bool = True
+
+
+@dataclass
+class GuardConfig:
+    """Non-finite loss / gradient handling (the step is skipped by DeepSpeed's overflow check)."""
+
+    max_consecutive_skips: int = 10
+    # Fault injection for tests and drills: the loss of these optimizer steps is multiplied by NaN.
+    inject_nan_at_steps: list[int] = field(default_factory=list)
+
+
+@dataclass
+class TrainConfig:
+    """Lengths, batch sizes and precision: the one source of truth the DeepSpeed config is derived from."""
+
+    total_samples: int = 10_000
+    global_batch: int = 32  # = micro_batch * accumulation * world_size (accumulation is derived)
+    micro_batch: int = 16  # per GPU per forward
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance works
+    log_every_samples: int = 1024
+    max_steps: int | None = None  # stop after this many optimizer steps this session (tests, smoke runs)
+    peak_tflops: float = 312.0  # per-device peak for MFU (A100 bf16 dense)
+    seed: int = 0
+    compile: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+
+
+def register_trainer_configs() -> None:
+    """Register the schema as ``schema/train`` so conf/train.yaml gets type checking of ``train:``."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(group="schema", name="train", node=TrainConfig)

@@ -1,0 +1,139 @@
+"""Exported weights: safetensors in the CompVis layout + resolved config + tokenizer, loadable without DeepSpeed.
+
+Per checkpoint ``<run_dir>/checkpoints/step_NNNNNNN/``:
+
+- ``model.safetensors``: the raw (trained) weights, keys ``model.diffusion_model.*`` (UNet) and
+  ``cond_stage_model.*`` (text encoder, ``transformer.to_logits`` included), float32.
+- ``model_ema.safetensors``: the EMA weights, the same keys, float32 (what eval should sample from).
+- ``config.yaml``: the resolved Hydra config (``unet``, ``text_encoder``, ``first_stage``, ``data``, ``train``...).
+- ``tokenizer/``: the tokenizer directory (``ldm_train.data.tokenizer.load_tokenizer`` reads it).
+
+Both safetensors files carry metadata ``{"format": "compvis-ldm", "step": ..., "samples_seen": ..., "ema": ...}``.
+The same keys load into CompVis ``LatentDiffusion`` (``first_stage_model.*`` is not included: the first
+stage is the configured ``first_stage.checkpoint``). ``load_export(path)`` resolves a run dir, its
+``checkpoints/`` dir or a step dir to these files.
+"""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ldm_train.distributed import get_rank
+
+RAW_FILE = "model.safetensors"
+EMA_FILE = "model_ema.safetensors"
+CONFIG_FILE = "config.yaml"
+TOKENIZER_DIR = "tokenizer"
+UNET_PREFIX = "model.diffusion_model."
+TEXT_PREFIX = "cond_stage_model."
+_GATHER_CHUNK = 50_000_000  # elements gathered at once under ZeRO-3 (bounded peak memory on every rank)
+
+
+def full_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.Tensor]:
+    """The module's full parameters and buffers as float32 CPU tensors on rank 0 ({} elsewhere).
+
+    Collective under ZeRO-3 (every rank must call it): partitioned parameters are gathered chunk by chunk.
+    """
+    out: dict[str, torch.Tensor] = {}
+    rank0 = get_rank() == 0
+    named = list(module.named_parameters())
+    if zero_stage == 3:
+        import deepspeed
+
+        chunk: list[tuple[str, nn.Parameter]] = []
+        size = 0
+
+        def flush() -> None:
+            with deepspeed.zero.GatheredParameters([p for _, p in chunk], modifier_rank=None):
+                if rank0:
+                    for name, p in chunk:
+                        out[name] = p.detach().float().cpu().clone()
+
+        for name, p in named:
+            chunk.append((name, p))
+            size += getattr(p, "ds_numel", p.numel())
+            if size >= _GATHER_CHUNK:
+                flush()
+                chunk, size = [], 0
+        if chunk:
+            flush()
+    elif rank0:
+        out = {name: p.detach().float().cpu().clone() for name, p in named}
+    if rank0:
+        for name, b in module.named_buffers():
+            out[name] = b.detach().cpu().clone()
+    return out
+
+
+def write_export(
+    tag_dir: Path,
+    raw: dict[str, torch.Tensor],
+    ema: dict[str, torch.Tensor] | None,
+    config_yaml: str,
+    tokenizer_dir: Path | None,
+    metadata: dict[str, Any],
+) -> None:
+    """Rank 0 only: write the safetensors pair, config.yaml and a copy of the tokenizer."""
+    meta = {k: str(v) for k, v in metadata.items()}
+    _check_layout(raw)
+    save_file({k: v.contiguous() for k, v in raw.items()}, str(tag_dir / RAW_FILE), metadata={**meta, "ema": "false"})
+    if ema is not None:
+        _check_layout(ema)
+        save_file({k: v.float().contiguous() for k, v in ema.items()}, str(tag_dir / EMA_FILE),
+                  metadata={**meta, "ema": "true"})
+    (tag_dir / CONFIG_FILE).write_text(config_yaml)
+    if tokenizer_dir is not None and Path(tokenizer_dir).is_dir():
+        shutil.copytree(tokenizer_dir, tag_dir / TOKENIZER_DIR, dirs_exist_ok=True)
+
+
+def _check_layout(sd: dict[str, torch.Tensor]) -> None:
+    stray = [k for k in sd if not k.startswith((UNET_PREFIX, TEXT_PREFIX))]
+    if stray:
+        raise ValueError(f"export keys outside the CompVis layout: {stray[:5]}")
+
+
+def resolve_step_dir(path: str | Path) -> Path:
+    """A step dir, a ``checkpoints`` dir or a run dir -> the step dir ``latest`` names."""
+    p = Path(path)
+    if (p / RAW_FILE).is_file():
+        return p
+    for ck in (p, p / "checkpoints"):
+        latest = ck / "latest"
+        if latest.is_file():
+            return ck / latest.read_text().strip()
+    raise FileNotFoundError(
+        f"{p} holds no {RAW_FILE} and no checkpoints/latest: pass a run directory or a checkpoints/step_* folder"
+    )
+
+
+def split_prefixes(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """CompVis keys -> (UNet state dict, text encoder state dict) with the prefixes removed."""
+    unet = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
+    text = {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)}
+    return unet, text
+
+
+def load_export(path: str | Path, ema: bool = True) -> dict[str, Any]:
+    """Load an export without DeepSpeed.
+
+    Returns ``{"unet": state_dict, "text_encoder": state_dict, "config": DictConfig, "tokenizer_dir": Path,
+    "step_dir": Path, "ema": bool}``; ``ema=True`` falls back to the raw weights when no EMA was exported.
+    """
+    from omegaconf import OmegaConf
+
+    step_dir = resolve_step_dir(path)
+    file = step_dir / EMA_FILE if ema and (step_dir / EMA_FILE).is_file() else step_dir / RAW_FILE
+    unet, text = split_prefixes(load_file(str(file)))
+    return {
+        "unet": unet,
+        "text_encoder": text,
+        "config": OmegaConf.load(step_dir / CONFIG_FILE),
+        "tokenizer_dir": step_dir / TOKENIZER_DIR,
+        "step_dir": step_dir,
+        "ema": file.name == EMA_FILE,
+    }

@@ -1,0 +1,316 @@
+"""The training loop (nanoGPT order): lr, checkpoint/samples, micro-steps, clip + step (DeepSpeed), log.
+
+Host syncs happen at the log interval (``.item()`` of the summed loss, marked below), at checkpoints and
+sample grids, and in DeepSpeed's own per-step overflow check (which also tells the guard about skips).
+"""
+from __future__ import annotations
+
+import os
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_train.config import FirstStageConfig, UNetConfig, to_dataclass
+from ldm_train.distributed import barrier, cleanup, init_distributed
+from ldm_train.trainer import build
+from ldm_train.trainer import checkpoint as ckpt
+from ldm_train.trainer.config import TrainConfig
+from ldm_train.trainer.derived import Derived, derive, describe, lr_at
+from ldm_train.trainer.ds_config import compose_ds_config
+from ldm_train.trainer.export import full_state_dict, write_export
+from ldm_train.trainer.guard import NonFiniteAbort, NumericalGuard
+from ldm_train.trainer.preemption import Preemption, requeue_slurm_job
+
+
+def _rng_state(gen: torch.Generator) -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    gen.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.tcfg: TrainConfig = to_dataclass(cfg.train, TrainConfig)
+        self.env = init_distributed()
+        self.rank, self.world_size = self.env.rank, self.env.world_size
+        self.device = build.device_for_rank()
+        self.d: Derived = derive(self.tcfg, self.world_size, build.flops_per_sample(cfg))
+        self.run_dir = build.make_run_dir(cfg, self.world_size, self.d.global_batch)
+        self.ckpt_dir = self.run_dir / ckpt.CHECKPOINTS
+        self.step = 0
+        self.samples_seen = 0
+        self._setup_data()
+        self._setup_engine()
+        self.guard = NumericalGuard(self.tcfg.guard.max_consecutive_skips, self.device)
+        client = self._resume()
+        self._setup_tracking(client.get("wandb_run_id") if client else None)
+        self.preemption = Preemption(self.device)
+        self._banner()
+
+    # ---- set-up -----------------------------------------------------------------------------------------
+    def _setup_data(self) -> None:
+        from functools import partial
+
+        from ldm_train.data.latents import build_latent_loader
+        from ldm_train.data.manifest import read_manifest, shard_list
+        from ldm_train.data.tokenizer import tokenize
+
+        cfg = self.cfg
+        first_stage = to_dataclass(cfg.first_stage, FirstStageConfig)
+        data_cfg = cfg.data
+        manifest = read_manifest(data_cfg.manifest or data_cfg.shards)
+        shards = shard_list(manifest, base_url=None if data_cfg.manifest else data_cfg.shards)
+        self.tokenizer, self.tokenizer_dir = build.setup_tokenizer(
+            to_dataclass(cfg.text_encoder, build.TextEncoderConfig), self.run_dir, shards
+        )
+        tokenize_fn = partial(tokenize, self.tokenizer, max_len=int(cfg.text_encoder.max_seq_len))
+        self.loader = build_latent_loader(
+            data_cfg, first_stage, to_dataclass(cfg.unet, UNetConfig), tokenize_fn, self.rank, self.world_size
+        )
+        self.scale_factor = self.loader.scale_factor
+        self.stored = self.loader.stored
+        self.empty_tokens = tokenize_fn([""])
+
+    def _setup_engine(self) -> None:
+        if not torch.cuda.is_available():
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        import deepspeed
+
+        torch.manual_seed(self.tcfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
+        model = build.build_model(self.cfg)
+        self.latest = ckpt.latest_tag(self.ckpt_dir) if self.tcfg.checkpoint.resume else None
+        self.resume_universal = False
+        if self.latest is not None:
+            meta = ckpt.read_meta(self.ckpt_dir, self.latest)
+            self.resume_universal = int(meta["world_size"]) != self.world_size
+        ds_group = OmegaConf.to_container(self.cfg.deepspeed, resolve=True)
+        self.ds_config = compose_ds_config(ds_group, self.tcfg, self.d, load_universal=self.resume_universal)
+        self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
+        o = self.tcfg.optim
+        # a client torch AdamW: DeepSpeed's config optimizer would JIT-compile FusedAdam (CPU) for nothing
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.d.lr, betas=tuple(o.betas), eps=o.eps,
+                                      weight_decay=o.weight_decay)
+        self.ds_config.setdefault("zero_allow_untested_optimizer", True)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=self.ds_config,
+            dist_init_required=False if torch.distributed.is_initialized() else None,
+        )
+        torch.manual_seed(self.tcfg.seed + self.rank)  # seed offset per rank from here on (dropout etc.)
+        random.seed(self.tcfg.seed + self.rank)
+        self.gen = torch.Generator(device=self.device).manual_seed(self.tcfg.seed * 1000 + self.rank)
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.tcfg.precision, torch.float32)
+        self.ema = None
+        if self.tcfg.ema.enabled:
+            from ldm_train.ema import EMA
+
+            self.ema = EMA(self.engine.module, decay=self.tcfg.ema.decay, warmup=self.tcfg.ema.warmup)
+
+    def _resume(self) -> dict[str, Any] | None:
+        if self.latest is None:
+            return None
+        client = ckpt.load_checkpoint(self.engine, self.ckpt_dir, self.latest, universal=self.resume_universal)
+        state = client["trainer"]
+        self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.guard.load_state_dict(state.get("guard", {}))
+        rank_state = ckpt.load_rank_state(self.ckpt_dir, self.latest, self.rank, not self.resume_universal)
+        if rank_state is not None:
+            self.loader.load_state_dict(rank_state["data"])  # another world size: it restarts past the old blocks
+            if not self.resume_universal:
+                _set_rng_state(rank_state["rng"], self.gen)
+            if self.ema is not None and "ema" in rank_state:
+                self.ema.load_state_dict(rank_state["ema"])
+        print(f"[train] rank {self.rank}: resumed {self.ckpt_dir / self.latest} at step {self.step} "
+              f"({self.samples_seen} samples){' via a universal checkpoint' if self.resume_universal else ''}",
+              flush=True)
+        return client
+
+    def _setup_tracking(self, run_id: str | None) -> None:
+        from ldm_train.tracking import Tracker
+
+        self.tracker = Tracker(self.cfg.logger, self.run_dir, self.rank, resume_run_id=run_id,
+                               run_config=OmegaConf.to_container(self.cfg, resolve=True),
+                               experiment=self.cfg.experiment_name)
+        if self.rank == 0:
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+
+    def _banner(self) -> None:
+        if self.rank != 0:
+            return
+        print(f"[train] run dir {self.run_dir}\n[train] " + describe(self.d).replace("\n", "\n[train] ")
+              + f"\n[train] ZeRO stage {self.zero_stage}, {self.tcfg.precision}, scale factor {self.scale_factor:.5g}, "
+              f"latents stored as {self.stored}", flush=True)
+
+    # ---- one optimizer step -----------------------------------------------------------------------------
+    def _latents(self, batch: dict[str, Any]) -> torch.Tensor:
+        if self.stored == "moments":
+            from ldm_train.data.latents import sample_latents
+
+            moments = batch["moments"].to(self.device, non_blocking=True)
+            return sample_latents(moments, self.scale_factor, self.gen)
+        return batch["latents"].to(self.device, non_blocking=True).float() * self.scale_factor
+
+    def train_step(self, data_iter: Any, timer: Any) -> torch.Tensor:
+        """Accumulate ``accumulation`` micro-batches, then DeepSpeed clips and steps. Returns the loss sum."""
+        loss_sum = torch.zeros((), device=self.device)
+        inject = self.step in self.tcfg.guard.inject_nan_at_steps
+        for _ in range(self.d.accumulation):
+            with timer.data():
+                batch = next(data_iter)
+            z0 = self._latents(batch)
+            tokens = batch["tokens"].to(self.device, non_blocking=True)
+            t = torch.randint(0, self.tcfg.diffusion.timesteps, (z0.shape[0],), device=self.device, generator=self.gen)
+            noise = torch.randn(z0.shape, device=self.device, generator=self.gen)
+            loss = self.engine(z0.to(self.dtype), tokens, t, noise.to(self.dtype)).float().mean()
+            if inject:
+                loss = loss * float("nan")  # fault injection (train.guard.inject_nan_at_steps)
+            self.guard.observe_loss(loss)
+            self.engine.backward(loss)
+            self.engine.step()  # DeepSpeed: a real step only at the accumulation boundary (clip, overflow skip)
+            loss_sum += loss.detach()
+        applied = self.engine.was_step_applied()
+        if applied and self.ema is not None:
+            self.ema.update(self.engine.module)
+        self.guard.after_step(applied, fp16=self.tcfg.precision == "fp16")
+        self.step += 1
+        self.samples_seen += self.d.global_batch
+        timer.step(self.d.global_batch)
+        return loss_sum
+
+    # ---- the loop ---------------------------------------------------------------------------------------
+    def run(self) -> int:
+        from ldm_train.tracking import StepTimer
+
+        d, timer = self.d, StepTimer()
+        data_iter = iter(self.loader)
+        start_step, last_saved = self.step, self.step
+        loss_acc, steps_acc = torch.zeros((), device=self.device), 0
+        exit_code = 0
+        try:
+            while self.step < d.total_steps:
+                lr = lr_at(self.step, d)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                if d.sample_every_steps and self.step % d.sample_every_steps == 0 and self.step > start_step:
+                    self.sample_grid()
+                loss_acc += self.train_step(data_iter, timer)
+                steps_acc += 1
+                if self.step % d.log_every_steps == 0 or self.step == d.total_steps:
+                    self.log(loss_acc, steps_acc, lr, timer)
+                    loss_acc, steps_acc = torch.zeros((), device=self.device), 0
+                if d.checkpoint_every_steps and self.step % d.checkpoint_every_steps == 0:
+                    self.save()
+                    last_saved = self.step
+                if self.preemption.should_stop():
+                    break
+                if self.tcfg.max_steps is not None and self.step - start_step >= self.tcfg.max_steps:
+                    break
+        except NonFiniteAbort as err:
+            print(f"[train] rank {self.rank}: {err}", file=sys.stderr, flush=True)
+            exit_code = 3
+        if self.step != last_saved or exit_code:
+            self.save()  # at exit: preemption, max_steps, the end, or the last good state before an abort
+        if self.preemption.received is not None and self.rank == 0:
+            requeue_slurm_job()
+        return exit_code
+
+    def log(self, loss_acc: torch.Tensor, steps: int, lr: float, timer: Any) -> None:
+        """Host sync point: the summed loss is all-reduced and fetched here, once per log interval."""
+        from ldm_train.tracking import gpu_memory_gib, mfu
+
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(loss_acc)
+        loss = loss_acc.item() / max(steps * self.d.accumulation * self.world_size, 1)  # host sync (log interval)
+        t = timer.summary()
+        grad_norm = self.engine.get_global_grad_norm()
+        scalars = {
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "samples_seen": self.samples_seen,
+            "samples_per_s": t["samples_per_s"],
+            "step_time_s": t["step_time_s"],
+            "data_wait_share": t["data_wait_share"],
+            "skipped_steps": self.guard.skipped_total,
+            "nonfinite_losses": self.guard.bad_losses_since_last_read(),
+        }
+        if self.tcfg.precision == "fp16":
+            scalars["loss_scale"] = float(getattr(self.optimizer, "cur_scale", getattr(self.optimizer, "loss_scale", 1.0)))
+        if self.d.flops_per_sample:
+            per_gpu = t["samples_per_s"] / self.world_size
+            scalars["tflops_per_gpu"] = self.d.flops_per_sample * per_gpu / 1e12
+            scalars["mfu"] = mfu(self.d.flops_per_sample, per_gpu, self.tcfg.peak_tflops * 1e12)
+        mem = gpu_memory_gib()
+        if mem is not None:
+            scalars["gpu_mem_gib"] = mem
+        self.tracker.log(self.step, scalars)
+        self.tracker.progress(self.step, self.samples_seen, self.d.total_steps * self.d.global_batch,
+                              {"loss": loss, "lr": lr, "grad_norm": scalars["grad_norm"]})
+
+    # ---- checkpoints and samples ------------------------------------------------------------------------
+    def _ema_state(self) -> dict[str, torch.Tensor] | None:
+        return None if self.ema is None else self.ema.gathered_state_dict()  # collective under ZeRO-3
+
+    def save(self) -> str:
+        t0 = time.perf_counter()
+        client = {
+            "trainer": {"step": self.step, "samples_seen": self.samples_seen, "guard": self.guard.state_dict()},
+            "wandb_run_id": getattr(self.tracker, "run_id", None),
+        }
+        rank_state = {"data": self.loader.state_dict(), "rng": _rng_state(self.gen)}
+        if self.ema is not None:
+            rank_state["ema"] = self.ema.state_dict()
+        meta = {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world_size,
+                "zero_stage": self.zero_stage, "precision": self.tcfg.precision, "global_batch": self.d.global_batch}
+
+        def exports(tag_dir: Path) -> None:
+            if not self.tcfg.checkpoint.export_weights:
+                return
+            raw = full_state_dict(self.engine.module, self.zero_stage)
+            ema = self._ema_state()
+            if self.rank == 0:
+                write_export(tag_dir, raw, ema, OmegaConf.to_yaml(self.cfg, resolve=True), self.tokenizer_dir,
+                             {"format": "compvis-ldm", "step": self.step, "samples_seen": self.samples_seen})
+
+        tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, rank_state, meta, exports,
+                                   self.tcfg.checkpoint.keep_last)
+        if self.rank == 0:
+            print(f"[train] checkpoint {self.ckpt_dir / tag} ({time.perf_counter() - t0:.1f} s)", flush=True)
+        return tag
+
+    def sample_grid(self) -> None:
+        from ldm_train.trainer.samples import render_grid
+
+        sd = self._ema_state() if (self.ema is not None and self.tcfg.sampling.use_ema) else \
+            full_state_dict(self.engine.module, self.zero_stage)
+        if self.rank == 0:
+            images = render_grid(self.cfg, sd, self.tokenizer, self.tcfg.sampling, self.scale_factor, self.device)
+            self.tracker.log_images(self.step, "samples", images, list(self.tcfg.sampling.prompts))
+        barrier()
+
+    def close(self) -> None:
+        self.preemption.restore()
+        self.tracker.close()
+        cleanup()
+
+
+def train(cfg: DictConfig) -> int:
+    trainer = Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

@@ -1,0 +1,64 @@
+"""The trained module: UNet + text encoder in ONE nn.Module, so one DeepSpeed engine trains both jointly.
+
+Attribute names follow CompVis ``LatentDiffusion`` (``model.diffusion_model`` = the UNet through a
+``DiffusionWrapper``, ``cond_stage_model`` = the text encoder), so ``state_dict()`` keys are the released
+checkpoint keys and export is a plain save.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ldm_train.diffusion.losses import diffusion_loss
+from ldm_train.diffusion.schedule import DiffusionSchedule
+
+
+class DiffusionWrapper(nn.Module):
+    """CompVis' wrapper: holds the UNet as ``diffusion_model`` (cross-attention conditioning)."""
+
+    def __init__(self, unet: nn.Module) -> None:
+        super().__init__()
+        self.diffusion_model = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.diffusion_model(x, t, context=context)
+
+
+class LatentDiffusion(nn.Module):
+    """forward(z0, tokens, t, noise) -> per-sample diffusion loss [B] (float32)."""
+
+    def __init__(
+        self,
+        unet: nn.Module,
+        text_encoder: nn.Module,
+        schedule: DiffusionSchedule,
+        parameterization: str = "eps",
+        min_snr_gamma: float | None = None,
+    ) -> None:
+        super().__init__()
+        self.model = DiffusionWrapper(unet)
+        self.cond_stage_model = text_encoder
+        # a plain attribute, not buffers: the schedule is config, not state, and stays out of the export
+        self.schedule = schedule
+        self.parameterization = parameterization
+        self.min_snr_gamma = min_snr_gamma
+
+    def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token ids [B, L] -> context [B, L, n_embed] (the empty caption's tokens are the uncond input)."""
+        return self.cond_stage_model(tokens)
+
+    def eps_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        return self.model(x, t, context=context)
+
+    def forward(self, z0: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        context = self.encode_text(tokens)
+        schedule = self.schedule.to(z0.device) if self.schedule.device != z0.device else self.schedule
+        return diffusion_loss(
+            lambda x_t, tt: self.model(x_t, tt, context=context),
+            z0,
+            t,
+            noise,
+            schedule,
+            parameterization=self.parameterization,
+            min_snr_gamma=self.min_snr_gamma,
+        )
