@@ -39,3 +39,70 @@ def colour_images_fixture():
 @pytest.fixture
 def wide_colours() -> np.ndarray:
     return np.random.default_rng(1).uniform(0, 255, (48, 3))
+
+
+def build_tiny_export(root: str, resolution: int = 32) -> str:
+    """A randomly initialised tiny UNet + text encoder + KL-f4 first stage in ldm_train's export layout.
+
+    Returns the run dir (``checkpoints/latest`` names the step dir). Weights are perturbed from their init
+    so the output depends on the prompt (CompVis zero-initialises the UNet's last conv).
+    """
+    from pathlib import Path
+
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from data_prep.synthetic import sample_scene
+    from ldm_train.config import (
+        FirstStageConfig,
+        TextEncoderConfig,
+        UNetConfig,
+        register_configs,
+        to_dataclass,
+    )
+    from ldm_train.data.tokenizer import train_tokenizer
+    from ldm_train.models.autoencoder import build_first_stage
+    from ldm_train.models.first_stage_io import export_first_stage
+    from ldm_train.models.text_encoder import BERTEmbedder
+    from ldm_train.models.unet import UNetModel
+    from ldm_train.trainer.config import register_trainer_configs
+    from ldm_train.trainer.export import TEXT_PREFIX, UNET_PREFIX, write_export
+
+    register_configs()
+    register_trainer_configs()
+    conf = str(Path(__file__).resolve().parents[2] / "conf")
+    with initialize_config_dir(conf, version_base=None):
+        cfg = compose("train", overrides=[f"data.resolution={resolution}"])
+    run = Path(root) / "run"
+    step = run / "checkpoints" / "step_0000010"
+    step.mkdir(parents=True)
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+
+    def perturb(module: torch.nn.Module) -> torch.nn.Module:
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        return module
+
+    fs = build_first_stage(to_dataclass(cfg.first_stage, FirstStageConfig))
+    fs_path = str(Path(root) / "first_stage.safetensors")
+    export_first_stage(fs, fs_path)
+    unet = perturb(UNetModel(to_dataclass(cfg.unet, UNetConfig)))
+    text = perturb(BERTEmbedder(to_dataclass(cfg.text_encoder, TextEncoderConfig)))
+    captions = [sample_scene(0, "train", i)[0].caption for i in range(200)]
+    tok_dir = Path(root) / "tokenizer"
+    train_tokenizer(captions, cfg.text_encoder.vocab_size, str(tok_dir), cfg.text_encoder.max_seq_len)
+    OmegaConf.update(cfg, "first_stage.checkpoint", fs_path)
+    OmegaConf.update(cfg, "data.scale_factor", 0.9)
+    sd = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
+    sd.update({TEXT_PREFIX + k: v for k, v in text.state_dict().items()})
+    write_export(step, sd, sd, OmegaConf.to_yaml(cfg, resolve=True), tok_dir, {"step": 10, "samples_seen": 320})
+    (run / "checkpoints" / "latest").write_text(step.name)
+    return str(run)
+
+
+@pytest.fixture(scope="session")
+def tiny_export(tmp_path_factory) -> str:
+    return build_tiny_export(str(tmp_path_factory.mktemp("tiny_export")))

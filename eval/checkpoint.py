@@ -1,0 +1,129 @@
+"""Load what sampling needs from the trainer's export (``ldm_train.trainer.export`` layout).
+
+An export step dir holds ``model_ema.safetensors`` / ``model.safetensors`` (CompVis keys
+``model.diffusion_model.*`` + ``cond_stage_model.*``), ``config.yaml`` (the resolved training config) and
+``tokenizer/``. The first stage is NOT in the export: it is the config's ``first_stage.checkpoint`` unless
+eval overrides it. The latent scale factor comes from eval's override, else the config
+(``first_stage.scale_factor``, ``data.scale_factor``), else the latent manifest the run trained on.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig, to_dataclass
+from ldm_train.diffusion.schedule import DiffusionSchedule, make_schedule
+
+
+@dataclass
+class SamplingModel:
+    unet: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: Any
+    first_stage: torch.nn.Module
+    schedule: DiffusionSchedule
+    parameterization: str
+    scale_factor: float
+    max_len: int
+    latent_shape: tuple[int, int, int]  # (C, h, w) of the diffusion model's z
+    resolution: int  # image side after decoding
+    config: DictConfig
+    weights_file: Path
+    first_stage_file: str
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _scale_factor(cfg: DictConfig, override: float | None) -> float:
+    if override is not None:
+        return float(override)
+    for key in ("first_stage.scale_factor", "data.scale_factor"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            return float(value)
+    url = OmegaConf.select(cfg, "data.manifest", default=None) or OmegaConf.select(cfg, "data.shards", default=None)
+    if url:
+        from ldm_train.data.manifest import ManifestError, read_manifest
+
+        try:
+            value = read_manifest(str(url)).get("scale_factor")
+        except ManifestError:
+            value = None
+        if value is not None:
+            return float(value)
+    raise ValueError(
+        f"no latent scale factor: the checkpoint config sets neither first_stage.scale_factor nor data.scale_factor "
+        f"and the manifest at {url!r} is not readable: pass scale_factor=VALUE (the manifest's scale_factor, "
+        "0.18215 for the paper's kl-f8)"
+    )
+
+
+def load_sampling_model(
+    checkpoint: str,
+    *,
+    use_ema: bool = True,
+    first_stage_checkpoint: str | None = None,
+    scale_factor: float | None = None,
+    device: torch.device | str = "cpu",
+) -> SamplingModel:
+    """Build UNet + text encoder + tokenizer + first stage from an export (run dir, checkpoints dir or step dir)."""
+    from ldm_train.data.tokenizer import load_tokenizer
+    from ldm_train.models.autoencoder import load_first_stage
+    from ldm_train.models.text_encoder import BERTEmbedder
+    from ldm_train.models.unet import UNetModel
+    from ldm_train.trainer.export import EMA_FILE, RAW_FILE, load_export
+
+    exp = load_export(checkpoint, ema=use_ema)
+    cfg = exp["config"]
+    unet_cfg = to_dataclass(cfg.unet, UNetConfig)
+    te_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig)
+    fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
+    if first_stage_checkpoint:
+        fs_cfg.checkpoint = first_stage_checkpoint
+    if not fs_cfg.checkpoint:
+        raise ValueError(f"the checkpoint config at {exp['step_dir']} names no first_stage.checkpoint: pass "
+                         "first_stage_checkpoint=PATH (the autoencoder the latents were encoded with)")
+    if not Path(fs_cfg.checkpoint).is_file() and "://" not in fs_cfg.checkpoint:
+        raise FileNotFoundError(f"first stage checkpoint {fs_cfg.checkpoint} (from the checkpoint config or "
+                                "first_stage_checkpoint=) does not exist: pass first_stage_checkpoint=PATH")
+
+    unet = UNetModel(unet_cfg)
+    unet.load_state_dict(exp["unet"], strict=True)
+    text = BERTEmbedder(te_cfg)
+    text.load_state_dict(exp["text_encoder"], strict=True)
+    first_stage = load_first_stage(fs_cfg, map_location=device)
+    tokenizer = load_tokenizer(str(exp["tokenizer_dir"]), te_cfg.max_seq_len)
+
+    d = OmegaConf.select(cfg, "train.diffusion", default=None) or {}
+    schedule = make_schedule(d.get("beta_schedule", "scaled_linear"), int(d.get("timesteps", 1000)),
+                             linear_start=float(d.get("linear_start", 0.00085)),
+                             linear_end=float(d.get("linear_end", 0.012)))
+    channels = unet_cfg.in_channels - unet_cfg.concat_channels
+    f = fs_cfg.downsample_factor
+    weights = exp["step_dir"] / (EMA_FILE if exp["ema"] else RAW_FILE)
+    return SamplingModel(
+        unet=unet.to(device).eval().requires_grad_(False),
+        text_encoder=text.to(device).eval().requires_grad_(False),
+        tokenizer=tokenizer,
+        first_stage=first_stage,
+        schedule=schedule,
+        parameterization=str(d.get("parameterization", "eps")),
+        scale_factor=_scale_factor(cfg, scale_factor),
+        max_len=te_cfg.max_seq_len,
+        latent_shape=(channels, unet_cfg.image_size, unet_cfg.image_size),
+        resolution=unet_cfg.image_size * f,
+        config=cfg,
+        weights_file=weights,
+        first_stage_file=str(fs_cfg.checkpoint),
+    )

@@ -1,0 +1,71 @@
+"""metrics.json and the W&B run of an eval.
+
+metrics.json: one row per guidance scale (FID, IS, precision, recall, f-score, adherence), the counts, the
+sampler settings, the checkpoint's path and sha256, the first stage's, the feature extractor (flagged
+``random-init-plumbing-only`` when the metric networks are random) and package versions.
+W&B (offline by default): a table of samples per prompt and guidance scale, and the metrics per scale
+as line plots (x = guidance scale).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from importlib import metadata
+from typing import Any
+
+PACKAGES = ("torch", "torchvision", "torch-fidelity", "lpips", "numpy", "scipy", "ldm-train", "wandb")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def write_metrics_json(path: str, report: dict[str, Any]) -> None:
+    """Atomic write (a reader never sees a half file)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump({**report, "versions": package_versions()}, f, indent=2, sort_keys=False, default=str)
+    os.replace(tmp, path)
+
+
+def log_wandb(output_dir: str, cfg: dict[str, Any], report: dict[str, Any], samples: dict[float, list[tuple[str, str]]],
+              mode: str = "offline", project: str = "ldm-train", entity: str | None = None,
+              name: str | None = None) -> str | None:
+    """One W&B run (job_type eval): config, a samples table and per-scale metric plots. Returns the run dir."""
+    if mode == "disabled":
+        return None
+    import wandb
+
+    os.environ.setdefault("WANDB_DIR", output_dir)
+    os.environ.setdefault("WANDB_CACHE_DIR", os.path.join(output_dir, ".wandb_cache"))
+    run = wandb.init(project=project, entity=entity, name=name or os.path.basename(output_dir.rstrip("/")),
+                     job_type="eval", mode=mode, dir=output_dir, config=cfg, reinit="finish_previous")
+    try:
+        table = wandb.Table(columns=["guidance_scale", "index", "prompt", "image"])
+        for scale, items in samples.items():
+            for path, prompt in items:
+                index = int(os.path.basename(path).split(".")[0])
+                table.add_data(scale, index, prompt, wandb.Image(path, caption=prompt))
+        run.log({"samples": table})
+        rows = report.get("per_scale", [])
+        keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "guidance_scale"})
+        for key in keys:
+            data = [[r["guidance_scale"], r[key]] for r in rows if isinstance(r.get(key), (int, float))]
+            plot_table = wandb.Table(data=data, columns=["guidance_scale", key])
+            run.log({f"plots/{key}_vs_guidance": wandb.plot.line(plot_table, "guidance_scale", key,
+                                                                  title=f"{key} vs guidance scale")})
+        for r in rows:
+            for key in keys:
+                if isinstance(r.get(key), (int, float)):
+                    run.summary[f"gs{r['guidance_scale']:g}/{key}"] = r[key]
+        run.summary["feature_extractor"] = report.get("feature_extractor")
+        return run.dir
+    finally:
+        run.finish()

@@ -1,0 +1,171 @@
+"""Distributed sampling to PNG files: identical sets at any world size, resumable by skipping what exists.
+
+Sample ``i`` (0 <= i < num_samples) gets prompt ``prompts[i % len(prompts)]`` and its own
+``torch.Generator`` seeded ``seed + i`` for the initial noise and any sampler noise. The samples are cut
+into GLOBAL batches ``[b * B, (b + 1) * B)`` and each rank takes a contiguous run of whole batches, so a
+sample is always computed in the same batch whatever the world size (batch composition can change the
+last bits of a float result on some kernels). Files are written as ``<dir>/<i:06d>.png.tmp`` then renamed:
+a killed job never leaves a half-written PNG, and a re-run skips every batch whose files all exist.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from eval.checkpoint import SamplingModel
+from ldm_train.diffusion.samplers import cfg_model_fn, ddim_sample, ddpm_sample, plms_sample
+
+SAMPLERS = ("ddim", "plms", "ddpm")
+
+
+@dataclass
+class SamplerSettings:
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+
+
+# ---------------------------------------------------------------------------------------------- prompts
+def load_prompts(source: str | Sequence[str], limit: int | None = None) -> list[str]:
+    """Prompts from an MS-COCO captions JSON, a text file (one per line), tar shards' ``.txt``, or a list."""
+    if not isinstance(source, str):
+        prompts = [str(p) for p in source]
+    elif source.endswith(".json"):
+        prompts = _coco_captions(source)
+    elif source.endswith(".txt") and not os.path.isdir(source):
+        with open(source, encoding="utf-8") as f:
+            prompts = [line.strip() for line in f if line.strip()]
+    else:
+        prompts = _shard_captions(source, limit)
+    if limit is not None:
+        prompts = prompts[:limit]
+    if not prompts:
+        raise ValueError(f"prompts={source!r} holds no prompts: give a COCO captions .json, a .txt with one "
+                         "prompt per line, a folder of (latent or image) shards with .txt captions, or a list")
+    return prompts
+
+
+def _coco_captions(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if "annotations" not in data:
+        raise ValueError(f"{path} has no 'annotations': expected MS-COCO captions_*.json "
+                         "(annotations[].caption)")
+    return [" ".join(a["caption"].split()) for a in data["annotations"]]
+
+
+def _shard_captions(source: str, limit: int | None) -> list[str]:
+    """Captions (``.txt`` members) of WebDataset tars, in manifest or sorted order."""
+    import tarfile
+
+    from ldm_train.data import fsspec_io
+
+    urls: list[str]
+    if fsspec_io.exists(source.rstrip("/") + "/manifest.json"):
+        from ldm_train.data.manifest import read_manifest, shard_list
+
+        urls = [u for u, _ in shard_list(read_manifest(source), source)]
+    elif source.endswith(".tar") or "{" in source:
+        import braceexpand
+
+        urls = list(braceexpand.braceexpand(source))
+    elif fsspec_io.isdir(source):
+        urls = [fsspec_io.join(source, n) for n in fsspec_io.ls(source) if n.endswith(".tar")]
+    else:
+        raise FileNotFoundError(f"prompts={source!r}: no such file or shard folder")
+    captions: list[str] = []
+    for url in urls:
+        with fsspec_io.open_url(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:  # streaming: works on s3:// without a local copy
+                if member.isfile() and member.name.endswith(".txt"):
+                    captions.append(tar.extractfile(member).read().decode("utf-8").strip())
+                    if limit is not None and len(captions) >= limit:
+                        return captions
+    return captions
+
+
+# ---------------------------------------------------------------------------------------------- work split
+def rank_batches(num_samples: int, batch_size: int, rank: int, world_size: int) -> list[range]:
+    """This rank's contiguous run of global batches (each a range of sample indices)."""
+    n_batches = -(-num_samples // batch_size)
+    lo, hi = rank * n_batches // world_size, (rank + 1) * n_batches // world_size
+    return [range(b * batch_size, min((b + 1) * batch_size, num_samples)) for b in range(lo, hi)]
+
+
+def sample_path(folder: str, index: int) -> str:
+    return os.path.join(folder, f"{index:06d}.png")
+
+
+def scale_dir(samples_root: str, guidance_scale: float) -> str:
+    return os.path.join(samples_root, f"gs{guidance_scale:g}")
+
+
+def save_png(image: torch.Tensor, path: str) -> None:
+    """[3, H, W] in [-1, 1] -> PNG, atomically (tmp name then rename)."""
+    arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    tmp = f"{path}.tmp"
+    Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+@torch.no_grad()
+def sample_batch(model: SamplingModel, prompts: list[str], indices: Sequence[int], settings: SamplerSettings,
+                 device: torch.device) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1] for ``prompts`` with per-sample generators ``seed + index``."""
+    from ldm_train.data.tokenizer import tokenize
+
+    tokens = tokenize(model.tokenizer, prompts, model.max_len).to(device)
+    cond = model.text_encoder(tokens)
+    uncond = model.text_encoder(tokenize(model.tokenizer, [""] * len(prompts), model.max_len).to(device))
+    model_fn = cfg_model_fn(model.unet, {"context": cond}, {"context": uncond}, float(settings.guidance_scale))
+    generators = [torch.Generator("cpu").manual_seed(settings.seed + int(i)) for i in indices]
+    shape = (len(prompts), *model.latent_shape)
+    common = dict(parameterization=model.parameterization, generator=generators, device=device)
+    if settings.sampler == "ddim":
+        z = ddim_sample(model_fn, model.schedule, shape, num_steps=settings.steps, eta=settings.eta, **common)
+    elif settings.sampler == "plms":
+        z = plms_sample(model_fn, model.schedule, shape, num_steps=settings.steps, **common)
+    elif settings.sampler == "ddpm":
+        z = ddpm_sample(model_fn, model.schedule, shape, num_steps=settings.steps, **common)
+    else:
+        raise ValueError(f"sampler={settings.sampler!r}: use one of {SAMPLERS}")
+    return model.first_stage.decode(z / model.scale_factor)
+
+
+def sample_to_folder(model: SamplingModel, prompts: list[str], num_samples: int, folder: str,
+                     settings: SamplerSettings, rank: int = 0, world_size: int = 1,
+                     device: torch.device | str = "cpu", progress: bool = True) -> dict[str, float]:
+    """Write this rank's share of samples ``0..num_samples-1`` to ``folder``; returns counts and throughput."""
+    device = torch.device(device)
+    os.makedirs(folder, exist_ok=True)
+    batches = rank_batches(num_samples, settings.batch_size, rank, world_size)
+    todo = [b for b in batches if not all(os.path.exists(sample_path(folder, i)) for i in b)]
+    total = sum(len(b) for b in batches)
+    skipped = total - sum(len(b) for b in todo)
+    bar = tqdm(total=sum(len(b) for b in todo), unit="img", disable=not progress or rank != 0,
+               desc=f"gs={settings.guidance_scale:g} rank0")
+    start, written = time.perf_counter(), 0
+    for batch in todo:
+        images = sample_batch(model, [prompts[i % len(prompts)] for i in batch], batch, settings, device)
+        for i, image in zip(batch, images, strict=True):
+            path = sample_path(folder, i)
+            if not os.path.exists(path):  # a batch can be partly done after a kill: keep what exists
+                save_png(image, path)
+                written += 1
+        bar.update(len(batch))
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"written": written, "skipped": skipped, "assigned": total, "seconds": seconds,
+            "images_per_s": (sum(len(b) for b in todo) / seconds) if seconds > 0 and todo else 0.0}
