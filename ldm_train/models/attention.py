@@ -12,6 +12,14 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 
+def autocast_enabled(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (False for devices autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:
+        return False
+
+
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
     # [B, N, H*D] -> [B, H, N, D] as a strided view: SDPA takes it without a copy
     b, n, _ = t.shape
@@ -40,7 +48,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         context = x if context is None else context
-        if context.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
+        if context.dtype != x.dtype and not autocast_enabled(x.device):
             context = context.to(x.dtype)
         q = _split_heads(self.to_q(x), self.heads)
         k = _split_heads(self.to_k(context), self.heads)

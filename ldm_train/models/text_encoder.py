@@ -58,7 +58,8 @@ class AbsolutePositionalEmbedding(nn.Module):
         nn.init.normal_(self.emb.weight, std=0.02)
 
     def forward(self, seq_len: int) -> torch.Tensor:
-        return self.emb.weight[:seq_len][None]
+        # a lookup, not a slice of the weight: a slice taken under no_grad is a grad-less view of a leaf
+        return self.emb(torch.arange(seq_len, device=self.emb.weight.device))[None]
 
 
 class Encoder(nn.Module):

@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ldm_train.config import UNetConfig
-from ldm_train.models.attention import AttentionBlock, SpatialTransformer
+from ldm_train.models.attention import AttentionBlock, SpatialTransformer, autocast_enabled
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -200,7 +200,7 @@ class UNetModel(nn.Module):
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         t_emb = timestep_embedding(timesteps, cfg.model_channels)
-        if not torch.is_autocast_enabled(x.device.type):
+        if not autocast_enabled(x.device):
             t_emb = t_emb.to(self.time_embed[0].weight.dtype)  # a bf16-cast model without autocast
         emb = self.time_embed(t_emb)
         if y is not None:
