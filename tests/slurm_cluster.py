@@ -184,12 +184,14 @@ class LocalSlurmCluster:
             raise SlurmError(f"{' '.join(args)} exited {res.returncode}: {res.stderr.strip()}\n{self.logs()}")
         return res
 
-    def sbatch(self, script: str | os.PathLike, args: Iterable[str] = (), env: Mapping[str, str] | None = None,
-               sbatch_args: Iterable[str] = (), cwd: str | os.PathLike | None = None) -> str:
-        """Submit `script args...`; returns the job id (for arrays, the array's master id)."""
+    def sbatch(self, script: str | os.PathLike | None, args: Iterable[str] = (),
+               env: Mapping[str, str] | None = None, sbatch_args: Iterable[str] = (),
+               cwd: str | os.PathLike | None = None) -> str:
+        """Submit `script args...` (script None: pass `--wrap=CMD` in sbatch_args); returns the job id
+        (for arrays, the array's master id)."""
         full_env = self.env
         full_env.update(env or {})
-        cmd = ["sbatch", "--parsable", *sbatch_args, str(script), *args]
+        cmd = ["sbatch", "--parsable", *sbatch_args, *([str(script), *args] if script is not None else [])]
         res = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=60, check=False,
                              cwd=str(cwd) if cwd else None)
         if res.returncode != 0:

@@ -1,0 +1,131 @@
+#!/usr/bin/env bash
+# Submit the whole pipeline as SLURM jobs chained with --dependency=afterok, and print their ids.
+#
+#   [synthetic data] -> [first-stage training] -> prep_latents array -> finalize -> train_txt2img -> eval
+#    (if no INPUT)      (if TRAIN_FIRST_STAGE=1)   (PREP_TASKS tasks)    (manifest)  (TRAIN_NODES nodes)
+#
+# Run it on the login node from the checkout:  bash slurm/pipeline.sh
+# Everything is set by environment variables (defaults in brackets):
+#   WORK               output root for every stage [runs/pipeline-<date>]: raw/, first_stage/, latents/, runs/, eval/
+#   INPUT              raw image shards (img2dataset tars, brace pattern, local or s3://) [empty: write the
+#                      built-in synthetic dataset: SYNTH_SAMPLES [512] images in shards of SYNTH_SHARD_SIZE [128]]
+#   RESOLUTION         image side [64]
+#   FIRST_STAGE        first-stage preset in conf/first_stage [tiny_kl_f4]
+#   FIRST_STAGE_CKPT   its checkpoint [empty]; TRAIN_FIRST_STAGE=1 trains one first (slurm/train_autoencoder.sh);
+#                      neither: random first-stage weights, allowed for plumbing only (ALLOW_RANDOM_FIRST_STAGE=1)
+#   PREP_TASKS         array tasks encoding shards [2]
+#   EXPERIMENT         trainer experiment [tiny];  TRAIN_NODES [1], TRAIN_TASKS_PER_NODE [1]
+#   RUN_NAME           trainer run name [pipeline]: the run dir is $WORK/runs/$EXPERIMENT/$RUN_NAME
+#   EVAL_PROMPTS       prompts for eval [the captions of the latent shards]; EVAL_SAMPLES [64]
+#   AE_ARGS PREP_ARGS TRAIN_ARGS EVAL_ARGS   extra Hydra overrides per stage (split on spaces)
+#   SBATCH_ARGS        extra sbatch options for every job, e.g. "--partition=gpu --account=proj"
+#   DRY_RUN=1          print the sbatch commands instead of submitting
+# Output: one line per stage, "<stage> <job id>", then "pipeline <WORK>". If a stage fails, the jobs that
+# depend on it are cancelled (--kill-on-invalid-dep=yes) instead of waiting forever.
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=slurm/common.sh
+. "$here/common.sh"
+repo=$(cd "$here/.." && pwd)
+cd "$repo"  # jobs start in (and find the code through) the submit directory
+
+WORK=${WORK:-runs/pipeline-$(date +%Y%m%d-%H%M%S)}
+case "$WORK" in /* | *://*) ;; *) WORK="$repo/$WORK" ;; esac
+INPUT=${INPUT:-}
+RESOLUTION=${RESOLUTION:-64}
+SYNTH_SAMPLES=${SYNTH_SAMPLES:-512}
+SYNTH_SHARD_SIZE=${SYNTH_SHARD_SIZE:-128}
+FIRST_STAGE=${FIRST_STAGE:-tiny_kl_f4}
+FIRST_STAGE_CKPT=${FIRST_STAGE_CKPT:-}
+TRAIN_FIRST_STAGE=${TRAIN_FIRST_STAGE:-0}
+ALLOW_RANDOM_FIRST_STAGE=${ALLOW_RANDOM_FIRST_STAGE:-0}
+PREP_TASKS=${PREP_TASKS:-2}
+EXPERIMENT=${EXPERIMENT:-tiny}
+TRAIN_NODES=${TRAIN_NODES:-1}
+TRAIN_TASKS_PER_NODE=${TRAIN_TASKS_PER_NODE:-1}
+RUN_NAME=${RUN_NAME:-pipeline}
+EVAL_PROMPTS=${EVAL_PROMPTS:-}
+EVAL_SAMPLES=${EVAL_SAMPLES:-64}
+read -r -a ae_args <<<"${AE_ARGS:-}"
+read -r -a prep_args <<<"${PREP_ARGS:-}"
+read -r -a train_args <<<"${TRAIN_ARGS:-}"
+read -r -a eval_args <<<"${EVAL_ARGS:-}"
+read -r -a sbatch_args <<<"${SBATCH_ARGS:-}"
+
+mkdir -p "$WORK/logs" 2>/dev/null || true  # no-op for s3:// roots; logs need a local path anyway
+logs="$WORK/logs"
+case "$logs" in *://*) logs="$repo/logs" ; mkdir -p "$logs" ;; esac
+
+submitted=()
+# submit NAME [sbatch args...] -- script [args...]: prints "NAME ID", records the id for cleanup on failure.
+submit() {
+  local name=$1
+  shift
+  local common=(--job-name="ldm-$name" --kill-on-invalid-dep=yes --output="$logs/%x-%A_%a.out" "${sbatch_args[@]}")
+  if [ "${DRY_RUN:-0}" = 1 ]; then
+    echo "sbatch ${common[*]} $*" >&2
+    last_id="DRY$((${#submitted[@]} + 1))"
+  else
+    last_id=$(ldm_sbatch "${common[@]}" "$@") || {
+      [ "${#submitted[@]}" -gt 0 ] && scancel "${submitted[@]}"
+      echo "pipeline: submitting $name failed; cancelled ${submitted[*]:-nothing}" >&2
+      exit 1
+    }
+  fi
+  submitted+=("$last_id")
+  echo "$name $last_id"
+}
+
+# 0. Raw images: the given INPUT, or the synthetic dataset written by a one-task job.
+synth_id=""
+if [ -z "$INPUT" ]; then
+  INPUT="$WORK/raw"  # the encode job lists the tars of a folder itself
+  submit synthetic --ntasks=1 --wrap "python -m data_prep.synthetic output=$WORK/raw \
+num_samples=$SYNTH_SAMPLES resolution=$RESOLUTION shard_size=$SYNTH_SHARD_SIZE split=train"
+  synth_id=$last_id
+fi
+
+# 1. First stage: given, trained here, or random (plumbing only).
+ae_id=""
+first_stage_args=()  # for prep_latents (and train, which decodes sample grids when it has a checkpoint)
+if [ -n "$FIRST_STAGE_CKPT" ]; then
+  first_stage_args=("first_stage.checkpoint=$FIRST_STAGE_CKPT")
+elif [ "$TRAIN_FIRST_STAGE" = 1 ]; then
+  ae_dir="$WORK/first_stage"
+  submit first_stage $(ldm_afterok "$synth_id") slurm/train_autoencoder.sh \
+    "first_stage=$FIRST_STAGE" "data.input=$INPUT" "data.resolution=$RESOLUTION" "output_dir=$ae_dir" "${ae_args[@]}"
+  ae_id=$last_id
+  first_stage_args=("first_stage.checkpoint=$ae_dir/export/first_stage.safetensors")
+elif [ "$ALLOW_RANDOM_FIRST_STAGE" = 1 ]; then
+  echo "pipeline: WARNING: random first-stage weights: latents are for plumbing only" >&2
+else
+  echo "pipeline: set FIRST_STAGE_CKPT=PATH, TRAIN_FIRST_STAGE=1, or ALLOW_RANDOM_FIRST_STAGE=1 (plumbing only)" >&2
+  exit 2
+fi
+
+# 2. Latents: an array job, task i encodes input shards j with j % PREP_TASKS == i; then one finalize job
+#    merges the per-shard stats into manifest.json and checks nothing is missing.
+latents="$WORK/latents"
+submit prep_latents --array="0-$((PREP_TASKS - 1))" $(ldm_afterok "$synth_id" "$ae_id") slurm/prep_latents.sh \
+  "input='$INPUT'" "output=$latents" "first_stage=$FIRST_STAGE" "resolution=$RESOLUTION" \
+  "${first_stage_args[@]:-allow_random_first_stage=true}" "${prep_args[@]}"
+prep_id=$last_id
+submit finalize --ntasks=1 $(ldm_afterok "$prep_id") --wrap \
+  "python -m data_prep.finalize output=$latents first_stage=$FIRST_STAGE"
+finalize_id=$last_id
+
+# 3. Train on the latents; the run dir name is fixed so a requeued job resumes it.
+run_dir="$WORK/runs/$EXPERIMENT/$RUN_NAME"
+submit train --nodes="$TRAIN_NODES" --ntasks-per-node="$TRAIN_TASKS_PER_NODE" $(ldm_afterok "$finalize_id") \
+  slurm/train_txt2img.sh "experiment=$EXPERIMENT" "first_stage=$FIRST_STAGE" "data.latents_root=$latents" \
+  "runs_root=$WORK/runs" "run_name=$RUN_NAME" "${first_stage_args[@]}" "${train_args[@]}"
+train_id=$last_id
+
+# 4. Evaluate the last exported checkpoint.
+prompts=${EVAL_PROMPTS:-$latents/$FIRST_STAGE}
+submit eval --ntasks=1 $(ldm_afterok "$train_id") slurm/eval.sh \
+  "checkpoint=$run_dir/checkpoints/latest" "prompts=$prompts" "num_samples=$EVAL_SAMPLES" \
+  "output_dir=$WORK/eval" "${eval_args[@]}"
+
+echo "pipeline $WORK"
