@@ -1,0 +1,128 @@
+"""Fixtures for the data_prep tests: encode-job runner, shard reader, an S3 server (moto) on loopback."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def encode_args(**kw: object) -> list[str]:
+    """Hydra overrides for data_prep.encode; small defaults suited to 2 shared CPU cores."""
+    args = {"num_workers": 1, "batch_size": 8, "progress": "false", **kw}
+    # Hydra's override grammar reads {..} as a dict: quote brace patterns
+    return [f"{k}='{v}'" if "{" in str(v) else f"{k}={v}" for k, v in args.items()]
+
+
+def encode_cfg(overrides: list[str]):
+    """The composed conf/encode.yaml with overrides (for calling data_prep.encode.run_encode in-process)."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm_train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("encode", overrides=overrides)
+
+
+def run_encode(overrides: list[str], env: dict[str, str] | None = None, timeout: float = 240,
+               check: bool = True) -> subprocess.CompletedProcess:
+    """``python -m data_prep.encode`` in a subprocess (real Hydra app, real DataLoader workers)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep.encode", *overrides], cwd=REPO, env={**os.environ, **(env or {})},
+        capture_output=True, text=True, timeout=timeout,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"encode failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def read_shard(data: bytes) -> list[dict]:
+    """Samples of one latent shard: {key, latent (np.ndarray), txt, json}."""
+    out: dict[str, dict] = {}
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        for m in t.getmembers():
+            key, _, ext = m.name.partition(".")
+            raw = t.extractfile(m).read()
+            rec = out.setdefault(key, {"key": key})
+            if ext == "latent.npy":
+                rec["latent"] = np.load(io.BytesIO(raw), allow_pickle=False)
+            elif ext == "txt":
+                rec["txt"] = raw.decode()
+            elif ext == "json":
+                rec["json"] = json.loads(raw)
+    return list(out.values())
+
+
+def read_all_shards(shard_dir: Path) -> list[dict]:
+    return [s for p in sorted(shard_dir.glob("shard-*.tar")) for s in read_shard(p.read_bytes())]
+
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A moto S3 server on 127.0.0.1 (its own process, stopped by PID); yields the AWS env to use."""
+    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
+    if not Path(exe).exists():
+        pytest.skip("moto_server not installed: pip install 'moto[server]'")
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on port {port}") from None
+                time.sleep(0.2)
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)  # this process (fsspec/s3fs) talks to it too
+        import s3fs
+
+        s3fs.S3FileSystem.clear_instance_cache()  # instances made before the env was set would miss the endpoint
+        try:
+            yield env
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+            s3fs.S3FileSystem.clear_instance_cache()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+        log.close()
