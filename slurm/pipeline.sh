@@ -6,12 +6,13 @@
 #
 # Run it on the login node from the checkout:  bash slurm/pipeline.sh
 # Everything is set by environment variables (defaults in brackets):
-#   WORK               output root for every stage [runs/pipeline-<date>]: raw/, first_stage/, latents/, runs/, eval/
+#   WORK               output root for every stage [runs/pipeline-<date>]: raw/, latents/, runs/, eval/, logs/
 #   INPUT              raw image shards (img2dataset tars, brace pattern, local or s3://) [empty: write the
 #                      built-in synthetic dataset: SYNTH_SAMPLES [512] images in shards of SYNTH_SHARD_SIZE [128]]
 #   RESOLUTION         image side [64]
 #   FIRST_STAGE        first-stage preset in conf/first_stage [tiny_kl_f4]
-#   FIRST_STAGE_CKPT   its checkpoint [empty]; TRAIN_FIRST_STAGE=1 trains one first (slurm/train_autoencoder.sh);
+#   FIRST_STAGE_CKPT   its checkpoint [empty]; TRAIN_FIRST_STAGE=1 trains one first (slurm/train_autoencoder.sh,
+#                      run dir $WORK/runs/autoencoder/$FIRST_STAGE, export/first_stage.safetensors in it);
 #                      neither: random first-stage weights, allowed for plumbing only (ALLOW_RANDOM_FIRST_STAGE=1)
 #   PREP_TASKS         array tasks encoding shards [2]
 #   EXPERIMENT         trainer experiment [tiny];  TRAIN_NODES [1], TRAIN_TASKS_PER_NODE [1]
@@ -19,6 +20,8 @@
 #   EVAL_PROMPTS       prompts for eval [the captions of the latent shards]; EVAL_SAMPLES [64]
 #   AE_ARGS PREP_ARGS TRAIN_ARGS EVAL_ARGS   extra Hydra overrides per stage (split on spaces)
 #   SBATCH_ARGS        extra sbatch options for every job, e.g. "--partition=gpu --account=proj"
+#   <STAGE>_SBATCH_ARGS  extra sbatch options for one stage (SYNTHETIC, FIRST_STAGE, PREP_LATENTS, FINALIZE,
+#                      TRAIN, EVAL), e.g. TRAIN_SBATCH_ARGS="--gpus-per-node=8 --time=2-00:00:00"
 #   DRY_RUN=1          print the sbatch commands instead of submitting
 # Output: one line per stage, "<stage> <job id>", then "pipeline <WORK>". If a stage fails, the jobs that
 # depend on it are cancelled (--kill-on-invalid-dep=yes) instead of waiting forever.
@@ -29,6 +32,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 . "$here/common.sh"
 repo=$(cd "$here/.." && pwd)
 cd "$repo"  # jobs start in (and find the code through) the submit directory
+ldm_activate_venv  # jobs inherit this environment: `python` in them is the checkout's
 
 WORK=${WORK:-runs/pipeline-$(date +%Y%m%d-%H%M%S)}
 case "$WORK" in /* | *://*) ;; *) WORK="$repo/$WORK" ;; esac
@@ -58,16 +62,27 @@ logs="$WORK/logs"
 case "$logs" in *://*) logs="$repo/logs" ; mkdir -p "$logs" ;; esac
 
 submitted=()
-# submit NAME [sbatch args...] -- script [args...]: prints "NAME ID", records the id for cleanup on failure.
+# submit NAME [sbatch options...] -- script|--wrap=CMD [args...]: prints "NAME ID", records the id so a failed
+# submission cancels the earlier ones. Later options win: the script's #SBATCH lines, the options given here,
+# SBATCH_ARGS, then <NAME>_SBATCH_ARGS.
 submit() {
   local name=$1
   shift
-  local common=(--job-name="ldm-$name" --kill-on-invalid-dep=yes --output="$logs/%x-%A_%a.out" "${sbatch_args[@]}")
+  local opts=()
+  while [ "$1" != "--" ]; do opts+=("$1"); shift; done
+  shift
+  local upper stage_args=() log="$logs/%x-%j.out"
+  upper=$(echo "$name" | tr '[:lower:]' '[:upper:]')
+  local var="${upper}_SBATCH_ARGS"
+  read -r -a stage_args <<<"${!var:-}"
+  case " ${opts[*]} " in *" --array="*) log="$logs/%x-%A_%a.out" ;; esac
+  local all=(--job-name="ldm-$name" --kill-on-invalid-dep=yes --output="$log" "${opts[@]}" "${sbatch_args[@]}"
+    "${stage_args[@]}" "$@")
   if [ "${DRY_RUN:-0}" = 1 ]; then
-    echo "sbatch ${common[*]} $*" >&2
+    echo "sbatch ${all[*]}" >&2
     last_id="DRY$((${#submitted[@]} + 1))"
   else
-    last_id=$(ldm_sbatch "${common[@]}" "$@") || {
+    last_id=$(ldm_sbatch "${all[@]}") || {
       [ "${#submitted[@]}" -gt 0 ] && scancel "${submitted[@]}"
       echo "pipeline: submitting $name failed; cancelled ${submitted[*]:-nothing}" >&2
       exit 1
@@ -81,7 +96,7 @@ submit() {
 synth_id=""
 if [ -z "$INPUT" ]; then
   INPUT="$WORK/raw"  # the encode job lists the tars of a folder itself
-  submit synthetic --ntasks=1 --wrap "python -m data_prep.synthetic output=$WORK/raw \
+  submit synthetic --ntasks=1 -- --wrap="python -m data_prep.synthetic output=$WORK/raw \
 num_samples=$SYNTH_SAMPLES resolution=$RESOLUTION shard_size=$SYNTH_SHARD_SIZE split=train"
   synth_id=$last_id
 fi
@@ -92,11 +107,11 @@ first_stage_args=()  # for prep_latents (and train, which decodes sample grids w
 if [ -n "$FIRST_STAGE_CKPT" ]; then
   first_stage_args=("first_stage.checkpoint=$FIRST_STAGE_CKPT")
 elif [ "$TRAIN_FIRST_STAGE" = 1 ]; then
-  ae_dir="$WORK/first_stage"
-  submit first_stage $(ldm_afterok "$synth_id") slurm/train_autoencoder.sh \
-    "first_stage=$FIRST_STAGE" "data.input=$INPUT" "data.resolution=$RESOLUTION" "output_dir=$ae_dir" "${ae_args[@]}"
+  submit first_stage $(ldm_afterok "$synth_id") -- slurm/train_autoencoder.sh \
+    "first_stage=$FIRST_STAGE" "data.input='$INPUT'" "runs_root=$WORK/runs" "experiment=autoencoder" \
+    "run_name=$FIRST_STAGE" "${ae_args[@]}"
   ae_id=$last_id
-  first_stage_args=("first_stage.checkpoint=$ae_dir/export/first_stage.safetensors")
+  first_stage_args=("first_stage.checkpoint=$WORK/runs/autoencoder/$FIRST_STAGE/export/first_stage.safetensors")
 elif [ "$ALLOW_RANDOM_FIRST_STAGE" = 1 ]; then
   echo "pipeline: WARNING: random first-stage weights: latents are for plumbing only" >&2
 else
@@ -107,25 +122,25 @@ fi
 # 2. Latents: an array job, task i encodes input shards j with j % PREP_TASKS == i; then one finalize job
 #    merges the per-shard stats into manifest.json and checks nothing is missing.
 latents="$WORK/latents"
-submit prep_latents --array="0-$((PREP_TASKS - 1))" $(ldm_afterok "$synth_id" "$ae_id") slurm/prep_latents.sh \
+submit prep_latents --array="0-$((PREP_TASKS - 1))" $(ldm_afterok "$synth_id" "$ae_id") -- slurm/prep_latents.sh \
   "input='$INPUT'" "output=$latents" "first_stage=$FIRST_STAGE" "resolution=$RESOLUTION" \
   "${first_stage_args[@]:-allow_random_first_stage=true}" "${prep_args[@]}"
 prep_id=$last_id
-submit finalize --ntasks=1 $(ldm_afterok "$prep_id") --wrap \
-  "python -m data_prep.finalize output=$latents first_stage=$FIRST_STAGE"
+submit finalize --ntasks=1 $(ldm_afterok "$prep_id") -- \
+  --wrap="python -m data_prep.finalize output=$latents first_stage=$FIRST_STAGE"
 finalize_id=$last_id
 
 # 3. Train on the latents; the run dir name is fixed so a requeued job resumes it.
 run_dir="$WORK/runs/$EXPERIMENT/$RUN_NAME"
-submit train --nodes="$TRAIN_NODES" --ntasks-per-node="$TRAIN_TASKS_PER_NODE" $(ldm_afterok "$finalize_id") \
+submit train --nodes="$TRAIN_NODES" --ntasks-per-node="$TRAIN_TASKS_PER_NODE" $(ldm_afterok "$finalize_id") -- \
   slurm/train_txt2img.sh "experiment=$EXPERIMENT" "first_stage=$FIRST_STAGE" "data.latents_root=$latents" \
   "runs_root=$WORK/runs" "run_name=$RUN_NAME" "${first_stage_args[@]}" "${train_args[@]}"
 train_id=$last_id
 
-# 4. Evaluate the last exported checkpoint.
+# 4. Evaluate the run's latest export against the raw images; metrics.json lands in $WORK/eval.
 prompts=${EVAL_PROMPTS:-$latents/$FIRST_STAGE}
-submit eval --ntasks=1 $(ldm_afterok "$train_id") slurm/eval.sh \
-  "checkpoint=$run_dir/checkpoints/latest" "prompts=$prompts" "num_samples=$EVAL_SAMPLES" \
+submit eval $(ldm_afterok "$train_id") -- slurm/eval.sh \
+  "checkpoint=$run_dir" "prompts='$prompts'" "num_samples=$EVAL_SAMPLES" "reference.path='$INPUT'" \
   "output_dir=$WORK/eval" "${eval_args[@]}"
 
 echo "pipeline $WORK"

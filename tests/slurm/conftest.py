@@ -65,10 +65,10 @@ def write_synthetic(raw: Path, num_samples: int = SYNTH_SAMPLES, shard_size: int
                    capture_output=True)
 
 
-def prep_latents(cluster: LocalSlurmCluster, work: Path, raw: str, first_stage: str,
+def prep_latents(cluster: LocalSlurmCluster, work: Path, raw: Path, root: Path, first_stage: str,
                  checkpoint: Path, tasks: int = PREP_TASKS) -> tuple[str, str]:
-    """slurm/prep_latents.sh as an array of `tasks`, then `data_prep.finalize` as a dependent job."""
-    root = work / "latents"
+    """slurm/prep_latents.sh as an array of `tasks`, then `data_prep.finalize` as a dependent job; writes
+    <root>/<first_stage>/; job logs go to <work>/logs."""
     prep = submit(cluster, "slurm/prep_latents.sh",
                   [f"input={raw}", f"output={root}", f"first_stage={first_stage}",
                    f"first_stage.checkpoint={checkpoint}", "resolution=64", "finalize=false", "num_workers=0",
@@ -91,7 +91,7 @@ def slurm_latents(slurm_cluster: LocalSlurmCluster, tmp_path_factory: pytest.Tem
     write_synthetic(raw)
     ckpt = export_random_first_stage("tiny_kl_f4", work / "first_stage" / "tiny_kl_f4.safetensors")
     lat = Latents(work, raw, work / "latents", "tiny_kl_f4", ckpt, "", "")
-    lat.prep_job, lat.finalize_job = prep_latents(slurm_cluster, work, str(raw), "tiny_kl_f4", ckpt)
+    lat.prep_job, lat.finalize_job = prep_latents(slurm_cluster, work, raw, lat.root, "tiny_kl_f4", ckpt)
     return lat
 
 
