@@ -6,6 +6,7 @@ Under ``torchrun`` or ``srun`` every process runs this; DeepSpeed ZeRO runs on g
 from __future__ import annotations
 
 import sys
+import warnings
 
 import hydra
 from omegaconf import DictConfig
@@ -15,6 +16,8 @@ from ldm_train.trainer.config import register_trainer_configs
 
 register_configs()
 register_trainer_configs()
+# DeepSpeed ZeRO-3 calls a deprecated c10d name every step; one line per step drowns the progress line
+warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")

@@ -6,10 +6,10 @@ Layout (``<run_dir>/checkpoints/``)::
     step_0000120/                   one tag per checkpoint, the last ``checkpoint.keep_last`` are kept
         mp_rank_00_model_states.pt  DeepSpeed: module + client state (step, samples, guard, W&B id)
         *_optim_states.pt           DeepSpeed: ZeRO-partitioned fp32 master weights + AdamW moments
-        trainer_rank00000.pt        per global rank: data-stream position, RNG states, EMA (ZeRO-3: its shard)
+        trainer_rank00000.pt        per global rank: data-stream position, RNG states
         meta.json                   step, samples seen, world size, ZeRO stage, precision
         model.safetensors           raw weights, CompVis keys: model.diffusion_model.*, cond_stage_model.*
-        model_ema.safetensors       EMA weights (fp32), the same CompVis keys
+        model_ema.safetensors       EMA weights (fp32), the same CompVis keys; also how the EMA is resumed
         config.yaml                 the resolved config of the run
         tokenizer/                  the tokenizer the text encoder was trained with
     step_0000120_universal/         made on demand when resuming at another world size

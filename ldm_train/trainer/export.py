@@ -72,7 +72,7 @@ def full_state_dict(module: nn.Module, zero_stage: int) -> dict[str, torch.Tenso
 
 def write_export(
     tag_dir: Path,
-    raw: dict[str, torch.Tensor],
+    raw: dict[str, torch.Tensor] | None,
     ema: dict[str, torch.Tensor] | None,
     config_yaml: str,
     tokenizer_dir: Path | None,
@@ -80,8 +80,9 @@ def write_export(
 ) -> None:
     """Rank 0 only: write the safetensors pair, config.yaml and a copy of the tokenizer."""
     meta = {k: str(v) for k, v in metadata.items()}
-    _check_layout(raw)
-    save_file({k: v.contiguous() for k, v in raw.items()}, str(tag_dir / RAW_FILE), metadata={**meta, "ema": "false"})
+    if raw is not None:
+        _check_layout(raw)
+        save_file({k: v.contiguous() for k, v in raw.items()}, str(tag_dir / RAW_FILE), metadata={**meta, "ema": "false"})
     if ema is not None:
         _check_layout(ema)
         save_file({k: v.float().contiguous() for k, v in ema.items()}, str(tag_dir / EMA_FILE),
@@ -100,7 +101,7 @@ def _check_layout(sd: dict[str, torch.Tensor]) -> None:
 def resolve_step_dir(path: str | Path) -> Path:
     """A step dir, a ``checkpoints`` dir or a run dir -> the step dir ``latest`` names."""
     p = Path(path)
-    if (p / RAW_FILE).is_file():
+    if (p / RAW_FILE).is_file() or (p / EMA_FILE).is_file():
         return p
     for ck in (p, p / "checkpoints"):
         latest = ck / "latest"
@@ -127,7 +128,8 @@ def load_export(path: str | Path, ema: bool = True) -> dict[str, Any]:
     from omegaconf import OmegaConf
 
     step_dir = resolve_step_dir(path)
-    file = step_dir / EMA_FILE if ema and (step_dir / EMA_FILE).is_file() else step_dir / RAW_FILE
+    has_ema, has_raw = (step_dir / EMA_FILE).is_file(), (step_dir / RAW_FILE).is_file()
+    file = step_dir / EMA_FILE if (ema and has_ema) or not has_raw else step_dir / RAW_FILE
     unet, text = split_prefixes(load_file(str(file)))
     return {
         "unet": unet,

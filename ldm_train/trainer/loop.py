@@ -116,9 +116,9 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.tcfg.precision, torch.float32)
         self.ema = None
         if self.tcfg.ema.enabled:
-            from ldm_train.ema import EMA
+            from ldm_train.trainer.ema_shards import ShardedEMA
 
-            self.ema = EMA(self.engine.module, decay=self.tcfg.ema.decay, warmup=self.tcfg.ema.warmup)
+            self.ema = ShardedEMA(self.engine.module, decay=self.tcfg.ema.decay, warmup=self.tcfg.ema.warmup)
 
     def _resume(self) -> dict[str, Any] | None:
         if self.latest is None:
@@ -132,12 +132,28 @@ class Trainer:
             self.loader.load_state_dict(rank_state["data"])  # another world size: it restarts past the old blocks
             if not self.resume_universal:
                 _set_rng_state(rank_state["rng"], self.gen)
-            if self.ema is not None and "ema" in rank_state:
-                self.ema.load_state_dict(rank_state["ema"])
+        if self.ema is not None:
+            self._load_exported_ema(int(state.get("ema_updates", self.step)))
         print(f"[train] rank {self.rank}: resumed {self.ckpt_dir / self.latest} at step {self.step} "
-              f"({self.samples_seen} samples){' via a universal checkpoint' if self.resume_universal else ''}",
-              flush=True)
+              f"({self.samples_seen} samples){' via a universal checkpoint' if self.resume_universal else ''}; "
+              f"AdamW exp_avg norm {self._adam_moment_norm():.4g}", flush=True)
         return client
+
+    def _adam_moment_norm(self) -> float:
+        """Norm of this rank's AdamW first moments (0 means the optimizer state was not restored)."""
+        inner = getattr(self.optimizer, "optimizer", self.optimizer)
+        sq = sum(float(v["exp_avg"].float().pow(2).sum()) for v in inner.state.values() if "exp_avg" in v)
+        return sq**0.5
+
+    def _load_exported_ema(self, num_updates: int) -> None:
+        """The EMA persists once, as the exported full fp32 model_ema.safetensors; each rank takes its slice."""
+        from ldm_train.trainer.export import EMA_FILE
+
+        path = self.ckpt_dir / self.latest / EMA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: the checkpoint has no EMA to resume; set train.ema.enabled=false "
+                                    f"or resume from a checkpoint written with the EMA on")
+        self.ema.load_safetensors(str(path), num_updates)
 
     def _setup_tracking(self, run_id: str | None) -> None:
         from ldm_train.tracking import Tracker
@@ -268,19 +284,17 @@ class Trainer:
     def save(self) -> str:
         t0 = time.perf_counter()
         client = {
-            "trainer": {"step": self.step, "samples_seen": self.samples_seen, "guard": self.guard.state_dict()},
+            "trainer": {"step": self.step, "samples_seen": self.samples_seen, "guard": self.guard.state_dict(),
+                        "ema_updates": self.ema.num_updates if self.ema is not None else 0},
             "wandb_run_id": getattr(self.tracker, "run_id", None),
         }
         rank_state = {"data": self.loader.state_dict(), "rng": _rng_state(self.gen)}
-        if self.ema is not None:
-            rank_state["ema"] = self.ema.state_dict()
         meta = {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world_size,
                 "zero_stage": self.zero_stage, "precision": self.tcfg.precision, "global_batch": self.d.global_batch}
 
         def exports(tag_dir: Path) -> None:
-            if not self.tcfg.checkpoint.export_weights:
-                return
-            raw = full_state_dict(self.engine.module, self.zero_stage)
+            # the EMA is always written (it is how the EMA itself is checkpointed); the raw export is optional
+            raw = full_state_dict(self.engine.module, self.zero_stage) if self.tcfg.checkpoint.export_weights else None
             ema = self._ema_state()
             if self.rank == 0:
                 write_export(tag_dir, raw, ema, OmegaConf.to_yaml(self.cfg, resolve=True), self.tokenizer_dir,
@@ -303,6 +317,9 @@ class Trainer:
         barrier()
 
     def close(self) -> None:
+        from ldm_train.trainer import samples
+
+        samples.clear_cache()  # a multirun's next job in this process builds its own model
         self.preemption.restore()
         self.tracker.close()
         cleanup()

@@ -1,4 +1,4 @@
-"""Preemption: SIGUSR1 / SIGTERM -> finish the step, checkpoint, exit; under SLURM requeue the job.
+"""Preemption: SIGUSR1 / SIGUSR2 / SIGTERM -> finish the step, checkpoint, exit; under SLURM requeue the job.
 
 The handler only records the signal. The loop asks ``should_stop()`` once per optimizer step; with
 several ranks the flag is all-reduced (MAX) so every rank stops after the same step even when the
@@ -15,7 +15,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
+# SIGUSR2: submitit's pre-timeout signal (hydra/launcher=slurm); we checkpoint and requeue ourselves
+SIGNALS = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 
 
 class Preemption:

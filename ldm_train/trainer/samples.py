@@ -17,6 +17,10 @@ from ldm_train.config import FirstStageConfig, to_dataclass
 _CACHE: dict[str, Any] = {}
 
 
+def clear_cache() -> None:
+    _CACHE.clear()
+
+
 def _plain_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     if "model" not in _CACHE:
         from ldm_train.trainer.build import build_model
