@@ -153,7 +153,6 @@ def sample_to_folder(model: SamplingModel, prompts: list[str], num_samples: int,
     batches = rank_batches(num_samples, settings.batch_size, rank, world_size)
     todo = [b for b in batches if not all(os.path.exists(sample_path(folder, i)) for i in b)]
     total = sum(len(b) for b in batches)
-    skipped = total - sum(len(b) for b in todo)
     bar = tqdm(total=sum(len(b) for b in todo), unit="img", disable=not progress or rank != 0,
                desc=f"gs={settings.guidance_scale:g} rank0")
     start, written = time.perf_counter(), 0
@@ -167,5 +166,6 @@ def sample_to_folder(model: SamplingModel, prompts: list[str], num_samples: int,
         bar.update(len(batch))
     bar.close()
     seconds = time.perf_counter() - start
-    return {"written": written, "skipped": skipped, "assigned": total, "seconds": seconds,
+    # "skipped": files that already existed and were kept (a re-run after a kill)
+    return {"written": written, "skipped": total - written, "assigned": total, "seconds": seconds,
             "images_per_s": (sum(len(b) for b in todo) / seconds) if seconds > 0 and todo else 0.0}

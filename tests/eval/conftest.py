@@ -106,3 +106,19 @@ def build_tiny_export(root: str, resolution: int = 32) -> str:
 @pytest.fixture(scope="session")
 def tiny_export(tmp_path_factory) -> str:
     return build_tiny_export(str(tmp_path_factory.mktemp("tiny_export")))
+
+
+def eval_config(**overrides: object):
+    """conf/eval.yaml composed as ``python -m eval.run`` would, with ``key=value`` overrides."""
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    conf = str(Path(__file__).resolve().parents[2] / "conf")
+    with initialize_config_dir(conf, version_base=None):
+        return compose("eval", overrides=[f"{k}={v}" for k, v in overrides.items()])
+
+
+@pytest.fixture(name="eval_config")
+def eval_config_fixture():
+    return eval_config
