@@ -305,8 +305,13 @@ class Tracker:
         if not self._stats.closed:
             self._stats.close()
         if self.run is not None:
+            import wandb
+
             self.run.finish()
             self.run = None
+            # finish() can return before wandb-core has flushed the offline .wandb file; tearing the service
+            # down waits for it, so a requeued job or a reader sees the whole run
+            wandb.teardown()
 
     def __enter__(self) -> Tracker:
         return self
