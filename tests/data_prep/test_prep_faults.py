@@ -1,0 +1,107 @@
+"""Faults: SIGKILL mid-run then resume, damaged inputs skipped and counted, a missing input shard retried."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import webdataset as wds
+from conftest import REPO, encode_args, encode_cfg, read_all_shards, run_encode
+from PIL import Image
+
+from data_prep.encode import run_encode as run_encode_inproc
+from data_prep.readers import InputShardError, iter_shard, list_input_shards
+from data_prep.synthetic import write_synthetic
+from ldm_train.data.manifest import read_manifest
+
+
+def test_sigkill_mid_run_then_resume(tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_synthetic(str(inp), num_samples=80, resolution=32, shard_size=8)  # 10 input shards
+    args = encode_args(input=inp, output=out, resolution=32, allow_random_first_stage="true", batch_size=4)
+    stats = out / "tiny_kl_f4" / "_stats"
+    proc = subprocess.Popen([sys.executable, "-m", "data_prep.encode", *args], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (stats / "part-000000.json").exists():
+            assert proc.poll() is None, "encode exited before the first shard was done"
+            assert time.monotonic() < deadline, "no shard finished within 300 s"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the job and its DataLoader worker, as a node failure would
+        proc.wait(timeout=30)
+    done_at_kill = sorted(p.name for p in stats.glob("part-*.json"))
+    assert 1 <= len(done_at_kill) < 10, f"kill was not mid-run: {done_at_kill}"
+    assert not (out / "tiny_kl_f4" / "manifest.json").exists()
+
+    p = run_encode(args)
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert report["already_done"] == len(done_at_kill) and report["encoded_shards"] == 10 - len(done_at_kill)
+    keys = [s["key"] for s in read_all_shards(out / "tiny_kl_f4")]
+    assert sorted(keys) == [f"{i:09d}" for i in range(80)]  # every sample exactly once
+    assert read_manifest(str(out / "tiny_kl_f4"))["num_samples"] == 80
+    assert not [n for n in os.listdir(out / "tiny_kl_f4") if ".tmp-" in n]  # the killed run's temporaries are gone
+
+
+def _jpeg(size, colour=(200, 30, 30)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, colour).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def test_bad_inputs_skipped_counted_reported(tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_synthetic(str(inp), num_samples=16, resolution=32, shard_size=8)  # 000000.tar, 000001.tar
+    good = _jpeg((48, 40))
+    with wds.TarWriter(str(inp / "000002.tar")) as w:
+        for i in range(3):
+            w.write({"__key__": f"mixed{i}", "jpg": good, "txt": f"good {i}"})
+        w.write({"__key__": "badjpeg", "jpg": good[: len(good) // 2], "txt": "cut"})
+        w.write({"__key__": "nocaption", "jpg": good})
+        w.write({"__key__": "toosmall", "jpg": _jpeg((20, 20)), "txt": "small"})
+    # 000001.tar cut in half: a download that died
+    data = (inp / "000001.tar").read_bytes()
+    (inp / "000001.tar").write_bytes(data[: len(data) // 2])
+    salvage = []
+    try:
+        for r in iter_shard(list_input_shards(str(inp / "000001.tar"))[0], 32):
+            salvage.append(r.key)
+    except InputShardError:
+        pass
+    assert 0 < len(salvage) < 8
+
+    p = run_encode(encode_args(input=inp, output=out, resolution=32, allow_random_first_stage="true"), check=False)
+    assert p.returncode == 1, p.stdout + p.stderr  # something failed: the run says so
+    report = json.loads(p.stdout.strip().splitlines()[-1])
+    assert list(report["input_errors"]) == ["1"] and "000001.tar" in report["input_errors"]["1"]
+    m = read_manifest(str(out / "tiny_kl_f4"))
+    assert m["skipped"] == {"decode_error": 1, "no_caption": 1, "too_small": 1}
+    assert len(m["input_errors"]) == 1 and "truncated" in m["input_errors"][0]
+    keys = sorted(s["key"] for s in read_all_shards(out / "tiny_kl_f4"))
+    want = sorted([f"{i:09d}" for i in range(8)] + salvage + ["mixed0", "mixed1", "mixed2"])
+    assert keys == want and m["num_samples"] == len(want)  # nothing else lost
+    part = json.loads((out / "tiny_kl_f4" / "_stats" / "part-000002.json").read_text())
+    assert any(e.startswith("badjpeg: decode_error") for e in part["skip_examples"])
+
+
+def test_unreadable_input_shard_fails_and_is_retried(tmp_path):
+    inp, out = tmp_path / "in", tmp_path / "out"
+    write_synthetic(str(inp), num_samples=16, resolution=32, shard_size=8)
+    pattern = f"{inp}/{{000000..000002}}.tar"  # 000002.tar does not exist (yet)
+
+    def enc():
+        return run_encode_inproc(encode_cfg(encode_args(input=pattern, output=out, resolution=32,
+                                                        allow_random_first_stage="true")))
+
+    r = enc()
+    assert not r.ok and list(r.failed) == [2] and sorted(r.done) == [0, 1] and r.manifest is None
+    assert not (out / "tiny_kl_f4" / "shard-000002.tar").exists()
+    write_synthetic(str(tmp_path / "more"), num_samples=24, resolution=32, shard_size=8)
+    os.replace(tmp_path / "more" / "000002.tar", inp / "000002.tar")
+    r2 = enc()
+    assert r2.ok and r2.done == [2] and r2.manifest and read_manifest(r2.manifest)["num_samples"] == 24
