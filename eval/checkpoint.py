@@ -76,6 +76,7 @@ def load_sampling_model(
     first_stage_checkpoint: str | None = None,
     scale_factor: float | None = None,
     device: torch.device | str = "cpu",
+    allow_random_first_stage: bool = False,
 ) -> SamplingModel:
     """Build UNet + text encoder + tokenizer + first stage from an export (run dir, checkpoints dir or step dir)."""
     from ldm_train.data.tokenizer import load_tokenizer
@@ -91,10 +92,11 @@ def load_sampling_model(
     fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
     if first_stage_checkpoint:
         fs_cfg.checkpoint = first_stage_checkpoint
-    if not fs_cfg.checkpoint:
+    if not fs_cfg.checkpoint and not allow_random_first_stage:
         raise ValueError(f"the checkpoint config at {exp['step_dir']} names no first_stage.checkpoint: pass "
-                         "first_stage_checkpoint=PATH (the autoencoder the latents were encoded with)")
-    if not Path(fs_cfg.checkpoint).is_file() and "://" not in fs_cfg.checkpoint:
+                         "first_stage_checkpoint=PATH (the autoencoder the latents were encoded with), or "
+                         "allow_random_first_stage=true for a plumbing run")
+    if fs_cfg.checkpoint and not Path(fs_cfg.checkpoint).is_file() and "://" not in fs_cfg.checkpoint:
         raise FileNotFoundError(f"first stage checkpoint {fs_cfg.checkpoint} (from the checkpoint config or "
                                 "first_stage_checkpoint=) does not exist: pass first_stage_checkpoint=PATH")
 
@@ -102,7 +104,16 @@ def load_sampling_model(
     unet.load_state_dict(exp["unet"], strict=True)
     text = BERTEmbedder(te_cfg)
     text.load_state_dict(exp["text_encoder"], strict=True)
-    first_stage = load_first_stage(fs_cfg, map_location=device)
+    if fs_cfg.checkpoint:
+        first_stage = load_first_stage(fs_cfg, map_location=device)
+    else:
+        from ldm_train.models.autoencoder import build_first_stage
+
+        print("[eval] WARNING: no first_stage.checkpoint, decoding with a RANDOM first stage (seed 0, "
+              "allow_random_first_stage=true): images and metrics are plumbing only", flush=True)
+        with torch.random.fork_rng(devices=[]):  # a fixed init without touching the caller's RNG
+            torch.manual_seed(0)
+            first_stage = build_first_stage(fs_cfg).to(device).eval().requires_grad_(False)
     tokenizer = load_tokenizer(str(exp["tokenizer_dir"]), te_cfg.max_seq_len)
 
     d = OmegaConf.select(cfg, "train.diffusion", default=None) or {}
@@ -125,5 +136,5 @@ def load_sampling_model(
         resolution=unet_cfg.image_size * f,
         config=cfg,
         weights_file=weights,
-        first_stage_file=str(fs_cfg.checkpoint),
+        first_stage_file=str(fs_cfg.checkpoint or "random-init"),
     )

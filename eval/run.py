@@ -83,7 +83,8 @@ def sample_stage(cfg: DictConfig, prompts: list[str], output_dir: str, device: t
     from eval.checkpoint import load_sampling_model
 
     model = load_sampling_model(cfg.checkpoint, use_ema=cfg.use_ema, first_stage_checkpoint=cfg.first_stage_checkpoint,
-                                scale_factor=cfg.scale_factor, device=device)
+                                scale_factor=cfg.scale_factor, device=device,
+                                allow_random_first_stage=bool(cfg.allow_random_first_stage))
     rank, world = get_rank(), get_world_size()
     if rank == 0:
         os.makedirs(output_dir, exist_ok=True)
@@ -92,7 +93,8 @@ def sample_stage(cfg: DictConfig, prompts: list[str], output_dir: str, device: t
                 f.write(json.dumps({"index": i, "prompt": prompts[i % len(prompts)]}) + "\n")
         os.replace(os.path.join(output_dir, "prompts.jsonl.tmp"), os.path.join(output_dir, "prompts.jsonl"))
     barrier()
-    out: dict[str, Any] = {"scale_factor": model.scale_factor, "resolution": model.resolution, "per_scale": {}}
+    out: dict[str, Any] = {"scale_factor": model.scale_factor, "resolution": model.resolution,
+                           "first_stage": model.first_stage_file, "per_scale": {}}
     for scale in guidance_scales(cfg.guidance_scale):
         settings = SamplerSettings(cfg.sampler, int(cfg.steps), float(cfg.eta), scale, int(cfg.seed), int(cfg.batch_size))
         folder = scale_dir(os.path.join(output_dir, "samples"), scale)
@@ -195,8 +197,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     if cfg.stage not in STAGES:
         raise ValueError(f"stage={cfg.stage!r}: use one of {STAGES}")
     fid_cfg = to_dataclass(cfg.metrics, FidelityConfig)
-    if cfg.stage in ("all", "metrics"):
-        check_weights(fid_cfg)  # before any sampling
+    # Checked in EVERY stage, stage=sample included (slurm/eval.sh samples in a first step): a missing file
+    # must stop the job before hours of sampling. Sampling without metrics: metrics.fid/isc/prc=false.
+    if fid_cfg.fid or fid_cfg.isc or fid_cfg.prc:
+        check_weights(fid_cfg)
         if (fid_cfg.fid or fid_cfg.prc) and not cfg.reference.path:
             raise ValueError("metrics.fid / metrics.prc need reference.path=IMAGE_FOLDER_OR_SHARDS "
                              "(or metrics.fid=false metrics.prc=false)")
