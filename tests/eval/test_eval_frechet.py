@@ -54,3 +54,22 @@ def test_save_load_roundtrip(tmp_path) -> None:
     assert torch.equal(t.sum_outer, s.sum_outer)
     # a rank-deficient covariance: sqrt of ~1e-13 eigenvalues leaves ~1e-7, far below any real FID
     assert fid_from_stats(s, t) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_all_reduce_across_two_ranks_equals_one_pass(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    worker = Path(__file__).with_name("dist_stats_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29733",
+                    str(worker), str(tmp_path / "s.npz")], check=True, timeout=180, env=env)
+    got = FeatureStats.load(str(tmp_path / "s.npz"))
+    x = np.random.default_rng(0).normal(size=(101, 5))
+    assert got.count == 101
+    mu, cov = got.mean_cov()
+    np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(cov, np.cov(x, rowvar=False), rtol=1e-10)
