@@ -246,3 +246,22 @@ class CheapFID:
     def compute(self) -> tuple[str, float]:
         self.stats.all_reduce()
         return cheap_fid_label(self.stats.count), fid_from_stats(self.stats, self.reference)
+
+
+def reference_stats_cached(cache_dir: str, key: str, extractor: nn.Module, batches_uint8) -> FeatureStats:
+    """Reference statistics from ``<cache_dir>/<key>-<extractor name>.npz``, computed from ``batches_uint8``
+    (an iterable of uint8 [B, 3, H, W]; called only on a cache miss) and saved there otherwise.
+
+    Put the reference's name, image count and resolution in ``key``; the extractor's name is appended here,
+    so statistics of different extractors never mix. Rank 0 should fill the cache before others read it.
+    """
+    path = os.path.join(cache_dir, f"{key}-{getattr(extractor, 'name', type(extractor).__name__)}.npz")
+    if os.path.isfile(path):
+        return FeatureStats.load(path)
+    stats = None
+    for batch in batches_uint8:
+        stats = accumulate_stats(extractor, batch, stats)
+    if stats is None:
+        raise ValueError(f"no reference images for {key}: the reference set is empty")
+    stats.save(path)
+    return stats
