@@ -96,7 +96,8 @@ def sample_stage(cfg: DictConfig, prompts: list[str], output_dir: str, device: t
     out: dict[str, Any] = {"scale_factor": model.scale_factor, "resolution": model.resolution,
                            "first_stage": model.first_stage_file, "per_scale": {}}
     for scale in guidance_scales(cfg.guidance_scale):
-        settings = SamplerSettings(cfg.sampler, int(cfg.steps), float(cfg.eta), scale, int(cfg.seed), int(cfg.batch_size))
+        settings = SamplerSettings(cfg.sampler, int(cfg.steps), float(cfg.eta), scale, int(cfg.seed),
+                                   int(cfg.batch_size), str(cfg.precision))
         folder = scale_dir(os.path.join(output_dir, "samples"), scale)
         _check_settings(folder, {**asdict(settings), "checkpoint": str(model.weights_file),
                                  "first_stage": model.first_stage_file, "scale_factor": model.scale_factor,
@@ -162,7 +163,7 @@ def metrics_stage(cfg: DictConfig, fid_cfg: FidelityConfig, prompts: list[str], 
         "reference": {"path": cfg.reference.path, "key": ref_key,
                       "count": count_images(reference) if reference else 0, "resolution": resolution},
         "sampler": {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "seed": cfg.seed,
-                    "guidance_scales": scales, "batch_size": cfg.batch_size},
+                    "guidance_scales": scales, "batch_size": cfg.batch_size, "precision": cfg.precision},
         "num_samples": int(cfg.num_samples),
         "prompts": {"source": str(cfg.prompts), "count": len(prompts)},
         "checkpoint": {"path": str(weights), "sha256": sha256_file(weights), "ema": weights.name == EMA_FILE},

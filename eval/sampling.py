@@ -34,6 +34,7 @@ class SamplerSettings:
     guidance_scale: float = 1.0
     seed: int = 0
     batch_size: int = 16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of UNet, text encoder and decoder; CUDA)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -43,8 +44,10 @@ def load_prompts(source: str | Sequence[str], limit: int | None = None) -> list[
         prompts = [str(p) for p in source]
     elif source.endswith(".json"):
         prompts = _coco_captions(source)
-    elif source.endswith(".txt") and not os.path.isdir(source):
-        with open(source, encoding="utf-8") as f:
+    elif source.endswith(".txt"):
+        import fsspec
+
+        with fsspec.open(source, "rt", encoding="utf-8") as f:
             prompts = [line.strip() for line in f if line.strip()]
     else:
         prompts = _shard_captions(source, limit)
@@ -57,7 +60,9 @@ def load_prompts(source: str | Sequence[str], limit: int | None = None) -> list[
 
 
 def _coco_captions(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as f:
+    import fsspec
+
+    with fsspec.open(path, "rt", encoding="utf-8") as f:
         data = json.load(f)
     if "annotations" not in data:
         raise ValueError(f"{path} has no 'annotations': expected MS-COCO captions_*.json "
@@ -124,6 +129,17 @@ def save_png(image: torch.Tensor, path: str) -> None:
 def sample_batch(model: SamplingModel, prompts: list[str], indices: Sequence[int], settings: SamplerSettings,
                  device: torch.device) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] for ``prompts`` with per-sample generators ``seed + index``."""
+    if settings.precision != "fp32":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+        if dtype is None:
+            raise ValueError(f"precision={settings.precision!r}: use fp32, bf16 or fp16")
+        with torch.autocast(device.type, dtype=dtype):
+            return _sample_batch(model, prompts, indices, settings, device).float()
+    return _sample_batch(model, prompts, indices, settings, device)
+
+
+def _sample_batch(model: SamplingModel, prompts: list[str], indices: Sequence[int], settings: SamplerSettings,
+                  device: torch.device) -> torch.Tensor:
     from ldm_train.data.tokenizer import tokenize
 
     tokens = tokenize(model.tokenizer, prompts, model.max_len).to(device)
