@@ -1,6 +1,41 @@
-"""Shared fixtures of the autoencoder tests."""
+"""Fixtures of the autoencoder tests: small synthetic image sets and the composed trainer config."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-CONF_DIR = str(Path(__file__).resolve().parents[2] / "conf")
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+CONF_DIR = str(REPO / "conf")
+
+
+def ae_cfg(run_root: Path, data: dict[str, str], *overrides: str, resolution: int = 16):
+    """conf/train_autoencoder.yaml composed for a small CPU run (no W&B unless asked, LPIPS off)."""
+    from hydra import compose, initialize_config_dir
+
+    from ldm_train.config import register_configs
+
+    register_configs()
+    base = [f"data.input={data['train']}", f"data.heldout={data['heldout']}", f"runs_root={run_root}",
+            "run_name=run", "logger=disabled", f"first_stage.ddconfig.resolution={resolution}",
+            f"data.resolution={resolution}", "first_stage.lossconfig.perceptual_weight=0", "data.num_workers=1",
+            "data.shuffle_buffer=16", "optim.batch_size=4", "optim.base_lr=2.5e-4", "train.log_every=1",
+            "train.image_every=1000", "train.eval_every=1000", "train.eval_images=8", "train.checkpoint_every=1000"]
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        return compose(config_name="train_autoencoder", overrides=base + list(overrides))
+
+
+def stats(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def shapes32(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """The built-in synthetic dataset at 32 px: 96 training images in 4 shards, 16 held-out images."""
+    from data_prep.synthetic import write_synthetic
+
+    root = tmp_path_factory.mktemp("shapes32")
+    write_synthetic(str(root / "train"), 96, resolution=32, shard_size=24, seed=0)
+    write_synthetic(str(root / "heldout"), 16, resolution=32, shard_size=16, seed=1)
+    return {"train": str(root / "train"), "heldout": str(root / "heldout")}
