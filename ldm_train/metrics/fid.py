@@ -165,7 +165,8 @@ class RandomInitFeatures(nn.Module):
         x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False,
                           antialias=True)
         feats = self.body(x).mean(dim=(2, 3))
-        return feats, self.head(feats)
+        # x10: random logits are otherwise so flat that every image gets the same class distribution (IS = 1)
+        return feats, 10.0 * self.head(feats)
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
