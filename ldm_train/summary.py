@@ -89,7 +89,8 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     with torch.device("meta"):
         unet = UNetModel(unet_cfg)
         text = BERTEmbedder(text_cfg) if with_text else None
-        x = torch.empty(1, unet_cfg.in_channels, side, side)
+        z_channels = unet_cfg.in_channels - unet_cfg.concat_channels
+        x = torch.empty(1, z_channels, side, side)
         t = torch.zeros(1, dtype=torch.long)
         ids = torch.zeros(1, text_cfg.max_seq_len, dtype=torch.long)
         kwargs: dict[str, torch.Tensor] = {}
@@ -117,7 +118,7 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     out: dict[str, Any] = {
         "first_stage": fs_cfg.name,
         "resolution": resolution,
-        "latent_shape": [unet_cfg.in_channels, side, side],
+        "latent_shape": [z_channels, side, side],
         "unet_params": _count(unet),
         "text_encoder_params": text_params,
         "text_encoder_unused_params": unused,  # to_logits: kept for checkpoint parity, never trained

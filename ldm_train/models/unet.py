@@ -3,8 +3,8 @@
 Parameter names equal the released checkpoints: ``"model.diffusion_model." + key`` for every key of
 ``UNetModel.state_dict()``. Conditioning: cross-attention over a context (text), a class-label embedding
 added to the timestep embedding (``num_classes``), and extra input channels concatenated to z
-(``concat_channels``; the first conv then takes ``in_channels + concat_channels``, as a CompVis config whose
-``in_channels`` already counts them).
+(``concat_channels``). As in CompVis configs, ``in_channels`` counts every input channel of the first conv:
+z has ``in_channels - concat_channels`` channels.
 """
 from __future__ import annotations
 
@@ -117,6 +117,11 @@ class UNetModel(nn.Module):
         super().__init__()
         if cfg.num_head_channels == -1 and cfg.num_heads <= 0:
             raise ValueError("unet: set num_heads > 0 or num_head_channels > 0")
+        if not 0 <= cfg.concat_channels < cfg.in_channels:
+            raise ValueError(
+                f"unet.in_channels={cfg.in_channels} must count the latent channels plus "
+                f"concat_channels={cfg.concat_channels} (e.g. in_channels=${{first_stage.embed_dim}} + concat)"
+            )
         self.cfg = cfg
         mc = cfg.model_channels
         time_dim = mc * 4
@@ -140,7 +145,7 @@ class UNetModel(nn.Module):
             return ResBlock(ch_in, time_dim, cfg.dropout, ch_out, cfg.use_checkpoint)
 
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels + cfg.concat_channels, mc, 3, padding=1))]
+            [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
         )
         skip_chans, ch, ds = [mc], mc, 1
         for level, mult in enumerate(cfg.channel_mult):

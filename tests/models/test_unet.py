@@ -29,7 +29,7 @@ def test_1p45b_parameter_count_on_meta() -> None:
 
 def _inputs(cfg: UNetConfig, batch: int = 2) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen)
+    x = torch.randn(batch, cfg.in_channels - cfg.concat_channels, cfg.image_size, cfg.image_size, generator=gen)
     t = torch.tensor([3, 700])[:batch]
     ctx = torch.randn(batch, 7, cfg.context_dim or 1, generator=gen)
     return x, t, ctx
@@ -49,7 +49,8 @@ def test_cross_attention_uses_the_context(small_unet_cfg: UNetConfig, randomize)
 
 
 def test_class_and_concat_conditioning(small_unet_cfg: UNetConfig, randomize) -> None:
-    cfg = dataclasses.replace(small_unet_cfg, context_dim=None, num_classes=10, concat_channels=3, num_heads=2)
+    cfg = dataclasses.replace(small_unet_cfg, context_dim=None, num_classes=10, concat_channels=3, num_heads=2,
+                              in_channels=4 + 3)  # CompVis convention: in_channels counts the concat channels
     unet = randomize(UNetModel(cfg)).eval()
     assert unet.input_blocks[0][0].weight.shape[1] == 4 + 3
     assert "input_blocks.1.1.qkv.weight" in unet.state_dict()  # no context: CompVis AttentionBlock
@@ -62,6 +63,8 @@ def test_class_and_concat_conditioning(small_unet_cfg: UNetConfig, randomize) ->
     assert not torch.allclose(out, unet(x, t, y=y, concat=concat * 2), atol=1e-4)
     with pytest.raises(ValueError, match="concat"):
         unet(x, t, y=y)
+    with pytest.raises(ValueError, match="in_channels"):
+        UNetModel(dataclasses.replace(cfg, in_channels=3))
 
 
 def test_checkpointing_gives_the_same_gradients(small_unet_cfg: UNetConfig, randomize) -> None:
