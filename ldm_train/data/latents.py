@@ -30,7 +30,6 @@ copy in the checkpoint is enough.
 """
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -38,13 +37,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from ldm_train.data.manifest import check_manifest, read_manifest, shard_list
+from ldm_train.data.shard_reader import NpyDecoder, iter_samples, open_shard
 
 LATENT_EXT = "latent.npy"
 
@@ -78,13 +76,7 @@ def sample_latents(
     return (mean + std * noise) * scale_factor
 
 
-def _open(url: str):
-    try:  # data prep's opener knows the project's s3 settings; plain fsspec otherwise
-        from ldm_train.data.fsspec_io import open_url
-
-        return open_url(url, "rb")
-    except ImportError:
-        return fsspec.open(url, "rb").open()
+_open = open_shard  # the name the trainer imported first; open_shard is the public one
 
 
 def _rng(seed: int, *stream: int) -> np.random.Generator:
@@ -156,17 +148,13 @@ class LatentShardDataset(IterableDataset):
         self.tokenize_fn = tokenize_fn
         self.base_block = base_block
         self.start_batches = start_batches
+        self._decode = NpyDecoder()
 
     # ---- one block: interleave its shards, shuffle, drop captions --------------------------------------
-    def _read_shard(self, url: str) -> Iterator[dict[str, Any]]:
-        with _open(url) as stream:
-            files = ({**f, "__url__": url} for f in tar_file_iterator(stream))
-            yield from group_by_keys(files)
-
     def _block_samples(self, g: int, skip: int) -> Iterator[dict[str, Any]]:
         shard_ids = self.plan.block_shards(g)
         sizes = [self.plan.shards[j][1] for j in shard_ids]
-        readers = [self._read_shard(self.plan.shards[j][0]) for j in shard_ids]
+        readers = [iter_samples(self.plan.shards[j][0]) for j in shard_ids]
         order_rng = _rng(self.seed, BlockPlan.TAG_ORDER, g)
         # a uniformly random interleaving of the shards (which shard the next sample comes from)
         interleave = order_rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
@@ -202,7 +190,7 @@ class LatentShardDataset(IterableDataset):
 
     # ---- decode + collate ------------------------------------------------------------------------------
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        arrays = [np.load(io.BytesIO(s[LATENT_EXT])) for s in samples]
+        arrays = [self._decode(s[LATENT_EXT]) for s in samples]
         captions = [
             "" if s["__dropped__"] else (s["txt"].decode("utf-8") if "txt" in s else "") for s in samples
         ]

@@ -154,8 +154,10 @@ def test_hydra_preset_follows_first_stage(latent_shards: Path) -> None:
     from hydra import compose, initialize_config_dir
 
     from ldm_train.config import register_configs, to_dataclass
+    from ldm_train.trainer.config import register_trainer_configs
 
     register_configs()
+    register_trainer_configs()
     conf_dir = str(Path(__file__).resolve().parents[2] / "conf")
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         cfg = compose("train", overrides=[f"data.latents_root={latent_shards.parent}", "data.num_workers=0"])
