@@ -29,6 +29,7 @@ def compvis_original_config(cfg: UNetConfig) -> dict:
                         "num_heads": cfg.num_heads, "use_spatial_transformer": True,
                         "transformer_depth": cfg.transformer_depth, "context_dim": cfg.context_dim,
                         "use_checkpoint": False, "legacy": False,
+                        "use_linear_in_transformer": cfg.use_linear_in_transformer,
                     },
                 },
                 "first_stage_config": {"params": {"ddconfig": {"ch_mult": [1, 2, 4, 4]}}},
@@ -37,12 +38,15 @@ def compvis_original_config(cfg: UNetConfig) -> dict:
     }
 
 
-@pytest.fixture
-def parity_cfg() -> UNetConfig:
-    # the 1.45B layout in miniature: attention on all but the deepest level, 2 res blocks, 3 levels
+@pytest.fixture(params=[(False, 1), (True, 2)], ids=["conv-proj-depth1", "linear-proj-depth2"])
+def parity_cfg(request: pytest.FixtureRequest) -> UNetConfig:
+    # the 1.45B layout in miniature (attention on all but the deepest level, 2 res blocks, 3 levels); the
+    # second case covers the linear proj_in/proj_out variant and stacked transformer blocks
+    use_linear, depth = request.param
     return UNetConfig(
         image_size=16, in_channels=4, out_channels=4, model_channels=32, attention_resolutions=[1, 2],
-        num_res_blocks=2, channel_mult=[1, 2, 2], num_heads=4, context_dim=40, transformer_depth=1,
+        num_res_blocks=2, channel_mult=[1, 2, 2], num_heads=4, context_dim=40, transformer_depth=depth,
+        use_linear_in_transformer=use_linear,
     )
 
 
