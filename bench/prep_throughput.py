@@ -1,0 +1,87 @@
+"""Throughput of the encode job (data_prep.encode) end to end; prints one JSON object.
+
+    python bench/prep_throughput.py [num_samples=512 resolution=64 batch_size=32 num_workers=2 first_stage=tiny_kl_f4
+                                     device=auto shard_size=64 workdir=/tmp/prep_bench]
+
+Writes the synthetic dataset, encodes it with a randomly initialised first stage (throughput does not depend
+on the weights) and reports images/s end to end (process start of the job to the last shard, manifest
+included), the share of the loop the encoder spent waiting for decoded batches (goal < 10% once the encoder is
+the slower part), and the two halves alone: decode+resize images/s of the input pipeline in one process, and
+first-stage images/s on random input.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _cfg(overrides: list[str]):
+    from hydra import compose, initialize_config_dir
+
+    from ldm_train.config import register_configs
+
+    register_configs()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        return compose("encode", overrides=overrides)
+
+
+def main() -> None:
+    args = {"num_samples": 512, "resolution": 64, "batch_size": 32, "num_workers": 2, "first_stage": "tiny_kl_f4",
+            "device": "auto", "shard_size": 64, "workdir": "/tmp/prep_bench"}
+    args.update(OmegaConf.to_container(OmegaConf.from_cli(sys.argv[1:])))
+    from data_prep.encode import ShardBatches, _device_and_autocast, encode_batch, load_encoder, run_encode
+    from data_prep.readers import Filters, list_input_shards
+    from data_prep.synthetic import write_synthetic
+    from ldm_train.config import FirstStageConfig, to_dataclass
+
+    work = Path(args["workdir"])
+    shutil.rmtree(work, ignore_errors=True)
+    write_synthetic(str(work / "raw"), int(args["num_samples"]), int(args["resolution"]), int(args["shard_size"]))
+    cfg = _cfg([f"input={work / 'raw'}", f"output={work / 'latents'}", f"resolution={args['resolution']}",
+                f"batch_size={args['batch_size']}", f"num_workers={args['num_workers']}",
+                f"first_stage={args['first_stage']}", f"device={args['device']}", "allow_random_first_stage=true",
+                "progress=false"])
+
+    res = run_encode(cfg)
+
+    # the halves alone: input pipeline (decode + resize + batch) in this process, then the first stage
+    shards = list_input_shards(str(work / "raw"))
+    t = time.perf_counter()
+    n = sum(len(b["keys"]) for b in ShardBatches(shards, int(args["resolution"]), Filters(), "", int(args["batch_size"]))
+            if b["kind"] == "batch")
+    decode_ips = n / (time.perf_counter() - t)
+    fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
+    device, autocast = _device_and_autocast(str(cfg.device), str(cfg.precision))
+    model = load_encoder(fs_cfg, True).to(device)
+    x = torch.randn(int(args["batch_size"]), 3, int(args["resolution"]), int(args["resolution"]), device=device)
+    g = torch.Generator().manual_seed(0)
+    encode_batch(model, x, fs_cfg.kind, autocast, g)  # warm-up
+    reps = max(1, 128 // int(args["batch_size"]))
+    t = time.perf_counter()
+    for _ in range(reps):
+        encode_batch(model, x, fs_cfg.kind, autocast, g)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    encoder_ips = reps * x.shape[0] / (time.perf_counter() - t)
+
+    print(json.dumps({
+        "device": str(device), "torch_threads": torch.get_num_threads(), **{k: args[k] for k in
+        ("num_samples", "resolution", "batch_size", "num_workers", "first_stage")},
+        "images_per_s_end_to_end": round(res.num_samples / res.wall_s, 2),
+        "encoder_wait_share": round(res.wait_s / max(res.wait_s + res.encode_s, 1e-9), 4),
+        "decode_images_per_s_one_process": round(decode_ips, 1),
+        "encoder_images_per_s": round(encoder_ips, 1),
+        "wall_s": round(res.wall_s, 2), "samples": res.num_samples, "skipped": res.skipped,
+    }))
+
+
+if __name__ == "__main__":
+    main()
