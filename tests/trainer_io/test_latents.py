@@ -67,6 +67,7 @@ def test_ranks_read_disjoint_samples(latent_shards: Path) -> None:
     assert not set(r0) & set(r1)
 
 
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 3 worker processes")
 @pytest.mark.parametrize(("num_workers", "head_batches"), [(0, 6), (2, 6), (2, 5), (3, 7)])
 def test_resume_continues_the_uninterrupted_stream(latent_shards: Path, num_workers: int, head_batches: int) -> None:
     kw = dict(num_workers=num_workers, caption_dropout=0.3, seed=7)
@@ -165,3 +166,16 @@ def test_hydra_preset_follows_first_stage(latent_shards: Path) -> None:
     fs = to_dataclass(cfg.first_stage, FirstStageConfig)
     loader = build_latent_loader(cfg.data, fs, rank=0, world_size=1)
     assert len(take(loader, 1)[0]["key"]) == cfg.data.batch_size
+
+
+def test_reads_shards_from_s3(latent_shards: Path, s3_server: str) -> None:
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    fs.mkdir("latents-bucket")
+    fs.put(str(latent_shards), "latents-bucket/latents/tiny_kl_f4", recursive=True)
+    url = "s3://latents-bucket/latents/tiny_kl_f4"
+    local = keys(take(make_loader(latent_shards, num_workers=2, caption_dropout=0.2), 8))
+    remote_loader = make_loader(url, num_workers=2, caption_dropout=0.2)
+    assert remote_loader.shards[0][0].startswith(url + "/shard-")
+    assert keys(take(remote_loader, 8)) == local  # same stream from S3 as from disk
