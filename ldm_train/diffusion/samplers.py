@@ -176,7 +176,7 @@ def ddpm_sample(
 ) -> torch.Tensor:
     """Ancestral sampling from the DDPM posterior q(x_prev | x_t, x0_hat) with variance beta-tilde.
 
-    ``num_steps=None`` runs all T steps (t = T-1 .. 0), exactly CompVis ``p_sample_loop`` without
+    ``num_steps=None`` (or T) runs all T steps (t = T-1 .. 0), exactly CompVis ``p_sample_loop`` without
     clipping. With fewer steps the chain is respaced (Nichol & Dhariwal): beta_t = 1 - a_t / a_prev
     between consecutive sampled timesteps. The last step returns the posterior mean at a = 1 (no noise).
     """
@@ -188,7 +188,8 @@ def ddpm_sample(
         for n in ("posterior_mean_coef1", "posterior_mean_coef2", "posterior_variance")
     ]
     T = len(a)
-    ts = list(range(T - 1, -1, -1)) if num_steps is None else make_timesteps(T, num_steps, spacing, steps_offset)
+    full = num_steps is None or num_steps == T  # T steps can only mean every timestep
+    ts = list(range(T - 1, -1, -1)) if full else make_timesteps(T, num_steps, spacing, steps_offset)
     x = _start(shape, x_T, generator, device, dtype)
     for i, t in enumerate(tqdm(ts, disable=not progress, desc="DDPM")):
         t_prev = ts[i + 1] if i + 1 < len(ts) else -1  # -1: clean data, a = 1

@@ -108,6 +108,20 @@ def test_ddpm_all_steps_is_the_compvis_chain(schedule: DiffusionSchedule, gaussi
     out = ddpm_sample(data.eps, schedule, x_T=x_T, noise=noise, callback=lambda i, t, x, x0: seen.append(t))
     assert seen == list(range(999, -1, -1))
     assert out.abs().max() < 10
+    again = ddpm_sample(data.eps, schedule, x_T=x_T, noise=noise, num_steps=1000)  # T steps == the full chain
+    assert torch.equal(again, out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_generators_give_the_same_samples_on_cuda(schedule: DiffusionSchedule, gaussian_data) -> None:
+    data = gaussian_data(MU, SIGMA)
+    eps = lambda x, t: data.eps(x.cpu(), t.cpu()).to(x.device)  # noqa: E731
+
+    def run(device: str) -> torch.Tensor:
+        gens = [torch.Generator().manual_seed(s) for s in range(8)]
+        return ddim_sample(eps, schedule.to(device), (8, 4), num_steps=20, eta=1.0, generator=gens, device=device)
+
+    torch.testing.assert_close(run("cuda").cpu(), run("cpu"), rtol=1e-5, atol=1e-5)
 
 
 def test_randn_and_bad_arguments() -> None:
