@@ -269,13 +269,23 @@ class Tracker:
             self.run.log({name: media}, step=int(step))
         return path
 
-    def progress(self, step: int, samples_seen: int, total_samples: int, scalars: dict[str, Any]) -> str:
-        """Print (rank 0) and return one console line: progress, samples/s since the last line, ETA, scalars."""
+    def progress(
+        self,
+        step: int,
+        samples_seen: int,
+        total_samples: int,
+        scalars: dict[str, Any],
+        samples_per_s: float | None = None,
+    ) -> str:
+        """Print (rank 0) and return one console line: progress, samples/s, ETA, scalars.
+
+        ``samples_per_s`` defaults to the rate since the previous line (unknown on the first one).
+        """
         if not self.enabled:
             return ""
         now = time.perf_counter()
-        rate = float("nan")
-        if self._last_progress is not None:
+        rate = float("nan") if samples_per_s is None else float(samples_per_s)
+        if samples_per_s is None and self._last_progress is not None:
             t0, s0 = self._last_progress
             rate = (samples_seen - s0) / max(now - t0, 1e-9)
         self._last_progress = (now, samples_seen)

@@ -35,7 +35,7 @@ def test_wandb_offline_run_agrees_with_stats_jsonl(tmp_path: Path, run_config: d
         logged[step] = tracker.log(step, {"loss": torch.tensor(1.0 / step), "lr": 1e-4 * step, "samples": step * 8})
     grid = torch.linspace(-1, 1, 4 * 3 * 8 * 8).reshape(4, 3, 8, 8)
     png = tracker.log_images(30, "samples/grid", grid, ["a red circle", "a blue square", "", "x"])
-    line = tracker.progress(30, 240, 1000, {"loss": 0.0333})
+    line = tracker.progress(30, 240, 1000, {"loss": 0.0333}, samples_per_s=8.0)
     tracker.close()
 
     lines = stats(run_dir)
@@ -54,6 +54,7 @@ def test_wandb_offline_run_agrees_with_stats_jsonl(tmp_path: Path, run_config: d
         assert (wandb_file(run_dir, tracker.run_id).parent / "files" / name).is_file()
     assert png is not None and png.name == "samples_grid-000000030.png" and png.stat().st_size > 0
     assert "step 30" in line and "240/1,000 samples (24.0%)" in line and "loss 0.0333" in line
+    assert "8.0 samples/s" in line and "ETA 0:01:35" in line  # 760 samples left at 8/s
 
     config = wandb_reader.config(wandb_file(run_dir, tracker.run_id))
     assert config["optim"] == {"lr": 1e-4, "aws_secret_access_key": "***"}
