@@ -16,7 +16,6 @@
 #SBATCH --job-name=ldm-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
-#SBATCH --cpus-per-task=8
 #SBATCH --time=04:00:00
 #SBATCH --requeue
 #SBATCH --open-mode=append
