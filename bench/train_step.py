@@ -1,0 +1,189 @@
+"""Benchmark: one UNet training step (forward + backward), ours vs diffusers' UNet2DConditionModel.
+
+Both models have the identical architecture and the SAME weights (ours is exported in the CompVis layout
+and converted with diffusers' own ``convert_ldm_unet_checkpoint``), and the outputs are checked to agree
+before timing. Prints one JSON object.
+
+- time: median (and min / max) seconds of ``loss = mse(model(x, t, ctx)); loss.backward()`` over --iters
+  steps after --warmup, ours and theirs interleaved step by step so machine load hits both alike.
+- memory: peak bytes allocated during one step beyond what existed before it (activations, gradients,
+  temporaries; the parameters excluded). On CPU from ``torch.profiler`` memory events (profile_memory=True:
+  every c10 CPU-allocator alloc/free, summed in time order); on CUDA ``torch.cuda.max_memory_allocated``.
+
+Usage: ``python bench/train_step.py [--batch 2] [--size 16] [--model-channels 64] [--iters 10]``
+       ``[--device cpu|cuda] [--bf16] [--channels-last] [--checkpointing]``
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ldm_train.config import UNetConfig
+from ldm_train.models.unet import UNetModel
+
+
+def build_pair(cfg: UNetConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    torch.manual_seed(0)
+    ours = UNetModel(cfg)
+    with torch.no_grad():  # non-zero everywhere (fresh UNets have zero output convs)
+        for p in ours.parameters():
+            p.normal_(0, 0.05)
+    levels = len(cfg.channel_mult)
+    attn = [2**i in cfg.attention_resolutions for i in range(levels)]
+    config = {
+        "sample_size": cfg.image_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+        "down_block_types": ["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn],
+        "up_block_types": ["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
+        "block_out_channels": [cfg.model_channels * m for m in cfg.channel_mult],
+        "layers_per_block": cfg.num_res_blocks, "cross_attention_dim": cfg.context_dim,
+        "attention_head_dim": cfg.num_heads,  # diffusers' name for the number of heads in LDM/SD 1.x configs
+        "transformer_layers_per_block": cfg.transformer_depth,
+    }
+    ckpt = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    theirs = UNet2DConditionModel(**config)
+    theirs.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True)
+    if cfg.use_checkpoint:
+        theirs.enable_gradient_checkpointing()
+    return ours, theirs
+
+
+def peak_cpu_bytes(step: Callable[[], None]) -> int:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted(
+        (e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]"
+    )
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--size", type=int, default=16, help="latent side")
+    ap.add_argument("--model-channels", type=int, default=64)
+    ap.add_argument("--channel-mult", type=str, default="1,2,2")
+    ap.add_argument("--attention-resolutions", type=str, default="1,2")
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--context-dim", type=int, default=256)
+    ap.add_argument("--context-len", type=int, default=77)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    cfg = UNetConfig(
+        image_size=args.size, in_channels=4, out_channels=4, model_channels=args.model_channels,
+        channel_mult=[int(c) for c in args.channel_mult.split(",")],
+        attention_resolutions=[int(a) for a in args.attention_resolutions.split(",")],
+        num_res_blocks=2, num_heads=args.heads, context_dim=args.context_dim, use_checkpoint=args.checkpointing,
+    )
+    device = torch.device(args.device)
+    ours, theirs = build_pair(cfg)
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    ours, theirs = (m.to(device, memory_format=fmt).train() for m in (ours, theirs))
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 4, args.size, args.size, generator=gen).to(device, memory_format=fmt)
+    t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
+    ctx = torch.randn(args.batch, args.context_len, args.context_dim, generator=gen).to(device)
+    target = torch.randn(x.shape, generator=gen).to(device)
+
+    with torch.no_grad():
+        diff = (ours(x, t, ctx) - theirs(x, t, encoder_hidden_states=ctx).sample).abs().max().item()
+    if diff > 1e-3:
+        raise SystemExit(f"outputs differ by {diff}: the two models are not the same function")
+
+    amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    runs = {
+        "ours": lambda: ours(x, t, ctx),
+        "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx).sample,
+    }
+    models = {"ours": ours, "diffusers": theirs}
+
+    def step(name: str) -> None:
+        models[name].zero_grad(set_to_none=True)
+        with amp:
+            out = runs[name]()
+        F.mse_loss(out.float(), target).backward()
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    times: dict[str, list[float]] = {n: [] for n in runs}
+    cpu_times: dict[str, list[float]] = {n: [] for n in runs}
+    for i in range(args.warmup + args.iters):
+        for name in runs:  # interleaved
+            sync()
+            t0, c0 = time.perf_counter(), time.process_time()
+            step(name)
+            sync()
+            if i >= args.warmup:
+                times[name].append(time.perf_counter() - t0)
+                cpu_times[name].append(time.process_time() - c0)
+
+    peak: dict[str, int] = {}
+    for name, model in models.items():
+        model.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step(name)
+            sync()
+            peak[name] = torch.cuda.max_memory_allocated() - base
+        else:
+            peak[name] = peak_cpu_bytes(lambda n=name: step(n))
+
+    result = {
+        "bench": "unet_train_step",
+        "device": str(device) if device.type != "cuda" else torch.cuda.get_device_name(),
+        "cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+        "config": {**{k: getattr(cfg, k) for k in ("model_channels", "channel_mult", "attention_resolutions",
+                                                    "num_res_blocks", "num_heads", "context_dim", "use_checkpoint")},
+                   "batch": args.batch, "latent": [4, args.size, args.size], "context_len": args.context_len,
+                   "bf16_autocast": args.bf16, "channels_last": args.channels_last},
+        "params": sum(p.numel() for p in ours.parameters()),
+        "output_max_abs_diff": diff,
+        "memory_method": "torch.cuda.max_memory_allocated" if device.type == "cuda"
+        else "torch.profiler profile_memory: peak of summed CPU allocator events during one step",
+        "iters": args.iters,
+    }
+    for name in runs:
+        result[name] = {
+            "median_s": statistics.median(times[name]), "min_s": min(times[name]), "max_s": max(times[name]),
+            # CPU seconds of this process (all intra-op threads): less sensitive than wall time to other
+            # processes competing for the cores
+            "median_cpu_s": statistics.median(cpu_times[name]),
+            "peak_mem_mib": peak[name] / 2**20,
+        }
+    result["cpu_time_ratio_ours_over_diffusers"] = result["ours"]["median_cpu_s"] / result["diffusers"]["median_cpu_s"]
+    result["time_ratio_ours_over_diffusers"] = result["ours"]["median_s"] / result["diffusers"]["median_s"]
+    result["mem_ratio_ours_over_diffusers"] = peak["ours"] / max(peak["diffusers"], 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
