@@ -42,6 +42,13 @@ TERMINAL_STATES = frozenset({
 FAKE_GPU_FILES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/urandom")
 
 
+# Pending reasons that no amount of waiting clears on this cluster.
+HOPELESS_REASONS = frozenset({
+    "PartitionConfig", "BadConstraints", "PartitionNodeLimit", "PartitionTimeLimit", "DependencyNeverSatisfied",
+    "InvalidAccount", "InvalidQOS",
+})
+
+
 def missing_binaries() -> list[str]:
     """The SLURM/munge executables that are not on PATH (or in /usr/sbin, where Debian puts the daemons)."""
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
@@ -203,10 +210,10 @@ class LocalSlurmCluster:
         res = self.run(["scontrol", "-o", "show", "job", str(job_id)], timeout=30)
         return [parse_scontrol_record(line) for line in res.stdout.splitlines() if line.strip()]
 
-    def job_states(self, job_id: str) -> dict[str, str]:
-        """JobId (array elements as `<array>_<task>`) -> JobState."""
+    def job_states(self, job_id: str, records: list[dict[str, str]] | None = None) -> dict[str, str]:
+        """JobId (array elements as `<array>_<task>`) -> JobState (from `records` if given)."""
         states = {}
-        for rec in self.show_job(job_id):
+        for rec in self.show_job(job_id) if records is None else records:
             key = rec.get("JobId", "?")
             if rec.get("ArrayTaskId"):
                 key = f"{rec.get('ArrayJobId')}_{rec['ArrayTaskId']}"
@@ -215,13 +222,25 @@ class LocalSlurmCluster:
 
     def wait(self, job_id: str, timeout: float = 120.0, poll: float = 0.3) -> str:
         """Block until every element of the job is in a terminal state; return COMPLETED only if all completed,
-        else the first other state seen (e.g. FAILED). Raises TimeoutError with the job record on timeout."""
+        else the first other state seen (e.g. FAILED). Raises TimeoutError with the job record on timeout, and
+        SlurmError at once when the job pends for a reason that cannot clear (it asks for more than a node has)."""
         deadline = time.monotonic() + timeout
+        stuck_since: float | None = None
         while True:
-            states = self.job_states(job_id)
+            records = self.show_job(job_id)
+            states = self.job_states(job_id, records)
             if states and all(s in TERMINAL_STATES for s in states.values()):
                 bad = [s for s in states.values() if s != "COMPLETED"]
                 return bad[0] if bad else "COMPLETED"
+            stuck = [r for r in records if r.get("JobState") == "PENDING" and r.get("Reason") in HOPELESS_REASONS]
+            stuck_since = (stuck_since or time.monotonic()) if stuck else None
+            # a few seconds of grace: slurmctld cancels a job with --kill-on-invalid-dep on its next pass
+            if stuck_since is not None and time.monotonic() - stuck_since > 10:
+                rec = stuck[0]
+                raise SlurmError(
+                    f"job {job_id} can never start here (Reason={rec['Reason']}): it asks for "
+                    f"{rec.get('TRES')} with {rec.get('CPUs/Task')} CPUs/task, nodes have {self.cpus_per_node} "
+                    f"CPUs and {self.gpus_per_node} GPUs: pass smaller sbatch options (e.g. --cpus-per-task=1)")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} not finished after {timeout:.0f}s: {states}\n"
                                    f"{self.show_job(job_id)}")

@@ -73,7 +73,7 @@ def prep_latents(cluster: LocalSlurmCluster, work: Path, raw: Path, root: Path, 
                   [f"input={raw}", f"output={root}", f"first_stage={first_stage}",
                    f"first_stage.checkpoint={checkpoint}", "resolution=64", "finalize=false", "num_workers=0",
                    "batch_size=16", "progress=false"],
-                  work, [f"--array=0-{tasks - 1}", "--job-name=prep"])
+                  work, [f"--array=0-{tasks - 1}", "--job-name=prep", "--cpus-per-task=1", "--time=10"])
     fin = submit(cluster, None, [], work,
                  [f"--dependency=afterok:{prep}", "--kill-on-invalid-dep=yes", "--job-name=finalize",
                   f"--wrap=python -m data_prep.finalize output={root} first_stage={first_stage}"])

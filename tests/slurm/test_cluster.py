@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurmCluster, parse_scontrol_record
+from slurm_cluster import LocalSlurmCluster, SlurmError, parse_scontrol_record
 
 pytestmark = pytest.mark.slurm
 
@@ -129,3 +129,14 @@ def test_requeued_job_runs_again(slurm_cluster: LocalSlurmCluster, tmp_path: Pat
     assert slurm_cluster.wait(job, timeout=60) == "COMPLETED"
     runs = [line for line in out.read_text().splitlines() if line.startswith("run")]
     assert runs == ["run 0", "run 1"]
+
+
+def test_wait_fails_fast_on_a_job_that_cannot_fit(slurm_cluster: LocalSlurmCluster, tmp_path: Path) -> None:
+    # e.g. a stage script's `#SBATCH --cpus-per-task=8` on 2-CPU nodes: an error naming the fix, not a hang.
+    script = _script(tmp_path / "big.sh", "true\n")
+    job = slurm_cluster.sbatch(script, sbatch_args=["--cpus-per-task=8", f"--output={tmp_path}/big.out"])
+    try:
+        with pytest.raises(SlurmError, match="--cpus-per-task=1"):
+            slurm_cluster.wait(job, timeout=60)
+    finally:
+        slurm_cluster.scancel(job)

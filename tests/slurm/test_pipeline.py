@@ -16,6 +16,12 @@ from .helpers import REPO, job_env, job_logs, require
 pytestmark = pytest.mark.slurm
 
 STAGE_SCRIPTS = ("slurm/prep_latents.sh", "slurm/train_txt2img.sh", "slurm/eval.sh")
+# The stage scripts' #SBATCH defaults are sized for GPU nodes; these fit the 2-CPU local nodes.
+ONE_CPU = "--gpus-per-node=1 --cpus-per-task=1 --time=10"
+SMALL_SBATCH = {
+    "FIRST_STAGE_SBATCH_ARGS": ONE_CPU, "PREP_LATENTS_SBATCH_ARGS": "--cpus-per-task=1 --time=10",
+    "TRAIN_SBATCH_ARGS": ONE_CPU, "EVAL_SBATCH_ARGS": f"--nodes=1 --ntasks-per-node=1 {ONE_CPU}",
+}
 
 
 def run_pipeline(cluster: LocalSlurmCluster, work: Path, **settings: str) -> dict[str, str]:
@@ -39,13 +45,12 @@ def test_pipeline_runs_every_stage_after_the_one_it_needs(slurm_cluster: LocalSl
     work = tmp_path / "work"
     jobs = run_pipeline(
         slurm_cluster, work, SYNTH_SAMPLES="32", SYNTH_SHARD_SIZE="16", PREP_TASKS="2",
-        TRAIN_FIRST_STAGE="1", FIRST_STAGE_SBATCH_ARGS="--gpus-per-node=1 --cpus-per-task=1 --time=10",
+        TRAIN_FIRST_STAGE="1", **SMALL_SBATCH,
         AE_ARGS="train.max_steps=2 optim.batch_size=4 data.num_workers=0 loss.lpips_random_backbone=true",
-        PREP_ARGS="num_workers=0 batch_size=16 progress=false",
-        TRAIN_NODES="2", TRAIN_SBATCH_ARGS="--gpus-per-node=1 --cpus-per-task=1 --time=10",
+        PREP_ARGS="num_workers=0 batch_size=16 progress=false", TRAIN_NODES="2",
         TRAIN_ARGS=" ".join([a for a in TINY_TRAIN_ARGS if not a.startswith("experiment=")]
                             + ["train.total_samples=16"]),
-        EVAL_SAMPLES="4", EVAL_SBATCH_ARGS="--nodes=1 --ntasks-per-node=1 --gpus-per-node=1 --time=10",
+        EVAL_SAMPLES="4",
         EVAL_ARGS="steps=2 batch_size=2 guidance_scale=2.0 progress=false reference.num_images=8 "
                   "metrics.extractor=random-init metrics.save_cpu_ram=true")
     order = ["synthetic", "first_stage", "prep_latents", "finalize", "train", "eval"]
@@ -76,7 +81,7 @@ def test_failed_stage_cancels_the_stages_after_it(slurm_cluster: LocalSlurmClust
     require(*STAGE_SCRIPTS)
     work = tmp_path / "work"
     jobs = run_pipeline(slurm_cluster, work, INPUT=str(tmp_path / "no-such-images"),
-                        ALLOW_RANDOM_FIRST_STAGE="1", PREP_ARGS="num_workers=0 progress=false")
+                        ALLOW_RANDOM_FIRST_STAGE="1", PREP_ARGS="num_workers=0 progress=false", **SMALL_SBATCH)
     assert list(jobs) == ["prep_latents", "finalize", "train", "eval"]
     assert slurm_cluster.wait(jobs["prep_latents"], timeout=300) == "FAILED"
     for stage in ("finalize", "train", "eval"):

@@ -41,7 +41,7 @@ def test_usr1_checkpoints_requeues_and_resumes_same_wandb_run(
         slurm_cluster: LocalSlurmCluster, slurm_latents: Latents, tmp_path: Path) -> None:
     require("slurm/train_txt2img.sh", "ldm_train/train.py")
     run_dir = tmp_path / "runs" / "tiny" / "preempt"
-    total = 800  # 100 steps: long enough that the signal lands mid-run
+    total = 160  # 20 steps (~0.8 s each on 2 shared cores): the signal lands mid-run
     args = [*TINY_TRAIN_ARGS, f"data.latents_root={slurm_latents.root}", f"runs_root={tmp_path / 'runs'}",
             "run_name=preempt", f"train.total_samples={total}", "train.checkpoint.every_samples=0",
             f"first_stage.checkpoint={slurm_latents.checkpoint}"]
