@@ -21,16 +21,17 @@ warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is depreca
 
 
 @hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def _main(cfg: DictConfig) -> int:
+def _main(cfg: DictConfig) -> None:
     from ldm_train.trainer.loop import train
 
-    return train(cfg)
+    code = train(cfg)
+    if code:
+        raise SystemExit(code)  # Hydra drops a task's return value; 3 = aborted by the numerical guard
 
 
 def main() -> None:
-    code = _main()
-    # hydra.main returns the task's value only for a single run (None for multirun)
-    sys.exit(code if isinstance(code, int) else 0)
+    _main()
+    sys.exit(0)
 
 
 if __name__ == "__main__":

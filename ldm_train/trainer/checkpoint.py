@@ -84,8 +84,17 @@ def save_checkpoint(
     ``write_exports(tag_dir)`` (collective: may gather ZeRO-3 shards) writes the safetensors, config and
     tokenizer; it runs on every rank, and only rank 0 writes files.
     """
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
+    # declares the checkpoint convertible by ds_to_universal (plain data parallel: no TP/PP layout to describe)
+    client_state = {**client_state,
+                    UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
     torch.save(rank_state, tag_dir / rank_state_name(get_rank()))
     if write_exports is not None:

@@ -85,7 +85,6 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps this session (tests, smoke runs)
     peak_tflops: float = 312.0  # per-device peak for MFU (A100 bf16 dense)
     seed: int = 0
-    compile: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)

@@ -201,10 +201,10 @@ class Trainer:
         applied = self.engine.was_step_applied()
         if applied and self.ema is not None:
             self.ema.update(self.engine.module)
-        self.guard.after_step(applied, fp16=self.tcfg.precision == "fp16")
         self.step += 1
         self.samples_seen += self.d.global_batch
         timer.step(self.d.global_batch)
+        self.guard.after_step(applied, fp16=self.tcfg.precision == "fp16")  # may abort: counters are current
         return loss_sum
 
     # ---- the loop ---------------------------------------------------------------------------------------

@@ -84,6 +84,20 @@ def latents_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def tokenizer_dir(latents_root: Path) -> Path:
+    """One tokenizer for runs that must match each other exactly: WordPiece training orders ties by a
+    per-process hash seed, so two runs that each train their own can get different ids for rare pieces."""
+    from ldm_train.data.manifest import read_manifest, shard_list
+    from ldm_train.data.tokenizer import train_tokenizer
+    from ldm_train.trainer.build import read_captions
+
+    shards = shard_list(read_manifest(str(latents_root / "tiny_kl_f4")))
+    out = latents_root / "tokenizer"
+    train_tokenizer(read_captions(shards), 512, str(out), max_len=32)
+    return out
+
+
 def tiny_overrides(latents: Path, runs: Path, **extra: Any) -> list[str]:
     """A fast tiny run: small batches, frequent logs, checkpoints only when asked."""
     args = {
