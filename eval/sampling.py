@@ -6,6 +6,8 @@ into GLOBAL batches ``[b * B, (b + 1) * B)`` and each rank takes a contiguous ru
 sample is always computed in the same batch whatever the world size (batch composition can change the
 last bits of a float result on some kernels). Files are written as ``<dir>/<i:06d>.png.tmp`` then renamed:
 a killed job never leaves a half-written PNG, and a re-run skips every batch whose files all exist.
+Identity across world sizes also needs the same kernels: the same GPU type, or on CPU the same thread count
+per process (torchrun sets OMP_NUM_THREADS=1; a 2-thread process can round differently from a 1-thread one).
 """
 from __future__ import annotations
 
