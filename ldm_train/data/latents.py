@@ -18,15 +18,18 @@ each), pass a shuffle buffer seeded by (seed, g), and get a caption-dropout mask
 reads blocks base + s, base + s + S, base + s + 2S, ... The DataLoader hands out the workers' batches
 round-robin, so after n batches on a rank worker w has produced exactly ceil((n - w) / num_workers).
 
-``state_dict()`` is {"batches_yielded": n, "samples_yielded": n * batch_size, "base_block", "world_size",
-"num_workers", "batch_size", "seed"}; it is the same on every rank (all ranks step together), so rank 0's
-copy in the checkpoint is enough.
+``state_dict()`` is {"batches_yielded": n, "samples_yielded": n * batch_size (both counted since the stream
+(re)started at "base_block"), "base_block", and the layout: "world_size", "num_workers", "batch_size", "seed",
+"shards_per_block", "shuffle_buffer", "num_shards"}. It is the same on every rank (all ranks step together),
+so rank 0's copy in the checkpoint is enough.
 
-- Same world size, num_workers, batch_size and seed: the batches after ``load_state_dict`` are exactly those
-  an uninterrupted run would have produced next. Each worker jumps to its block with shard sizes from the
-  manifest (no reading) and re-reads at most its current block to refill the shuffle buffer.
-- Anything else changed: the new streams start at the first block no old stream had begun, so no sample
-  of the current pass is repeated; the unread rest of the blocks in flight (at most S blocks) is skipped.
+- Same layout: the batches after ``load_state_dict`` are exactly those an uninterrupted run would have
+  produced next. Each worker jumps to its block with shard sizes from the manifest (no reading) and re-reads
+  at most its current block to refill the shuffle buffer: O(1) in the position.
+- Layout changed, same shards: the new streams start at the first block no old stream had begun, so no
+  sample of the current pass is repeated; the unread rest of the blocks in flight (at most S blocks) is
+  skipped.
+- Other shards (a re-encoded data set): the stream starts afresh, and says so.
 """
 from __future__ import annotations
 
@@ -313,6 +316,7 @@ class LatentLoader:
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
+        """The stream position (identical on every rank; see the module docstring)."""
         return {
             "batches_yielded": self.batches_yielded,
             "samples_yielded": self.batches_yielded * self.cfg.batch_size,
@@ -321,26 +325,29 @@ class LatentLoader:
             "num_workers": self.cfg.num_workers,
             "batch_size": self.cfg.batch_size,
             "seed": self.cfg.seed,
+            "shards_per_block": self.cfg.shards_per_block,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
+            "num_shards": len(self.shards),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        same = all(
-            int(state[k]) == v
-            for k, v in (
-                ("world_size", self.world_size),
-                ("num_workers", self.cfg.num_workers),
-                ("batch_size", self.cfg.batch_size),
-                ("seed", self.cfg.seed),
-            )
-        )
-        if same:
+        """Continue where ``state`` left off: exactly, or past every block begun (see the module docstring)."""
+        mine = self.state_dict()
+        layout = ("world_size", "num_workers", "batch_size", "seed", "shards_per_block", "shuffle_buffer")
+        if all(int(state.get(k, mine[k])) == mine[k] for k in (*layout, "num_shards")):
             self.batches_yielded = int(state["batches_yielded"])
             self.base_block = int(state.get("base_block", 0))
-        else:
+        elif int(state.get("num_shards", len(self.shards))) == len(self.shards):
             # another topology: start every new stream after the blocks the old ones had begun
-            plan = BlockPlan(self.shards, self.cfg.shards_per_block, int(state["seed"]))
+            plan = BlockPlan(self.shards, int(state.get("shards_per_block", self.cfg.shards_per_block)),
+                             int(state["seed"]))
             self.base_block = next_unstarted_block(state, plan)
             self.batches_yielded = 0
+        else:
+            # other shards: the old block numbers mean nothing here, start the new data set from its beginning
+            print(f"[data] the checkpoint's stream ran over {state['num_shards']} shards, the manifest lists "
+                  f"{len(self.shards)}: starting the stream afresh", flush=True)
+            self.base_block, self.batches_yielded = 0, 0
 
 
 def build_latent_loader(

@@ -100,6 +100,21 @@ def test_resume_at_another_world_size_repeats_nothing(latent_shards: Path) -> No
     after = keys(take(resumed, 7))  # 28 samples: still within the first epoch's unread shards
     assert not set(after) & consumed
 
+    bigger_buffer = make_loader(latent_shards, rank=0, world_size=2, num_workers=2, shards_per_block=1,
+                                shuffle_buffer=64)  # same topology, another shuffle: also past the begun blocks
+    bigger_buffer.load_state_dict(states[0])
+    assert bigger_buffer.base_block == 4 and bigger_buffer.batches_yielded == 0
+
+
+def test_resume_on_other_shards_starts_afresh(latent_shards: Path, tmp_path: Path) -> None:
+    loader = make_loader(latent_shards)
+    take(loader, 3)
+    write_latent_shards(tmp_path / "other", [10, 10])
+    other = make_loader(tmp_path / "other")
+    other.load_state_dict(loader.state_dict())
+    assert (other.base_block, other.batches_yielded) == (0, 0)
+    assert keys(take(other, 2)) == keys(take(make_loader(tmp_path / "other"), 2))
+
 
 def test_caption_dropout_gives_the_empty_caption(latent_shards: Path) -> None:
     seen = []
