@@ -369,7 +369,11 @@ def build_latent_loader(
 
         cfg = to_dataclass(cfg, LatentDataConfig)
     manifest = read_manifest(cfg.manifest or cfg.shards)
-    check_manifest(manifest, first_stage_cfg, unet_cfg, resolution=cfg.resolution)
+    from ldm_train.distributed import get_rank
+
+    # hashing the first-stage checkpoint once is enough: rank 0 fails the job for everyone
+    on_main = (get_rank() if rank is None else rank) == 0
+    check_manifest(manifest, first_stage_cfg, unet_cfg, resolution=cfg.resolution, verify_checkpoint=on_main)
     shards = shard_list(manifest, base_url=None if cfg.manifest else cfg.shards)
     return LatentLoader(
         cfg, shards, stored=manifest["stored"], tokenize_fn=tokenize_fn, rank=rank, world_size=world_size,

@@ -11,6 +11,7 @@ Dependency-light on purpose (json + fsspec): ``data_prep`` may import it, ``ldm_
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -57,16 +58,28 @@ def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
 
 
+def file_sha256(url: str) -> str:
+    """sha256 of a local file or fsspec URL, streamed."""
+    digest = hashlib.sha256()
+    with fsspec.open(url, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def check_manifest(
     manifest: dict[str, Any],
     first_stage_cfg: Any,
     unet_cfg: Any | None = None,
     resolution: int | None = None,
+    verify_checkpoint: bool = False,
 ) -> None:
     """Refuse shards that do not fit the model config, naming the value and the fix.
 
     ``first_stage_cfg`` is a FirstStageConfig (or dict), ``unet_cfg`` a UNetConfig (optional),
-    ``resolution`` the configured ``data.resolution`` (optional).
+    ``resolution`` the configured ``data.resolution`` (optional). ``verify_checkpoint`` hashes the configured
+    ``first_stage.checkpoint`` (when both it and the manifest's sha256 are set): latents decoded by another
+    autoencoder than the one that encoded them come out as noise.
     """
     url = manifest.get("_url", "manifest")
     fs = manifest.get("first_stage") or {}
@@ -110,6 +123,15 @@ def check_manifest(
             raise ManifestError(
                 f"manifest {url} has z_channels={z} but unet.in_channels={in_ch} (without concat channels): "
                 f"the unet preset must take in_channels from first_stage.embed_dim"
+            )
+    checkpoint = _get(first_stage_cfg, "checkpoint")
+    if verify_checkpoint and checkpoint and fs.get("sha256"):
+        sha = file_sha256(str(checkpoint))
+        if sha != fs["sha256"]:
+            raise ManifestError(
+                f"manifest {url} was encoded with first stage {fs.get('checkpoint')} (sha256 {fs['sha256'][:12]}...) "
+                f"but first_stage.checkpoint={checkpoint} has sha256 {sha[:12]}...: point first_stage.checkpoint at "
+                f"the encoding checkpoint or re-encode with this one"
             )
 
 

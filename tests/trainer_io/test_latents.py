@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 from pathlib import Path
 
@@ -156,6 +157,14 @@ def test_manifest_mismatch_is_refused_with_the_fix(latent_shards: Path) -> None:
         check_manifest(manifest, tiny, resolution=128)
     with pytest.raises(ManifestError, match="stored=moments but a vq first stage needs prequant"):
         check_manifest(manifest, FirstStageConfig(name="tiny_kl_f4", kind="vq", downsample_factor=4, embed_dim=3))
+    ckpt = latent_shards.parent / "ae.safetensors"
+    ckpt.write_bytes(b"weights v1")
+    manifest["first_stage"]["sha256"] = hashlib.sha256(b"weights v1").hexdigest()
+    tiny.checkpoint = str(ckpt)
+    check_manifest(manifest, tiny, verify_checkpoint=True)  # the encoding checkpoint
+    ckpt.write_bytes(b"weights v2")
+    with pytest.raises(ManifestError, match="encoded with first stage .* but first_stage.checkpoint=.*ae.safetensors"):
+        check_manifest(manifest, tiny, verify_checkpoint=True)
     with pytest.raises(ManifestError, match="no manifest at .*nowhere/manifest.json"):
         read_manifest(str(latent_shards.parent / "nowhere"))
 
