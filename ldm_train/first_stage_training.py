@@ -7,6 +7,7 @@ uninterrupted run would (the skipped images are decoded again: resume cost grows
 """
 from __future__ import annotations
 
+import itertools
 import os
 import random
 import shutil
@@ -61,7 +62,12 @@ class AELossConfig:
 
 
 class ImageStream(torch.utils.data.IterableDataset):
-    """Endless batches ``[B, 3, R, R]`` for one rank, skipping the first ``skip_batches`` (resume)."""
+    """Endless batches ``[B, 3, R, R]`` for one rank, resuming after ``skip_batches`` batches.
+
+    Batch ``j`` of the run comes from stream ``j % num_workers`` (DataLoader hands out worker batches
+    round-robin). A resumed loader starts again at worker 0, so worker ``w`` plays stream
+    ``(w + skip_batches) % num_workers`` and skips that stream's batches already consumed.
+    """
 
     def __init__(self, cfg: AEDataConfig, batch_size: int, seed: int, rank: int, world_size: int,
                  skip_batches: int = 0) -> None:
@@ -70,34 +76,45 @@ class ImageStream(torch.utils.data.IterableDataset):
         super().__init__()
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
         self.rank, self.world_size, self.skip_batches = rank, world_size, skip_batches
-        n_shards = len(list_input_shards(cfg.input, cfg.input_format))
+        self.shards = list_input_shards(cfg.input, cfg.input_format)
         workers = max(cfg.num_workers, 1)
-        # whole shards per (rank, worker) when there are enough, else every rank reads all and keeps its share
-        self.split_shards = n_shards >= world_size * workers
+        # whole shards per (rank, stream) when there are enough, else every rank reads all and keeps its share
+        self.split_shards = len(self.shards) >= world_size * workers
         self.num_workers = cfg.num_workers if self.split_shards else 0
         if not self.split_shards and (world_size > 1 or cfg.num_workers > 1):
-            print(f"[train_autoencoder] {n_shards} input shard(s) < {world_size} ranks x {workers} workers: "
+            print(f"[train_autoencoder] {len(self.shards)} input shard(s) < {world_size} ranks x {workers} workers: "
                   f"each rank reads every shard and keeps 1/{world_size} of the samples (num_workers=0); "
                   f"write more shards for faster loading", flush=True)
 
-    def _samples(self) -> Iterator[torch.Tensor]:
-        from data_prep.readers import image_dataset
+    def _images(self, stream: int, num_streams: int) -> Iterator[torch.Tensor]:
+        from data_prep.readers import Filters, InputShardError, Sample, iter_shard
 
-        ds = image_dataset(self.cfg.input, self.cfg.resolution, input_format=self.cfg.input_format,
-                           split_by_rank=self.split_shards, shuffle_shards=True, seed=self.seed, repeat=True)
-        for i, sample in enumerate(ds):  # ImageDataset splits by worker itself
-            if self.split_shards or i % self.world_size == self.rank:
-                yield sample["image"]
+        filters = Filters(min_size=0, require_caption=False)  # an autoencoder needs images only
+        for epoch in itertools.count():
+            order = torch.randperm(len(self.shards), generator=torch.Generator().manual_seed(self.seed + epoch))
+            shards = [self.shards[i] for i in order.tolist()]
+            if self.split_shards:
+                shards = shards[self.rank :: self.world_size][stream::num_streams]
+            n = 0
+            for shard in shards:
+                try:
+                    for rec in iter_shard(shard, self.cfg.resolution, filters):
+                        if isinstance(rec, Sample):
+                            n += 1
+                            if self.split_shards or n % self.world_size == self.rank:
+                                yield rec.image
+                except InputShardError as e:  # keep training; the encode job is where damage fails a run
+                    print(f"[train_autoencoder] warning: {e}", flush=True)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         info = torch.utils.data.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        rng = random.Random(f"{self.seed}-{self.rank}-{worker}")
-        # round-robin hand-out: of the first skip_batches batches, this worker made these
-        skip = self.skip_batches // num_workers + (1 if worker < self.skip_batches % num_workers else 0)
+        stream = (worker + self.skip_batches) % num_workers
+        skip = self.skip_batches // num_workers + (1 if stream < self.skip_batches % num_workers else 0)
+        rng = random.Random(f"{self.seed}-{self.rank}-{stream}")
         buffer: list[torch.Tensor] = []
         batch: list[torch.Tensor] = []
-        for image in self._samples():
+        for image in self._images(stream, num_workers):
             if len(buffer) < self.cfg.shuffle_buffer:
                 buffer.append(image)
                 continue
@@ -111,10 +128,15 @@ class ImageStream(torch.utils.data.IterableDataset):
                     yield torch.stack(batch)
                 batch = []
 
-    def loader(self) -> torch.utils.data.DataLoader:
-        return torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
-                                           persistent_workers=self.num_workers > 0,
-                                           prefetch_factor=4 if self.num_workers > 0 else None)
+    def loader(self) -> Iterator[torch.Tensor]:
+        """An iterator over the batches; creating it leaves the global RNG untouched (resume determinism)."""
+        state = torch.get_rng_state()  # DataLoader draws its worker base seed from the global generator
+        dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
+                                         persistent_workers=self.num_workers > 0,
+                                         prefetch_factor=4 if self.num_workers > 0 else None)
+        it = iter(dl)
+        torch.set_rng_state(state)
+        return it
 
 
 def load_heldout(cfg: AEDataConfig, max_images: int) -> torch.Tensor | None:

@@ -80,6 +80,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.model = build_first_stage(self.fs).to(self.device)
         lc = self.fs.lossconfig
+        if self.data.resolution // 2**lc.disc_num_layers < 3:  # two stride-1 4x4 convs follow the stride-2 ones
+            raise ValueError(f"data.resolution={self.data.resolution} is too small for a {lc.disc_num_layers}-layer "
+                             f"patch discriminator: lower first_stage.lossconfig.disc_num_layers or raise the resolution")
         self.disc = NLayerDiscriminator(lc.disc_in_channels, lc.disc_ndf, lc.disc_num_layers).to(self.device)
         perceptual = build_lpips(lcfg.lpips_backbone, lcfg.lpips_random_backbone) if lc.perceptual_weight > 0 else None
         self.objective = FirstStageLoss(lc, self.fs.kind, perceptual).to(self.device)
@@ -251,7 +254,7 @@ class Trainer:
         preemption = Preemption(self.device)
         t0, since = time.perf_counter(), self.step
         stopped = False
-        loader = iter(self.stream.loader())
+        loader = self.stream.loader()
         while self.step < self.tcfg.max_steps:
             x = next(loader).to(self.device, non_blocking=True)
             log = self.train_step(x)

@@ -1,0 +1,103 @@
+"""The first-stage trainer end to end on the synthetic shapes (16 px, a handful of steps: 2 shared CPU cores)."""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import tarfile
+
+import numpy as np
+import torch
+
+from ldm_train.train_autoencoder import Trainer, train
+
+from .conftest import REPO, ae_cfg, stats
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], module: torch.nn.Module) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in module.state_dict().items())
+
+
+def test_discriminator_waits_for_disc_start_then_alternates(tmp_path, shapes32):
+    trainer = Trainer(ae_cfg(tmp_path, shapes32, "first_stage.lossconfig.disc_start=2", "train.max_steps=4"))
+    try:
+        batches = trainer.stream.loader()
+        for step in range(4):
+            x = next(batches)
+            assert x.shape == (4, 3, 16, 16) and x.min() >= -1 and x.max() <= 1
+            d_before, g_before = _params(trainer.disc), _params(trainer.model)
+            log = trainer.train_step(x)
+            trainer.step += 1
+            assert _changed(g_before, trainer.model)  # the generator steps every iteration
+            if step < 2:  # before disc_start: no discriminator forward, step or BatchNorm update
+                assert not _changed(d_before, trainer.disc) and "d_loss" not in log and "g_loss" not in log
+            else:
+                assert _changed(d_before, trainer.disc) and "d_loss" in log and log["d_weight"] > 0
+            assert trainer.d_steps == max(0, step - 1)
+            # the generator's adversarial term leaves no gradient on the discriminator
+            assert all(p.grad is None for p in trainer.disc.parameters()) or step >= 2
+    finally:
+        trainer.close()
+
+
+def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, shapes32):
+    common = ["first_stage.lossconfig.disc_start=2", "data.num_workers=2", "train.checkpoint_every=3"]
+    full = train(ae_cfg(tmp_path / "full", shapes32, *common, "train.max_steps=5"))
+    train(ae_cfg(tmp_path / "split", shapes32, *common, "train.max_steps=3"))
+    resumed = train(ae_cfg(tmp_path / "split", shapes32, *common, "train.max_steps=5"))
+    keys = ["train/total", "train/rec", "train/kl", "train/d_loss", "train/g_loss", "train/psnr"]
+    a = {s["step"]: s for s in stats(tmp_path / "full/autoencoder/run") if "train/total" in s}
+    b = {s["step"]: s for s in stats(tmp_path / "split/autoencoder/run") if "train/total" in s}
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in (4, 5):  # after the resume: model, both optimizers, RNG and data position restored
+        for k in keys:
+            assert a[step][k] == b[step][k], (step, k, a[step][k], b[step][k])
+    assert "train/d_loss" in a[4] and "train/d_loss" not in a[2]
+    assert resumed["eval_psnr"] == full["eval_psnr"]
+    ckpts = sorted(p.name for p in (tmp_path / "split/autoencoder/run/checkpoints").iterdir())
+    assert ckpts == ["step_0000003", "step_0000005"]  # atomic: no temp dir left behind
+
+
+def test_export_loads_in_data_prep_encode(tmp_path, shapes32):
+    result = train(ae_cfg(tmp_path, shapes32, "train.max_steps=2", "train.log_every=1"))
+    export = result["export"]
+    info = json.loads(open(export.replace(".safetensors", ".json")).read())
+    assert info["first_stage"]["name"] == "tiny_kl_f4" and info["scale_factor"] > 0
+    assert len(info["latent_std"]) == 3
+    out = tmp_path / "latents"
+    proc = subprocess.run(
+        [sys.executable, "-m", "data_prep.encode", f"input={shapes32['heldout']}", f"output={out}",
+         "first_stage=tiny_kl_f4", f"first_stage.checkpoint={export}", "resolution=16", "num_workers=1",
+         "batch_size=8", "progress=false"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    manifest = json.loads((out / "tiny_kl_f4" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 16 and list(manifest["latent_shape"]) == [6, 4, 4]
+    # the stored moments are our model's moments of the same images
+    from data_prep.readers import image_dataset
+    from ldm_train.config import FirstStageConfig, to_dataclass
+    from ldm_train.models.autoencoder import load_first_stage
+
+    model = load_first_stage(to_dataclass(info["first_stage"], FirstStageConfig))
+    images = {s["key"]: s["image"] for s in image_dataset(shapes32["heldout"], 16)}
+    tar = next((out / "tiny_kl_f4").glob("shard-*.tar"))
+    with tarfile.open(tar) as t:
+        member = next(m for m in t.getmembers() if m.name.endswith("latent.npy"))
+        key = member.name.split(".")[0]
+        latent = np.load(io.BytesIO(t.extractfile(member).read()))
+    with torch.no_grad():
+        expected = model.encode_moments(images[key][None])[0]
+    assert np.abs(latent.astype(np.float32) - expected.numpy()).max() < 2e-2 * max(1.0, float(expected.abs().max()))
+
+
+def test_vq_trains_and_logs_codebook_usage(tmp_path, shapes32):
+    result = train(ae_cfg(tmp_path, shapes32, "first_stage=tiny_vq_f4", "train.max_steps=2"))
+    logged = [s for s in stats(tmp_path / "autoencoder/run") if "vq/perplexity" in s]
+    assert len(logged) == 2
+    for s in logged:
+        assert 1.0 <= s["vq/perplexity"] <= 256 and 0 <= s["vq/dead_codes"] < 256 and s["train/codebook"] > 0
+    assert result["latent_std"] and result["eval_psnr"] > 0
