@@ -120,8 +120,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 PY, "-m", "data_prep.synthetic", f"output={folder}", f"num_samples={n}", "resolution=64",
                 "shard_size=500", f"split={split}", "seed=0"], logs, env)
             (folder / "_done").touch()
-    train_tars = f"{raw_train}/{{{_shard_range(raw_train)}}}.tar"
-    heldout_tars = f"{raw_heldout}/{{{_shard_range(raw_heldout)}}}.tar"
+    # brace patterns are quoted for Hydra's override grammar
+    train_tars = f"'{raw_train}/{{{_shard_range(raw_train)}}}.tar'"
+    heldout_tars = f"'{raw_heldout}/{{{_shard_range(raw_heldout)}}}.tar'"
 
     # 1. first stage
     ae_run = out / "runs" / "autoencoder" / "tiny_kl_f4"
@@ -143,7 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             PY, "-m", "data_prep.encode", f"input={train_tars}", f"output={latents}", "first_stage=tiny_kl_f4",
             f"first_stage.checkpoint={export}", "resolution=64", "num_workers=1", "progress=false"], logs, env)
 
-    # 3. LDM: the same initial weights saved untrained, then trained
+    # 3. LDM: the baseline is the same initialisation after one optimizer step at the first warm-up lr
+    #    (lr/warmup_steps ~ 3e-6: indistinguishable from the initial weights), then the trained run
     common = ["experiment=tiny", f"data.latents_root={latents}", f"runs_root={out / 'runs'}",
               f"first_stage.checkpoint={export}", "logger.mode=offline"]
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", "-m",
@@ -151,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     untrained = out / "runs" / "tiny" / "untrained"
     if not (untrained / "checkpoints" / "latest").exists():
         times["ldm_init"] = run_stage("ldm_init", [PY, "-m", "ldm_train.train", *common, "run_name=untrained",
-                                                   "train.max_steps=0", "logger.mode=disabled"], logs, env)
+                                                   "train.max_steps=1", "logger.mode=disabled"], logs, env)
     trained = out / "runs" / "tiny" / "trained"
     t0 = time.time()
     times["train_ldm"] = run_stage("train_ldm", [*torchrun, *common, "run_name=trained",
