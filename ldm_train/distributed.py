@@ -130,17 +130,20 @@ def _from_slurm(
     addr = env.get("MASTER_ADDR") or master_addr_from_nodelist(
         env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", ""), run, resolves
     )
-    # SLURM_NTASKS_PER_NODE is absent when tasks are spread unevenly; SLURM_STEP_TASKS_PER_NODE looks
-    # like "2(x3),1": the local world size is the count on this node, which SLURM_LOCALID can't tell.
-    local_world = _int(env, "SLURM_NTASKS_PER_NODE", 0) or _tasks_on_node(
-        env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", ""), _int(env, "SLURM_NODEID", 0)
+    # The step's own layout first (a step may use fewer tasks than the job); it looks like "2(x3),1" when
+    # tasks are spread unevenly: the local world size is the count on this node.
+    node = _int(env, "SLURM_NODEID", 0)
+    local_world = (
+        _tasks_on_node(env.get("SLURM_STEP_TASKS_PER_NODE", ""), node)
+        or _int(env, "SLURM_NTASKS_PER_NODE", 0)
+        or _tasks_on_node(env.get("SLURM_TASKS_PER_NODE", ""), node)
     )
     return DistEnv(
         rank=_int(env, "SLURM_PROCID", 0),
         world_size=world,
         local_rank=_int(env, "SLURM_LOCALID", 0),
         local_world_size=local_world or 1,
-        node_rank=_int(env, "SLURM_NODEID", 0),
+        node_rank=node,
         master_addr=addr,
         master_port=port,
         launcher="slurm",

@@ -68,6 +68,11 @@ def test_uneven_tasks_per_node() -> None:
                             "SLURM_LOCALID": "0", "SLURM_STEP_TASKS_PER_NODE": "2(x3),1"},
                            run=fake_scontrol({"gpu017": "x"}), resolves=lambda h: True)
     assert (env.world_size, env.local_world_size, env.node_rank) == (7, 1, 3)
+    # a 2-task step inside a job of 8 tasks per node: the step's layout counts, not the job's
+    step = DistEnv.from_env({**SLURM_TASK, "SLURM_NTASKS_PER_NODE": "8", "SLURM_STEP_NUM_TASKS": "2",
+                             "SLURM_PROCID": "1", "SLURM_STEP_TASKS_PER_NODE": "1(x2)"},
+                            run=fake_scontrol({"gpu017": "x"}), resolves=lambda h: True)
+    assert (step.world_size, step.local_world_size) == (2, 1)
 
 
 def test_torchrun_env_wins_over_slurm() -> None:
