@@ -41,9 +41,12 @@ def test_multirun_submits_one_slurm_job_per_first_stage(
     logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in (sweep_dir / ".submitit").rglob("*.err"))
     assert res.returncode == 0, f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}\n{logs}"
 
-    assert len(job_ids) == len(FIRST_STAGES), job_ids
-    for job in job_ids:
-        assert slurm_cluster.wait(job, timeout=60) == "COMPLETED"
+    # submitit submits the sweep as one array job: one element per first stage
+    elements = [j for j in job_ids if "_" in j]
+    assert len(elements) == len(FIRST_STAGES), job_ids
+    array_id = elements[0].split("_")[0]
+    assert slurm_cluster.wait(array_id, timeout=60) == "COMPLETED"
+    assert sorted(slurm_cluster.job_states(array_id)) == sorted(elements)
     trained = {}
     for latest in runs.glob("tiny/*/checkpoints/latest"):
         step_dir = latest.parent / latest.read_text().strip()
