@@ -127,7 +127,5 @@ def test_cli_runs_and_reports_json(six_shards, tmp_path):
     report = json.loads(p.stdout.strip().splitlines()[-1])
     assert report["samples"] == 24 and report["encoded_shards"] == 3 and report["failed"] == {}
     # a second run finds every shard complete and redoes nothing
-    p2 = run_encode(encode_args(input=f"{six_shards}/{{000000..000002}}.tar", output=tmp_path, resolution=32,
-                                allow_random_first_stage="true"))
-    report2 = json.loads(p2.stdout.strip().splitlines()[-1])
-    assert report2["already_done"] == 3 and report2["encoded_shards"] == 0 and report2["manifest"]
+    r2 = _encode_inproc(f"{six_shards}/{{000000..000002}}.tar", tmp_path)
+    assert r2.already_done == [0, 1, 2] and r2.done == [] and r2.manifest
