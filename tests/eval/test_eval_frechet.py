@@ -73,3 +73,13 @@ def test_all_reduce_across_two_ranks_equals_one_pass(tmp_path) -> None:
     mu, cov = got.mean_cov()
     np.testing.assert_allclose(mu, x.mean(0), rtol=1e-12)
     np.testing.assert_allclose(cov, np.cov(x, rowvar=False), rtol=1e-10)
+
+
+def test_singular_covariance_fallback_matches_torch_fidelity() -> None:
+    # 6 samples in 10-D: rank-deficient covariance, so the Cholesky route fails and the PSD square root is used
+    rng = np.random.default_rng(5)
+    a = torch.from_numpy(rng.normal(size=(6, 10)))
+    b = torch.from_numpy(rng.normal(size=(40, 10)) * 0.7 + 0.3)
+    theirs = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)
+    assert fid_from_features(a, b) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    assert fid_from_features(b, a) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
