@@ -90,7 +90,9 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--checkpointing", action="store_true")
-    ap.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    # 1 by default: on a shared CPU machine two OpenMP threads fighting other jobs for the cores turn a
+    # 1 s step into 30 s of spinning, and the comparison into noise
+    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
