@@ -54,6 +54,10 @@ def log_wandb(output_dir: str, cfg: dict[str, Any], report: dict[str, Any], samp
                 index = int(os.path.basename(path).split(".")[0])
                 table.add_data(scale, index, prompt, wandb.Image(path, caption=prompt))
         run.log({"samples": table})
+        # also as plain image panels: images inside a Table only travel in the table artifact, which offline
+        # runs keep out of files/media until `wandb sync` (wandb issue #4611)
+        run.log({f"samples/gs{scale:g}": [wandb.Image(path, caption=prompt) for path, prompt in items]
+                 for scale, items in samples.items()})
         rows = report.get("per_scale", [])
         keys = sorted({k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and k != "guidance_scale"})
         for key in keys:

@@ -38,6 +38,11 @@ def test_eval_run_end_to_end_then_resume(tiny_export, tmp_path, eval_config) -> 
     assert on_disk["sampler"]["steps"] == 2 and on_disk["versions"]["torch-fidelity"] == "0.4.0"
     assert report["per_scale"][0]["fid"] == on_disk["per_scale"][0]["fid"]
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
+    media = out / "wandb"
+    assert len(list(media.glob("offline-run-*/files/media/images/samples/*.png"))) == 8  # 4 per scale
+    assert list(media.glob("offline-run-*/files/media/table/samples_*.table.json"))
+    fid_plot = next(media.glob("offline-run-*/files/media/table/plots/fid_vs_guidance*.table.json"))
+    assert [row[0] for row in json.loads(fid_plot.read_text())["data"]] == [1.0, 3.0]
     # reference materialised once, its features cached under a key holding name, count, resolution, extractor
     cache = Path(on_disk["metric_settings"]["cache_dir"])
     assert any("ref-n10-r32-ldm-random-init-a" in p.name for p in cache.iterdir())
