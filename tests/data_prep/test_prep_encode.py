@@ -6,12 +6,15 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from conftest import encode_args, encode_cfg, read_all_shards, run_encode
 
-from data_prep.encode import resolve_tasks
+from data_prep.encode import load_encoder, resolve_tasks
 from data_prep.encode import run_encode as run_encode_inproc
 from data_prep.finalize import FinalizeError, finalize
+from data_prep.readers import iter_shard, list_input_shards
 from data_prep.synthetic import write_synthetic
+from ldm_train.config import FirstStageConfig, to_dataclass
 from ldm_train.data.manifest import check_manifest, read_manifest
 
 
@@ -54,6 +57,18 @@ def test_kl_shards_follow_the_contract(six_shards, tmp_path):
     np.testing.assert_allclose(m["mean"], want_mean, atol=0.08)
     np.testing.assert_allclose(m["std"], want_std, rtol=0.08)
     assert m["scale_factor"] == pytest.approx(1 / m["overall_std"])
+
+    # the stored moments are the first stage's, of this very image (same weights: load_encoder seeds them)
+    fs_cfg = to_dataclass(encode_cfg(encode_args(input="x")).first_stage, FirstStageConfig)
+    model = load_encoder(fs_cfg, allow_random=True)
+    images = {r.key: r.image for sh in list_input_shards(str(six_shards)) for r in iter_shard(sh, 32)}
+    by_key = {s["key"]: s["latent"] for s in samples}
+    keys8 = sorted(by_key)[::6]
+    with torch.no_grad():
+        want = model.encode_moments(torch.stack([images[k] for k in keys8]))
+    want[:, 3:] = want[:, 3:].clamp(-30, 20)
+    got = torch.from_numpy(np.stack([by_key[k] for k in keys8])).float()
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)  # float16 storage
     all_std = math.sqrt(np.mean(np.array(m["std"]) ** 2 + (np.array(m["mean"]) - np.mean(m["mean"])) ** 2))
     assert m["overall_std"] == pytest.approx(all_std, rel=1e-6)
 
