@@ -76,7 +76,7 @@ submit() {
   local var="${upper}_SBATCH_ARGS"
   read -r -a stage_args <<<"${!var:-}"
   case " ${opts[*]} " in *" --array="*) log="$logs/%x-%A_%a.out" ;; esac
-  local all=(--job-name="ldm-$name" --kill-on-invalid-dep=yes --output="$log" "${opts[@]}" "${sbatch_args[@]}"
+  local all=(--job-name="ldm-$name" --kill-on-invalid-dep=yes --output="$log" --error="$log" "${opts[@]}" "${sbatch_args[@]}"
     "${stage_args[@]}" "$@")
   if [ "${DRY_RUN:-0}" = 1 ]; then
     echo "sbatch ${all[*]}" >&2
@@ -108,7 +108,7 @@ if [ -n "$FIRST_STAGE_CKPT" ]; then
   first_stage_args=("first_stage.checkpoint=$FIRST_STAGE_CKPT")
 elif [ "$TRAIN_FIRST_STAGE" = 1 ]; then
   submit first_stage $(ldm_afterok "$synth_id") -- slurm/train_autoencoder.sh \
-    "first_stage=$FIRST_STAGE" "data.input='$INPUT'" "runs_root=$WORK/runs" "experiment=autoencoder" \
+    "first_stage=$FIRST_STAGE" "data.input='$INPUT'" "runs_root=$WORK/runs" \
     "run_name=$FIRST_STAGE" "${ae_args[@]}"
   ae_id=$last_id
   first_stage_args=("first_stage.checkpoint=$WORK/runs/autoencoder/$FIRST_STAGE/export/first_stage.safetensors")

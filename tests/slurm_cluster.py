@@ -155,15 +155,19 @@ class LocalSlurmCluster:
             raise
         return self
 
+    def cancel_all(self, timeout: float = 10.0) -> None:
+        """Cancel every job of this user and wait (up to `timeout`) until none is left running or pending."""
+        subprocess.run(["scancel", "--full", "--user", getpass.getuser()], env=self.env,
+                       capture_output=True, timeout=15, check=False)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._active_job_count() > 0:
+            time.sleep(0.3)
+
     def stop(self, timeout: float = 20.0) -> None:
         """Cancel every job, then TERM each daemon by PID (slurmd, slurmctld, munged), wait, KILL what remains."""
         if "slurmctld" in self._procs and self._procs["slurmctld"].poll() is None:
-            subprocess.run(["scancel", "--full", "--user", getpass.getuser()], env=self.env,
-                           capture_output=True, timeout=15, check=False)
-            # Give the steps a moment to end so slurmstepd processes do not outlive their slurmd.
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and self._active_job_count() > 0:
-                time.sleep(0.3)
+            # Let the steps end first so slurmstepd processes do not outlive their slurmd.
+            self.cancel_all()
         order = [f"slurmd-{n}" for n in self.nodes] + ["slurmctld", "munged"]
         for name in order:
             proc = self._procs.pop(name, None)

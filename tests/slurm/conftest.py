@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,14 @@ from .helpers import REPO, job_logs, require, submit, submit_and_wait
 
 SYNTH_SAMPLES, SYNTH_SHARD = 64, 16  # 4 input shards of 64 px images
 PREP_TASKS = 2
+
+
+@pytest.fixture(autouse=True)
+def _no_jobs_left_behind(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test that fails mid-way must not leave jobs queued on the shared session cluster for the next one."""
+    yield
+    if "slurm_cluster" in request.fixturenames:
+        request.getfixturevalue("slurm_cluster").cancel_all()
 
 
 @dataclass
