@@ -26,6 +26,18 @@ def colour_images(colours: np.ndarray, size: int = 32, noise: float = 6.0, seed:
     return np.clip(img, 0, 255).round().astype(np.uint8)
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """Eval tests run their tiny models on one thread (restored after): on the shared 2-core machines a
+    2-thread process is often many times slower than a 1-thread one, and subprocess runs use 1 too."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(name="write_pngs")
 def write_pngs_fixture():
     return write_pngs
