@@ -74,13 +74,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tokenizer", help="tokenizer dir; default: a WordPiece trained on the captions")
     p.add_argument("--max-len", type=int, default=77)
     p.add_argument("--no-tokenize", action="store_true")
+    p.add_argument("--tokenize-with", choices=["batch", "transformers"], default="batch",
+                   help="latents.BatchTokenizer (Rust backend) or tokenizer.tokenize (transformers call)")
     p.add_argument("--warmup", type=int, default=5, help="batches not timed")
     p.add_argument("--batches", type=int, default=150, help="batches timed")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core per loader stream, as in training
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in the loader workers: no extra tokenizer threads
 
-    from ldm_train.data.latents import LatentDataConfig, LatentLoader
+    from ldm_train.data.latents import BatchTokenizer, LatentDataConfig, LatentLoader
     from ldm_train.data.manifest import read_manifest, shard_list
     from ldm_train.data.tokenizer import load_tokenizer, tokenize, train_tokenizer
 
@@ -98,7 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
                 corpus = [f"a {c} {s} above a {c2} {s2} on a plain background"
                           for c in COLOURS for s in SHAPES for c2 in COLOURS for s2 in SHAPES]
                 tok = train_tokenizer(corpus, 1000, str(Path(tmp) / "tok"), args.max_len)
-            tokenize_fn = functools.partial(tokenize, tok, max_len=args.max_len)
+            if args.tokenize_with == "batch":
+                tokenize_fn = BatchTokenizer(tok, args.max_len)
+            else:
+                tokenize_fn = functools.partial(tokenize, tok, max_len=args.max_len)
         cfg = LatentDataConfig(shards=str(shards_dir), batch_size=args.batch_size, num_workers=args.num_workers,
                                shuffle_buffer=args.shuffle_buffer, caption_dropout=args.caption_dropout,
                                pin_memory=False)
@@ -127,7 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seconds": round(elapsed, 3),
         "batch_size": args.batch_size,
         "latent_shape": list(manifest["latent_shape"]),
-        "tokenized": tokenize_fn is not None,
+        "tokenized": None if tokenize_fn is None else args.tokenize_with,
         "max_len": args.max_len,
         "shuffle_buffer": args.shuffle_buffer,
         "cpus": os.cpu_count(),

@@ -11,7 +11,13 @@ import torch
 from conftest import write_latent_shards
 
 from ldm_train.config import FirstStageConfig, UNetConfig
-from ldm_train.data.latents import LatentDataConfig, LatentLoader, build_latent_loader, sample_latents
+from ldm_train.data.latents import (
+    BatchTokenizer,
+    LatentDataConfig,
+    LatentLoader,
+    build_latent_loader,
+    sample_latents,
+)
 from ldm_train.data.manifest import ManifestError, check_manifest, read_manifest, shard_list
 
 
@@ -203,3 +209,18 @@ def test_reads_shards_from_s3(latent_shards: Path, s3_server: str) -> None:
     remote_loader = make_loader(url, num_workers=2, caption_dropout=0.2)
     assert remote_loader.shards[0][0].startswith(url + "/shard-")
     assert keys(take(remote_loader, 8)) == local  # same stream from S3 as from disk
+
+
+def test_batch_tokenizer_gives_the_ids_of_tokenize(tmp_path: Path) -> None:
+    import pickle
+
+    from ldm_train.data.tokenizer import tokenize, train_tokenizer
+
+    corpus = [f"a {c} {s} on a plain background" for c in ("red", "green", "blue") for s in ("circle", "square")]
+    tok = train_tokenizer(corpus * 20, 60, str(tmp_path / "tok"), max_len=12)
+    captions = ["A RED circle", "", "a green square on a plain background " * 5, "ein grüner würfel", "blue"]
+    fast = pickle.loads(pickle.dumps(BatchTokenizer(tok, 12)))  # as it reaches a loader worker
+    ids = fast(captions)
+    assert ids.dtype == torch.int64 and ids.shape == (5, 12)
+    assert torch.equal(ids, tokenize(tok, captions, 12))
+    assert torch.equal(tokenize(tok, ["blue"], 12), tokenize(tok, ["blue"], 12))  # the original is untouched
