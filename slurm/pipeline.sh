@@ -6,7 +6,8 @@
 #
 # Run it on the login node from the checkout:  bash slurm/pipeline.sh
 # Everything is set by environment variables (defaults in brackets):
-#   WORK               output root for every stage [runs/pipeline-<date>]: raw/, latents/, runs/, eval/, logs/
+#   WORK               output root on the shared filesystem [runs/pipeline-<date>]: raw/, latents/, runs/,
+#                      eval/, logs/ (every job's output, <stage>-<job id>.out)
 #   INPUT              raw image shards (img2dataset tars, brace pattern, local or s3://) [empty: write the
 #                      built-in synthetic dataset: SYNTH_SAMPLES [512] images in shards of SYNTH_SHARD_SIZE [128]]
 #   RESOLUTION         image side [64]
@@ -15,7 +16,7 @@
 #                      run dir $WORK/runs/autoencoder/$FIRST_STAGE, export/first_stage.safetensors in it);
 #                      neither: random first-stage weights, allowed for plumbing only (ALLOW_RANDOM_FIRST_STAGE=1)
 #   PREP_TASKS         array tasks encoding shards [2]
-#   EXPERIMENT         trainer experiment [tiny];  TRAIN_NODES [1], TRAIN_TASKS_PER_NODE [1]
+#   EXPERIMENT         trainer experiment [tiny];  TRAIN_NODES, TRAIN_TASKS_PER_NODE [the script's #SBATCH]
 #   RUN_NAME           trainer run name [pipeline]: the run dir is $WORK/runs/$EXPERIMENT/$RUN_NAME
 #   EVAL_PROMPTS       prompts for eval [the captions of the latent shards]; EVAL_SAMPLES [64]
 #   AE_ARGS PREP_ARGS TRAIN_ARGS EVAL_ARGS   extra Hydra overrides per stage (split on spaces)
@@ -35,7 +36,7 @@ cd "$repo"  # jobs start in (and find the code through) the submit directory
 ldm_activate_venv  # jobs inherit this environment: `python` in them is the checkout's
 
 WORK=${WORK:-runs/pipeline-$(date +%Y%m%d-%H%M%S)}
-case "$WORK" in /* | *://*) ;; *) WORK="$repo/$WORK" ;; esac
+case "$WORK" in /*) ;; *) WORK="$repo/$WORK" ;; esac
 INPUT=${INPUT:-}
 RESOLUTION=${RESOLUTION:-64}
 SYNTH_SAMPLES=${SYNTH_SAMPLES:-512}
@@ -46,8 +47,8 @@ TRAIN_FIRST_STAGE=${TRAIN_FIRST_STAGE:-0}
 ALLOW_RANDOM_FIRST_STAGE=${ALLOW_RANDOM_FIRST_STAGE:-0}
 PREP_TASKS=${PREP_TASKS:-2}
 EXPERIMENT=${EXPERIMENT:-tiny}
-TRAIN_NODES=${TRAIN_NODES:-1}
-TRAIN_TASKS_PER_NODE=${TRAIN_TASKS_PER_NODE:-1}
+TRAIN_NODES=${TRAIN_NODES:-}
+TRAIN_TASKS_PER_NODE=${TRAIN_TASKS_PER_NODE:-}
 RUN_NAME=${RUN_NAME:-pipeline}
 EVAL_PROMPTS=${EVAL_PROMPTS:-}
 EVAL_SAMPLES=${EVAL_SAMPLES:-64}
@@ -57,9 +58,9 @@ read -r -a train_args <<<"${TRAIN_ARGS:-}"
 read -r -a eval_args <<<"${EVAL_ARGS:-}"
 read -r -a sbatch_args <<<"${SBATCH_ARGS:-}"
 
-mkdir -p "$WORK/logs" 2>/dev/null || true  # no-op for s3:// roots; logs need a local path anyway
 logs="$WORK/logs"
-case "$logs" in *://*) logs="$repo/logs" ; mkdir -p "$logs" ;; esac
+# SLURM does not create the directory of --output; a missing one fails the job silently
+[ "${DRY_RUN:-0}" = 1 ] || mkdir -p "$logs"
 
 submitted=()
 # submit NAME [sbatch options...] -- script|--wrap=CMD [args...]: prints "NAME ID", records the id so a failed
@@ -76,8 +77,9 @@ submit() {
   local var="${upper}_SBATCH_ARGS"
   read -r -a stage_args <<<"${!var:-}"
   case " ${opts[*]} " in *" --array="*) log="$logs/%x-%A_%a.out" ;; esac
-  local all=(--job-name="ldm-$name" --kill-on-invalid-dep=yes --output="$log" --error="$log" "${opts[@]}" "${sbatch_args[@]}"
-    "${stage_args[@]}" "$@")
+  # --error too: the scripts' own `#SBATCH --error=logs/...` would point into the checkout
+  local all=(--job-name="ldm-$name" --kill-on-invalid-dep=yes --output="$log" --error="$log"
+    "${opts[@]}" "${sbatch_args[@]}" "${stage_args[@]}" "$@")
   if [ "${DRY_RUN:-0}" = 1 ]; then
     echo "sbatch ${all[*]}" >&2
     last_id="DRY$((${#submitted[@]} + 1))"
@@ -132,7 +134,10 @@ finalize_id=$last_id
 
 # 3. Train on the latents; the run dir name is fixed so a requeued job resumes it.
 run_dir="$WORK/runs/$EXPERIMENT/$RUN_NAME"
-submit train --nodes="$TRAIN_NODES" --ntasks-per-node="$TRAIN_TASKS_PER_NODE" $(ldm_afterok "$finalize_id") -- \
+train_opts=()
+[ -n "$TRAIN_NODES" ] && train_opts+=(--nodes="$TRAIN_NODES")
+[ -n "$TRAIN_TASKS_PER_NODE" ] && train_opts+=(--ntasks-per-node="$TRAIN_TASKS_PER_NODE")
+submit train "${train_opts[@]}" $(ldm_afterok "$finalize_id") -- \
   slurm/train_txt2img.sh "experiment=$EXPERIMENT" "first_stage=$FIRST_STAGE" "data.latents_root=$latents" \
   "runs_root=$WORK/runs" "run_name=$RUN_NAME" "${first_stage_args[@]}" "${train_args[@]}"
 train_id=$last_id

@@ -20,7 +20,7 @@ STAGE_SCRIPTS = ("slurm/prep_latents.sh", "slurm/train_txt2img.sh", "slurm/eval.
 ONE_CPU = "--gpus-per-node=1 --cpus-per-task=1 --time=10"
 SMALL_SBATCH = {
     "FIRST_STAGE_SBATCH_ARGS": f"--nodes=1 --ntasks-per-node=1 {ONE_CPU}", "PREP_LATENTS_SBATCH_ARGS": "--cpus-per-task=1 --time=10",
-    "TRAIN_SBATCH_ARGS": ONE_CPU, "EVAL_SBATCH_ARGS": f"--nodes=1 --ntasks-per-node=1 {ONE_CPU}",
+    "TRAIN_SBATCH_ARGS": f"--ntasks-per-node=1 {ONE_CPU}", "EVAL_SBATCH_ARGS": f"--nodes=1 --ntasks-per-node=1 {ONE_CPU}",
 }
 
 
