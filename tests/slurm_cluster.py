@@ -21,6 +21,7 @@ import getpass
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +68,17 @@ def _free_ports(count: int) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the test process dies (even by SIGKILL), so no daemon outlives
+    it. Linux only (prctl PR_SET_PDEATHSIG); elsewhere the fixture's teardown is the only stop."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def parse_scontrol_record(line: str) -> dict[str, str]:
@@ -373,8 +385,10 @@ class LocalSlurmCluster:
     def _spawn(self, name: str, cmd: list[str]) -> None:
         log = open(self.base / "log" / f"{name}.stdout", "ab")  # noqa: SIM115 - owned by the child
         env = self.env
+        # Own session: a Ctrl-C of pytest reaches the fixture's orderly stop, not the daemons directly.
         self._procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                             stdin=subprocess.DEVNULL, start_new_session=True)
+                                             stdin=subprocess.DEVNULL, start_new_session=True,
+                                             preexec_fn=_die_with_parent)
         log.close()
         time.sleep(0.1)
         if self._procs[name].poll() is not None:
