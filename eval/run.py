@@ -137,8 +137,7 @@ def metrics_stage(cfg: DictConfig, fid_cfg: FidelityConfig, prompts: list[str], 
     if wanted and (fid_cfg.fid or fid_cfg.prc):
         reference, ref_key = materialise_reference(cfg.reference.path, cfg.reference.name,
                                                    int(cfg.reference.num_images), resolution, fid_cfg.cache_dir)
-    n_prompts = prompts[: cfg.num_samples] if len(prompts) >= cfg.num_samples else \
-        [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
+    n_prompts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]  # sample i's prompt
     do_adherence = _adherence_applies(cfg.adherence, n_prompts)
     rows = []
     for s in scales:
@@ -167,8 +166,7 @@ def metrics_stage(cfg: DictConfig, fid_cfg: FidelityConfig, prompts: list[str], 
         "num_samples": int(cfg.num_samples),
         "prompts": {"source": str(cfg.prompts), "count": len(prompts)},
         "checkpoint": {"path": str(weights), "sha256": sha256_file(weights), "ema": weights.name == EMA_FILE},
-        "sampling": sampling,
-        "world_size_sampling": (sampling or {}).get("world_size"),
+        "sampling": sampling,  # scale factor, first stage, per-scale counts and images/s, world size
     }
     write_metrics_json(os.path.join(output_dir, "metrics.json"), report)
     per_prompt = {s: [(sample_path(folders[s], i), n_prompts[i]) for i in
