@@ -48,7 +48,10 @@ class FeatureStats:
     def update(self, features: torch.Tensor) -> None:
         if features.ndim != 2 or features.shape[1] != self.dim:
             raise ValueError(f"features of shape {tuple(features.shape)} do not match [N, {self.dim}]")
-        x = features.detach().to("cpu", torch.float64)
+        # accumulate where the features are (a GPU does the d x d float64 product far faster than the host)
+        x = features.detach().to(torch.float64)
+        if self.sum.device != x.device:
+            self.sum, self.sum_outer = self.sum.to(x.device), self.sum_outer.to(x.device)
         self.count += x.shape[0]
         self.sum += x.sum(0)
         self.sum_outer += x.T @ x
@@ -60,9 +63,9 @@ class FeatureStats:
         if torch.distributed.get_world_size() == 1:
             return self
         # one flat float64 buffer: a single collective, exact for counts below 2**53
-        flat = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64), self.sum, self.sum_outer.flatten()])
-        backend = torch.distributed.get_backend()
-        if backend == "nccl":
+        flat = torch.cat([torch.tensor([float(self.count)], dtype=torch.float64), self.sum.cpu(),
+                          self.sum_outer.cpu().flatten()])
+        if torch.distributed.get_backend() == "nccl":
             flat = flat.cuda()
         torch.distributed.all_reduce(flat)
         flat = flat.cpu()
@@ -76,15 +79,15 @@ class FeatureStats:
         if self.count < 2:
             raise ValueError(f"need at least 2 feature vectors for a covariance, have {self.count}")
         n = self.count
-        mu = self.sum / n
-        cov = (self.sum_outer - n * torch.outer(mu, mu)) / (n - 1)
+        mu = self.sum.cpu() / n
+        cov = (self.sum_outer.cpu() - n * torch.outer(mu, mu)) / (n - 1)
         return mu.numpy(), cov.numpy()
 
     def save(self, path: str) -> None:
         """Write ``path`` (.npz) atomically, so a concurrent reader never sees half a file."""
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, count=self.count, sum=self.sum.numpy(), sum_outer=self.sum_outer.numpy())
+        np.savez(tmp, count=self.count, sum=self.sum.cpu().numpy(), sum_outer=self.sum_outer.cpu().numpy())
         os.replace(tmp, path)
 
     @classmethod
