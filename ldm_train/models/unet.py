@@ -117,6 +117,12 @@ class UNetModel(nn.Module):
         super().__init__()
         if cfg.num_head_channels == -1 and cfg.num_heads <= 0:
             raise ValueError("unet: set num_heads > 0 or num_head_channels > 0")
+        widths = [cfg.model_channels * m for m in cfg.channel_mult]
+        if any(w % 32 for w in widths):
+            raise ValueError(
+                f"unet widths model_channels x channel_mult = {widths} must be multiples of 32 (GroupNorm with "
+                "32 groups, as CompVis): e.g. model_channels=32, 64, 320"
+            )
         if not 0 <= cfg.concat_channels < cfg.in_channels:
             raise ValueError(
                 f"unet.in_channels={cfg.in_channels} must count the latent channels plus "

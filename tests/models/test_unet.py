@@ -65,6 +65,8 @@ def test_class_and_concat_conditioning(small_unet_cfg: UNetConfig, randomize) ->
         unet(x, t, y=y)
     with pytest.raises(ValueError, match="in_channels"):
         UNetModel(dataclasses.replace(cfg, in_channels=3))
+    with pytest.raises(ValueError, match="multiples of 32"):
+        UNetModel(dataclasses.replace(cfg, model_channels=48))
 
 
 def test_checkpointing_gives_the_same_gradients(small_unet_cfg: UNetConfig, randomize) -> None:
