@@ -39,3 +39,6 @@ def test_any_composition() -> None:
     # training = forward + backward of UNet and text encoder: about 3x the two forwards
     fwd = s["unet_forward_gflops"] + s["text_encoder_forward_gflops"]
     assert 2.5 * fwd < s["train_gflops_per_sample"] < 3.2 * fwd
+    vq = summarize(compose_config(["first_stage=tiny_vq_f4"]))
+    assert vq["first_stage"] == "tiny_vq_f4" and "first_stage_error" not in vq
+    assert vq["first_stage_decode_gflops"] > 0 and vq["first_stage_params"] > 0
