@@ -140,18 +140,20 @@ class ImageStream(torch.utils.data.IterableDataset):
 
 
 def load_heldout(cfg: AEDataConfig, max_images: int) -> torch.Tensor | None:
-    """The first ``max_images`` held-out images ``[N, 3, R, R]`` (every rank holds the same set)."""
-    if not cfg.heldout:
-        return None
+    """The first ``max_images`` held-out images ``[N, 3, R, R]`` (every rank holds the same set).
+
+    Without ``data.heldout`` the first training images stand in (reconstruction grids and latent
+    statistics still work; the trainer labels their PSNR ``eval_train/``, not ``eval/``).
+    """
     from data_prep.readers import image_dataset
 
     images = []
-    for sample in image_dataset(cfg.heldout, cfg.resolution, input_format=cfg.input_format):
+    for sample in image_dataset(cfg.heldout or cfg.input, cfg.resolution, input_format=cfg.input_format):
         images.append(sample["image"])
         if len(images) >= max_images:
             break
     if not images:
-        raise FileNotFoundError(f"data.heldout={cfg.heldout} holds no readable images")
+        raise FileNotFoundError(f"{cfg.heldout or cfg.input} holds no readable images (data.heldout / data.input)")
     return torch.stack(images)
 
 

@@ -177,9 +177,10 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out PSNR (posterior mode / quantized latent), the mean-image baseline, latent statistics."""
-        if self.heldout is None:
-            return {}
+        """Held-out PSNR (posterior mode / quantized latent), the mean-image baseline, latent statistics.
+
+        Each rank takes every world-th image; sums are all-reduced (no rank recomputes another's share).
+        """
         self.model.eval()
         mine = self.heldout[self.rank :: self.world].to(self.device)
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)  # psnr sum, baseline psnr sum, count
@@ -208,7 +209,8 @@ class Trainer:
         z_mean = z_sum / z_n
         z_std = (z_sq / z_n - z_mean.pow(2)).clamp_min(0).sqrt()
         overall_std = ((z_sq.sum() / (z_n * len(z_sum))) - (z_sum.sum() / (z_n * len(z_sum))) ** 2).sqrt()
-        out = {"eval/psnr": float(sums[0] / sums[2]), "eval/psnr_mean_image": float(sums[1] / sums[2]),
+        prefix = "eval" if self.data.heldout else "eval_train"  # PSNR on training images is labelled as such
+        out = {f"{prefix}/psnr": float(sums[0] / sums[2]), f"{prefix}/psnr_mean_image": float(sums[1] / sums[2]),
                "latent/scale_factor": float(1.0 / overall_std)}
         for c in range(len(z_sum)):
             out[f"latent/mean_{c}"], out[f"latent/std_{c}"] = float(z_mean[c]), float(z_std[c])
@@ -283,7 +285,8 @@ class Trainer:
         extra = {"step": self.step, "scale_factor": final.get("latent/scale_factor"),
                  "latent_mean": [final[k] for k in sorted(final) if k.startswith("latent/mean_")],
                  "latent_std": [final[k] for k in sorted(final) if k.startswith("latent/std_")],
-                 "eval_psnr": final.get("eval/psnr"), "eval_psnr_mean_image": final.get("eval/psnr_mean_image")}
+                 "eval_psnr": final.get("eval/psnr"), "eval_psnr_mean_image": final.get("eval/psnr_mean_image"),
+                 "train_images_psnr": final.get("eval_train/psnr")}
         export_path = self.run_dir / "export" / "first_stage.safetensors"
         if self.rank == 0:
             export_path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,7 +64,13 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, shapes32
 
 
 def test_export_loads_in_data_prep_encode(tmp_path, shapes32):
-    result = train(ae_cfg(tmp_path, shapes32, "train.max_steps=2", "train.log_every=1"))
+    result = train(ae_cfg(tmp_path, shapes32, "train.max_steps=2", "train.image_every=2", "logger=wandb",
+                          "logger.mode=offline"))
+    run = tmp_path / "autoencoder/run"
+    assert list((run / "wandb").glob("offline-run-*")), "offline W&B run missing"
+    assert (run / "samples" / "reconstructions-000000002.png").is_file()
+    final = stats(run)[-1]
+    assert final["eval/psnr"] > 0 and final["latent/scale_factor"] > 0 and "latent/std_2" in final
     export = result["export"]
     info = json.loads(open(export.replace(".safetensors", ".json")).read())
     assert info["first_stage"]["name"] == "tiny_kl_f4" and info["scale_factor"] > 0
