@@ -327,7 +327,9 @@ def _encode_shards(cfg: DictConfig, fs_cfg: FirstStageConfig, output: str, todo:
     by_index = {s.index: s for s in todo}
     skipped: Counter[str] = Counter()
     open_shards: dict[int, _OpenShard] = {}
-    bar = tqdm(desc=f"encode task {res.task_index}", unit="img", disable=not cfg.progress, mininterval=2.0,
+    # in a batch log (no tty) a redraw every 30 s keeps the file readable
+    bar = tqdm(desc=f"encode task {res.task_index}", unit="img", disable=not cfg.progress,
+               mininterval=2.0 if sys.stdout.isatty() else 30.0,
                smoothing=0.05, file=sys.stdout)
     it = iter(loader)
     try:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import webdataset as wds
 from conftest import REPO, encode_args, encode_cfg, read_all_shards, run_encode
 from PIL import Image
@@ -105,3 +106,21 @@ def test_unreadable_input_shard_fails_and_is_retried(tmp_path):
     os.replace(tmp_path / "more" / "000002.tar", inp / "000002.tar")
     r2 = enc()
     assert r2.ok and r2.done == [2] and r2.manifest and read_manifest(r2.manifest)["num_samples"] == 24
+
+
+@pytest.mark.slow
+def test_plain_bash_with_two_ranks(tmp_path):
+    """`NPROC=2 bash slurm/prep_latents.sh`: two local processes split the shards by RANK/WORLD_SIZE."""
+    raw = tmp_path / "raw"
+    write_synthetic(str(raw), num_samples=24, resolution=32, shard_size=6)  # 4 input shards
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", "slurm/prep_latents.sh", f"input={raw}", f"output={tmp_path / 'lat'}",
+                           "resolution=32", "allow_random_first_stage=true", "num_workers=0", "progress=false"],
+                          cwd=REPO, env={**env, "NPROC": "2", "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = [json.loads(x) for x in proc.stdout.splitlines() if x.startswith('{"output"')]
+    assert sorted((r["task"], r["encoded_shards"]) for r in reports) == [("0/2", 2), ("1/2", 2)]
+    m = read_manifest(str(tmp_path / "lat" / "tiny_kl_f4"))  # written by whichever rank finished last
+    assert m["num_samples"] == 24 and m["num_shards"] == 4
+    assert sorted(s["key"] for s in read_all_shards(tmp_path / "lat" / "tiny_kl_f4")) == [f"{i:09d}" for i in range(24)]
