@@ -295,7 +295,10 @@ class LocalSlurmCluster:
         deadline = time.monotonic() + timeout
         while True:
             rec = self.show_job(job_id)[0]
-            if rec.get("JobState") == "PENDING" and int(rec.get("Restarts", "0")) >= restarts:
+            # and the nodes of the killed run have finished cleaning up (no "completing" flag), so the rerun
+            # does not land on a node that still holds the old one
+            if (rec.get("JobState") == "PENDING" and int(rec.get("Restarts", "0")) >= restarts
+                    and not any("completing" in state for state in self._node_states().values())):
                 break
             if rec.get("JobState") in TERMINAL_STATES or time.monotonic() > deadline:
                 raise SlurmError(f"job {job_id} was not requeued {restarts}x within {timeout:.0f}s: {rec}")
@@ -420,14 +423,20 @@ class LocalSlurmCluster:
             return False
         return res.returncode == 0 and needle in res.stdout
 
-    def _all_idle(self) -> bool:
+    def _node_states(self) -> dict[str, str]:
+        """Node -> sinfo state (`idle`, `mixed`, `idle+completing`, `unknown`...); {} if sinfo fails."""
         try:
             res = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=self.env, capture_output=True,
                                  text=True, timeout=10, check=False)
         except subprocess.TimeoutExpired:
-            return False
-        states = dict(line.split() for line in res.stdout.splitlines() if line.strip())
-        return res.returncode == 0 and all(states.get(n) == "idle" for n in self.nodes)
+            return {}
+        if res.returncode != 0:
+            return {}
+        return dict(line.split() for line in res.stdout.splitlines() if line.strip())
+
+    def _all_idle(self) -> bool:
+        states = self._node_states()
+        return all(states.get(n) == "idle" for n in self.nodes)
 
     def _active_job_count(self) -> int:
         res = subprocess.run(["squeue", "-h", "-o", "%i"], env=self.env, capture_output=True, text=True,

@@ -126,8 +126,10 @@ def test_requeued_job_runs_again(slurm_cluster: LocalSlurmCluster, tmp_path: Pat
         """)
     job = slurm_cluster.sbatch(script, sbatch_args=["--requeue", "--open-mode=append", f"--output={out}"])
     slurm_cluster.release_requeued(job, restarts=1, timeout=60)  # skips slurmctld's ~2 min hold
-    assert slurm_cluster.wait(job, timeout=60) == "COMPLETED"
-    runs = [line for line in out.read_text().splitlines() if line.startswith("run")]
+    state = slurm_cluster.wait(job, timeout=60)
+    log = out.read_text() if out.exists() else "(no job output)"
+    assert state == "COMPLETED", f"{slurm_cluster.show_job(job)}\n{log}\n{slurm_cluster.logs()}"
+    runs = [line for line in log.splitlines() if line.startswith("run")]
     assert runs == ["run 0", "run 1"]
 
 
