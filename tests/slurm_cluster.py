@@ -120,7 +120,6 @@ class LocalSlurmCluster:
         self._munge_run: Path | None = None
         self.munge_socket = Path()
         self._procs: dict[str, subprocess.Popen] = {}
-        self._pid_files: dict[str, Path] = {}
         self.ctld_port = 0
         self.node_ports: dict[str, int] = {}
 
