@@ -26,6 +26,9 @@ class DDConfig:
     num_res_blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=list)
     dropout: float = 0.0
+    # GroupNorm groups (not in CompVis' yaml: they always use 32). Tiny presets use fewer: with ch=32, 32 groups
+    # normalise each channel alone and wipe out per-image colour, which slows early training a lot.
+    norm_groups: int = 32
 
 
 @dataclass

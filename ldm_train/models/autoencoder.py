@@ -21,18 +21,18 @@ from ldm_train.config import FirstStageConfig
 from ldm_train.models.quantize import VectorQuantizer
 
 
-def _norm(channels: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+def _norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=groups, num_channels=channels, eps=1e-6, affine=True)
 
 
 class ResnetBlock(nn.Module):
     """GroupNorm-SiLU-conv twice with a 1x1 ``nin_shortcut`` when the width changes (no timestep input)."""
 
-    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0) -> None:
+    def __init__(self, in_channels: int, out_channels: int, dropout: float = 0.0, groups: int = 32) -> None:
         super().__init__()
-        self.norm1 = _norm(in_channels)
+        self.norm1 = _norm(in_channels, groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels)
+        self.norm2 = _norm(out_channels, groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         if in_channels != out_channels:
@@ -49,9 +49,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head spatial self-attention with 1x1-conv q/k/v/proj_out (the CompVis "vanilla" block)."""
 
-    def __init__(self, channels: int) -> None:
+    def __init__(self, channels: int, groups: int = 32) -> None:
         super().__init__()
-        self.norm = _norm(channels)
+        self.norm = _norm(channels, groups)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -108,11 +108,11 @@ class _Level(nn.Module):
 
 
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float) -> None:
+    def __init__(self, channels: int, dropout: float, groups: int) -> None:
         super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, dropout)
-        self.attn_1 = AttnBlock(channels)
-        self.block_2 = ResnetBlock(channels, channels, dropout)
+        self.block_1 = ResnetBlock(channels, channels, dropout, groups)
+        self.attn_1 = AttnBlock(channels, groups)
+        self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.block_2(self.attn_1(self.block_1(h)))
@@ -123,24 +123,25 @@ class Encoder(nn.Module):
 
     def __init__(self, *, ch: int, ch_mult: list[int], num_res_blocks: int, attn_resolutions: list[int],
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 dropout: float = 0.0, **_: Any) -> None:
+                 dropout: float = 0.0, norm_groups: int = 32, **_: Any) -> None:
         super().__init__()
+        g = norm_groups
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         res, block_in = resolution, ch
         for i, mult in enumerate(ch_mult):
             level, block_out = _Level(), ch * mult
             for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, g))
                 block_in = block_out
                 if res in attn_resolutions:  # attn_resolutions are feature-map sides at ddconfig.resolution
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, g))
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
-        self.mid = _Mid(block_in, dropout)
-        self.norm_out = _norm(block_in)
+        self.mid = _Mid(block_in, dropout, g)
+        self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,26 +159,27 @@ class Decoder(nn.Module):
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: list[int], num_res_blocks: int,
                  attn_resolutions: list[int], resolution: int, z_channels: int, dropout: float = 0.0,
-                 **_: Any) -> None:
+                 norm_groups: int = 32, **_: Any) -> None:
         super().__init__()
+        g = norm_groups
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout)
+        self.mid = _Mid(block_in, dropout, g)
         levels: list[_Level] = []
         for i in reversed(range(len(ch_mult))):
             level, block_out = _Level(), ch * ch_mult[i]
             for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, block_out, dropout))
+                level.block.append(ResnetBlock(block_in, block_out, dropout, g))
                 block_in = block_out
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+                    level.attn.append(AttnBlock(block_in, g))
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
             levels.insert(0, level)  # index by level so keys read up.0 (full resolution) .. up.N-1
         self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(block_in)
+        self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -311,7 +313,7 @@ def build_first_stage(cfg: FirstStageConfig | Any) -> AutoencoderKL | VQModel:
 
 def load_first_stage(cfg: FirstStageConfig | Any, map_location: str | torch.device = "cpu") -> AutoencoderKL | VQModel:
     """Build the first stage and load ``cfg.checkpoint`` (CompVis layout), returned in eval mode, frozen."""
-    from ldm_train.models.first_stage_io import first_stage_state_dict
+    from ldm_train.models.first_stage_io import check_architecture, first_stage_state_dict
 
     model = build_first_stage(cfg)
     cfg = model.cfg
@@ -321,6 +323,7 @@ def load_first_stage(cfg: FirstStageConfig | Any, map_location: str | torch.devi
             f"`python -m ldm_train.train_autoencoder first_stage={cfg.name} ...` (its export "
             f"first_stage.safetensors) or to a released CompVis model.ckpt of that preset")
     state = first_stage_state_dict(cfg.checkpoint, cfg.name)
+    check_architecture(cfg.checkpoint, cfg)
     ours = model.state_dict()
     missing = sorted(set(ours) - set(state))
     unexpected = sorted(set(state) - set(ours))

@@ -53,6 +53,39 @@ def first_stage_state_dict(path: str, name: str = "first_stage") -> dict[str, to
     return {k: v for k, v in state.items() if not k.startswith("loss.")}
 
 
+def stored_config(path: str) -> dict[str, Any] | None:
+    """The FirstStageConfig (as a dict) our export wrote into a safetensors header, else None."""
+    if not str(path).endswith(".safetensors"):
+        return None
+    with fsspec.open(str(path), "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    meta = header.get("__metadata__") or {}
+    return json.loads(meta["first_stage"]) if "first_stage" in meta else None
+
+
+# fields that change what the weights compute without changing any tensor shape
+_ARCH_FIELDS = ("kind", "embed_dim", "n_embed", "downsample_factor")
+_DD_FIELDS = ("z_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "double_z", "norm_groups")
+
+
+def check_architecture(path: str, cfg: Any) -> None:
+    """Refuse a checkpoint whose recorded architecture differs from ``cfg`` (e.g. GroupNorm groups)."""
+    stored = stored_config(path)
+    if stored is None:
+        return
+    mine = asdict(cfg)
+    diffs = [f"{k}: file {stored.get(k)!r} vs config {mine[k]!r}" for k in _ARCH_FIELDS
+             if k in stored and stored[k] != mine[k]]
+    sdd, mdd = stored.get("ddconfig", {}), mine["ddconfig"]
+    diffs += [f"ddconfig.{k}: file {sdd.get(k, 32 if k == 'norm_groups' else None)!r} vs config {mdd[k]!r}"
+              for k in _DD_FIELDS if sdd.get(k, 32 if k == "norm_groups" else None) != mdd[k]]
+    if diffs:
+        raise ValueError(f"first_stage checkpoint {path} was trained as {stored.get('name')!r} with another "
+                         f"architecture than first_stage {cfg.name}: {'; '.join(diffs)}. Use the preset it was "
+                         f"trained with (its config is in the .json beside it) or override those fields")
+
+
 def export_first_stage(model: nn.Module, path: str, extra: dict[str, Any] | None = None) -> str:
     """Write ``model`` as safetensors (bare CompVis keys) and its FirstStageConfig as JSON beside it.
 

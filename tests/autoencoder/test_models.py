@@ -163,3 +163,14 @@ def test_load_errors_name_the_fix(tmp_path):
     cfg.checkpoint = str(tmp_path / "f8.safetensors")
     with pytest.raises(ValueError, match="tiny_kl_f4"):
         load_first_stage(cfg)
+
+
+def test_load_refuses_another_norm_groups(tmp_path):
+    """GroupNorm groups change the function but no tensor shape: the export's recorded config catches it."""
+    cfg = preset("tiny_kl_f4")
+    assert cfg.ddconfig.norm_groups == 8
+    export_first_stage(build_first_stage(cfg), str(tmp_path / "fs.safetensors"))
+    cfg.checkpoint = str(tmp_path / "fs.safetensors")
+    cfg.ddconfig.norm_groups = 32
+    with pytest.raises(ValueError, match="norm_groups"):
+        load_first_stage(cfg)
