@@ -28,8 +28,10 @@ def broadcast_str(value: str | None) -> str:
 def make_run_dir(cfg: DictConfig, world_size: int, global_batch: int) -> Path:
     path = None
     if get_rank() == 0:
+        # Hydra parses run_name=nan / 00012 as a float / int: a name is always a string
+        run_name = None if cfg.get("run_name") is None else str(cfg.get("run_name"))
         desc = describe_run(cfg.experiment_name, cfg.first_stage.name, world_size, global_batch)
-        path = str(resolve_run_dir(cfg.runs_root, cfg.experiment_name, desc, cfg.get("run_name"), slurm_job_id()))
+        path = str(resolve_run_dir(cfg.runs_root, cfg.experiment_name, desc, run_name, slurm_job_id()))
     return Path(broadcast_str(path))
 
 

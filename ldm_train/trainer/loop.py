@@ -9,6 +9,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +43,45 @@ def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+class _LazySafetensors(Mapping):
+    """{name: tensor} read one tensor at a time, so no rank holds a whole 1.45B-parameter EMA file at once."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Any:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)
+
+
+def _single_process_group() -> None:
+    """A 1-process gloo group on a free loopback port (DeepSpeed needs a group; without a launcher it
+    would bind 29500, which collides when a sweep runs several single-process jobs on one machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl",
+                                         init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig) -> None:
         self.cfg = cfg
         self.tcfg: TrainConfig = to_dataclass(cfg.train, TrainConfig)
         self.env = init_distributed()
+        if not torch.distributed.is_initialized():
+            _single_process_group()
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self.device = build.device_for_rank()
         self.d: Derived = derive(self.tcfg, self.world_size, build.flops_per_sample(cfg))
@@ -116,9 +151,10 @@ class Trainer:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.tcfg.precision, torch.float32)
         self.ema = None
         if self.tcfg.ema.enabled:
-            from ldm_train.trainer.ema_shards import ShardedEMA
+            from ldm_train.ema import EMA
 
-            self.ema = ShardedEMA(self.engine.module, decay=self.tcfg.ema.decay, warmup=self.tcfg.ema.warmup)
+            # after deepspeed.initialize: under ZeRO-3 each rank averages its fp32 master partition
+            self.ema = EMA(self.engine.module, decay=self.tcfg.ema.decay, warmup=self.tcfg.ema.warmup)
 
     def _resume(self) -> dict[str, Any] | None:
         if self.latest is None:
@@ -153,7 +189,8 @@ class Trainer:
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the checkpoint has no EMA to resume; set train.ema.enabled=false "
                                     f"or resume from a checkpoint written with the EMA on")
-        self.ema.load_safetensors(str(path), num_updates)
+        self.ema.load_state_dict({"shadow": _LazySafetensors(path), "num_updates": num_updates,
+                                  "decay": self.tcfg.ema.decay, "warmup": self.tcfg.ema.warmup})
 
     def _setup_tracking(self, run_id: str | None) -> None:
         from ldm_train.tracking import Tracker
@@ -279,7 +316,7 @@ class Trainer:
 
     # ---- checkpoints and samples ------------------------------------------------------------------------
     def _ema_state(self) -> dict[str, torch.Tensor] | None:
-        return None if self.ema is None else self.ema.gathered_state_dict()  # collective under ZeRO-3
+        return None if self.ema is None else self.ema.gathered_state_dict(rank0_only=True)  # collective (ZeRO-3)
 
     def save(self) -> str:
         t0 = time.perf_counter()
