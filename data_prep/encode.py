@@ -280,7 +280,8 @@ def run_encode(cfg: DictConfig) -> EncodeResult:
     done_parts = set(fsspec_io.ls(fsspec_io.join(output, mf.STATS_DIR)))
     mine = [s for s in shards if s.index % ntasks == task]
     todo = [s for s in mine if cfg.overwrite or f"part-{s.index:06d}.json" not in done_parts]
-    res.already_done = [s.index for s in mine if s not in todo]
+    todo_ids = {s.index for s in todo}
+    res.already_done = [s.index for s in mine if s.index not in todo_ids]
     print(f"[encode] task {task}/{ntasks}: {len(mine)} of {len(shards)} input shards, {len(res.already_done)} "
           f"already done, {len(todo)} to encode -> {output}", flush=True)
     if todo:
