@@ -264,7 +264,8 @@ class Trainer:
             if self.step % self.tcfg.log_every == 0 or self.step == self.tcfg.max_steps:
                 self._log(log, t0, self.step - since)
                 t0, since = time.perf_counter(), self.step
-            if self.step % self.tcfg.image_every == 0 or self.step % self.tcfg.eval_every == 0:
+            periodic = self.step % self.tcfg.image_every == 0 or self.step % self.tcfg.eval_every == 0
+            if periodic and self.step < self.tcfg.max_steps:  # the last step is evaluated by finish()
                 self.tracker.log(self.step, self.evaluate())
             if preemption.should_stop():
                 stopped = True
