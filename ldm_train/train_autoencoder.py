@@ -103,7 +103,7 @@ class Trainer:
                                   self.rank, self.world, skip_batches=0 if reseed else self.step)
         self.heldout = load_heldout(self.data, self.tcfg.eval_images)
         self.tracker = Tracker(cfg.logger, self.run_dir, run_config=OmegaConf.to_container(cfg, resolve=True),
-                               experiment=cfg.experiment)
+                               experiment=cfg.run_group)
         self.usage = torch.zeros(max(self.fs.n_embed, 1), device=self.device)  # VQ code counts per log interval
         n_params = sum(p.numel() for p in self.model.parameters())
         self._print(f"first_stage {self.fs.name} ({self.fs.kind}, f={self.fs.downsample_factor}, {n_params:,} params), "
@@ -121,7 +121,7 @@ class Trainer:
         box: list[Any] = [None]
         if self.rank == 0:
             desc = f"{self.fs.name}-gpus{self.world}-batch{self.global_batch}"
-            run_dir = resolve_run_dir(self.cfg.runs_root, self.cfg.experiment, desc, self.cfg.run_name, slurm_job_id())
+            run_dir = resolve_run_dir(self.cfg.runs_root, self.cfg.run_group, desc, self.cfg.run_name, slurm_job_id())
             OmegaConf.save(self.cfg, run_dir / "config.yaml", resolve=True)
             box[0] = str(run_dir)
         if self.world > 1:
