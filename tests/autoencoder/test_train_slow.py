@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -52,3 +53,40 @@ def test_ddp_two_processes_train_both_players(tmp_path, shapes32):
     assert state["world_size"] == 2 and state["d_steps"] == 2
     logged = [s for s in stats(run) if "train/d_loss" in s]
     assert [s["step"] for s in logged] == [2, 3]
+
+
+def test_sigusr1_checkpoints_and_a_rerun_resumes(tmp_path, shapes32):
+    """SLURM's --signal=USR1: finish the step, checkpoint, exit 0; the next run continues from that step."""
+    args = [sys.executable, "-m", "ldm_train.train_autoencoder", f"data.input={shapes32['train']}",
+            f"runs_root={tmp_path}", "run_name=pre", "logger=disabled", "first_stage.ddconfig.resolution=16",
+            "data.resolution=16", "first_stage.lossconfig.perceptual_weight=0", "data.num_workers=0",
+            "first_stage.lossconfig.disc_num_layers=2",
+            "optim.batch_size=2", "train.log_every=1", "train.eval_images=4"]
+    run = tmp_path / "autoencoder" / "pre"
+    proc = subprocess.Popen([*args, "train.max_steps=100000"], cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not ((run / "stats.jsonl").exists() and (run / "stats.jsonl").read_text().strip()):
+            if proc.poll() is not None:
+                raise AssertionError(f"trainer exited {proc.returncode}:\n{proc.stdout.read()[-3000:]}")
+            assert time.monotonic() < deadline, "no training step logged"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+    ckpts = sorted((run / "checkpoints").glob("step_*"))
+    assert len(ckpts) == 1 and not list((run / "checkpoints").glob(".*tmp"))
+    stopped_at = torch.load(ckpts[0] / "state.pt", weights_only=True)["step"]
+    assert 1 <= stopped_at < 100000 and ckpts[0].name == f"step_{stopped_at:07d}"
+    assert not (run / "export").exists()  # a preempted run is not finished: no final export yet
+    again = subprocess.run([*args, f"train.max_steps={stopped_at + 1}"], cwd=REPO, capture_output=True, text=True,
+                           timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"start step {stopped_at}" in again.stdout
+    steps = [s["step"] for s in stats(run) if "train/total" in s]
+    assert steps == list(range(1, stopped_at + 2))  # no step repeated or skipped across the stop
+    assert (run / "export" / "first_stage.safetensors").is_file()
