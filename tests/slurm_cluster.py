@@ -294,10 +294,10 @@ class LocalSlurmCluster:
         deadline = time.monotonic() + timeout
         while True:
             rec = self.show_job(job_id)[0]
-            # and the nodes of the killed run have finished cleaning up (no "completing" flag), so the rerun
-            # does not land on a node that still holds the old one
+            # ...and every slurmstepd of the killed run has ended: a late exit report of the old batch step
+            # can otherwise land on the restarted job and mark it FAILED (what slurmctld's hold guards against)
             if (rec.get("JobState") == "PENDING" and int(rec.get("Restarts", "0")) >= restarts
-                    and not any("completing" in state for state in self._node_states().values())):
+                    and self._steps_all_done(job_id)):
                 break
             if rec.get("JobState") in TERMINAL_STATES or time.monotonic() > deadline:
                 raise SlurmError(f"job {job_id} was not requeued {restarts}x within {timeout:.0f}s: {rec}")
@@ -421,6 +421,17 @@ class LocalSlurmCluster:
         except subprocess.TimeoutExpired:
             return False
         return res.returncode == 0 and needle in res.stdout
+
+    def _steps_all_done(self, job_id: str) -> bool:
+        """Every batch script and step slurmd launched for the job has logged `[<job>.<step>] done with job`."""
+        launched = done = 0
+        launch = re.compile(rf"Launching batch job {job_id} |launch task StepId={job_id}\.\d+ ")
+        finished = re.compile(rf"\[{job_id}\.(batch|\d+)\] done with job")
+        for log in (self.base / "log").glob("slurmd-*.log"):
+            text = log.read_text(errors="replace")
+            launched += len(launch.findall(text))
+            done += len(finished.findall(text))
+        return done >= launched
 
     def _node_states(self) -> dict[str, str]:
         """Node -> sinfo state (`idle`, `mixed`, `idle+completing`, `unknown`...); {} if sinfo fails."""
