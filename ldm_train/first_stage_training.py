@@ -52,7 +52,6 @@ class AETrainConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     export_every_checkpoint: bool = True
-    compile: bool = False
 
 
 @dataclass

@@ -222,6 +222,10 @@ class Trainer:
         return out
 
     def _log(self, log: dict[str, torch.Tensor], t0: float, steps: int) -> None:
+        if not bool(torch.isfinite(log["total"])):  # checked at the log interval only: one host sync
+            raise FloatingPointError(
+                f"non-finite generator loss at step {self.step} on rank {self.rank}: lower optim.base_lr or set "
+                f"optim.grad_clip; the run resumes from the last checkpoint in {self.ckpt_dir}")
         scalars = {f"train/{k}": v for k, v in log.items()}
         if self.fs.kind == "vq":  # codebook usage over the interval, all ranks
             counts = _all_reduce_(self.usage.clone())
