@@ -124,6 +124,9 @@ class Trainer:
     def _setup_engine(self) -> None:
         if not torch.cuda.is_available():
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
+            if self.tcfg.precision == "fp16":
+                raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16): "
+                                 "use train.precision=bf16 or fp32 on CPU")
         import deepspeed
 
         torch.manual_seed(self.tcfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
