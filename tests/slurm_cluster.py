@@ -287,23 +287,6 @@ class LocalSlurmCluster:
             cmd.append("--full")
         self.run([*cmd, str(job_id)], timeout=30)
 
-    def release_requeued(self, job_id: str, restarts: int = 1, timeout: float = 120.0) -> None:
-        """Wait until the job has been requeued `restarts` times and is pending again, then let it start now.
-        slurmctld holds a requeued job for ~2 min (Reason=BeginTime) before it may run again; tests of
-        requeue/resume call this instead of waiting that out."""
-        deadline = time.monotonic() + timeout
-        while True:
-            rec = self.show_job(job_id)[0]
-            # ...and every slurmstepd of the killed run has ended: a late exit report of the old batch step
-            # can otherwise land on the restarted job and mark it FAILED (what slurmctld's hold guards against)
-            if (rec.get("JobState") == "PENDING" and int(rec.get("Restarts", "0")) >= restarts
-                    and self._steps_all_done(job_id)):
-                break
-            if rec.get("JobState") in TERMINAL_STATES or time.monotonic() > deadline:
-                raise SlurmError(f"job {job_id} was not requeued {restarts}x within {timeout:.0f}s: {rec}")
-            time.sleep(0.2)
-        self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], timeout=30)
-
     def logs(self, tail: int = 40) -> str:
         """The last lines of every daemon log, for failure messages."""
         out = []
@@ -341,7 +324,10 @@ class LocalSlurmCluster:
             f"SlurmdUser={user}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire: job credentials live 120 s by default, and a requeued job is held that long before
+            # it may start again (slurmd refuses a credential issued before the old one's revocation ran out);
+            # 10 s keeps requeue tests short and still leaves a loaded machine time to launch a step.
+            f"AuthInfo=socket={self.munge_socket},cred_expire=10",
             # Bind to the node's address (127.0.0.1) instead of every interface.
             "CommunicationParameters=NoCtldInAddrAny,NoInAddrAny",
             f"StateSaveLocation={b}/state",
@@ -356,7 +342,9 @@ class LocalSlurmCluster:
             "SelectType=select/cons_tres",
             "SelectTypeParameters=CR_CPU",
             # Without batch_sched_delay=0 every submission waits for the next scheduling pass (~3 s).
-            "SchedulerParameters=batch_sched_delay=0",
+            # sched_interval: the periodic pass that starts jobs whose begin time has come (requeued ones);
+            # default 60 s.
+            "SchedulerParameters=batch_sched_delay=0,sched_interval=2",
             # Lets the simulated nodes declare more CPUs than the machine has.
             "SlurmdParameters=config_overrides",
             "MpiDefault=none",
@@ -421,17 +409,6 @@ class LocalSlurmCluster:
         except subprocess.TimeoutExpired:
             return False
         return res.returncode == 0 and needle in res.stdout
-
-    def _steps_all_done(self, job_id: str) -> bool:
-        """Every batch script and step slurmd launched for the job has logged `[<job>.<step>] done with job`."""
-        launched = done = 0
-        launch = re.compile(rf"Launching batch job {job_id} |launch task StepId={job_id}\.\d+ ")
-        finished = re.compile(rf"\[{job_id}\.(batch|\d+)\] done with job")
-        for log in (self.base / "log").glob("slurmd-*.log"):
-            text = log.read_text(errors="replace")
-            launched += len(launch.findall(text))
-            done += len(finished.findall(text))
-        return done >= launched
 
     def _node_states(self) -> dict[str, str]:
         """Node -> sinfo state (`idle`, `mixed`, `idle+completing`, `unknown`...); {} if sinfo fails."""

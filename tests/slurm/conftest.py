@@ -1,10 +1,10 @@
 """Session fixtures of the cluster-path tests, built once and shared, each stage on the local SLURM cluster:
 
-    first_stage_file   a random-init tiny_kl_f4 / tiny_kl_f8 exported as safetensors (plumbing weights)
     slurm_latents      synthetic shards -> slurm/prep_latents.sh array -> finalize job -> manifest.json
     slurm_train_run    slurm/train_txt2img.sh, experiment=tiny on 2 nodes x 1 task -> a checkpoint
 
-A fixture whose stage script has not landed skips, naming the missing file.
+A fixture whose stage script has not landed skips, naming the missing file. The first stage everywhere is a
+random-init tiny preset exported as safetensors (export_random_first_stage): plumbing weights, a real file.
 """
 
 from __future__ import annotations
@@ -45,7 +45,6 @@ class Latents:
     @property
     def shards(self) -> Path:
         return self.root / self.first_stage
-
 
 
 def export_random_first_stage(name: str, path: Path) -> Path:
