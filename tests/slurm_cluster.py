@@ -1,10 +1,13 @@
 """A real SLURM cluster on one machine, for tests: munged + slurmctld + N slurmd daemons under one directory.
 
 Debian's slurm build supports several slurmd daemons per host (MULTIPLE_SLURMD), so `nodes=2` gives two
-simulated nodes `node1`, `node2` with NodeAddr=127.0.0.1 and distinct ports. Everything (config, state,
-spool, logs, munge key and socket) lives under `base_dir` and every port is picked free at start, so two
-test sessions on one machine do not collide. The daemons run in the foreground under Popen: they are
-stopped by PID (TERM, wait, then KILL), never by name.
+simulated nodes `node1`, `node2` with NodeAddr=127.0.0.1 and distinct ports, each with `cpus_per_node` CPUs
+and `gpus_per_node` pretend GPUs (so `--gpus-per-node` requests schedule; jobs run on CPU). Everything
+(config, state, spool, logs, munge key) lives under `base_dir` (the munge socket in its own temp dir), every
+daemon binds 127.0.0.1 only, and every port is picked free at start, so two test sessions on one machine do
+not collide. The daemons run in the foreground under Popen: they are stopped by PID (TERM, wait, then KILL),
+never by name, and get SIGTERM if the test process itself dies. A requeued job restarts after ~10 s
+(cred_expire=10; SLURM's default hold is 120 s).
 
 The names node1.. do not resolve; a job that uses the first node name as MASTER_ADDR maps it through
 `scontrol show node <name>` (NodeAddr=127.0.0.1), as ldm_train.distributed does, or `node_addrs` here.
