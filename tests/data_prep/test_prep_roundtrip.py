@@ -19,11 +19,21 @@ from ldm_train.models.first_stage_io import export_first_stage
 pytestmark = pytest.mark.slow
 
 R = 16  # tiny_kl_f4 trains fastest here; f=4 -> 4x4x3 latents
-STEPS = 200  # a plain L1 loop; ~1.5 min on 2 shared cores
+STEPS = 300  # a plain reconstruction loop; ~3 min on 2 shared cores
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return 10 * math.log10(4.0 / ((a.clamp(-1, 1) - b) ** 2).mean().item())  # images in [-1, 1]: peak-to-peak 2
+
+
+def _train(model, x, opt, sched, g) -> None:
+    for _ in range(STEPS):
+        b = x[torch.randint(0, len(x), (16,), generator=g)]
+        loss = ((model.decode(model.encode(b).mode()) - b) ** 2).mean()  # deterministic AE: the posterior mean
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
 
 
 def test_decoded_latents_match_the_input(tmp_path):
@@ -35,14 +45,16 @@ def test_decoded_latents_match_the_input(tmp_path):
     fs_cfg = to_dataclass(encode_cfg(encode_args(input="x")).first_stage, FirstStageConfig)
     torch.manual_seed(0)
     model = build_first_stage(fs_cfg)
-    opt = torch.optim.Adam(model.parameters(), lr=4e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    # linear decay to 0: a constant rate this high leaves the loss bouncing and the end result seed-dependent
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1 - step / STEPS)
     g = torch.Generator().manual_seed(0)
-    for _ in range(STEPS):
-        b = x[torch.randint(0, len(x), (8,), generator=g)]
-        loss = (model.decode(model.encode(b).mode()) - b).abs().mean()  # deterministic AE: the posterior mean
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny convs: a second thread gains little and suffers most on a shared machine
+    try:
+        _train(model, x, opt, sched, g)
+    finally:
+        torch.set_num_threads(threads)
     ckpt = tmp_path / "first_stage.safetensors"
     export_first_stage(model.eval(), str(ckpt))
 
@@ -61,6 +73,8 @@ def test_decoded_latents_match_the_input(tmp_path):
         direct = loaded.decode(loaded.encode(target).mode())
     baseline = _psnr(x.mean(0, keepdim=True).expand_as(target), target)  # the dataset's mean image
     got = _psnr(decoded, target)
+    print(f"decoded stored means: {got:.2f} dB PSNR; mean-image baseline {baseline:.2f} dB")
+    # tiny_kl_f4 (ch 32: every GroupNorm is per channel) gets ~12 dB here vs ~8.9 dB for the mean image
     assert got > baseline + 2.0, f"decoded PSNR {got:.2f} dB vs mean-image baseline {baseline:.2f} dB"
     # the shards lose nothing but float16 rounding of what the first stage itself produces
     assert _psnr(decoded, direct.clamp(-1, 1)) > 35.0
