@@ -70,7 +70,7 @@ class ImageStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: AEDataConfig, batch_size: int, seed: int, rank: int, world_size: int,
                  skip_batches: int = 0) -> None:
-        from data_prep.readers import list_input_shards
+        from ldm_train.data.readers import list_input_shards
 
         super().__init__()
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
@@ -86,7 +86,7 @@ class ImageStream(torch.utils.data.IterableDataset):
                   f"write more shards for faster loading", flush=True)
 
     def _images(self, stream: int, num_streams: int) -> Iterator[torch.Tensor]:
-        from data_prep.readers import Filters, InputShardError, Sample, iter_shard
+        from ldm_train.data.readers import Filters, InputShardError, Sample, iter_shard
 
         filters = Filters(min_size=0, require_caption=False)  # an autoencoder needs images only
         for epoch in itertools.count():
@@ -144,7 +144,7 @@ def load_heldout(cfg: AEDataConfig, max_images: int) -> torch.Tensor | None:
     Without ``data.heldout`` the first training images stand in (reconstruction grids and latent
     statistics still work; the trainer labels their PSNR ``eval_train/``, not ``eval/``).
     """
-    from data_prep.readers import image_dataset
+    from ldm_train.data.readers import image_dataset
 
     images = []
     for sample in image_dataset(cfg.heldout or cfg.input, cfg.resolution, input_format=cfg.input_format):

@@ -61,7 +61,7 @@ def register_fsspec_schemes(schemes: tuple[str, ...] = _FSSPEC_SCHEMES) -> None:
     """Make ``webdataset`` open ``s3://`` (and the other given fsspec protocols) URLs through fsspec.
 
     Idempotent; call it in every process that builds a WebDataset pipeline over remote URLs
-    (importing ``data_prep.readers`` or this module's users does it at import time).
+    (importing ``ldm_train.data.readers`` or this module's users does it at import time).
     """
     import importlib
 

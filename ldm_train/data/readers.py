@@ -1,0 +1,409 @@
+"""Image + caption inputs: img2dataset-style tars, image folders with sidecar captions, ImageNet class folders.
+
+Inputs are cut into *input shards* (a tar, or a fixed-size block of files of a folder) listed in a
+deterministic order; shard ``j`` is the unit of work of the encode job (input shard j -> output shard j).
+
+- tars: ``dir/{000000..000099}.tar`` (brace pattern), one ``.tar`` URL, several joined with ``::``, or a
+  directory / prefix holding ``*.tar``; local or any fsspec URL (``s3://bucket/laion/``). Members are grouped
+  by key as WebDataset does (``<key>.jpg|png|webp`` + ``<key>.txt`` + ``<key>.json``).
+- folder: images anywhere below a directory, caption in ``<same name>.txt`` beside the image.
+- imagenet: one sub-directory per class (sorted names -> class index); the caption is
+  ``caption_template.format(class_name=...)``; class names from ``LOC_synset_mapping.txt`` / ``synset_words.txt``
+  / ``classes.txt`` at the root (``wnid name, alias, ...``) when present, else the directory name.
+
+``image_dataset(...)`` is the torch IterableDataset for the autoencoder trainer and eval reference sets.
+``iter_shard(...)`` is the lower level the encode job uses: it also yields ``Skip`` records with their reason.
+"""
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+import torch
+from PIL import Image
+
+from ldm_train.data import fsspec_io
+from ldm_train.data.transforms import resize_center_crop, to_tensor
+
+fsspec_io.register_fsspec_schemes()  # workers import this module: they can open s3:// through webdataset too
+
+IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
+CAPTION_EXTS = ("txt", "caption")
+CLASS_NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "classes.txt")
+SKIP_REASONS = ("no_image", "decode_error", "no_caption", "too_small", "bad_aspect")
+
+
+class InputShardError(RuntimeError):
+    """An input shard could not be read (fully). ``salvaged`` is True when the samples before the damage were kept."""
+
+    def __init__(self, message: str, salvaged: bool) -> None:
+        super().__init__(message)
+        self.salvaged = salvaged
+
+
+@dataclass(frozen=True)
+class InputShard:
+    index: int
+    url: str  # the tar, or the folder the files are in
+    kind: str  # "tar" | "folder" | "imagenet"
+    files: tuple[str, ...] = ()  # folder kinds: paths relative to url
+    class_names: tuple[str, ...] = ()  # imagenet: all class names, by class index
+
+
+@dataclass
+class Filters:
+    """Which decoded samples to keep. ``min_size`` None means the target resolution (never upscale)."""
+
+    min_size: int | None = None
+    max_aspect: float | None = None  # long side / short side; None: any
+    require_caption: bool = True
+
+
+@dataclass
+class Skip:
+    key: str
+    reason: str  # one of SKIP_REASONS
+    detail: str = ""
+
+
+@dataclass
+class Sample:
+    key: str
+    image: torch.Tensor  # [3, R, R] float in [-1, 1]
+    caption: str
+    # source_key, source_shard, original_width, original_height, label (class index, -1 if none)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "image": self.image, "caption": self.caption, "meta": self.meta}
+
+
+# ---------------------------------------------------------------- listing input shards
+
+
+def _expand(input: str | Sequence[str]) -> list[str]:
+    import braceexpand
+
+    parts = [input] if isinstance(input, str) else list(input)
+    out: list[str] = []
+    for p in parts:
+        for q in str(p).split("::"):
+            out.extend(braceexpand.braceexpand(q))
+    return out
+
+
+def _walk_files(root: str) -> list[str]:
+    """All files below ``root`` as relative paths, sorted (local or fsspec)."""
+    fs, path = fsspec.core.url_to_fs(root)
+    base = path.rstrip("/") + "/"
+    return sorted(p[len(base):] for p in fs.find(path) if p.startswith(base))
+
+
+def _ext(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
+
+
+def _detect(input: str) -> str:
+    if ".tar" in input or "{" in input or "::" in input:
+        return "tar"
+    names = fsspec_io.ls(input)
+    if not names:
+        raise FileNotFoundError(f"input {input!r} is empty or does not exist: give a tar pattern, an image folder or class folders")
+    if any(n.endswith(".tar") for n in names):
+        return "tar"
+    if any(_ext(n) in IMAGE_EXTS for n in names):
+        return "folder"
+    return "imagenet"
+
+
+def _class_names(root: str, dirs: list[str]) -> list[str]:
+    for fname in CLASS_NAME_FILES:
+        url = fsspec_io.join(root, fname)
+        if fsspec_io.exists(url):
+            mapping = {}
+            for line in fsspec_io.read_bytes(url).decode().splitlines():
+                wnid, _, names = line.strip().partition(" ")
+                if wnid:
+                    mapping[wnid] = names.split(",")[0].strip() or wnid
+            return [mapping.get(d, d.replace("_", " ")) for d in dirs]
+    return [d.replace("_", " ") for d in dirs]
+
+
+def list_input_shards(input: str | Sequence[str], input_format: str = "auto", files_per_shard: int = 1000) -> list[InputShard]:
+    """The input shards in their fixed order (the same on every task and every re-run)."""
+    if not isinstance(input, str):
+        input_format = "tar" if input_format == "auto" else input_format
+    fmt = _detect(input) if input_format == "auto" else input_format
+    if fmt == "tar":
+        urls = _expand(input)
+        if len(urls) == 1 and not urls[0].endswith(".tar"):  # a directory / prefix of tars
+            urls = [fsspec_io.join(urls[0], n) for n in fsspec_io.ls(urls[0]) if n.endswith(".tar")]
+        if not urls:
+            raise FileNotFoundError(f"no .tar files found for input {input!r}")
+        return [InputShard(j, u, "tar") for j, u in enumerate(urls)]
+    if not isinstance(input, str):
+        raise ValueError(f"input_format={fmt} takes one directory, got {input!r}")
+    root = input.rstrip("/")
+    if fmt == "folder":
+        files = [f for f in _walk_files(root) if _ext(f) in IMAGE_EXTS]
+        class_names: tuple[str, ...] = ()
+    elif fmt == "imagenet":
+        dirs = [d for d in fsspec_io.ls(root) if fsspec_io.isdir(fsspec_io.join(root, d))]
+        files = [f for f in _walk_files(root) if "/" in f and f.split("/", 1)[0] in dirs and _ext(f) in IMAGE_EXTS]
+        class_names = tuple(_class_names(root, dirs))
+    else:
+        raise ValueError(f"input_format={fmt!r}: use auto, tar, folder or imagenet")
+    if not files:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root!r}")
+    return [
+        InputShard(j, root, fmt, tuple(files[s : s + files_per_shard]), class_names)
+        for j, s in enumerate(range(0, len(files), files_per_shard))
+    ]
+
+
+# ---------------------------------------------------------------- raw records of one shard
+
+
+@dataclass
+class _Raw:
+    key: str
+    image: bytes | None
+    caption: str | None
+    meta: dict[str, Any]  # the json sidecar (tars) or label/path (folders)
+
+
+def _tar_groups(url: str) -> Iterator[_Raw]:
+    """Group tar members by key (the basename up to its first dot), streaming; damage -> InputShardError."""
+    try:
+        stream = fsspec_io.open_url(url, "rb")
+    except Exception as e:  # missing file, no permission, network: nothing read, the shard is retried on re-run
+        raise InputShardError(f"cannot open input tar {url}: {e!r}", salvaged=False) from e
+    current: dict[str, bytes] = {}
+    key = None
+    tracked = _TailTracker(stream)
+    try:
+        with stream, tarfile.open(fileobj=tracked, mode="r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                dirname, _, base = member.name.rpartition("/")
+                k, _, ext = base.partition(".")
+                k = f"{dirname}/{k}" if dirname else k
+                data = tar.extractfile(member).read()  # type: ignore[union-attr]
+                if len(data) != member.size:
+                    raise tarfile.ReadError(f"member {member.name} truncated")
+                if k != key and key is not None:
+                    yield _group_to_raw(key, current)
+                    current = {}
+                key = k
+                current[ext.lower()] = data
+            tracked.read()  # the rest of the last record, so the tail check sees the real end
+            # tarfile ends quietly when a file stops at a header boundary; a complete archive ends in zero blocks
+            if tracked.tail.count(0) != len(tracked.tail) or len(tracked.tail) < _END_BYTES:
+                raise tarfile.ReadError("no end-of-archive marker (file cut at a member boundary)")
+    except (tarfile.TarError, EOFError, OSError, ValueError) as e:
+        # the group in progress may be incomplete: drop it, keep everything before it
+        raise InputShardError(f"input tar {url} is corrupt or truncated after {key!r}: {e}", salvaged=True) from e
+    if key is not None:
+        yield _group_to_raw(key, current)
+
+
+_END_BYTES = 1024  # POSIX tar ends with two 512-byte zero blocks
+
+
+class _TailTracker:
+    """Read-only file wrapper remembering the last bytes read (to check the end-of-archive marker)."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.tail = f, b""
+
+    def read(self, n: int = -1) -> bytes:
+        chunk = self.f.read() if n is None or n < 0 else self.f.read(n)
+        if chunk:
+            self.tail = (self.tail + chunk[-_END_BYTES:])[-_END_BYTES:]
+        return chunk
+
+
+def _group_to_raw(key: str, files: dict[str, bytes]) -> _Raw:
+    image = next((files[e] for e in IMAGE_EXTS if e in files), None)
+    caption = next((files[e].decode("utf-8", "replace").strip() for e in CAPTION_EXTS if e in files), None)
+    meta: dict[str, Any] = {}
+    if "json" in files:
+        try:
+            meta = json.loads(files["json"])
+        except ValueError:
+            meta = {}
+        if caption is None and isinstance(meta.get("caption"), str):
+            caption = meta["caption"].strip()
+    return _Raw(key, image, caption or None, meta if isinstance(meta, dict) else {})
+
+
+def _folder_raws(shard: InputShard, caption_template: str) -> Iterator[_Raw]:
+    for rel in shard.files:
+        stem = rel.rsplit(".", 1)[0]
+        key = stem.replace("/", "__").replace(".", "_")  # webdataset splits keys at the first dot
+        try:
+            image = fsspec_io.read_bytes(fsspec_io.join(shard.url, rel))
+        except OSError as e:
+            raise InputShardError(f"cannot read {fsspec_io.join(shard.url, rel)}: {e!r}", salvaged=False) from e
+        meta: dict[str, Any] = {"path": rel}
+        if shard.kind == "imagenet":
+            # class index over ALL class dirs of the root, not only those present in this shard
+            label = _all_class_dirs(shard.url).index(rel.split("/", 1)[0])
+            meta.update(label=label, class_name=shard.class_names[label])
+            caption: str | None = caption_template.format(class_name=shard.class_names[label])
+        else:
+            txt = fsspec_io.join(shard.url, stem + ".txt")
+            caption = fsspec_io.read_bytes(txt).decode("utf-8", "replace").strip() if fsspec_io.exists(txt) else None
+        yield _Raw(key, image, caption or None, meta)
+
+
+_CLASS_DIR_CACHE: dict[str, list[str]] = {}
+
+
+def _all_class_dirs(root: str) -> list[str]:
+    if root not in _CLASS_DIR_CACHE:
+        _CLASS_DIR_CACHE[root] = [d for d in fsspec_io.ls(root) if fsspec_io.isdir(fsspec_io.join(root, d))]
+    return _CLASS_DIR_CACHE[root]
+
+
+# ---------------------------------------------------------------- decode + filter
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Bytes -> RGB image, fully decoded (so truncated files fail here, not later); alpha composited on white."""
+    img = Image.open(io.BytesIO(data))
+    img.load()
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+def _decode(raw: _Raw, shard: InputShard, resolution: int, filters: Filters) -> Sample | Skip:
+    if raw.image is None:
+        return Skip(raw.key, "no_image")
+    if filters.require_caption and not raw.caption:
+        return Skip(raw.key, "no_caption")
+    try:
+        img = decode_image(raw.image)
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        return Skip(raw.key, "decode_error", repr(e)[:200])
+    w, h = img.size
+    min_size = resolution if filters.min_size is None else filters.min_size
+    if min(w, h) < min_size:
+        return Skip(raw.key, "too_small", f"{w}x{h} < {min_size}")
+    if filters.max_aspect is not None and max(w, h) / min(w, h) > filters.max_aspect:
+        return Skip(raw.key, "bad_aspect", f"{w}x{h}")
+    # uniform keys and no None values, so torch's default_collate batches it
+    label = raw.meta.get("label", raw.meta.get("cls", -1))
+    meta: dict[str, Any] = {
+        "source_key": raw.key,
+        "source_shard": shard.url,
+        "original_width": w,
+        "original_height": h,
+        "label": int(label) if isinstance(label, int | str) and str(label).lstrip("-").isdigit() else -1,
+    }
+    return Sample(raw.key, to_tensor(resize_center_crop(img, resolution)), raw.caption or "", meta)
+
+
+def iter_shard(
+    shard: InputShard,
+    resolution: int,
+    filters: Filters | None = None,
+    caption_template: str = "a photo of a {class_name}",
+) -> Iterator[Sample | Skip]:
+    """Every record of one input shard, decoded and filtered, in shard order; InputShardError on damage."""
+    filters = filters or Filters()
+    raws = _tar_groups(shard.url) if shard.kind == "tar" else _folder_raws(shard, caption_template)
+    for raw in raws:
+        yield _decode(raw, shard, resolution, filters)
+
+
+# ---------------------------------------------------------------- torch dataset
+
+
+class ImageDataset(torch.utils.data.IterableDataset):
+    """Yields ``{"key", "image" [3,R,R] in [-1,1], "caption", "meta"}``; shards split over ranks and workers."""
+
+    def __init__(
+        self,
+        shards: list[InputShard],
+        resolution: int,
+        filters: Filters,
+        caption_template: str,
+        split_by_rank: bool,
+        shuffle_shards: bool,
+        seed: int,
+        repeat: bool,
+    ) -> None:
+        super().__init__()
+        self.shards, self.resolution, self.filters = shards, resolution, filters
+        self.caption_template, self.split_by_rank = caption_template, split_by_rank
+        self.shuffle_shards, self.seed, self.repeat = shuffle_shards, seed, repeat
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _my_shards(self, epoch: int) -> list[InputShard]:
+        shards = list(self.shards)
+        if self.shuffle_shards:
+            g = torch.Generator().manual_seed(self.seed + epoch)
+            shards = [shards[i] for i in torch.randperm(len(shards), generator=g).tolist()]
+        if self.split_by_rank:
+            from ldm_train.distributed import get_rank, get_world_size
+
+            shards = shards[get_rank() :: get_world_size()]
+        info = torch.utils.data.get_worker_info()
+        if info is not None:
+            shards = shards[info.id :: info.num_workers]
+        return shards
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        epoch = self.epoch
+        while True:
+            for shard in self._my_shards(epoch):
+                try:
+                    for rec in iter_shard(shard, self.resolution, self.filters, self.caption_template):
+                        if isinstance(rec, Sample):
+                            yield rec.as_dict()
+                except InputShardError as e:
+                    # readers for training/eval keep going; the encode job is where damage is counted and fails the run
+                    print(f"[data_prep.readers] warning: {e}", flush=True)
+            if not self.repeat:
+                return
+            epoch += 1
+
+
+def image_dataset(
+    input: str | Sequence[str],
+    resolution: int,
+    *,
+    input_format: str = "auto",
+    min_size: int | None = 0,
+    max_aspect: float | None = None,
+    require_caption: bool = False,
+    caption_template: str = "a photo of a {class_name}",
+    files_per_shard: int = 1000,
+    split_by_rank: bool = False,
+    shuffle_shards: bool = False,
+    seed: int = 0,
+    repeat: bool = False,
+) -> ImageDataset:
+    """A torch IterableDataset over images + captions (see module doc for the input forms).
+
+    Input shards are split over DataLoader workers (and over distributed ranks with ``split_by_rank``),
+    so use at most as many workers as there are shards. ``min_size`` 0 keeps (and upscales) small images;
+    None drops images smaller than ``resolution``.
+    """
+    shards = list_input_shards(input, input_format, files_per_shard)
+    filters = Filters(min_size=min_size, max_aspect=max_aspect, require_caption=require_caption)
+    return ImageDataset(shards, resolution, filters, caption_template, split_by_rank, shuffle_shards, seed, repeat)
+
