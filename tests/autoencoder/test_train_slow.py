@@ -17,19 +17,21 @@ from .conftest import REPO, ae_cfg, stats
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.timeout(2400)  # ~3 min alone on 2 cores; 20 min was seen with 8 engineers sharing them
 def test_tiny_kl_f4_beats_the_mean_image_on_heldout(tmp_path, shapes32):
-    """tiny_kl_f4 at 32 px, lr 3e-4, batch 8: held-out PSNR well above predicting the mean image.
+    """tiny_kl_f4 at 32 px, lr 3e-4, batch 4, 200 steps: held-out PSNR well above predicting the mean image.
 
-    Measured (2 shared CPU cores): 200 steps 14.1 dB, 300 steps 15.0 dB vs 8.9 dB for the mean image.
+    Measured on these machines: batch 8 at 32 px gave 13.4 dB after 150 steps and 15.0 dB after 300;
+    batch 4 at 64 px 14.0 dB after 150; the mean image scores 8.8-8.9 dB.
     """
     t0 = time.perf_counter()
-    result = train(ae_cfg(tmp_path, shapes32, "optim.batch_size=8", "optim.base_lr=3.75e-5", "train.max_steps=200",
+    result = train(ae_cfg(tmp_path, shapes32, "optim.batch_size=4", "optim.base_lr=7.5e-5", "train.max_steps=200",
                           "train.log_every=25", "train.eval_images=16", "data.shuffle_buffer=64", resolution=32))
     wall = time.perf_counter() - t0
     psnr, baseline = result["eval_psnr"], result["eval_psnr_mean_image"]
-    print(f"tiny_kl_f4 32px 200 steps x 8: held-out PSNR {psnr:.2f} dB vs mean image {baseline:.2f} dB "
+    print(f"tiny_kl_f4 32px 200 steps x 4: held-out PSNR {psnr:.2f} dB vs mean image {baseline:.2f} dB "
           f"({wall:.0f} s wall)")
-    assert psnr > baseline + 3.5
+    assert psnr > baseline + 3.0  # MSE at most half the mean image's
     assert result["scale_factor"] > 0 and len(result["latent_std"]) == 3
 
 
