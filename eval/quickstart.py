@@ -183,11 +183,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "first_stage_psnr": ae_stats.get("eval/psnr"),
         "first_stage_psnr_mean_image_baseline": ae_stats.get("eval/psnr_mean_image"),
         "fid": row.get("fid"),
-        "inception_score": row.get("inception_score"),
+        "inception_score": row.get("is_mean"),
         "precision": row.get("precision"),
         "recall": row.get("recall"),
         "prompt_adherence": row.get("colour_accuracy"),
         "prompt_adherence_untrained": row_un.get("colour_accuracy"),
+        "prompt_adherence_detail": {k: v for k, v in (row.get("adherence") or {}).items() if "heldout" in k},
         "prompt_adherence_chance": 1.0 / 8,
         "train_samples_per_s": ldm_stats["samples_per_s"],
         "train_samples": a.train_samples,
@@ -220,7 +221,7 @@ def _ldm_throughput(stats: Path, total_samples: int, wall: float) -> dict[str, f
 
 
 def _row(metrics: dict[str, Any]) -> dict[str, Any]:
-    rows = metrics.get("rows") or metrics.get("results") or []
+    rows = metrics.get("per_scale") or []
     return rows[0] if rows else {}
 
 
