@@ -149,6 +149,11 @@ class LocalSlurmCluster:
         # A job launched from inside another job (or from a test run under SLURM) must not inherit its ids.
         for key in [k for k in env if k.startswith(("SLURM_JOB", "SLURM_ARRAY", "SLURM_PROCID", "SBATCH_"))]:
             del env[key]
+        # Nor a launcher's rank variables: an in-process test that called init_distributed() exported
+        # RANK/WORLD_SIZE=1 into this process, and torchrun's variables win over SLURM's in a job.
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                    "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
+            env.pop(key, None)
         return env
 
     def start(self) -> LocalSlurmCluster:
