@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-images", type=int, default=4000, help="synthetic training images")
     p.add_argument("--heldout-images", type=int, default=200, help="held-out images (reference set and prompts)")
     p.add_argument("--ae-steps", type=int, default=200, help="first-stage training steps")
-    p.add_argument("--train-samples", type=int, default=24000, help="LDM training length in samples seen")
+    p.add_argument("--train-samples", type=int, default=48000, help="LDM training length in samples seen")
     p.add_argument("--eval-samples", type=int, default=96, help="generated images per model")
     p.add_argument("--eval-steps", type=int, default=25, help="DDIM steps")
     p.add_argument("--guidance-scale", type=float, default=3.0)

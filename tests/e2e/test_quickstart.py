@@ -29,5 +29,5 @@ def test_quickstart_learns_text_conditioning(tmp_path: Path) -> None:
     # the first stage beats predicting the mean image
     assert summary["first_stage_psnr"] > summary["first_stage_psnr_mean_image_baseline"] + 3.0
     # text conditioning learns: well above the untrained model and above chance (1/8 colours)
-    assert summary["prompt_adherence"] >= summary["prompt_adherence_untrained"] + 0.25, summary
+    assert summary["prompt_adherence"] >= summary["prompt_adherence_untrained"] + 0.2, summary
     assert summary["prompt_adherence"] >= 2 * summary["prompt_adherence_chance"], summary
