@@ -4,18 +4,15 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tarfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+from s3_server import moto_server
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -71,39 +68,10 @@ def read_all_shards(shard_dir: Path) -> list[dict]:
     return [s for p in sorted(shard_dir.glob("shard-*.tar")) for s in read_shard(p.read_bytes())]
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture(scope="module")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A moto S3 server on 127.0.0.1 (its own process, stopped by PID); yields the AWS env to use."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(exe).exists():
-        pytest.skip("moto_server not installed: pip install 'moto[server]'")
-    port = _free_port()
-    log = open(tmp_path_factory.mktemp("moto") / "moto.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-    env = {
-        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"moto_server did not start on port {port}") from None
-                time.sleep(0.2)
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as env:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)  # this process (fsspec/s3fs) talks to it too
         import s3fs
@@ -118,11 +86,3 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, st
                 else:
                     os.environ[k] = v
             s3fs.S3FileSystem.clear_instance_cache()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()

@@ -3,12 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,6 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import webdataset as wds
+from s3_server import moto_server
 
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["circle", "square", "triangle"]
@@ -85,37 +80,11 @@ def latent_shards(tmp_path: Path) -> Path:
 @pytest.fixture
 def s3_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 (own process, stopped by PID); the AWS env points at it. Yields its URL."""
-    exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
-    if not Path(exe).exists():
-        pytest.skip("moto_server not installed: pip install 'moto[server]'")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with open(tmp_path / "moto.log", "wb") as log:
-        proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"moto_server did not start: {(tmp_path / 'moto.log').read_text()}") from None
-                    time.sleep(0.2)
-            url = f"http://127.0.0.1:{port}"
-            for key, value in {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing",
-                               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-                monkeypatch.setenv(key, value)  # loader workers fork with it
-            import s3fs
+    with moto_server(tmp_path / "moto.log") as env:
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)  # loader workers fork with it
+        import s3fs
 
-            s3fs.S3FileSystem.clear_instance_cache()  # an instance made before would miss the endpoint
-            yield url
-            s3fs.S3FileSystem.clear_instance_cache()
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+        s3fs.S3FileSystem.clear_instance_cache()  # an instance made before would miss the endpoint
+        yield env["AWS_ENDPOINT_URL"]
+        s3fs.S3FileSystem.clear_instance_cache()
