@@ -75,16 +75,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-len", type=int, default=77)
     p.add_argument("--no-tokenize", action="store_true")
     p.add_argument("--tokenize-with", choices=["batch", "transformers"], default="batch",
-                   help="latents.BatchTokenizer (Rust backend) or tokenizer.tokenize (transformers call)")
+                   help="tokenizer.BatchTokenizer (Rust backend) or tokenizer.tokenize (transformers call)")
     p.add_argument("--warmup", type=int, default=5, help="batches not timed")
     p.add_argument("--batches", type=int, default=150, help="batches timed")
     args = p.parse_args(argv)
     torch.set_num_threads(1)  # one core per loader stream, as in training
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # as in the loader workers: no extra tokenizer threads
 
-    from ldm_train.data.latents import BatchTokenizer, LatentDataConfig, LatentLoader
+    from ldm_train.data.latents import LatentDataConfig, LatentLoader
     from ldm_train.data.manifest import read_manifest, shard_list
-    from ldm_train.data.tokenizer import load_tokenizer, tokenize, train_tokenizer
+    from ldm_train.data.tokenizer import BatchTokenizer, load_tokenizer, tokenize, train_tokenizer
 
     with tempfile.TemporaryDirectory(prefix="bench_loader_") as tmp:
         shards_dir = Path(args.shards) if args.shards else Path(tmp) / "shards"

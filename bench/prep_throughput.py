@@ -20,27 +20,22 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def _cfg(overrides: list[str]):
-    from hydra import compose, initialize_config_dir
+    from data_prep.config import EncodeConfig
+    from ldm_train.app import compose
 
-    from ldm_train.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("encode", overrides=overrides)
+    return compose("encode", EncodeConfig, overrides)
 
 
 def main() -> None:
     args = {"num_samples": 512, "resolution": 64, "batch_size": 32, "num_workers": 2, "first_stage": "tiny_kl_f4",
             "device": "auto", "shard_size": 64, "workdir": "/tmp/prep_bench"}
     args.update(OmegaConf.to_container(OmegaConf.from_cli(sys.argv[1:])))
-    from data_prep.encode import ShardBatches, _device_and_autocast, encode_batch, load_encoder, run_encode
-    from data_prep.readers import Filters, list_input_shards
+    from data_prep.encode_job import run_encode
+    from data_prep.encoding import ShardBatches, device_and_autocast, encode_batch, load_encoder
     from data_prep.synthetic import write_synthetic
-    from ldm_train.config import FirstStageConfig, to_dataclass
+    from ldm_train.data.readers import Filters, list_input_shards
 
     work = Path(args["workdir"])
     shutil.rmtree(work, ignore_errors=True)
@@ -58,8 +53,8 @@ def main() -> None:
     n = sum(len(b["keys"]) for b in ShardBatches(shards, int(args["resolution"]), Filters(), "", int(args["batch_size"]))
             if b["kind"] == "batch")
     decode_ips = n / (time.perf_counter() - t)
-    fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
-    device, autocast = _device_and_autocast(str(cfg.device), str(cfg.precision))
+    fs_cfg = cfg.first_stage
+    device, autocast = device_and_autocast(cfg.device, cfg.precision)
     model = load_encoder(fs_cfg, True).to(device)
     x = torch.randn(int(args["batch_size"]), 3, int(args["resolution"]), int(args["resolution"]), device=device)
     g = torch.Generator().manual_seed(0)

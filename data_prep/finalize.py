@@ -24,7 +24,7 @@ class FinalizeError(RuntimeError):
 def _missing_urls(job: dict[str, Any], missing: list[int]) -> list[str]:
     """Input URLs of the missing shard indices (re-lists the input; falls back to the index)."""
     try:
-        from data_prep.readers import list_input_shards
+        from ldm_train.data.readers import list_input_shards
 
         spec = job["input"]["spec"]
         shards = list_input_shards(spec, job["input"]["format"], int(job["encode"].get("files_per_shard", 1000)))

@@ -9,15 +9,15 @@ LAION: WebDataset tars ``000000.tar ...`` of ``<key>.jpg`` + ``<key>.txt`` (capt
 Every image is a pure function of (seed, split, index), so any shard size gives the same samples. The
 (colour, shape) pairs in ``HELDOUT_COMBOS`` are never drawn in ``split=train`` and are the only ones drawn in
 ``split=heldout``: prompts for those test text conditioning on combinations the model never saw.
-``parse_caption`` inverts the captions and ``object_core_mask`` gives pixels that lie inside the object for
-every jitter, for the quickstart's prompt-adherence metric (the object's colour in generated images).
+The caption grammar (vocabulary, ``Scene``, ``parse_caption`` which inverts the captions) lives in
+``ldm_train.data.shapes_captions``, shared with eval; ``object_core_mask`` gives pixels that lie inside the
+object for every jitter, for the quickstart's prompt-adherence metric (the object's colour in generated images).
 """
 from __future__ import annotations
 
 import io
 import json
 import math
-import re
 import sys
 from dataclasses import asdict, dataclass
 
@@ -26,29 +26,16 @@ from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
 from ldm_train.data import fsspec_io
-
-# Far apart in RGB so the colour of a generated object is unambiguous. White is only a background.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 30, 30),
-    "green": (30, 160, 40),
-    "blue": (30, 60, 220),
-    "yellow": (245, 220, 30),
-    "purple": (130, 40, 170),
-    "orange": (250, 140, 20),
-    "cyan": (40, 210, 220),
-    "black": (20, 20, 20),
-}
-BACKGROUND_WHITE: tuple[int, int, int] = (255, 255, 255)
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star")
-SIZES: tuple[str, ...] = ("small", "large")
-POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
-# Each colour and each shape still occurs in train with other partners, only these pairs are new.
-HELDOUT_COMBOS: tuple[tuple[str, str], ...] = (
-    ("red", "star"),
-    ("blue", "triangle"),
-    ("yellow", "circle"),
-    ("green", "square"),
+from ldm_train.data.shapes_captions import (  # the caption grammar, shared with eval
+    COLOURS,
+    HELDOUT_COMBOS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    background_rgb,
 )
+
 SPLITS = ("train", "heldout")
 
 # Geometry as fractions of the image side. At 64 px a small object spans ~24 px, a large one ~41 px.
@@ -60,43 +47,6 @@ _JITTER_ROT = 15.0  # degrees
 _JITTER_COLOUR = 12  # per channel
 _STAR_INNER = 0.55  # inner/outer radius: fat arms so the star's core holds measurable colour
 _SUPERSAMPLE = 4  # draw large then downsample: antialiased edges
-
-_CAPTION_RE = re.compile(
-    r"^a (?P<size>small|large) (?P<colour>[a-z]+) (?P<shape>circle|square|triangle|star) "
-    r"(?:at the (?P<corner>top left|top right|bottom left|bottom right)|in the (?P<center>center)) "
-    r"on a (?P<background>[a-z]+) background$"
-)
-
-
-@dataclass(frozen=True)
-class Scene:
-    """What one image shows; ``caption`` and ``parse_caption`` map it to text and back."""
-
-    size: str
-    colour: str
-    shape: str
-    position: str
-    background: str  # "white" or a name in COLOURS
-
-    @property
-    def caption(self) -> str:
-        where = "in the center" if self.position == "center" else f"at the {self.position}"
-        return f"a {self.size} {self.colour} {self.shape} {where} on a {self.background} background"
-
-
-def parse_caption(caption: str) -> Scene:
-    """Caption of this dataset -> Scene(size, colour, shape, position, background); ValueError otherwise."""
-    m = _CAPTION_RE.match(caption.strip().lower())
-    if m is None or m["colour"] not in COLOURS or (m["background"] != "white" and m["background"] not in COLOURS):
-        raise ValueError(
-            f"caption {caption!r} is not of the synthetic form "
-            "'a <small|large> <colour> <shape> <at the top left|...|in the center> on a <colour|white> background'"
-        )
-    return Scene(m["size"], m["colour"], m["shape"], m["corner"] or m["center"], m["background"])
-
-
-def background_rgb(name: str) -> tuple[int, int, int]:
-    return BACKGROUND_WHITE if name == "white" else COLOURS[name]
 
 
 def _nominal_centre(scene: Scene) -> tuple[float, float]:

@@ -1,6 +1,6 @@
 """Prompt adherence on the synthetic captioned-shapes dataset: does the image show what the prompt says?
 
-For each generated image and its prompt (parsed with ``data_prep.synthetic.parse_caption``):
+For each generated image and its prompt (parsed with ``ldm_train.data.shapes_captions.parse_caption``):
 
 - background: the median colour of the image border, named by the nearest entry of the palette (+ white);
 - object colour: pixels far from that background colour form the object mask; their median colour is
@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from data_prep.synthetic import BACKGROUND_WHITE, COLOURS, HELDOUT_COMBOS, parse_caption
+from ldm_train.data.shapes_captions import BACKGROUND_WHITE, COLOURS, HELDOUT_COMBOS, parse_caption
 
 # midpoints between the ideal compactness values of the four shapes
 _SHAPE_EDGES = ((1.46, "triangle"), (1.81, "star"), (2.57, "square"), (float("inf"), "circle"))

@@ -1,4 +1,4 @@
-"""Load what sampling needs from the trainer's export (``ldm_train.trainer.export`` layout).
+"""Load what sampling needs from the trainer's export (``ldm_train.checkpoints.export`` layout).
 
 An export step dir holds ``model_ema.safetensors`` / ``model.safetensors`` (CompVis keys
 ``model.diffusion_model.*`` + ``cond_stage_model.*``), ``config.yaml`` (the resolved training config) and
@@ -8,7 +8,6 @@ eval overrides it. The latent scale factor comes from eval's override, else the 
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,33 +15,22 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig, to_dataclass
-from ldm_train.diffusion.schedule import DiffusionSchedule, make_schedule
+from ldm_train.config import FirstStageConfig, UNetConfig, to_dataclass
+from ldm_train.models.ldm import LatentDiffusion
 
 
 @dataclass
 class SamplingModel:
-    unet: torch.nn.Module
-    text_encoder: torch.nn.Module
+    ldm: LatentDiffusion  # UNet + text encoder + schedule, from build_ldm and the export's weights
     tokenizer: Any
     first_stage: torch.nn.Module
-    schedule: DiffusionSchedule
-    parameterization: str
     scale_factor: float
-    max_len: int
     latent_shape: tuple[int, int, int]  # (C, h, w) of the diffusion model's z
     resolution: int  # image side after decoding
     config: DictConfig
     weights_file: Path
+    weights_sha256: str
     first_stage_file: str
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _scale_factor(cfg: DictConfig, override: float | None) -> float:
@@ -78,32 +66,30 @@ def load_sampling_model(
     device: torch.device | str = "cpu",
     allow_random_first_stage: bool = False,
 ) -> SamplingModel:
-    """Build UNet + text encoder + tokenizer + first stage from an export (run dir, checkpoints dir or step dir)."""
+    """Build the LDM + tokenizer + first stage from an export (run dir, checkpoints dir or step dir)."""
+    from ldm_train.build import build_ldm
+    from ldm_train.checkpoints.compvis import load_strict
+    from ldm_train.checkpoints.export import load_export
+    from ldm_train.checkpoints.first_stage import load_first_stage
     from ldm_train.data.tokenizer import load_tokenizer
-    from ldm_train.models.autoencoder import load_first_stage
-    from ldm_train.models.text_encoder import BERTEmbedder
-    from ldm_train.models.unet import UNetModel
-    from ldm_train.trainer.export import EMA_FILE, RAW_FILE, load_export
 
     exp = load_export(checkpoint, ema=use_ema)
-    cfg = exp["config"]
+    cfg = exp.config
     unet_cfg = to_dataclass(cfg.unet, UNetConfig)
-    te_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig)
     fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
     if first_stage_checkpoint:
         fs_cfg.checkpoint = first_stage_checkpoint
     if not fs_cfg.checkpoint and not allow_random_first_stage:
-        raise ValueError(f"the checkpoint config at {exp['step_dir']} names no first_stage.checkpoint: pass "
+        raise ValueError(f"the checkpoint config at {exp.step_dir} names no first_stage.checkpoint: pass "
                          "first_stage_checkpoint=PATH (the autoencoder the latents were encoded with), or "
                          "allow_random_first_stage=true for a plumbing run")
     if fs_cfg.checkpoint and not Path(fs_cfg.checkpoint).is_file() and "://" not in fs_cfg.checkpoint:
         raise FileNotFoundError(f"first stage checkpoint {fs_cfg.checkpoint} (from the checkpoint config or "
                                 "first_stage_checkpoint=) does not exist: pass first_stage_checkpoint=PATH")
 
-    unet = UNetModel(unet_cfg)
-    unet.load_state_dict(exp["unet"], strict=True)
-    text = BERTEmbedder(te_cfg)
-    text.load_state_dict(exp["text_encoder"], strict=True)
+    ldm = build_ldm(cfg)
+    load_strict(ldm.unet, exp.unet, "UNet", str(exp.weights_file))
+    load_strict(ldm.cond_stage_model, exp.text_encoder, "text encoder", str(exp.weights_file))
     if fs_cfg.checkpoint:
         first_stage = load_first_stage(fs_cfg, map_location=device)
     else:
@@ -114,27 +100,17 @@ def load_sampling_model(
         with torch.random.fork_rng(devices=[]):  # a fixed init without touching the caller's RNG
             torch.manual_seed(0)
             first_stage = build_first_stage(fs_cfg).to(device).eval().requires_grad_(False)
-    tokenizer = load_tokenizer(str(exp["tokenizer_dir"]), te_cfg.max_seq_len)
-
-    d = OmegaConf.select(cfg, "train.diffusion", default=None) or {}
-    schedule = make_schedule(d.get("beta_schedule", "scaled_linear"), int(d.get("timesteps", 1000)),
-                             linear_start=float(d.get("linear_start", 0.00085)),
-                             linear_end=float(d.get("linear_end", 0.012)))
+    tokenizer = load_tokenizer(str(exp.tokenizer_dir), ldm.cond_stage_model.cfg.max_seq_len)
     channels = unet_cfg.in_channels - unet_cfg.concat_channels
-    f = fs_cfg.downsample_factor
-    weights = exp["step_dir"] / (EMA_FILE if exp["ema"] else RAW_FILE)
     return SamplingModel(
-        unet=unet.to(device).eval().requires_grad_(False),
-        text_encoder=text.to(device).eval().requires_grad_(False),
+        ldm=ldm.to(device).eval().requires_grad_(False),
         tokenizer=tokenizer,
         first_stage=first_stage,
-        schedule=schedule,
-        parameterization=str(d.get("parameterization", "eps")),
         scale_factor=_scale_factor(cfg, scale_factor),
-        max_len=te_cfg.max_seq_len,
         latent_shape=(channels, unet_cfg.image_size, unet_cfg.image_size),
-        resolution=unet_cfg.image_size * f,
+        resolution=unet_cfg.image_size * fs_cfg.downsample_factor,
         config=cfg,
-        weights_file=weights,
+        weights_file=exp.weights_file,
+        weights_sha256=exp.sha256,
         first_stage_file=str(fs_cfg.checkpoint or "random-init"),
     )

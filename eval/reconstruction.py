@@ -10,15 +10,42 @@ reconstructions, written as PNG folders under ``output_dir``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from eval.fidelity import FidelityConfig
 from eval.sampling import sample_path, save_png
+from ldm_train.app import config_dict, hydra_app
+from ldm_train.config import FirstStageConfig
+
+
+@dataclass
+class ReconLPIPSConfig:
+    enabled: bool = True
+    backbone: str | None = None  # torchvision's vgg16-397923af.pth
+    random_backbone: bool = False  # random VGG backbone: plumbing only (printed and flagged in metrics.json)
+
+
+@dataclass
+class ReconstructionConfig:
+    """Root of ``conf/eval_reconstruction.yaml`` (registered as ``eval_reconstruction_schema``)."""
+
+    images: str = "???"  # held-out images: image folder or img2dataset tars (brace patterns, s3://)
+    num_images: int = 1000  # 0: all
+    resolution: int | None = None  # None: first_stage.ddconfig.resolution
+    batch_size: int = 16
+    device: str = "auto"  # ldm_train.distributed.device_for_rank
+    output_dir: str = "eval_reconstruction"
+    lpips: ReconLPIPSConfig = field(default_factory=ReconLPIPSConfig)
+    metrics: FidelityConfig = field(default_factory=lambda: FidelityConfig(isc=False, prc=False))  # rFID only
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
 
 
 def _quantise(x: torch.Tensor) -> torch.Tensor:
@@ -106,36 +133,36 @@ def reconstruction_metrics(first_stage: torch.nn.Module, batches: Any, output_di
     }
 
 
-def run(cfg: Any) -> dict[str, Any]:
-    """The whole reconstruction eval from a composed ``conf/eval_reconstruction.yaml``."""
-    from omegaconf import OmegaConf
+def _lpips_model(cfg: ReconLPIPSConfig, device: torch.device) -> Any | None:
+    from ldm_train.first_stage.losses import build_lpips
 
-    from data_prep.readers import image_dataset
-    from eval.checkpoint import sha256_file
-    from eval.fidelity import FidelityConfig, check_weights, compute_fidelity
+    if not cfg.enabled:
+        return None
+    if cfg.random_backbone:
+        print("[eval.reconstruction] LPIPS with a RANDOM VGG16 backbone (lpips.random_backbone=true): "
+              "plumbing only, not comparable with published LPIPS", flush=True)
+    return build_lpips(cfg.backbone, random_backbone=cfg.random_backbone).to(device)
+
+
+def run(cfg: ReconstructionConfig) -> dict[str, Any]:
+    """The whole reconstruction eval from the typed ``conf/eval_reconstruction.yaml``."""
+    from eval.fidelity import check_weights, compute_fidelity
     from eval.report import write_metrics_json
-    from ldm_train.config import to_dataclass
-    from ldm_train.losses.first_stage import build_lpips
-    from ldm_train.models.autoencoder import load_first_stage
+    from ldm_train.checkpoints.first_stage import load_first_stage, read_first_stage_file
+    from ldm_train.data.readers import image_dataset
+    from ldm_train.distributed import device_for_rank
 
-    fid_cfg = to_dataclass(cfg.metrics, FidelityConfig)
-    fid_cfg.isc = fid_cfg.prc = False  # rFID only
+    fid_cfg = dataclasses.replace(cfg.metrics, isc=False, prc=False)  # rFID only
     check_weights(fid_cfg)  # before any work
-    lpips_model = None
-    if cfg.lpips.enabled:
-        if cfg.lpips.random_backbone:
-            print("[eval.reconstruction] LPIPS with a RANDOM VGG16 backbone (lpips.random_backbone=true): "
-                  "plumbing only, not comparable with published LPIPS", flush=True)
-        lpips_model = build_lpips(cfg.lpips.backbone, random_backbone=bool(cfg.lpips.random_backbone))
-    device = torch.device(cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if lpips_model is not None:
-        lpips_model = lpips_model.to(device)
-    first_stage = load_first_stage(cfg.first_stage, map_location=device)
+    device = device_for_rank(cfg.device)
+    lpips_model = _lpips_model(cfg.lpips, device)
+    weights = read_first_stage_file(cfg.first_stage)  # the one read of the file: weights and sha256
+    first_stage = load_first_stage(cfg.first_stage, map_location=device, weights=weights)
     resolution = int(cfg.resolution or first_stage.cfg.ddconfig.resolution)
-    loader = torch.utils.data.DataLoader(image_dataset(cfg.images, resolution), batch_size=int(cfg.batch_size),
+    loader = torch.utils.data.DataLoader(image_dataset(cfg.images, resolution), batch_size=cfg.batch_size,
                                          num_workers=0)
     out = reconstruction_metrics(first_stage, (b["image"] for b in loader), cfg.output_dir, lpips_model, device,
-                                 int(cfg.num_images))
+                                 cfg.num_images)
     if fid_cfg.fid:
         if fid_cfg.cache_dir is None:
             fid_cfg.cache_dir = os.path.join(cfg.output_dir, "fidelity_cache")
@@ -144,11 +171,10 @@ def run(cfg: Any) -> dict[str, Any]:
         out["feature_extractor"] = fid["feature_extractor"]
     out["lpips_backbone"] = "random-init-plumbing-only" if cfg.lpips.random_backbone else cfg.lpips.backbone
     out["first_stage"] = {"name": first_stage.cfg.name, "checkpoint": first_stage.cfg.checkpoint,
-                          "sha256": sha256_file(first_stage.cfg.checkpoint)
-                          if os.path.isfile(str(first_stage.cfg.checkpoint)) else None}
+                          "sha256": weights.sha256}
     out["images"] = str(cfg.images)
     out["resolution"] = resolution
-    out["config"] = OmegaConf.to_container(cfg, resolve=True)
+    out["config"] = config_dict(cfg)
     write_metrics_json(os.path.join(cfg.output_dir, "metrics.json"), out)
     print(f"[eval.reconstruction] {json.dumps({k: out.get(k) for k in ('num_images', 'psnr', 'ssim', 'lpips', 'rfid')})}",
           flush=True)
@@ -156,12 +182,7 @@ def run(cfg: Any) -> dict[str, Any]:
 
 
 def main() -> None:
-    import hydra
-
-    from ldm_train.config import register_configs
-
-    register_configs()
-    hydra.main(config_path="../conf", config_name="eval_reconstruction", version_base="1.3")(run)()
+    hydra_app("eval_reconstruction", ReconstructionConfig, run)
 
 
 if __name__ == "__main__":

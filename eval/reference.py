@@ -24,7 +24,7 @@ def reference_key(path: str, name: str | None, num_images: int, resolution: int)
 
 def materialise_reference(path: str, name: str | None, num_images: int, resolution: int, cache_dir: str) -> tuple[str, str]:
     """Returns (folder of PNGs, cache key); reuses a complete folder from an earlier eval."""
-    from data_prep.readers import image_dataset
+    from ldm_train.data.readers import image_dataset
 
     key = reference_key(path, name, num_images, resolution)
     folder = os.path.join(cache_dir, "reference", key)

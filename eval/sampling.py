@@ -15,7 +15,6 @@ import json
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -23,20 +22,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from eval.checkpoint import SamplingModel
-from ldm_train.diffusion.samplers import cfg_model_fn, ddim_sample, ddpm_sample, plms_sample
-
-SAMPLERS = ("ddim", "plms", "ddpm")
-
-
-@dataclass
-class SamplerSettings:
-    sampler: str = "ddim"
-    steps: int = 50
-    eta: float = 0.0
-    guidance_scale: float = 1.0
-    seed: int = 0
-    batch_size: int = 16
-    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of UNet, text encoder and decoder; CUDA)
+from ldm_train.sampling import SamplerSettings, sample_images
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -74,9 +60,8 @@ def _coco_captions(path: str) -> list[str]:
 
 def _shard_captions(source: str, limit: int | None) -> list[str]:
     """Captions (``.txt`` members) of WebDataset tars, in manifest or sorted order."""
-    import tarfile
-
     from ldm_train.data import fsspec_io
+    from ldm_train.data.shard_reader import shard_captions
 
     urls: list[str]
     if fsspec_io.exists(source.rstrip("/") + "/manifest.json"):
@@ -91,15 +76,7 @@ def _shard_captions(source: str, limit: int | None) -> list[str]:
         urls = [fsspec_io.join(source, n) for n in fsspec_io.ls(source) if n.endswith(".tar")]
     else:
         raise FileNotFoundError(f"prompts={source!r}: no such file or shard folder")
-    captions: list[str] = []
-    for url in urls:
-        with fsspec_io.open_url(url, "rb") as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-            for member in tar:  # streaming: works on s3:// without a local copy
-                if member.isfile() and member.name.endswith(".txt"):
-                    captions.append(tar.extractfile(member).read().decode("utf-8").strip())
-                    if limit is not None and len(captions) >= limit:
-                        return captions
-    return captions
+    return shard_captions(urls, limit)
 
 
 # ---------------------------------------------------------------------------------------------- work split
@@ -127,39 +104,12 @@ def save_png(image: torch.Tensor, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-@torch.no_grad()
 def sample_batch(model: SamplingModel, prompts: list[str], indices: Sequence[int], settings: SamplerSettings,
                  device: torch.device) -> torch.Tensor:
     """Images [B, 3, H, W] in [-1, 1] for ``prompts`` with per-sample generators ``seed + index``."""
-    if settings.precision != "fp32":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
-        if dtype is None:
-            raise ValueError(f"precision={settings.precision!r}: use fp32, bf16 or fp16")
-        with torch.autocast(device.type, dtype=dtype):
-            return _sample_batch(model, prompts, indices, settings, device).float()
-    return _sample_batch(model, prompts, indices, settings, device)
-
-
-def _sample_batch(model: SamplingModel, prompts: list[str], indices: Sequence[int], settings: SamplerSettings,
-                  device: torch.device) -> torch.Tensor:
-    from ldm_train.data.tokenizer import tokenize
-
-    tokens = tokenize(model.tokenizer, prompts, model.max_len).to(device)
-    cond = model.text_encoder(tokens)
-    uncond = model.text_encoder(tokenize(model.tokenizer, [""] * len(prompts), model.max_len).to(device))
-    model_fn = cfg_model_fn(model.unet, {"context": cond}, {"context": uncond}, float(settings.guidance_scale))
-    generators = [torch.Generator("cpu").manual_seed(settings.seed + int(i)) for i in indices]
-    shape = (len(prompts), *model.latent_shape)
-    common = dict(parameterization=model.parameterization, generator=generators, device=device)
-    if settings.sampler == "ddim":
-        z = ddim_sample(model_fn, model.schedule, shape, num_steps=settings.steps, eta=settings.eta, **common)
-    elif settings.sampler == "plms":
-        z = plms_sample(model_fn, model.schedule, shape, num_steps=settings.steps, **common)
-    elif settings.sampler == "ddpm":
-        z = ddpm_sample(model_fn, model.schedule, shape, num_steps=settings.steps, **common)
-    else:
-        raise ValueError(f"sampler={settings.sampler!r}: use one of {SAMPLERS}")
-    return model.first_stage.decode(z / model.scale_factor)
+    seeds = [settings.seed + int(i) for i in indices]
+    return sample_images(model.ldm, model.first_stage, model.tokenizer, prompts, seeds, settings,
+                         model.latent_shape, model.scale_factor, device)
 
 
 def sample_to_folder(model: SamplingModel, prompts: list[str], num_samples: int, folder: str,

@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import socket
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -284,3 +286,50 @@ def cleanup() -> None:
     """Leave the process group (torch warns, and gloo sometimes aborts, if a process exits without it)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def device_for_rank(name: str = "auto") -> torch.device:
+    """``auto``: this rank's CUDA device when there is one, else the CPU; anything else as given."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(t: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """In-place sum (or mean) over ranks; a no-op without a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+        if average:
+            t /= dist.get_world_size()
+    return t
+
+
+def broadcast_str(value: str | None) -> str:
+    """Rank 0's string on every rank (run dir names must agree)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        assert value is not None
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return str(box[0])
+
+
+def rng_state(gen: torch.Generator | None = None) -> dict[str, Any]:
+    """This process's RNG streams (torch, python, CUDA, and ``gen`` when given), for a resumable checkpoint."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if gen is not None:
+        state["generator"] = gen.get_state()
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], gen: torch.Generator | None = None) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if gen is not None:
+        gen.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -2,36 +2,23 @@
 
 Thin entry point (parse config, build, train, close); the loop and its parts live in ``ldm_train.trainer``.
 Under ``torchrun`` or ``srun`` every process runs this; DeepSpeed ZeRO runs on gloo on CPU, nccl on GPU.
+Exit status 3: aborted by the numerical guard (``train.guard``).
 """
 from __future__ import annotations
 
-import sys
 import warnings
 
-import hydra
-from omegaconf import DictConfig
+from ldm_train.app import hydra_app
+from ldm_train.trainer.config import TrainAppConfig
 
-from ldm_train.config import register_configs
-from ldm_train.trainer.config import register_trainer_configs
-
-register_configs()
-register_trainer_configs()
 # DeepSpeed ZeRO-3 calls a deprecated c10d name every step; one line per step drowns the progress line
 warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
-@hydra.main(config_path="../conf", config_name="train", version_base="1.3")
-def _main(cfg: DictConfig) -> None:
+def main() -> None:
     from ldm_train.trainer.loop import train
 
-    code = train(cfg)
-    if code:
-        raise SystemExit(code)  # Hydra drops a task's return value; 3 = aborted by the numerical guard
-
-
-def main() -> None:
-    _main()
-    sys.exit(0)
+    hydra_app("train", TrainAppConfig, train)
 
 
 if __name__ == "__main__":

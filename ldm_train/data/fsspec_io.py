@@ -12,6 +12,7 @@ S3 endpoints and credentials come from the usual AWS environment (``AWS_ENDPOINT
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -161,3 +162,12 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
             f.closed = True  # else __del__ -> close() would try to flush the discarded buffer
         raise
     f.close()
+
+
+def sha256(url: str) -> str:
+    """sha256 of a local file or fsspec URL, streamed."""
+    digest = hashlib.sha256()
+    with open_url(url, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm_train.data.manifest import check_manifest, read_manifest, shard_list
-from ldm_train.data.shard_reader import NpyDecoder, iter_samples, open_shard
+from ldm_train.data.shard_reader import NpyDecoder, iter_samples
 
 LATENT_EXT = "latent.npy"
 
@@ -79,40 +79,8 @@ def sample_latents(
     return (mean + std * noise) * scale_factor
 
 
-_open = open_shard  # the name the trainer imported first; open_shard is the public one
-
-
 def _rng(seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed % 2**63, *stream]))
-
-
-class BatchTokenizer:
-    """``tokenize(tokenizer, captions, max_len)`` of ``ldm_train.data.tokenizer`` at about half the CPU cost.
-
-    It calls the tokenizer's Rust backend (a private copy with truncation and padding to ``max_len``) directly,
-    skipping the Python wrapper's per-call set-up; the ids are the same (tests check it). Tokenizers without a
-    backend (slow, pure-Python ones) go through ``tokenize``. Picklable, so it can ride into loader workers.
-    """
-
-    def __init__(self, tokenizer: Any, max_len: int) -> None:
-        self.max_len = max_len
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        self.tokenizer = None if backend is not None else tokenizer
-        self.backend = None
-        if backend is not None:
-            from tokenizers import Tokenizer
-
-            self.backend = Tokenizer.from_str(backend.to_str())  # our own copy: its settings stay ours
-            self.backend.enable_truncation(max_len)
-            self.backend.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
-
-    def __call__(self, captions: list[str]) -> torch.Tensor:
-        if self.backend is None:
-            from ldm_train.data.tokenizer import tokenize
-
-            return tokenize(self.tokenizer, captions, self.max_len)
-        ids = np.array([e.ids for e in self.backend.encode_batch(list(captions))], dtype=np.int64)
-        return torch.from_numpy(ids.reshape(len(captions), self.max_len))
 
 
 class BlockPlan:
@@ -390,7 +358,7 @@ def build_latent_loader(
     """Read and check the manifest of ``cfg.shards`` against the model config, then build the loader.
 
     ``cfg`` may be a LatentDataConfig or the ``data`` DictConfig node. ``tokenize_fn(captions) -> LongTensor``
-    runs in the loader workers: ``BatchTokenizer(tokenizer, max_len)`` (fastest), or
+    runs in the loader workers: ``ldm_train.data.tokenizer.BatchTokenizer(tokenizer, max_len)`` (fastest), or
     ``functools.partial(tokenize, tokenizer, max_len=77)`` with ``ldm_train.data.tokenizer.tokenize``.
     """
     if not isinstance(cfg, LatentDataConfig):

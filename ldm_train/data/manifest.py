@@ -11,11 +11,12 @@ Dependency-light on purpose (json + fsspec): ``data_prep`` may import it, ``ldm_
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from typing import Any
 
 import fsspec
+
+from ldm_train.data import fsspec_io
 
 MANIFEST_NAME = "manifest.json"
 SUPPORTED_SCHEMA_VERSIONS = (1,)
@@ -56,15 +57,6 @@ def read_manifest(url: str) -> dict[str, Any]:
 
 def _get(cfg: Any, name: str, default: Any = None) -> Any:
     return cfg.get(name, default) if isinstance(cfg, dict) else getattr(cfg, name, default)
-
-
-def file_sha256(url: str) -> str:
-    """sha256 of a local file or fsspec URL, streamed."""
-    digest = hashlib.sha256()
-    with fsspec.open(url, "rb") as f:
-        while chunk := f.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def check_manifest(
@@ -126,7 +118,7 @@ def check_manifest(
             )
     checkpoint = _get(first_stage_cfg, "checkpoint")
     if verify_checkpoint and checkpoint and fs.get("sha256"):
-        sha = file_sha256(str(checkpoint))
+        sha = fsspec_io.sha256(str(checkpoint))
         if sha != fs["sha256"]:
             raise ManifestError(
                 f"manifest {url} was encoded with first stage {fs.get('checkpoint')} (sha256 {fs['sha256'][:12]}...) "

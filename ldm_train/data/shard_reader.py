@@ -13,8 +13,9 @@ import io
 from collections.abc import Iterator
 from typing import IO, Any
 
-import fsspec
 import numpy as np
+
+from ldm_train.data.fsspec_io import open_url
 
 BLOCK = 512
 _READ_BUFFER = 1 << 20
@@ -25,13 +26,8 @@ class ShardFormatError(ValueError):
 
 
 def open_shard(url: str) -> IO[bytes]:
-    """Open a shard for sequential reading (data prep's opener when present, else plain fsspec)."""
-    try:
-        from ldm_train.data.fsspec_io import open_url
-
-        stream = open_url(url, "rb")
-    except ImportError:
-        stream = fsspec.open(url, "rb").open()
+    """Open a shard for sequential reading (local path or fsspec URL)."""
+    stream = open_url(url, "rb")
     if isinstance(stream, io.RawIOBase):
         stream = io.BufferedReader(stream, _READ_BUFFER)
     return stream
@@ -134,3 +130,17 @@ class NpyDecoder:
             self._header = blob[: len(blob) - array.nbytes]
             self._dtype, self._shape = array.dtype, array.shape
         return array
+
+
+def shard_captions(urls: list[str], limit: int | None = None) -> list[str]:
+    """The ``.txt`` captions of tar shards (latent or image shards), in order, up to ``limit``; streamed, so
+    ``s3://`` shards need no local copy."""
+    captions: list[str] = []
+    for url in urls:
+        with open_shard(url) as stream:
+            for name, data in iter_tar(stream, url):
+                if name.endswith(".txt"):
+                    captions.append(data.decode("utf-8").strip())
+                    if limit is not None and len(captions) >= limit:
+                        return captions
+    return captions

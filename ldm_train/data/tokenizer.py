@@ -11,8 +11,10 @@ import os
 import tempfile
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import fsspec
+import numpy as np
 import torch
 from transformers import BertTokenizer, PreTrainedTokenizerBase
 
@@ -145,3 +147,30 @@ def tokenize(tokenizer: PreTrainedTokenizerBase, captions: list[str], max_len: i
         list(captions), truncation=True, max_length=max_len, padding="max_length", return_tensors="pt"
     )
     return enc["input_ids"].long()
+
+
+class BatchTokenizer:
+    """``tokenize(tokenizer, captions, max_len)`` at about half the CPU cost.
+
+    It calls the tokenizer's Rust backend (a private copy with truncation and padding to ``max_len``) directly,
+    skipping the Python wrapper's per-call set-up; the ids are the same (tests check it). Tokenizers without a
+    backend (slow, pure-Python ones) go through ``tokenize``. Picklable, so it can ride into loader workers.
+    """
+
+    def __init__(self, tokenizer: Any, max_len: int) -> None:
+        self.max_len = max_len
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.tokenizer = None if backend is not None else tokenizer
+        self.backend = None
+        if backend is not None:
+            from tokenizers import Tokenizer
+
+            self.backend = Tokenizer.from_str(backend.to_str())  # our own copy: its settings stay ours
+            self.backend.enable_truncation(max_len)
+            self.backend.enable_padding(length=max_len, pad_id=tokenizer.pad_token_id, pad_token=tokenizer.pad_token)
+
+    def __call__(self, captions: list[str]) -> torch.Tensor:
+        if self.backend is None:
+            return tokenize(self.tokenizer, captions, self.max_len)
+        ids = np.array([e.ids for e in self.backend.encode_batch(list(captions))], dtype=np.int64)
+        return torch.from_numpy(ids.reshape(len(captions), self.max_len))

@@ -309,33 +309,3 @@ def build_first_stage(cfg: FirstStageConfig | Any) -> AutoencoderKL | VQModel:
     if cfg.kind == "vq":
         return VQModel(cfg)
     raise ValueError(f"first_stage {cfg.name}: kind must be 'kl' or 'vq', got {cfg.kind!r}")
-
-
-def load_first_stage(cfg: FirstStageConfig | Any, map_location: str | torch.device = "cpu") -> AutoencoderKL | VQModel:
-    """Build the first stage and load ``cfg.checkpoint`` (CompVis layout), returned in eval mode, frozen."""
-    from ldm_train.models.first_stage_io import check_architecture, first_stage_state_dict
-
-    model = build_first_stage(cfg)
-    cfg = model.cfg
-    if not cfg.checkpoint:
-        raise ValueError(
-            f"first_stage {cfg.name} has no checkpoint: set first_stage.checkpoint=PATH to a file trained with "
-            f"`python -m ldm_train.train_autoencoder first_stage={cfg.name} ...` (its export "
-            f"first_stage.safetensors) or to a released CompVis model.ckpt of that preset")
-    state = first_stage_state_dict(cfg.checkpoint, cfg.name)
-    check_architecture(cfg.checkpoint, cfg)
-    ours = model.state_dict()
-    missing = sorted(set(ours) - set(state))
-    unexpected = sorted(set(state) - set(ours))
-    if missing or unexpected:
-        raise ValueError(
-            f"first_stage checkpoint {cfg.checkpoint} does not match preset {cfg.name}: "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}: pick the first_stage preset the file was trained with")
-    bad = [k for k in ours if ours[k].shape != state[k].shape]
-    if bad:
-        k = bad[0]
-        raise ValueError(f"first_stage checkpoint {cfg.checkpoint}: {k} has shape {tuple(state[k].shape)} but "
-                         f"preset {cfg.name} expects {tuple(ours[k].shape)}: pick the matching first_stage preset")
-    model.load_state_dict(state, strict=True)
-    return model.to(map_location).eval().requires_grad_(False)

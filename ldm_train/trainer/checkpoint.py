@@ -15,7 +15,7 @@ Layout (``<run_dir>/checkpoints/``)::
     step_0000120_universal/         made on demand when resuming at another world size
 
 The exported trio (safetensors + config.yaml + tokenizer/) loads without DeepSpeed: see
-``ldm_train.trainer.export.load_export``. ``latest`` moves only after every rank finished writing
+``ldm_train.checkpoints.export.load_export``. ``latest`` moves only after every rank finished writing
 (barrier, then rank 0 replaces it atomically), so a crash mid-save leaves the previous one usable.
 """
 from __future__ import annotations

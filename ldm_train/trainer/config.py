@@ -6,6 +6,13 @@ length is counted in samples seen (EDM style), so a run keeps its meaning when t
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig
+from ldm_train.data.latents import LatentDataConfig
+from ldm_train.tracking import LoggerConfig
 
 
 @dataclass
@@ -93,8 +100,26 @@ class TrainConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
 
 
-def register_trainer_configs() -> None:
-    """Register the schema as ``schema/train`` so conf/train.yaml gets type checking of ``train:``."""
-    from hydra.core.config_store import ConfigStore
+@dataclass
+class TrainAppConfig:
+    """The root of conf/train.yaml (``python -m ldm_train.train``): every group the LDM trainer composes."""
 
-    ConfigStore.instance().store(group="schema", name="train", node=TrainConfig)
+    experiment_name: str = MISSING  # set by the experiment preset; run dirs are <runs_root>/<experiment_name>/<run>
+    runs_root: str = "runs"
+    # a stable name so a restarted job finds its checkpoints; None: the SLURM job's earlier run dir, else a new
+    # 00012-<experiment>-<first_stage>-gpus<N>-batch<B> folder
+    run_name: str | None = None
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    data: LatentDataConfig = field(default_factory=LatentDataConfig)
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # a DeepSpeed config fragment (conf/deepspeed/)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+def register_trainer_configs() -> None:
+    """Register ``train_schema`` (the root of conf/train.yaml) and the group schemas with Hydra's ConfigStore."""
+    from ldm_train.app import register_schema
+
+    register_schema("train", TrainAppConfig)

@@ -5,61 +5,36 @@ sample grids, and in DeepSpeed's own per-step overflow check (which also tells t
 """
 from __future__ import annotations
 
+import copy
 import os
 import random
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from ldm_train.config import FirstStageConfig, UNetConfig, to_dataclass
-from ldm_train.distributed import barrier, cleanup, init_distributed
+from ldm_train.app import config_dict, config_yaml, to_config
+from ldm_train.build import build_ldm
+from ldm_train.checkpoints.export import EMA_FILE, LazySafetensors, full_state_dict, write_export
+from ldm_train.distributed import (
+    barrier,
+    cleanup,
+    device_for_rank,
+    init_distributed,
+    rng_state,
+    set_rng_state,
+)
 from ldm_train.trainer import build
 from ldm_train.trainer import checkpoint as ckpt
-from ldm_train.trainer.config import TrainConfig
+from ldm_train.trainer.config import TrainAppConfig, TrainConfig
 from ldm_train.trainer.derived import Derived, derive, describe, lr_at
 from ldm_train.trainer.ds_config import compose_ds_config
-from ldm_train.trainer.export import full_state_dict, write_export
 from ldm_train.trainer.guard import NonFiniteAbort, NumericalGuard
 from ldm_train.trainer.preemption import Preemption, requeue_slurm_job
-
-
-def _rng_state(gen: torch.Generator) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "generator": gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    gen.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-class _LazySafetensors(Mapping):
-    """{name: tensor} read one tensor at a time, so no rank holds a whole 1.45B-parameter EMA file at once."""
-
-    def __init__(self, path: Path) -> None:
-        from safetensors import safe_open
-
-        self._file = safe_open(str(path), framework="pt")
-        self._keys = list(self._file.keys())
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        return self._file.get_tensor(key)
-
-    def __iter__(self) -> Any:
-        return iter(self._keys)
-
-    def __len__(self) -> int:
-        return len(self._keys)
+from ldm_train.trainer.samples import SampleGrid
 
 
 def _single_process_group() -> None:
@@ -76,14 +51,14 @@ def _single_process_group() -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: TrainAppConfig) -> None:
         self.cfg = cfg
-        self.tcfg: TrainConfig = to_dataclass(cfg.train, TrainConfig)
+        self.tcfg: TrainConfig = cfg.train
         self.env = init_distributed()
         if not torch.distributed.is_initialized():
             _single_process_group()
         self.rank, self.world_size = self.env.rank, self.env.world_size
-        self.device = build.device_for_rank()
+        self.device = device_for_rank()
         self.d: Derived = derive(self.tcfg, self.world_size, build.flops_per_sample(cfg))
         self.run_dir = build.make_run_dir(cfg, self.world_size, self.d.global_batch)
         self.ckpt_dir = self.run_dir / ckpt.CHECKPOINTS
@@ -95,27 +70,25 @@ class Trainer:
         client = self._resume()
         self._setup_tracking(client.get("wandb_run_id") if client else None)
         self.preemption = Preemption(self.device)
+        self.grid = SampleGrid(cfg, self.tcfg.sampling, self.tokenizer, self.scale_factor, self.device)
         self._banner()
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
-        from functools import partial
-
         from ldm_train.data.latents import build_latent_loader
         from ldm_train.data.manifest import read_manifest, shard_list
-        from ldm_train.data.tokenizer import tokenize
+        from ldm_train.data.tokenizer import BatchTokenizer
 
         cfg = self.cfg
-        first_stage = to_dataclass(cfg.first_stage, FirstStageConfig)
         data_cfg = cfg.data
         manifest = read_manifest(data_cfg.manifest or data_cfg.shards)
         shards = shard_list(manifest, base_url=None if data_cfg.manifest else data_cfg.shards)
         self.tokenizer, self.tokenizer_dir = build.setup_tokenizer(
-            to_dataclass(cfg.text_encoder, build.TextEncoderConfig), self.run_dir, shards
+            cfg.text_encoder, self.run_dir, shards
         )
-        tokenize_fn = partial(tokenize, self.tokenizer, max_len=int(cfg.text_encoder.max_seq_len))
+        tokenize_fn = BatchTokenizer(self.tokenizer, int(cfg.text_encoder.max_seq_len))
         self.loader = build_latent_loader(
-            data_cfg, first_stage, to_dataclass(cfg.unet, UNetConfig), tokenize_fn, self.rank, self.world_size
+            data_cfg, cfg.first_stage, cfg.unet, tokenize_fn, self.rank, self.world_size
         )
         self.scale_factor = self.loader.scale_factor
         self.stored = self.loader.stored
@@ -130,13 +103,13 @@ class Trainer:
         import deepspeed
 
         torch.manual_seed(self.tcfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
-        model = build.build_model(self.cfg)
+        model = build_ldm(self.cfg)
         self.latest = ckpt.latest_tag(self.ckpt_dir) if self.tcfg.checkpoint.resume else None
         self.resume_universal = False
         if self.latest is not None:
             meta = ckpt.read_meta(self.ckpt_dir, self.latest)
             self.resume_universal = int(meta["world_size"]) != self.world_size
-        ds_group = OmegaConf.to_container(self.cfg.deepspeed, resolve=True)
+        ds_group = copy.deepcopy(dict(self.cfg.deepspeed))
         self.ds_config = compose_ds_config(ds_group, self.tcfg, self.d, load_universal=self.resume_universal)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         o = self.tcfg.optim
@@ -170,7 +143,7 @@ class Trainer:
         if rank_state is not None:
             self.loader.load_state_dict(rank_state["data"])  # another world size: it restarts past the old blocks
             if not self.resume_universal:
-                _set_rng_state(rank_state["rng"], self.gen)
+                set_rng_state(rank_state["rng"], self.gen)
         if self.ema is not None:
             self._load_exported_ema(int(state.get("ema_updates", self.step)))
         print(f"[train] rank {self.rank}: resumed {self.ckpt_dir / self.latest} at step {self.step} "
@@ -186,23 +159,21 @@ class Trainer:
 
     def _load_exported_ema(self, num_updates: int) -> None:
         """The EMA persists once, as the exported full fp32 model_ema.safetensors; each rank takes its slice."""
-        from ldm_train.trainer.export import EMA_FILE
-
         path = self.ckpt_dir / self.latest / EMA_FILE
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: the checkpoint has no EMA to resume; set train.ema.enabled=false "
                                     f"or resume from a checkpoint written with the EMA on")
-        self.ema.load_state_dict({"shadow": _LazySafetensors(path), "num_updates": num_updates,
+        self.ema.load_state_dict({"shadow": LazySafetensors(path), "num_updates": num_updates,
                                   "decay": self.tcfg.ema.decay, "warmup": self.tcfg.ema.warmup})
 
     def _setup_tracking(self, run_id: str | None) -> None:
         from ldm_train.tracking import Tracker
 
         self.tracker = Tracker(self.cfg.logger, self.run_dir, self.rank, resume_run_id=run_id,
-                               run_config=OmegaConf.to_container(self.cfg, resolve=True),
+                               run_config=config_dict(self.cfg),
                                experiment=self.cfg.experiment_name)
         if self.rank == 0:
-            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(self.cfg, resolve=True))
+            (self.run_dir / "config.yaml").write_text(config_yaml(self.cfg))
 
     def _banner(self) -> None:
         if self.rank != 0:
@@ -328,7 +299,7 @@ class Trainer:
                         "ema_updates": self.ema.num_updates if self.ema is not None else 0},
             "wandb_run_id": getattr(self.tracker, "run_id", None),
         }
-        rank_state = {"data": self.loader.state_dict(), "rng": _rng_state(self.gen)}
+        rank_state = {"data": self.loader.state_dict(), "rng": rng_state(self.gen)}
         meta = {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world_size,
                 "zero_stage": self.zero_stage, "precision": self.tcfg.precision, "global_batch": self.d.global_batch}
 
@@ -337,7 +308,7 @@ class Trainer:
             raw = full_state_dict(self.engine.module, self.zero_stage) if self.tcfg.checkpoint.export_weights else None
             ema = self._ema_state()
             if self.rank == 0:
-                write_export(tag_dir, raw, ema, OmegaConf.to_yaml(self.cfg, resolve=True), self.tokenizer_dir,
+                write_export(tag_dir, raw, ema, config_yaml(self.cfg), self.tokenizer_dir,
                              {"format": "compvis-ldm", "step": self.step, "samples_seen": self.samples_seen})
 
         tag = ckpt.save_checkpoint(self.engine, self.ckpt_dir, self.step, client, rank_state, meta, exports,
@@ -347,26 +318,22 @@ class Trainer:
         return tag
 
     def sample_grid(self) -> None:
-        from ldm_train.trainer.samples import render_grid
-
         sd = self._ema_state() if (self.ema is not None and self.tcfg.sampling.use_ema) else \
             full_state_dict(self.engine.module, self.zero_stage)
         if self.rank == 0:
-            images = render_grid(self.cfg, sd, self.tokenizer, self.tcfg.sampling, self.scale_factor, self.device)
+            images = self.grid.render(sd)
             self.tracker.log_images(self.step, "samples", images, list(self.tcfg.sampling.prompts))
         barrier()
 
     def close(self) -> None:
-        from ldm_train.trainer import samples
-
-        samples.clear_cache()  # a multirun's next job in this process builds its own model
         self.preemption.restore()
         self.tracker.close()
         cleanup()
 
 
-def train(cfg: DictConfig) -> int:
-    trainer = Trainer(cfg)
+def train(cfg: TrainAppConfig | DictConfig) -> int:
+    """Build, run, close; returns the exit status (3: aborted by the numerical guard)."""
+    trainer = Trainer(to_config(cfg, TrainAppConfig))
     try:
         return trainer.run()
     finally:

@@ -1,77 +1,52 @@
-"""A grid of samples for fixed prompts during training (rank 0; DDIM few steps with classifier-free guidance).
+"""A grid of samples for fixed prompts during training (rank 0; DDIM, few steps, classifier-free guidance).
 
-The weights come in as a full CompVis-layout state dict (EMA by default), loaded into a plain copy of the
-model kept on rank 0, so sampling never touches the DeepSpeed engine (ZeRO-3 partitions included).
-Latents are decoded by the first stage when ``first_stage.checkpoint`` is set; otherwise the grid shows
-the first three latent channels, normalised, which still shows whether colours follow the prompt.
+The weights come in as a full CompVis-layout state dict (EMA by default), loaded into a plain model built
+once by ``build_ldm`` and kept on rank 0, so sampling never touches the DeepSpeed engine (ZeRO-3
+partitions included). Images come from ``ldm_train.sampling.sample_images``, the function eval uses;
+sample i uses seed ``train.sampling.seed + i``. Latents are decoded by the first stage when
+``first_stage.checkpoint`` is set, else the grid shows the first latent channels.
 """
 from __future__ import annotations
 
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
-from ldm_train.config import FirstStageConfig, to_dataclass
-
-_CACHE: dict[str, Any] = {}
+from ldm_train.trainer.config import SamplingConfig
 
 
-def clear_cache() -> None:
-    _CACHE.clear()
+class SampleGrid:
+    def __init__(self, cfg: Any, sampling: SamplingConfig, tokenizer: Any, scale_factor: float,
+                 device: torch.device) -> None:
+        self.cfg, self.sampling, self.tokenizer = cfg, sampling, tokenizer
+        self.scale_factor, self.device = scale_factor, device
+        self.model: torch.nn.Module | None = None
+        self.first_stage: torch.nn.Module | None = None
 
+    def _build(self) -> None:
+        from ldm_train.build import build_ldm
 
-def _plain_model(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
-    if "model" not in _CACHE:
-        from ldm_train.trainer.build import build_model
+        self.model = build_ldm(self.cfg).to(self.device).eval()
+        fs_cfg = self.cfg.first_stage
+        if fs_cfg.checkpoint:
+            from ldm_train.checkpoints.first_stage import load_first_stage
 
-        _CACHE["model"] = build_model(cfg).to(device).eval()
-    return _CACHE["model"]
+            self.first_stage = load_first_stage(fs_cfg, map_location=self.device)
 
+    @torch.no_grad()
+    def render(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
+        """One image per prompt -> images [N, 3, H, W] in [-1, 1], on the CPU."""
+        from ldm_train.sampling import SamplerSettings, sample_images
 
-def _first_stage(cfg: DictConfig, device: torch.device) -> torch.nn.Module | None:
-    if cfg.first_stage.get("checkpoint") is None:
-        return None
-    if "first_stage" not in _CACHE:
-        from ldm_train.models.autoencoder import load_first_stage
-
-        _CACHE["first_stage"] = load_first_stage(to_dataclass(cfg.first_stage, FirstStageConfig)).to(device).eval()
-    return _CACHE["first_stage"]
-
-
-@torch.no_grad()
-def render_grid(
-    cfg: DictConfig,
-    state_dict: dict[str, torch.Tensor],
-    tokenizer: Any,
-    sampling: Any,
-    scale_factor: float,
-    device: torch.device,
-) -> torch.Tensor:
-    """Sample one image per prompt (seed fixed by ``sampling.seed``) -> images [N, 3, H, W] in [-1, 1]."""
-    from ldm_train.data.tokenizer import tokenize
-    from ldm_train.diffusion.samplers import cfg_model_fn, ddim_sample
-
-    model = _plain_model(cfg, device)
-    model.load_state_dict(state_dict, strict=True)
-    prompts = list(sampling.prompts)
-    max_len = int(cfg.text_encoder.max_seq_len)
-    cond = model.encode_text(tokenize(tokenizer, prompts, max_len).to(device))
-    uncond = model.encode_text(tokenize(tokenizer, [""] * len(prompts), max_len).to(device))
-    unet = model.model.diffusion_model
-    model_fn = cfg_model_fn(unet, {"context": cond}, {"context": uncond}, float(sampling.guidance_scale))
-    c, size = int(cfg.unet.out_channels), int(cfg.unet.image_size)
-    gen = torch.Generator(device="cpu").manual_seed(int(sampling.seed))
-    z = ddim_sample(model_fn, model.schedule.to(device), (len(prompts), c, size, size), num_steps=int(sampling.steps),
-                    eta=float(sampling.eta), parameterization=model.parameterization, generator=gen, device=device)
-    first_stage = _first_stage(cfg, device)
-    if first_stage is not None:
-        images = first_stage.decode(z / scale_factor).clamp(-1, 1)
-    else:
-        images = z[:, :3]
-        if images.shape[1] < 3:
-            images = images.repeat(1, 3, 1, 1)[:, :3]
-        lo = images.amin(dim=(1, 2, 3), keepdim=True)
-        hi = images.amax(dim=(1, 2, 3), keepdim=True)
-        images = (images - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
-    return images.float().cpu()
+        if self.model is None:
+            self._build()
+        self.model.load_state_dict(state_dict, strict=True)
+        s = self.sampling
+        prompts = list(s.prompts)
+        settings = SamplerSettings("ddim", int(s.steps), float(s.eta), float(s.guidance_scale), int(s.seed))
+        unet = self.cfg.unet
+        shape = (int(unet.out_channels), int(unet.image_size), int(unet.image_size))
+        seeds = [settings.seed + i for i in range(len(prompts))]
+        images = sample_images(self.model, self.first_stage, self.tokenizer, prompts, seeds, settings, shape,
+                               self.scale_factor, self.device)
+        return images.clamp(-1, 1).float().cpu()

@@ -7,23 +7,19 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-CONF_DIR = str(REPO / "conf")
 
 
 def ae_cfg(run_root: Path, data: dict[str, str], *overrides: str, resolution: int = 16):
-    """conf/train_autoencoder.yaml composed for a small CPU run (no W&B unless asked, LPIPS off)."""
-    from hydra import compose, initialize_config_dir
+    """conf/train_autoencoder.yaml composed (typed) for a small CPU run (no W&B unless asked, LPIPS off)."""
+    from ldm_train.app import compose
+    from ldm_train.first_stage.config import AutoencoderAppConfig
 
-    from ldm_train.config import register_configs
-
-    register_configs()
     base = [f"data.input={data['train']}", f"data.heldout={data['heldout']}", f"runs_root={run_root}",
             "run_name=run", "logger=disabled", f"first_stage.ddconfig.resolution={resolution}",
             f"data.resolution={resolution}", "first_stage.lossconfig.perceptual_weight=0", "data.num_workers=1",
             "data.shuffle_buffer=16", "first_stage.lossconfig.disc_num_layers=2", "optim.batch_size=4", "optim.base_lr=2.5e-4", "train.log_every=1",
             "train.image_every=1000", "train.eval_every=1000", "train.eval_images=8", "train.checkpoint_every=1000"]
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        return compose(config_name="train_autoencoder", overrides=base + list(overrides))
+    return compose("train_autoencoder", AutoencoderAppConfig, base + list(overrides))
 
 
 def stats(run_dir: Path) -> list[dict]:

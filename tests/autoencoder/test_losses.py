@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ldm_train.config import FirstStageLossConfig
-from ldm_train.losses import FirstStageLoss, build_lpips, hinge_d_loss
+from ldm_train.first_stage.losses import FirstStageLoss, build_lpips, hinge_d_loss
 from ldm_train.models.discriminator import NLayerDiscriminator
 
 

@@ -3,13 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from ldm_train.config import DDConfig, FirstStageConfig, register_configs, to_dataclass
-from ldm_train.models.autoencoder import AutoencoderKL, VQModel, build_first_stage, load_first_stage
-from ldm_train.models.first_stage_io import export_first_stage
-
-from .conftest import CONF_DIR
+from ldm_train.app import compose
+from ldm_train.checkpoints.first_stage import export_first_stage, load_first_stage
+from ldm_train.config import DDConfig, FirstStageConfig
+from ldm_train.first_stage.config import AutoencoderAppConfig
+from ldm_train.models.autoencoder import AutoencoderKL, VQModel, build_first_stage
 
 
 def small_kl(**dd) -> FirstStageConfig:
@@ -18,10 +17,8 @@ def small_kl(**dd) -> FirstStageConfig:
 
 
 def preset(name: str) -> FirstStageConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
-        cfg = compose(config_name="train_autoencoder", overrides=[f"first_stage={name}"])
-    return to_dataclass(cfg.first_stage, FirstStageConfig)
+    # data.input is mandatory in the typed root; the preset is all this reads
+    return compose("train_autoencoder", AutoencoderAppConfig, [f"first_stage={name}", "data.input=unused"]).first_stage
 
 
 def test_kl_matches_diffusers_after_compvis_conversion():

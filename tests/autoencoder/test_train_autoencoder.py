@@ -10,7 +10,7 @@ import tarfile
 import numpy as np
 import torch
 
-from ldm_train.train_autoencoder import Trainer, train
+from ldm_train.first_stage.trainer import Trainer, train
 
 from .conftest import REPO, ae_cfg, stats
 
@@ -84,9 +84,9 @@ def test_export_loads_in_data_prep_encode(tmp_path, shapes32):
     manifest = json.loads((out / "tiny_kl_f4" / "manifest.json").read_text())
     assert manifest["num_samples"] == 16 and list(manifest["latent_shape"]) == [6, 4, 4]
     # the stored moments are our model's moments of the same images
-    from data_prep.readers import image_dataset
+    from ldm_train.checkpoints.first_stage import load_first_stage
     from ldm_train.config import FirstStageConfig, to_dataclass
-    from ldm_train.models.autoencoder import load_first_stage
+    from ldm_train.data.readers import image_dataset
 
     model = load_first_stage(to_dataclass(info["first_stage"], FirstStageConfig))
     images = {s["key"]: s["image"] for s in image_dataset(shapes32["heldout"], 16)}

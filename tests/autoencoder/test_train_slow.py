@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from ldm_train.train_autoencoder import train
+from ldm_train.first_stage.trainer import train
 
 from .conftest import REPO, ae_cfg, stats
 

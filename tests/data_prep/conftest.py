@@ -25,14 +25,11 @@ def encode_args(**kw: object) -> list[str]:
 
 
 def encode_cfg(overrides: list[str]):
-    """The composed conf/encode.yaml with overrides (for calling data_prep.encode.run_encode in-process)."""
-    from hydra import compose, initialize_config_dir
+    """The typed conf/encode.yaml with overrides (for calling data_prep.encode_job.run_encode in-process)."""
+    from data_prep.config import EncodeConfig
+    from ldm_train.app import compose
 
-    from ldm_train.config import register_configs
-
-    register_configs()
-    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
-        return compose("encode", overrides=overrides)
+    return compose("encode", EncodeConfig, overrides)
 
 
 def run_encode(overrides: list[str], env: dict[str, str] | None = None, timeout: float = 240,

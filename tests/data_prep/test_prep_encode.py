@@ -9,13 +9,13 @@ import pytest
 import torch
 from conftest import encode_args, encode_cfg, read_all_shards, run_encode
 
-from data_prep.encode import load_encoder, resolve_tasks
-from data_prep.encode import run_encode as run_encode_inproc
+from data_prep.encode_job import resolve_tasks
+from data_prep.encode_job import run_encode as run_encode_inproc
+from data_prep.encoding import load_encoder
 from data_prep.finalize import FinalizeError, finalize
-from data_prep.readers import iter_shard, list_input_shards
 from data_prep.synthetic import write_synthetic
-from ldm_train.config import FirstStageConfig, to_dataclass
 from ldm_train.data.manifest import check_manifest, read_manifest
+from ldm_train.data.readers import iter_shard, list_input_shards
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_kl_shards_follow_the_contract(six_shards, tmp_path):
     assert m["scale_factor"] == pytest.approx(1 / m["overall_std"])
 
     # the stored moments are the first stage's, of this very image (same weights: load_encoder seeds them)
-    fs_cfg = to_dataclass(encode_cfg(encode_args(input="x")).first_stage, FirstStageConfig)
+    fs_cfg = encode_cfg(encode_args(input="x")).first_stage
     model = load_encoder(fs_cfg, allow_random=True)
     images = {r.key: r.image for sh in list_input_shards(str(six_shards)) for r in iter_shard(sh, 32)}
     by_key = {s["key"]: s["latent"] for s in samples}

@@ -14,10 +14,10 @@ import webdataset as wds
 from conftest import REPO, encode_args, encode_cfg, read_all_shards, run_encode
 from PIL import Image
 
-from data_prep.encode import run_encode as run_encode_inproc
-from data_prep.readers import InputShardError, iter_shard, list_input_shards
+from data_prep.encode_job import run_encode as run_encode_inproc
 from data_prep.synthetic import write_synthetic
 from ldm_train.data.manifest import read_manifest
+from ldm_train.data.readers import InputShardError, iter_shard, list_input_shards
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):

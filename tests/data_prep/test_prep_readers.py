@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep.readers import (
+from data_prep.synthetic import write_synthetic
+from ldm_train.data.readers import (
     Filters,
     InputShardError,
     Sample,
@@ -17,8 +18,7 @@ from data_prep.readers import (
     iter_shard,
     list_input_shards,
 )
-from data_prep.synthetic import write_synthetic
-from data_prep.transforms import resize_center_crop, to_pil, to_tensor
+from ldm_train.data.transforms import resize_center_crop, to_pil, to_tensor
 
 
 def test_resize_center_crop_protocol():

@@ -9,12 +9,11 @@ import pytest
 import torch
 from conftest import encode_args, encode_cfg, read_all_shards
 
-from data_prep.encode import run_encode
-from data_prep.readers import image_dataset
+from data_prep.encode_job import run_encode
 from data_prep.synthetic import write_synthetic
-from ldm_train.config import FirstStageConfig, to_dataclass
-from ldm_train.models.autoencoder import build_first_stage, load_first_stage
-from ldm_train.models.first_stage_io import export_first_stage
+from ldm_train.checkpoints.first_stage import export_first_stage, load_first_stage
+from ldm_train.data.readers import image_dataset
+from ldm_train.models.autoencoder import build_first_stage
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +41,7 @@ def test_decoded_latents_match_the_input(tmp_path):
     images = {d["key"]: d["image"] for d in image_dataset(str(raw), R)}
     x = torch.stack(list(images.values()))
 
-    fs_cfg = to_dataclass(encode_cfg(encode_args(input="x")).first_stage, FirstStageConfig)
+    fs_cfg = encode_cfg(encode_args(input="x")).first_stage
     torch.manual_seed(0)
     model = build_first_stage(fs_cfg)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)

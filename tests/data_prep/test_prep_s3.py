@@ -7,11 +7,11 @@ import pytest
 import torch
 from conftest import encode_args, encode_cfg, read_shard, run_encode
 
-from data_prep.encode import run_encode as run_encode_inproc
-from data_prep.readers import image_dataset
+from data_prep.encode_job import run_encode as run_encode_inproc
 from data_prep.synthetic import write_synthetic
 from ldm_train.data import fsspec_io
 from ldm_train.data.manifest import read_manifest
+from ldm_train.data.readers import image_dataset
 
 
 @pytest.fixture(scope="module")

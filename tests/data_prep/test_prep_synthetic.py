@@ -10,14 +10,8 @@ import pytest
 from PIL import Image
 
 from data_prep import synthetic
-from data_prep.synthetic import (
-    COLOURS,
-    HELDOUT_COMBOS,
-    Scene,
-    object_core_mask,
-    parse_caption,
-    write_synthetic,
-)
+from data_prep.synthetic import object_core_mask, write_synthetic
+from ldm_train.data.shapes_captions import COLOURS, HELDOUT_COMBOS, Scene, parse_caption
 
 
 def _read_tar(path) -> dict[str, dict[str, bytes]]:

@@ -66,6 +66,9 @@ def build_tiny_export(root: str, resolution: int = 32) -> str:
     from omegaconf import OmegaConf
 
     from data_prep.synthetic import sample_scene
+    from ldm_train.checkpoints.compvis import compvis_state_dict
+    from ldm_train.checkpoints.export import write_export
+    from ldm_train.checkpoints.first_stage import export_first_stage
     from ldm_train.config import (
         FirstStageConfig,
         TextEncoderConfig,
@@ -75,11 +78,9 @@ def build_tiny_export(root: str, resolution: int = 32) -> str:
     )
     from ldm_train.data.tokenizer import train_tokenizer
     from ldm_train.models.autoencoder import build_first_stage
-    from ldm_train.models.first_stage_io import export_first_stage
     from ldm_train.models.text_encoder import BERTEmbedder
     from ldm_train.models.unet import UNetModel
     from ldm_train.trainer.config import register_trainer_configs
-    from ldm_train.trainer.export import TEXT_PREFIX, UNET_PREFIX, write_export
 
     register_configs()
     register_trainer_configs()
@@ -108,8 +109,7 @@ def build_tiny_export(root: str, resolution: int = 32) -> str:
     train_tokenizer(captions, cfg.text_encoder.vocab_size, str(tok_dir), cfg.text_encoder.max_seq_len)
     OmegaConf.update(cfg, "first_stage.checkpoint", fs_path)
     OmegaConf.update(cfg, "data.scale_factor", 0.9)
-    sd = {UNET_PREFIX + k: v for k, v in unet.state_dict().items()}
-    sd.update({TEXT_PREFIX + k: v for k, v in text.state_dict().items()})
+    sd = compvis_state_dict(unet.state_dict(), text.state_dict())
     write_export(step, sd, sd, OmegaConf.to_yaml(cfg, resolve=True), tok_dir, {"step": 10, "samples_seen": 320})
     (run / "checkpoints" / "latest").write_text(step.name)
     return str(run)
@@ -121,14 +121,11 @@ def tiny_export(tmp_path_factory) -> str:
 
 
 def eval_config(**overrides: object):
-    """conf/eval.yaml composed as ``python -m eval.run`` would, with ``key=value`` overrides."""
-    from pathlib import Path
+    """The typed conf/eval.yaml (``EvalConfig``) composed as ``python -m eval.run`` would, with ``key=value`` overrides."""
+    from eval.config import EvalConfig
+    from ldm_train.app import compose
 
-    from hydra import compose, initialize_config_dir
-
-    conf = str(Path(__file__).resolve().parents[2] / "conf")
-    with initialize_config_dir(conf, version_base=None):
-        return compose("eval", overrides=[f"{k}={v}" for k, v in overrides.items()])
+    return compose("eval", EvalConfig, [f"{k}={v}" for k, v in overrides.items()])
 
 
 @pytest.fixture(name="eval_config")

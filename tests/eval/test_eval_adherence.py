@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from data_prep.readers import image_dataset
 from data_prep.synthetic import write_synthetic
 from eval.adherence import adherence
+from ldm_train.data.readers import image_dataset
 
 
 def _real_images(tmp_path, split: str, n: int) -> tuple[list[np.ndarray], list[str]]:

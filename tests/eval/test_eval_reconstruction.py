@@ -30,26 +30,19 @@ def test_ssim_identity_one_and_degrades_with_noise() -> None:
 
 
 def test_reconstruction_eval_end_to_end(tmp_path) -> None:
-    from hydra import compose, initialize_config_dir
-
     from data_prep.synthetic import write_synthetic
-    from eval.reconstruction import run
-    from ldm_train.config import FirstStageConfig, register_configs, to_dataclass
+    from eval.reconstruction import ReconstructionConfig, run
+    from ldm_train.app import compose
+    from ldm_train.checkpoints.first_stage import export_first_stage
     from ldm_train.models.autoencoder import build_first_stage
-    from ldm_train.models.first_stage_io import export_first_stage
 
-    register_configs()
     write_synthetic(str(tmp_path / "heldout"), 6, resolution=32, shard_size=6, split="heldout")
-    from pathlib import Path
-
-    conf = str(Path(__file__).resolve().parents[2] / "conf")
-    with initialize_config_dir(conf, version_base=None):
-        cfg = compose("eval_reconstruction", overrides=[
-            f"images={tmp_path / 'heldout'}", "num_images=5", "resolution=32", "batch_size=2",
-            f"output_dir={tmp_path / 'out'}", "lpips.random_backbone=true", "metrics.extractor=random-init",
-            "metrics.save_cpu_ram=true"])
+    cfg = compose("eval_reconstruction", ReconstructionConfig, [
+        f"images={tmp_path / 'heldout'}", "num_images=5", "resolution=32", "batch_size=2",
+        f"output_dir={tmp_path / 'out'}", "lpips.random_backbone=true", "metrics.extractor=random-init",
+        "metrics.save_cpu_ram=true"])
     torch.manual_seed(0)
-    fs = build_first_stage(to_dataclass(cfg.first_stage, FirstStageConfig))
+    fs = build_first_stage(cfg.first_stage)
     export_first_stage(fs, str(tmp_path / "fs.safetensors"))
     cfg.first_stage.checkpoint = str(tmp_path / "fs.safetensors")
     out = run(cfg)
@@ -63,19 +56,12 @@ def test_reconstruction_eval_end_to_end(tmp_path) -> None:
 
 
 def test_missing_lpips_backbone_is_refused_with_the_remedy(tmp_path) -> None:
-    from pathlib import Path
+    from eval.reconstruction import ReconstructionConfig, run
+    from ldm_train.app import compose
 
-    from hydra import compose, initialize_config_dir
-
-    from eval.reconstruction import run
-    from ldm_train.config import register_configs
-
-    register_configs()
-    conf = str(Path(__file__).resolve().parents[2] / "conf")
-    with initialize_config_dir(conf, version_base=None):
-        cfg = compose("eval_reconstruction", overrides=[
-            f"images={tmp_path}", f"lpips.backbone={tmp_path}/vgg.pth", "metrics.fid=false",
-            f"output_dir={tmp_path / 'out'}"])
+    cfg = compose("eval_reconstruction", ReconstructionConfig, [
+        f"images={tmp_path}", f"lpips.backbone={tmp_path}/vgg.pth", "metrics.fid=false",
+        f"output_dir={tmp_path / 'out'}"])
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
         run(cfg)
     assert not (tmp_path / "out").exists()

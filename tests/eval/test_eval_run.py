@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.synthetic import write_synthetic
-from eval.run import run
+from eval.pipeline import run
 
 PROMPTS = ["a large red circle in the center on a white background",
            "a small blue square at the top left on a green background"]

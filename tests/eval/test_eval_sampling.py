@@ -94,7 +94,8 @@ def tiny_model(tiny_export):
 def test_every_sampler_decodes_images_reproducibly(tiny_model, sampler: str) -> None:
     import torch
 
-    from eval.sampling import SamplerSettings, sample_batch
+    from eval.sampling import sample_batch
+    from ldm_train.sampling import SamplerSettings
 
     settings = SamplerSettings(sampler=sampler, steps=2, eta=0.5, guidance_scale=3.0, seed=7, batch_size=2)
     a = sample_batch(tiny_model, PROMPTS[:2], [0, 1], settings, torch.device("cpu"))

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm_train.checkpoints.compvis import export_safetensors, load_state_dict_file
 from ldm_train.config import UNetConfig
 from ldm_train.models.unet import UNetModel
-from ldm_train.weights import export_safetensors, load_state_dict_file
 
 single_file_utils = pytest.importorskip("diffusers.loaders.single_file_utils")
 

@@ -8,10 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ldm_train.config import TextEncoderConfig, UNetConfig
-from ldm_train.models.text_encoder import BERTEmbedder
-from ldm_train.models.unet import UNetModel
-from ldm_train.weights import (
+from ldm_train.checkpoints.compvis import (
     ema_key,
     export_safetensors,
     load_compvis,
@@ -19,6 +16,9 @@ from ldm_train.weights import (
     main,
     split_compvis,
 )
+from ldm_train.config import TextEncoderConfig, UNetConfig
+from ldm_train.models.text_encoder import BERTEmbedder
+from ldm_train.models.unet import UNetModel
 
 
 class NotData:

@@ -55,7 +55,7 @@ from hydra import compose, initialize_config_dir
 import torch
 from ldm_train.config import register_configs
 from ldm_train.models.autoencoder import build_first_stage
-from ldm_train.models.first_stage_io import export_first_stage
+from ldm_train.checkpoints.first_stage import export_first_stage
 register_configs()
 torch.manual_seed(0)
 with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base="1.3"):

@@ -32,11 +32,11 @@ def _losses(run_dir: Path) -> dict[int, float]:
 def _initial_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     from omegaconf import OmegaConf
 
-    from ldm_train.trainer.build import build_model
+    from ldm_train.build import build_ldm
 
     cfg = OmegaConf.load(run_dir / "config.yaml")
     torch.manual_seed(cfg.train.seed)  # the trainer builds the model right after seeding with train.seed
-    return build_model(cfg).state_dict()
+    return build_ldm(cfg).state_dict()
 
 
 def _check_learned_and_exported(run_dir: Path, steps: int) -> None:

@@ -141,15 +141,15 @@ def test_sweep_launcher_presets_compose():
 def test_export_roundtrip_compvis_layout(tmp_path: Path):
     from omegaconf import OmegaConf
 
+    from ldm_train.build import build_ldm
+    from ldm_train.checkpoints.export import full_state_dict, load_export, write_export
     from ldm_train.config import TextEncoderConfig, UNetConfig, to_dataclass
     from ldm_train.models.text_encoder import BERTEmbedder
     from ldm_train.models.unet import UNetModel
-    from ldm_train.trainer.build import build_model
-    from ldm_train.trainer.export import full_state_dict, load_export, write_export
 
     cfg = _compose(["experiment=tiny"])
     torch.manual_seed(0)
-    model = build_model(cfg)
+    model = build_ldm(cfg)
     raw = full_state_dict(model, zero_stage=2)
     assert any(k.startswith("model.diffusion_model.input_blocks.0.0.") for k in raw)
     assert "cond_stage_model.transformer.to_logits.weight" in raw
@@ -159,11 +159,11 @@ def test_export_roundtrip_compvis_layout(tmp_path: Path):
     (tmp_path / "checkpoints" / "latest").write_text("step_0000005")
     write_export(step, raw, ema, OmegaConf.to_yaml(cfg, resolve=True), None, {"step": 5})
     got = load_export(tmp_path)  # a run dir resolves through checkpoints/latest
-    assert got["ema"] and got["step_dir"] == step
-    unet = UNetModel(to_dataclass(got["config"].unet, UNetConfig))
-    text = BERTEmbedder(to_dataclass(got["config"].text_encoder, TextEncoderConfig))
-    unet.load_state_dict(got["unet"], strict=True)
-    text.load_state_dict(got["text_encoder"], strict=True)
+    assert got.ema and got.step_dir == step
+    unet = UNetModel(to_dataclass(got.config.unet, UNetConfig))
+    text = BERTEmbedder(to_dataclass(got.config.text_encoder, TextEncoderConfig))
+    unet.load_state_dict(got.unet, strict=True)
+    text.load_state_dict(got.text_encoder, strict=True)
     key = "input_blocks.0.0.weight"
     assert torch.equal(unet.state_dict()[key], raw["model.diffusion_model." + key] + 1)
-    assert torch.equal(load_export(step, ema=False)["unet"][key], raw["model.diffusion_model." + key])
+    assert torch.equal(load_export(step, ema=False).unet[key], raw["model.diffusion_model." + key])

@@ -12,13 +12,13 @@ from conftest import write_latent_shards
 
 from ldm_train.config import FirstStageConfig, UNetConfig
 from ldm_train.data.latents import (
-    BatchTokenizer,
     LatentDataConfig,
     LatentLoader,
     build_latent_loader,
     sample_latents,
 )
 from ldm_train.data.manifest import ManifestError, check_manifest, read_manifest, shard_list
+from ldm_train.data.tokenizer import BatchTokenizer
 
 
 def make_loader(shards_dir: Path, rank: int = 0, world_size: int = 1, tokenize_fn=None, **kw) -> LatentLoader:

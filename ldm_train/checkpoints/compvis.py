@@ -1,17 +1,17 @@
-"""Weights in the CompVis latent-diffusion layout: read (safetensors or data-only torch files), split, load, export.
+"""Weights in the CompVis latent-diffusion layout: read a file once, split by prefix, load strictly, export.
 
 A released LDM checkpoint is a Lightning ``.ckpt`` whose ``state_dict`` holds ``model.diffusion_model.*``
 (UNet), ``cond_stage_model.*`` (text encoder), ``first_stage_model.*`` (autoencoder), ``model_ema.*`` (LitEma:
 the UNet's parameter names with the dots removed, plus ``decay`` / ``num_updates``) and the diffusion
 schedule buffers (``betas``, ``alphas_cumprod``, ..., ``scale_factor``). Our modules use the same names,
-so loading is a prefix strip and a strict ``load_state_dict``.
+so loading is a prefix strip and a strict ``load_state_dict``. This module holds the only prefix table.
 
 Safety: nothing here unpickles code. Torch files go through ``torch.load(weights_only=True)``; a file that
 needs more is refused with a message naming it. Every path may be local or an fsspec URL.
-CLI: ``python -m ldm_train.weights PATH`` prints the groups and tensor counts of a checkpoint as JSON.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import pickle
@@ -27,37 +27,44 @@ UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
 EMA_PREFIX = "model_ema."
+# group name -> key prefix, in the order keys are matched
+PREFIXES = {"unet": UNET_PREFIX, "text_encoder": TEXT_PREFIX, "first_stage": FIRST_STAGE_PREFIX, "ema": EMA_PREFIX}
 # parameters that exist for checkpoint parity but never get a gradient (the text encoder's LM head)
 UNUSED_KEYS = ("transformer.to_logits.weight", "transformer.to_logits.bias")
 
 
-def _is_local(path: str) -> bool:
-    return "://" not in path or path.startswith("file://")
+@dataclass
+class WeightsFile:
+    """One weights file, read once: its tensors, safetensors header metadata ({} for torch files), sha256."""
+
+    path: str
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+    sha256: str
 
 
-def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+def read_weights(path: str, missing_hint: str = "check the configured checkpoint path") -> WeightsFile:
     """All tensors of a ``.safetensors`` or torch (``.ckpt``/``.pt``/``.bin``) file; a Lightning
-    ``{"state_dict": ...}`` is unwrapped. Non-tensor entries (``global_step``...) are dropped."""
-    path = str(path)
-    fs, fpath = fsspec.core.url_to_fs(path)
-    if not fs.exists(fpath):
-        raise FileNotFoundError(f"weights file {path} does not exist: check the configured checkpoint path")
-    with fs.open(fpath, "rb") as f:
-        head = f.read(9)
-    # safetensors: 8-byte little-endian header length, then the JSON header
-    if path.endswith(".safetensors") or head[8:9] == b"{":
-        from safetensors.torch import load, load_file
+    ``{"state_dict": ...}`` is unwrapped and non-tensor entries (``global_step``...) are dropped.
 
-        if _is_local(path):
-            return load_file(fpath)
-        with fs.open(fpath, "rb") as f:
-            return load(f.read())
+    The file is opened exactly once: the hash, the header metadata and the tensors come from the same bytes.
+    """
+    path = str(path)
     try:
-        if _is_local(path):
-            obj = torch.load(fpath, map_location="cpu", weights_only=True, mmap=head[:2] == b"PK")
-        else:
-            with fs.open(fpath, "rb") as f:
-                obj = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        with fsspec.open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"weights file {path} does not exist: {missing_hint}") from None
+    sha = hashlib.sha256(data).hexdigest()
+    # safetensors: 8-byte little-endian header length, then the JSON header
+    if path.endswith(".safetensors") or data[8:9] == b"{":
+        from safetensors.torch import load
+
+        n = int.from_bytes(data[:8], "little")
+        metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        return WeightsFile(path, load(data), dict(metadata), sha)
+    try:
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
         # torch names the offending global ("Unsupported global: GLOBAL builtins.print ..."): show that line
@@ -75,7 +82,12 @@ def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
     tensors = {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if not tensors:
         raise ValueError(f"{path} holds no tensors (keys: {list(obj)[:8]})")
-    return tensors
+    return WeightsFile(path, tensors, {}, sha)
+
+
+def load_state_dict_file(path: str) -> dict[str, torch.Tensor]:
+    """The tensors of ``read_weights(path)``."""
+    return read_weights(path).tensors
 
 
 def ema_key(unet_key: str) -> str:
@@ -87,11 +99,9 @@ def ema_key(unet_key: str) -> str:
 def split_compvis(state_dict: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
     """Group a CompVis LDM state dict: ``unet``, ``text_encoder``, ``first_stage`` (prefix removed),
     ``ema`` (LitEma's flattened names without ``model_ema.``), ``other`` (schedule buffers, scale_factor...)."""
-    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in ("unet", "text_encoder", "first_stage", "ema", "other")}
-    prefixes = (("unet", UNET_PREFIX), ("text_encoder", TEXT_PREFIX), ("first_stage", FIRST_STAGE_PREFIX),
-                ("ema", EMA_PREFIX))
+    groups: dict[str, dict[str, torch.Tensor]] = {g: {} for g in (*PREFIXES, "other")}
     for key, value in state_dict.items():
-        for group, prefix in prefixes:
+        for group, prefix in PREFIXES.items():
             if key.startswith(prefix):
                 groups[group][key[len(prefix):]] = value
                 break
@@ -128,8 +138,10 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def _load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str,
-                 allowed_missing: tuple[str, ...] = ()) -> list[str]:
+def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str,
+                allowed_missing: tuple[str, ...] = ()) -> list[str]:
+    """``module.load_state_dict(sd)`` with one error naming every missing, unexpected and misshapen key;
+    returns the ``allowed_missing`` keys that were absent (kept as initialised)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd and k not in allowed_missing]
     unexpected = [k for k in sd if k not in own]
@@ -141,7 +153,7 @@ def _load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, s
             f"{len(shape)} shape mismatches (e.g. {shape[:2]}). Check that the unet / text_encoder / first_stage "
             "config matches the checkpoint's"
         )
-    module.load_state_dict({k: v for k, v in sd.items()}, strict=False)
+    module.load_state_dict(dict(sd), strict=False)
     return [k for k in allowed_missing if k in own and k not in sd]
 
 
@@ -158,7 +170,7 @@ def load_compvis(
     exports, the plain keys of that file). The text encoder's unused ``to_logits`` may be absent.
     """
     name = source if isinstance(source, str) else "state dict"
-    sd = load_state_dict_file(source) if isinstance(source, str) else source
+    sd = read_weights(source).tensors if isinstance(source, str) else source
     groups = split_compvis(sd)
     report = LoadReport()
     if unet is not None:
@@ -168,22 +180,30 @@ def load_compvis(
             report.ema = True
         if not unet_sd:
             raise ValueError(f"{name} has no {UNET_PREFIX}* keys: not a CompVis LDM checkpoint")
-        _load_strict(unet, unet_sd, "UNet", name)
+        load_strict(unet, unet_sd, "UNet", name)
         report.loaded["unet"] = len(unet_sd)
     if text_encoder is not None:
         if not groups["text_encoder"]:
             raise ValueError(f"{name} has no {TEXT_PREFIX}* keys: no text encoder in this checkpoint")
-        report.unused_missing = _load_strict(text_encoder, groups["text_encoder"], "text encoder", name, UNUSED_KEYS)
+        report.unused_missing = load_strict(text_encoder, groups["text_encoder"], "text encoder", name, UNUSED_KEYS)
         report.loaded["text_encoder"] = len(groups["text_encoder"])
     if first_stage is not None:
         fs_sd = {k: v for k, v in groups["first_stage"].items() if not k.startswith("loss.")}
         if not fs_sd:
             raise ValueError(f"{name} has no {FIRST_STAGE_PREFIX}* keys: load the first stage from its own file")
-        _load_strict(first_stage, fs_sd, "first stage", name)
+        load_strict(first_stage, fs_sd, "first stage", name)
         report.loaded["first_stage"] = len(fs_sd)
     asked = {"unet": unet, "text_encoder": text_encoder, "first_stage": first_stage, "ema": unet if use_ema else None}
     report.ignored = [g for g, v in groups.items() if v and g != "other" and asked.get(g) is None]
     return report
+
+
+def compvis_state_dict(unet: Mapping[str, torch.Tensor] | None = None,
+                       text_encoder: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """Bare UNet / text encoder state dicts -> one dict with the CompVis prefixes."""
+    out = {UNET_PREFIX + k: v for k, v in (unet or {}).items()}
+    out.update({TEXT_PREFIX + k: v for k, v in (text_encoder or {}).items()})
+    return out
 
 
 def export_safetensors(
@@ -191,39 +211,31 @@ def export_safetensors(
     modules: Mapping[str, nn.Module | Mapping[str, torch.Tensor]],
     metadata: Mapping[str, str] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Write ``{prefix: module or state dict}`` as one safetensors file (local path or fsspec URL).
+    """Write ``{group or prefix: module or state dict}`` as one safetensors file (local path or fsspec URL).
 
-    ``export_safetensors(p, {"model.diffusion_model": unet, "cond_stage_model": text_encoder})`` gives the
-    CompVis layout. Returns the written tensors.
+    ``export_safetensors(p, {"unet": unet, "text_encoder": text_encoder})`` gives the CompVis layout (a group
+    name of ``PREFIXES`` stands for its prefix; any other key is used as the prefix itself). Returns the tensors.
     """
     from safetensors.torch import save
 
     out: dict[str, torch.Tensor] = {}
     for prefix, part in modules.items():
         sd = part.state_dict() if isinstance(part, nn.Module) else part
-        pre = prefix if not prefix or prefix.endswith(".") else prefix + "."
+        pre = PREFIXES.get(prefix, prefix)
+        pre = pre if not pre or pre.endswith(".") else pre + "."
         for key, value in sd.items():
             out[pre + key] = value.detach().to("cpu").contiguous()
     meta = {"format": "compvis-ldm", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    data = save(out, metadata=meta)
-    fs, fpath = fsspec.core.url_to_fs(str(path))
-    parent = fpath.rsplit("/", 1)[0] if "/" in fpath else ""
-    if parent:
-        fs.makedirs(parent, exist_ok=True)
-    with fs.open(fpath, "wb") as f:
-        f.write(data)
+    with fsspec.open(str(path), "wb", auto_mkdir=True) as f:
+        f.write(save(out, metadata=meta))
     return out
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m ldm_train.weights PATH``: groups, tensor and parameter counts of a checkpoint."""
+    """``python -m ldm_train.checkpoints PATH``: groups, tensor and parameter counts of a checkpoint."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        raise SystemExit("usage: python -m ldm_train.weights PATH_OR_URL")
-    groups = split_compvis(load_state_dict_file(args[0]))
+        raise SystemExit("usage: python -m ldm_train.checkpoints PATH_OR_URL")
+    groups = split_compvis(read_weights(args[0]).tensors)
     print(json.dumps({g: {"tensors": len(sd), "elements": sum(v.numel() for v in sd.values())}
                       for g, sd in groups.items() if sd}, indent=1))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,4 @@
-"""Pieces of the first-stage trainer that are not the loop: the image stream, checkpoints, metrics.
+"""The first-stage trainer's data: an endless, resumable image stream and the held-out images.
 
 The stream is deterministic given (seed, rank, world size, worker count): shard order per epoch and the
 shuffle buffer are seeded, and DataLoader hands out worker batches round-robin. Resuming replays the
@@ -8,56 +8,12 @@ uninterrupted run would (the skipped images are decoded again: resume cost grows
 from __future__ import annotations
 
 import itertools
-import os
 import random
-import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
-import torch.distributed as dist
 
-CKPT_PREFIX = "step_"
-
-
-@dataclass
-class AEDataConfig:
-    input: str = "???"
-    heldout: str | None = None
-    input_format: str = "auto"
-    resolution: int = 64
-    num_workers: int = 2
-    shuffle_buffer: int = 256
-
-
-@dataclass
-class AEOptimConfig:
-    batch_size: int = 8
-    base_lr: float = 4.5e-6
-    scale_lr: bool = True
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
-    grad_clip: float | None = None
-
-
-@dataclass
-class AETrainConfig:
-    max_steps: int = 1000
-    precision: str = "fp32"
-    log_every: int = 50
-    image_every: int = 500
-    eval_every: int = 500
-    eval_images: int = 64
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-    export_every_checkpoint: bool = True
-
-
-@dataclass
-class AELossConfig:
-    lpips_backbone: str | None = None
-    lpips_random_backbone: bool = False
+from ldm_train.first_stage.config import AEDataConfig
 
 
 class ImageStream(torch.utils.data.IterableDataset):
@@ -154,79 +110,3 @@ def load_heldout(cfg: AEDataConfig, max_images: int) -> torch.Tensor | None:
     if not images:
         raise FileNotFoundError(f"{cfg.heldout or cfg.input} holds no readable images (data.heldout / data.input)")
     return torch.stack(images)
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB for images in [-1, 1] (peak = 1 after mapping to [0, 1])."""
-    mse = ((x.clamp(-1, 1) - y.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
-# ---------------------------------------------------------------- checkpoints
-
-
-def _is_dist() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _barrier() -> None:
-    if _is_dist():
-        dist.barrier()
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def latest_checkpoint(ckpt_dir: Path) -> Path | None:
-    if not ckpt_dir.is_dir():
-        return None
-    done = sorted(p for p in ckpt_dir.iterdir() if p.name.startswith(CKPT_PREFIX) and (p / "state.pt").is_file())
-    return done[-1] if done else None
-
-
-def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], rank: int, keep: int,
-                    export_fn: Any = None) -> Path:
-    """All ranks call: rank 0 writes the shared state, every rank its RNG; then one atomic rename."""
-    final = ckpt_dir / f"{CKPT_PREFIX}{step:07d}"
-    tmp = ckpt_dir / f".{final.name}.tmp"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)  # leftover of a run killed mid-save
-        tmp.mkdir(parents=True)
-    _barrier()
-    torch.save(rng_state(), tmp / f"rng_rank{rank:05d}.pt")
-    if rank == 0:
-        torch.save(state, tmp / "state.pt")
-        if export_fn is not None:
-            export_fn(tmp / "first_stage.safetensors")
-    _barrier()
-    if rank == 0:
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # the checkpoint appears whole or not at all
-        old = sorted(p for p in ckpt_dir.iterdir() if p.name.startswith(CKPT_PREFIX))
-        for p in old[:-keep] if keep > 0 else []:
-            shutil.rmtree(p, ignore_errors=True)
-    _barrier()
-    return final
-
-
-def load_checkpoint(path: Path, rank: int, world_size: int) -> dict[str, Any]:
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    rng_file = path / f"rng_rank{rank:05d}.pt"
-    if state.get("world_size") == world_size and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
-    else:
-        print(f"[train_autoencoder] resuming {path} at world size {world_size} (saved at "
-              f"{state.get('world_size')}): RNG re-seeded and the data stream restarts at a new seed", flush=True)
-        state["reseed"] = True
-    return state

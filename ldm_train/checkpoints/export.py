@@ -1,4 +1,4 @@
-"""Exported weights: safetensors in the CompVis layout + resolved config + tokenizer, loadable without DeepSpeed.
+"""The LDM trainer's export: safetensors in the CompVis layout + resolved config + tokenizer, loadable without DeepSpeed.
 
 Per checkpoint ``<run_dir>/checkpoints/step_NNNNNNN/``:
 
@@ -16,21 +16,22 @@ stage is the configured ``first_stage.checkpoint``). ``load_export(path)`` resol
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
+from ldm_train.checkpoints.compvis import TEXT_PREFIX, UNET_PREFIX, read_weights, split_compvis
 from ldm_train.distributed import get_rank
 
 RAW_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"
 CONFIG_FILE = "config.yaml"
 TOKENIZER_DIR = "tokenizer"
-UNET_PREFIX = "model.diffusion_model."
-TEXT_PREFIX = "cond_stage_model."
 _GATHER_CHUNK = 50_000_000  # elements gathered at once under ZeRO-3 (bounded peak memory on every rank)
 
 
@@ -112,30 +113,52 @@ def resolve_step_dir(path: str | Path) -> Path:
     )
 
 
-def split_prefixes(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """CompVis keys -> (UNet state dict, text encoder state dict) with the prefixes removed."""
-    unet = {k[len(UNET_PREFIX):]: v for k, v in sd.items() if k.startswith(UNET_PREFIX)}
-    text = {k[len(TEXT_PREFIX):]: v for k, v in sd.items() if k.startswith(TEXT_PREFIX)}
-    return unet, text
+@dataclass
+class Export:
+    """One export, read once: bare UNet / text encoder state dicts, the training config, where it lives."""
+
+    unet: dict[str, torch.Tensor]
+    text_encoder: dict[str, torch.Tensor]
+    config: Any  # DictConfig of config.yaml
+    tokenizer_dir: Path
+    step_dir: Path
+    weights_file: Path
+    sha256: str
+
+    @property
+    def ema(self) -> bool:
+        return self.weights_file.name == EMA_FILE
 
 
-def load_export(path: str | Path, ema: bool = True) -> dict[str, Any]:
-    """Load an export without DeepSpeed.
-
-    Returns ``{"unet": state_dict, "text_encoder": state_dict, "config": DictConfig, "tokenizer_dir": Path,
-    "step_dir": Path, "ema": bool}``; ``ema=True`` falls back to the raw weights when no EMA was exported.
-    """
+def load_export(path: str | Path, ema: bool = True) -> Export:
+    """Load an export without DeepSpeed (opens the weights file once); ``ema=True`` falls back to the raw
+    weights when no EMA was exported."""
     from omegaconf import OmegaConf
 
     step_dir = resolve_step_dir(path)
     has_ema, has_raw = (step_dir / EMA_FILE).is_file(), (step_dir / RAW_FILE).is_file()
     file = step_dir / EMA_FILE if (ema and has_ema) or not has_raw else step_dir / RAW_FILE
-    unet, text = split_prefixes(load_file(str(file)))
-    return {
-        "unet": unet,
-        "text_encoder": text,
-        "config": OmegaConf.load(step_dir / CONFIG_FILE),
-        "tokenizer_dir": step_dir / TOKENIZER_DIR,
-        "step_dir": step_dir,
-        "ema": file.name == EMA_FILE,
-    }
+    weights = read_weights(str(file))
+    groups = split_compvis(weights.tensors)
+    return Export(unet=groups["unet"], text_encoder=groups["text_encoder"],
+                  config=OmegaConf.load(step_dir / CONFIG_FILE), tokenizer_dir=step_dir / TOKENIZER_DIR,
+                  step_dir=step_dir, weights_file=file, sha256=weights.sha256)
+
+
+class LazySafetensors(Mapping):
+    """{name: tensor} read one tensor at a time, so no rank holds a whole 1.45B-parameter EMA file at once."""
+
+    def __init__(self, path: Path) -> None:
+        from safetensors import safe_open
+
+        self._file = safe_open(str(path), framework="pt")
+        self._keys = list(self._file.keys())
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._keys)
+
+    def __len__(self) -> int:
+        return len(self._keys)

@@ -1,4 +1,4 @@
-"""The trained module: UNet + text encoder in ONE nn.Module, so one DeepSpeed engine trains both jointly.
+"""The latent diffusion model: UNet + text encoder in ONE nn.Module, so one DeepSpeed engine trains both jointly.
 
 Attribute names follow CompVis ``LatentDiffusion`` (``model.diffusion_model`` = the UNet through a
 ``DiffusionWrapper``, ``cond_stage_model`` = the text encoder), so ``state_dict()`` keys are the released
@@ -30,7 +30,7 @@ class LatentDiffusion(nn.Module):
     def __init__(
         self,
         unet: nn.Module,
-        text_encoder: nn.Module,
+        text_encoder: nn.Module | None,
         schedule: DiffusionSchedule,
         parameterization: str = "eps",
         min_snr_gamma: float | None = None,
@@ -42,6 +42,10 @@ class LatentDiffusion(nn.Module):
         self.schedule = schedule
         self.parameterization = parameterization
         self.min_snr_gamma = min_snr_gamma
+
+    @property
+    def unet(self) -> nn.Module:
+        return self.model.diffusion_model
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L] -> context [B, L, n_embed] (the empty caption's tokens are the uncond input)."""

@@ -1,0 +1,48 @@
+"""The typed root config of the encode job: ``EncodeConfig`` mirrors ``conf/encode.yaml`` key for key.
+
+Registered as ``encode_schema`` (``ldm_train.app.hydra_app``); ``conf/encode.yaml`` lists it first in its
+defaults, so the YAML holds presets only and a mistyped key or value fails at composition.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from ldm_train.config import FirstStageConfig
+
+
+@dataclass
+class FilterConfig:
+    """Which input images are dropped before encoding."""
+
+    min_size: int | None = None  # shorter side below this is dropped; None: below ``resolution`` (never upscale)
+    max_aspect: float | None = None  # long/short side above this is dropped; None: keep all
+    require_caption: bool = True
+
+
+@dataclass
+class EncodeConfig:
+    """``python -m data_prep.encode``: images + captions -> latent WebDataset shards + manifest.json."""
+
+    input: Any = MISSING  # str or list[str]: tars, an image folder or ImageNet class folders
+    input_format: str = "auto"  # auto | tar | folder | imagenet
+    files_per_shard: int = 1000  # folder inputs: images per input shard
+    caption_template: str = "a photo of a {class_name}"  # imagenet inputs
+    output: str = "data/latents"  # latents root; shards go to <output>/<first_stage.name>/
+    resolution: int = 64
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+    batch_size: int = 32
+    num_workers: int = 2
+    prefetch_factor: int = 4
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16
+    allow_random_first_stage: bool = False
+    seed: int = 0
+    task_index: int | None = None  # None (both): from SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE, else 0/1
+    num_tasks: int | None = None
+    overwrite: bool = False
+    finalize: bool | str = "auto"  # "auto" | True | False
+    progress: bool = True

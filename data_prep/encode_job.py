@@ -1,0 +1,264 @@
+"""The encode job: this task's input shards -> latent shards, stats parts and (when all are done) the manifest.
+
+Input shard j (see ``ldm_train.data.readers.list_input_shards``) becomes
+``<output>/<first_stage.name>/shard-{j:06d}.tar``; task i of n takes the shards with j % n == i (SLURM array,
+torchrun ranks or one process), so tasks never collide. DataLoader workers decode, filter, resize and batch
+whole input shards; this process only runs the first stage and writes (``data_prep.encoding``). A shard is
+written under a temporary name and published when complete; its stats part (``_stats/part-{j:06d}.json``) is
+written after it, and a re-run skips exactly the shards with a part. When every input shard is done the
+manifest is merged (here by the last task, or ``data_prep.finalize``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from data_prep import manifest as mf
+from data_prep.config import EncodeConfig
+from data_prep.encoding import OpenShard, ShardBatches, device_and_autocast, encode_into, load_encoder
+from ldm_train.checkpoints.compvis import WeightsFile
+from ldm_train.checkpoints.first_stage import read_first_stage_file
+from ldm_train.data import fsspec_io
+from ldm_train.data.readers import Filters, InputShard, list_input_shards
+
+
+@dataclass
+class EncodeResult:
+    output: str  # the shard folder <output>/<first_stage.name>
+    task_index: int
+    num_tasks: int
+    done: list[int] = field(default_factory=list)  # shards encoded by this run
+    already_done: list[int] = field(default_factory=list)  # skipped: complete from an earlier run
+    failed: dict[int, str] = field(default_factory=dict)  # shards with no output (retried on re-run)
+    input_errors: dict[int, str] = field(default_factory=dict)  # damaged inputs, salvaged and written
+    num_samples: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)
+    wall_s: float = 0.0
+    wait_s: float = 0.0  # time the encoder waited for the next batch from the workers
+    encode_s: float = 0.0
+    manifest: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and not self.input_errors
+
+
+def resolve_tasks(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
+    """(i, n) from the config, else SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE, else (0, 1)."""
+    env = os.environ
+    if task_index is None and num_tasks is None:
+        if "SLURM_ARRAY_TASK_ID" in env:
+            lo = int(env.get("SLURM_ARRAY_TASK_MIN", 0))
+            n = int(env.get("SLURM_ARRAY_TASK_COUNT") or int(env["SLURM_ARRAY_TASK_MAX"]) - lo + 1)
+            task_index, num_tasks = int(env["SLURM_ARRAY_TASK_ID"]) - lo, n
+        elif "RANK" in env and "WORLD_SIZE" in env:
+            task_index, num_tasks = int(env["RANK"]), int(env["WORLD_SIZE"])
+        else:
+            task_index, num_tasks = 0, 1
+    if task_index is None or num_tasks is None or not 0 <= task_index < num_tasks:
+        raise ValueError(f"task_index={task_index} num_tasks={num_tasks}: need 0 <= task_index < num_tasks (set both)")
+    return task_index, num_tasks
+
+
+# ---------------------------------------------------------------- the job description (job.json)
+
+
+def _input_spec(cfg: EncodeConfig) -> str | list[str]:
+    return cfg.input if isinstance(cfg.input, str) else list(cfg.input)
+
+
+def _job_description(cfg: EncodeConfig, shards: list[InputShard], sha: str | None) -> dict:
+    fs_cfg = cfg.first_stage
+    h = cfg.resolution // fs_cfg.downsample_factor
+    z = fs_cfg.embed_dim
+    kl = fs_cfg.kind == "kl"
+    return {
+        "first_stage": {"name": fs_cfg.name, "kind": fs_cfg.kind, "downsample_factor": fs_cfg.downsample_factor,
+                        "z_channels": z, "checkpoint": fs_cfg.checkpoint, "sha256": sha,
+                        "random_weights": not fs_cfg.checkpoint},
+        "resolution": cfg.resolution,
+        "latent_shape": [2 * z if kl else z, h, h],
+        "stored": "moments" if kl else "prequant",
+        "stats_of": "sampled_z" if kl else "prequant",
+        "stats_channels": z,
+        "input": {"spec": _input_spec(cfg), "format": shards[0].kind, "num_shards": len(shards)},
+        "encode": {"filter": dataclasses.asdict(cfg.filter), "seed": cfg.seed,
+                   "files_per_shard": cfg.files_per_shard, "caption_template": cfg.caption_template},
+    }
+
+
+def _check_same_job(output: str, job: dict, overwrite: bool) -> None:
+    url = mf.job_url(output)
+    if overwrite or not fsspec_io.exists(url):
+        return
+    old = mf.read_json(url)
+    for key in ("first_stage", "resolution", "latent_shape", "input"):
+        if old.get(key) != job.get(key):
+            raise SystemExit(
+                f"{output} already holds shards of another encode job ({key}: {old.get(key)} != {job.get(key)}): "
+                f"pick another output, or overwrite=true to redo every shard"
+            )
+
+
+# ---------------------------------------------------------------- the job
+
+
+def run_encode(cfg: EncodeConfig) -> EncodeResult:
+    """Encode this task's input shards; returns what happened (see ``EncodeResult``)."""
+    t_start = time.perf_counter()
+    fs_cfg = cfg.first_stage
+    if cfg.resolution % fs_cfg.downsample_factor:
+        raise SystemExit(f"resolution={cfg.resolution} is not divisible by first_stage {fs_cfg.name}'s f={fs_cfg.downsample_factor}")
+    task, ntasks = resolve_tasks(cfg.task_index, cfg.num_tasks)
+    output = fsspec_io.join(str(cfg.output), fs_cfg.name)
+    res = EncodeResult(output, task, ntasks)
+    shards = list_input_shards(_input_spec(cfg), cfg.input_format, cfg.files_per_shard)
+    # the one read of the first-stage file: its sha256 for the manifest and the weights for the encoder
+    weights = read_first_stage_file(fs_cfg) if fs_cfg.checkpoint else None
+    job = _job_description(cfg, shards, weights.sha256 if weights else None)
+    _check_same_job(output, job, cfg.overwrite)
+    mf.write_json(mf.job_url(output), job)
+
+    done_parts = set(fsspec_io.ls(fsspec_io.join(output, mf.STATS_DIR)))
+    mine = [s for s in shards if s.index % ntasks == task]
+    todo = [s for s in mine if cfg.overwrite or f"part-{s.index:06d}.json" not in done_parts]
+    todo_ids = {s.index for s in todo}
+    res.already_done = [s.index for s in mine if s.index not in todo_ids]
+    print(f"[encode] task {task}/{ntasks}: {len(mine)} of {len(shards)} input shards, {len(res.already_done)} "
+          f"already done, {len(todo)} to encode -> {output}", flush=True)
+    if todo:
+        _encode_shards(cfg, output, todo, res, weights)
+    res.wall_s = time.perf_counter() - t_start
+    _maybe_finalize(cfg.finalize, output, res)
+    return res
+
+
+def _maybe_finalize(when: bool | str, output: str, res: EncodeResult) -> None:
+    if when is False:
+        return
+    from data_prep.finalize import FinalizeError, finalize
+
+    try:  # auto: whichever task finishes last finds every part and merges
+        res.manifest = finalize(output)["_url"]
+        print(f"[encode] every input shard is done: wrote {res.manifest}", flush=True)
+    except FinalizeError as e:
+        if when is True:
+            raise
+        print(f"[encode] not finalizing yet: {str(e).splitlines()[0]}", flush=True)
+
+
+def _clean_stale_tmp(output: str, shards: list[InputShard]) -> None:
+    """Remove temporaries a killed run left for the shards this task owns (local outputs only)."""
+    if not fsspec_io.is_local(output):
+        return  # an unfinished S3 upload never becomes an object
+    mine = {mf.shard_name(s.index) for s in shards}
+    for name in fsspec_io.ls(output):
+        if ".tmp-" in name and name.split(".tmp-")[0] in mine:
+            fsspec_io.rm(fsspec_io.join(output, name))
+
+
+def _loader(cfg: EncodeConfig, todo: list[InputShard], device: torch.device) -> torch.utils.data.DataLoader:
+    filters = Filters(cfg.filter.min_size, cfg.filter.max_aspect, cfg.filter.require_caption)
+    dataset = ShardBatches(todo, cfg.resolution, filters, cfg.caption_template, cfg.batch_size)
+    nw = min(cfg.num_workers, len(todo))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=nw, prefetch_factor=cfg.prefetch_factor if nw else None,
+        pin_memory=device.type == "cuda", persistent_workers=False,
+    )
+
+
+def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: EncodeResult,
+                   weights: WeightsFile | None) -> None:
+    from tqdm import tqdm
+
+    fs_cfg = cfg.first_stage
+    device, autocast = device_and_autocast(cfg.device, cfg.precision)
+    model = load_encoder(fs_cfg, cfg.allow_random_first_stage, weights).to(device)
+    fsspec_io.makedirs(output)
+    _clean_stale_tmp(output, todo)
+    loader = _loader(cfg, todo, device)
+    by_index = {s.index: s for s in todo}
+    skipped: Counter[str] = Counter()
+    open_shards: dict[int, OpenShard] = {}
+    # in a batch log (no tty) a redraw every 30 s keeps the file readable
+    bar = tqdm(desc=f"encode task {res.task_index}", unit="img", disable=not cfg.progress,
+               mininterval=2.0 if sys.stdout.isatty() else 30.0, smoothing=0.05, file=sys.stdout)
+    it = iter(loader)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            item = next(it, None)
+            t1 = time.perf_counter()
+            if item is None:
+                break
+            j = item["shard"]
+            cur = open_shards.get(j)
+            if cur is None:
+                cur = open_shards[j] = OpenShard(output, j, by_index[j].url, fs_cfg.embed_dim, cfg.seed)
+            if item["kind"] == "batch":
+                res.wait_s += t1 - t0
+                encode_into(model, item, cur, fs_cfg.kind, autocast, device)
+                res.encode_s += time.perf_counter() - t1
+                bar.update(len(item["keys"]))
+                bar.set_postfix(skipped=sum(skipped.values()), shards=f"{len(res.done)}/{len(todo)}", refresh=False)
+                continue
+            # end of an input shard
+            del open_shards[j]
+            skipped.update(_finish_shard(output, item, cur, res))
+    except BaseException as e:
+        for cur in open_shards.values():
+            cur.discard(e)
+        raise
+    finally:
+        bar.close()
+    res.skipped = dict(skipped)
+
+
+def _finish_shard(output: str, end: dict[str, Any], cur: OpenShard, res: EncodeResult) -> Counter[str]:
+    """Publish (or, when its input failed, drop) a shard at its ``end`` item; returns its skip counts."""
+    j = cur.index
+    shard_skipped = Counter(end["skipped"]) + Counter({"nonfinite_latent": cur.nonfinite})
+    if end["error"] and not end["salvaged"]:
+        cur.discard(RuntimeError(end["error"]))
+        res.failed[j] = end["error"]
+        print(f"[encode] FAILED input shard {j} ({cur.input_url}): {end['error']}", flush=True)
+        return shard_skipped
+    cur.commit()
+    part = {"index": j, "name": mf.shard_name(j), "input": cur.input_url, "num_samples": cur.count,
+            "skipped": dict(shard_skipped), "skip_examples": end["skip_examples"],
+            "stats": cur.stats.to_dict(), "input_errors": [end["error"]] if end["error"] else []}
+    if end["error"]:
+        res.input_errors[j] = end["error"]
+        print(f"[encode] input shard {j} is damaged; kept its {cur.count} readable samples: {end['error']}",
+              flush=True)
+    mf.write_json(mf.part_url(output, j), part)  # after the shard: "part exists" == "shard complete"
+    res.done.append(j)
+    res.num_samples += cur.count
+    return shard_skipped
+
+
+def report(res: EncodeResult) -> None:
+    """One JSON line: what this task did."""
+    imgs = res.num_samples
+    print(json.dumps({
+        "output": res.output, "task": f"{res.task_index}/{res.num_tasks}", "encoded_shards": len(res.done),
+        "already_done": len(res.already_done), "failed": res.failed, "input_errors": res.input_errors,
+        "samples": imgs, "skipped": res.skipped, "images_per_s": round(imgs / res.wall_s, 2) if res.wall_s else None,
+        "encoder_wait_share": round(res.wait_s / max(res.wait_s + res.encode_s, 1e-9), 4),
+        "manifest": res.manifest,
+    }), flush=True)
+
+
+def run(cfg: EncodeConfig) -> int:
+    """The app: encode, print the report; exit status 1 when any shard failed or had a damaged input."""
+    res = run_encode(cfg)
+    report(res)
+    return 0 if res.ok else 1

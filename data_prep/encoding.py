@@ -1,0 +1,172 @@
+"""The pieces of the encode job: DataLoader workers that batch whole input shards, the first stage,
+``encode_batch`` and the writer of one output shard. ``data_prep.encode_job`` runs them.
+
+Per sample: ``__key__`` = the source key, ``latent.npy`` float16 ``[2z, h, w]`` (KL: mean then logvar) or
+``[z, h, w]`` (VQ: pre-quantization latent), ``txt`` caption, ``json`` {source_key, source_shard,
+original_width, original_height, label (when there is one)}.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+
+from data_prep import manifest as mf
+from ldm_train.checkpoints.compvis import WeightsFile
+from ldm_train.config import FirstStageConfig
+from ldm_train.data import fsspec_io
+from ldm_train.data.readers import Filters, InputShard, InputShardError, Sample, Skip, iter_shard
+from ldm_train.distributed import device_for_rank
+
+# ---------------------------------------------------------------- workers: decode + batch whole shards
+
+
+class ShardBatches(torch.utils.data.IterableDataset):
+    """Yields ``{"kind": "batch", ...}`` dicts of up to ``batch_size`` decoded images, all from one input shard,
+    then one ``{"kind": "end", ...}`` per shard with its skip counts and any input error."""
+
+    def __init__(self, shards: list[InputShard], resolution: int, filters: Filters, caption_template: str,
+                 batch_size: int) -> None:
+        super().__init__()
+        self.shards, self.resolution, self.filters = shards, resolution, filters
+        self.caption_template, self.batch_size = caption_template, batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        mine = self.shards if info is None else self.shards[info.id :: info.num_workers]
+        for shard in mine:
+            yield from self._one(shard)
+
+    def _one(self, shard: InputShard) -> Iterator[dict[str, Any]]:
+        skipped: Counter[str] = Counter()
+        examples: list[str] = []
+        buf: list[Sample] = []
+        error, salvaged = None, True
+        try:
+            for rec in iter_shard(shard, self.resolution, self.filters, self.caption_template):
+                if isinstance(rec, Skip):
+                    skipped[rec.reason] += 1
+                    if len(examples) < 5:
+                        examples.append(f"{rec.key}: {rec.reason} {rec.detail}".strip())
+                    continue
+                buf.append(rec)
+                if len(buf) == self.batch_size:
+                    yield _batch(shard.index, buf)
+                    buf = []
+        except InputShardError as e:
+            error, salvaged = str(e), e.salvaged
+        if buf:
+            yield _batch(shard.index, buf)
+        yield {"kind": "end", "shard": shard.index, "skipped": dict(skipped), "skip_examples": examples,
+               "error": error, "salvaged": salvaged}
+
+
+def _batch(index: int, samples: list[Sample]) -> dict[str, Any]:
+    return {"kind": "batch", "shard": index, "keys": [s.key for s in samples],
+            "images": torch.stack([s.image for s in samples]), "captions": [s.caption for s in samples],
+            "metas": [s.meta for s in samples]}
+
+
+# ---------------------------------------------------------------- first stage
+
+
+def load_encoder(fs_cfg: FirstStageConfig, allow_random: bool, weights: WeightsFile | None = None) -> torch.nn.Module:
+    from ldm_train.checkpoints.first_stage import load_first_stage
+    from ldm_train.models.autoencoder import build_first_stage
+
+    if fs_cfg.checkpoint:
+        return load_first_stage(fs_cfg, weights=weights)
+    if not allow_random:
+        raise SystemExit(
+            f"first_stage {fs_cfg.name} has no checkpoint: pass first_stage.checkpoint=PATH (a file from "
+            f"`python -m ldm_train.train_autoencoder first_stage={fs_cfg.name}` or a released CompVis model.ckpt), "
+            f"or allow_random_first_stage=true to test the plumbing with random weights"
+        )
+    banner = "!" * 78
+    print(f"{banner}\n!! ENCODING WITH A RANDOMLY INITIALISED FIRST STAGE ({fs_cfg.name}): latents are "
+          f"meaningless.\n!! allow_random_first_stage=true is for plumbing tests only.\n{banner}", flush=True)
+    torch.manual_seed(0)  # the same random weights in every task
+    return build_first_stage(fs_cfg).eval().requires_grad_(False)
+
+
+def device_and_autocast(device: str, precision: str) -> tuple[torch.device, torch.dtype | None]:
+    """The device (``device_for_rank``) and the autocast dtype (None: fp32) of ``precision`` on it."""
+    dev = device_for_rank(device)
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" else "fp32"
+    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision not in dtypes:
+        raise ValueError(f"precision={precision!r}: use auto, fp32, bf16 or fp16")
+    return dev, dtypes[precision]
+
+
+@torch.no_grad()
+def encode_batch(model: torch.nn.Module, x: torch.Tensor, kind: str, autocast: torch.dtype | None,
+                 generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(stored float16 latents, z for the statistics) of images ``x`` in [-1, 1]."""
+    with torch.autocast(x.device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
+        m = model.encode_moments(x)
+    m = m.float()
+    if kind != "kl":
+        return m.half(), m
+    mean, logvar = m.chunk(2, dim=1)
+    logvar = logvar.clamp(-30.0, 20.0)  # as CompVis DiagonalGaussianDistribution
+    # CPU generator: the same noise on any device and in any task split
+    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
+    return torch.cat([mean, logvar], 1).half(), mean + torch.exp(0.5 * logvar) * noise
+
+
+# ---------------------------------------------------------------- one output shard being written
+
+
+class OpenShard:
+    """Output shard ``index`` being written under a temporary name: ``commit`` publishes it, ``discard`` drops it."""
+
+    def __init__(self, output: str, index: int, input_url: str, channels: int, seed: int) -> None:
+        import webdataset as wds
+
+        self.index, self.input_url, self.count, self.nonfinite = index, input_url, 0, 0
+        self.url = fsspec_io.join(output, mf.shard_name(index))
+        self._cm = fsspec_io.atomic_write(self.url)
+        self._f = self._cm.__enter__()
+        self._tar = wds.TarWriter(self._f, encoder=False)
+        self.stats = mf.LatentStats(channels)
+        self.generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
+
+    def write(self, keys: list[str], latents: np.ndarray, captions: list[str], metas: list[dict]) -> None:
+        for key, lat, cap, meta in zip(keys, latents, captions, metas, strict=True):
+            buf = io.BytesIO()
+            np.save(buf, lat, allow_pickle=False)
+            info = {k: meta[k] for k in ("source_key", "source_shard", "original_width", "original_height")}
+            if meta.get("label", -1) >= 0:
+                info["label"] = meta["label"]
+            self._tar.write({"__key__": key, "latent.npy": buf.getvalue(), "txt": cap.encode("utf-8"),
+                             "json": json.dumps(info).encode()})
+            self.count += 1
+
+    def commit(self) -> None:
+        self._tar.close()  # closes only the tar stream: TarWriter does not own the file
+        self._cm.__exit__(None, None, None)
+
+    def discard(self, exc: BaseException) -> None:
+        with contextlib.suppress(BaseException):
+            self._cm.__exit__(type(exc), exc, exc.__traceback__)
+
+
+def encode_into(model: torch.nn.Module, item: dict[str, Any], shard: OpenShard, kind: str,
+                autocast: torch.dtype | None, device: torch.device) -> None:
+    """Encode one ``ShardBatches`` batch and write its finite latents to ``shard`` (statistics included)."""
+    stored, z = encode_batch(model, item["images"].to(device, non_blocking=True), kind, autocast, shard.generator)
+    finite = torch.isfinite(stored).flatten(1).all(1)
+    keep = finite.nonzero().flatten().tolist()
+    shard.nonfinite += len(finite) - len(keep)  # fp16 overflow: such a latent would poison training
+    shard.stats.update(z[finite])
+    lat = stored[finite].cpu().numpy()
+    shard.write([item["keys"][i] for i in keep], lat, [item["captions"][i] for i in keep],
+                [item["metas"][i] for i in keep])

@@ -1,7 +1,0 @@
-"""``data_prep.readers`` is ``ldm_train.data.readers`` (the library owns it: the first-stage trainer reads raw images too,
-and ``ldm_train`` never imports ``data_prep``). Kept as an alias so both names are the same module object."""
-import sys
-
-from ldm_train.data import readers as _module
-
-sys.modules[__name__] = _module

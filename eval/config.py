@@ -1,0 +1,61 @@
+"""The typed root config of the eval stage: ``EvalConfig`` mirrors ``conf/eval.yaml`` key for key.
+
+Registered as ``eval_schema`` (``ldm_train.app.hydra_app``); ``conf/eval.yaml`` lists it first in its defaults,
+so the YAML holds presets only and a mistyped key or value fails at composition.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import MISSING
+
+from eval.fidelity import FidelityConfig
+
+
+@dataclass
+class ReferenceConfig:
+    """The real images FID / precision-recall compare against."""
+
+    path: str | None = None  # image folder or raw image shards (img2dataset tars, brace patterns, s3://)
+    name: str | None = None  # cache key part; None: the last path component
+    num_images: int = 10000  # images drawn (first N in reader order); 0: all
+    resolution: int | None = None  # None: the generated images' side
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "ldm-train"
+    entity: str | None = None
+    name: str | None = None  # None: the output dir's name
+    samples_per_scale: int = 16  # images in the W&B table per guidance scale
+
+
+@dataclass
+class EvalConfig:
+    """``python -m eval.run``: sample from an exported checkpoint, then FID / IS / precision-recall."""
+
+    checkpoint: str = MISSING  # run dir, its checkpoints/ dir or a checkpoints/step_* dir
+    use_ema: bool = True
+    first_stage_checkpoint: str | None = None  # None: the checkpoint config's first_stage.checkpoint
+    allow_random_first_stage: bool = False
+    scale_factor: float | None = None  # None: the checkpoint config's, else the latent manifest's
+    prompts: Any = MISSING  # a source (str: .json | .txt | shards) or a list of prompts
+    max_prompts: int | None = None
+    num_samples: int = 1000
+    seed: int = 0
+    sampler: str = "ddim"  # ddim | plms | ddpm
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: Any = 1.5  # a number or a list of numbers: one sample set and metrics row per scale
+    batch_size: int = 16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "fp32"  # fp32 | bf16 | fp16
+    output_dir: str | None = None  # None: <checkpoint step dir>/eval/<sampler>-<steps>steps-n<num_samples>-seed<seed>
+    stage: str = "all"  # all | sample | metrics
+    progress: bool = True
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    metrics: FidelityConfig = field(default_factory=FidelityConfig)
+    adherence: Any = "auto"  # auto | true | false
+    wandb: WandbConfig = field(default_factory=WandbConfig)

@@ -1,0 +1,268 @@
+"""The eval stage's work: sample on every rank, then metrics on rank 0 (entry point: ``eval.run``).
+
+1. Check the metric networks' weight files (before any sampling: a missing file costs seconds, not hours).
+2. Every rank samples its contiguous share of global batches to ``<output_dir>/samples/gs<scale>/`` PNGs
+   (``eval.sampling``: seed + i per sample, identical at any world size; re-runs skip finished batches).
+3. Rank 0 computes FID / IS / precision / recall per guidance scale against the reference set
+   (``eval.fidelity``), prompt adherence on synthetic-shapes prompts, writes ``metrics.json`` and a W&B run.
+
+``stage=sample`` / ``stage=metrics`` split 2 and 3 into separate jobs (``slurm/eval.sh`` runs sampling as a
+multi-task srun step, metrics as a one-task step).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import asdict
+from typing import Any
+
+import torch
+
+from eval.config import EvalConfig
+from eval.fidelity import FidelityConfig, check_weights, compute_fidelity, count_images
+from eval.sampling import load_prompts, sample_path, sample_to_folder, scale_dir
+from ldm_train.app import config_dict
+from ldm_train.data import fsspec_io
+from ldm_train.distributed import (
+    barrier,
+    cleanup,
+    device_for_rank,
+    get_rank,
+    get_world_size,
+    init_distributed,
+)
+from ldm_train.sampling import SamplerSettings
+
+STAGES = ("all", "sample", "metrics")
+
+
+def guidance_scales(value: Any) -> list[float]:
+    if isinstance(value, (list, tuple)):
+        return [float(v) for v in value]
+    return [float(value)]
+
+
+def default_output_dir(cfg: EvalConfig, step_dir: str) -> str:
+    return os.path.join(step_dir, "eval", f"{cfg.sampler}-{cfg.steps}steps-n{cfg.num_samples}-seed{cfg.seed}")
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+def _check_settings(folder: str, settings: dict[str, Any]) -> None:
+    """Refuse to mix samples of different settings in one folder (a re-run must match the first run)."""
+    path = os.path.join(folder, "settings.json")
+    if os.path.isfile(path):
+        with open(path) as f:
+            old = json.load(f)
+        if old != settings:
+            diff = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+            raise ValueError(f"{folder} holds samples made with other settings {diff} (old, new): "
+                             "pick another output_dir or delete the folder")
+    elif get_rank() == 0:
+        os.makedirs(folder, exist_ok=True)
+        with open(f"{path}.tmp", "w") as f:
+            json.dump(settings, f, indent=2)
+        os.replace(f"{path}.tmp", path)
+
+
+def _reduce_stats(stats: dict[str, float]) -> dict[str, float]:
+    """Sum counts over ranks; wall time is the slowest rank's."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return stats
+    counts = torch.tensor([stats["written"], stats["skipped"], stats["assigned"]], dtype=torch.float64)
+    secs = torch.tensor([stats["seconds"]], dtype=torch.float64)
+    if torch.distributed.get_backend() == "nccl":
+        counts, secs = counts.cuda(), secs.cuda()
+    torch.distributed.all_reduce(counts)
+    torch.distributed.all_reduce(secs, op=torch.distributed.ReduceOp.MAX)
+    written, skipped, assigned = (int(v) for v in counts.tolist())
+    seconds = float(secs.item())
+    return {"written": written, "skipped": skipped, "assigned": assigned, "seconds": seconds,
+            "images_per_s": written / seconds if seconds > 0 else 0.0}
+
+
+def _write_prompts(output_dir: str, prompts: list[str], num_samples: int) -> None:
+    """``prompts.jsonl``: sample i's prompt (rank 0)."""
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "prompts.jsonl.tmp"), "w") as f:
+        for i in range(num_samples):
+            f.write(json.dumps({"index": i, "prompt": prompts[i % len(prompts)]}) + "\n")
+    os.replace(os.path.join(output_dir, "prompts.jsonl.tmp"), os.path.join(output_dir, "prompts.jsonl"))
+
+
+def sample_stage(cfg: EvalConfig, prompts: list[str], output_dir: str, device: torch.device) -> dict[str, Any]:
+    from eval.checkpoint import load_sampling_model
+
+    model = load_sampling_model(cfg.checkpoint, use_ema=cfg.use_ema, first_stage_checkpoint=cfg.first_stage_checkpoint,
+                                scale_factor=cfg.scale_factor, device=device,
+                                allow_random_first_stage=cfg.allow_random_first_stage)
+    rank, world = get_rank(), get_world_size()
+    if rank == 0:
+        _write_prompts(output_dir, prompts, cfg.num_samples)
+    barrier()
+    out: dict[str, Any] = {"scale_factor": model.scale_factor, "resolution": model.resolution,
+                           "first_stage": model.first_stage_file, "per_scale": {}}
+    for scale in guidance_scales(cfg.guidance_scale):
+        settings = SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, scale, cfg.seed, cfg.batch_size, cfg.precision)
+        folder = scale_dir(os.path.join(output_dir, "samples"), scale)
+        _check_settings(folder, {**asdict(settings), "checkpoint": str(model.weights_file),
+                                 "first_stage": model.first_stage_file, "scale_factor": model.scale_factor,
+                                 "prompts": str(cfg.prompts), "num_samples": cfg.num_samples})
+        barrier()
+        stats = sample_to_folder(model, prompts, cfg.num_samples, folder, settings, rank, world, device,
+                                 progress=cfg.progress)
+        stats = _reduce_stats(stats)
+        if rank == 0:
+            print(f"[eval] gs={scale:g}: wrote {stats['written']} images ({stats['skipped']} existed) in "
+                  f"{stats['seconds']:.1f}s, {stats['images_per_s']:.2f} images/s on {world} process(es)", flush=True)
+        out["per_scale"][scale] = stats
+    barrier()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- metrics
+
+
+def _sample_folders(cfg: EvalConfig, output_dir: str, scales: list[float]) -> dict[float, str]:
+    """The per-scale sample folders, each checked complete."""
+    folders = {s: scale_dir(os.path.join(output_dir, "samples"), s) for s in scales}
+    for folder in folders.values():
+        missing = [i for i in range(cfg.num_samples) if not os.path.exists(sample_path(folder, i))]
+        if missing:
+            raise FileNotFoundError(f"{folder} lacks {len(missing)} of {cfg.num_samples} samples (first: {missing[0]}): "
+                                    "run stage=sample (or stage=all) first")
+    return folders
+
+
+def _adherence_applies(setting: Any, prompts: list[str]) -> bool:
+    if setting in (True, "true"):
+        return True
+    if setting in (False, "false", None):
+        return False
+    from ldm_train.data.shapes_captions import parse_caption
+
+    try:
+        for p in set(prompts):
+            parse_caption(p)
+    except ValueError:
+        return False
+    return True
+
+
+def _metric_rows(cfg: EvalConfig, fid_cfg: FidelityConfig, scales: list[float], folders: dict[float, str],
+                 n_prompts: list[str], reference: str | None, ref_key: str | None) -> list[dict[str, Any]]:
+    """One row per guidance scale: sample count, fidelity metrics, prompt adherence."""
+    wanted = fid_cfg.fid or fid_cfg.isc or fid_cfg.prc
+    do_adherence = _adherence_applies(cfg.adherence, n_prompts)
+    rows = []
+    for s in scales:
+        folder = folders[s]
+        row: dict[str, Any] = {"guidance_scale": s, "num_samples": count_images(folder)}
+        if wanted:
+            row.update({k: v for k, v in compute_fidelity(fid_cfg, folder, reference, ref_key).items()
+                        if k not in ("feature_extractor", "extractors")})
+        if do_adherence:
+            from eval.adherence import adherence_of_folder
+
+            row["adherence"] = adherence_of_folder(folder, n_prompts)
+            row["colour_accuracy"] = row["adherence"]["colour_accuracy"]
+        rows.append(row)
+        print(f"[eval] {json.dumps({k: v for k, v in row.items() if k != 'adherence'})}", flush=True)
+    return rows
+
+
+def _checkpoint_info(cfg: EvalConfig) -> dict[str, Any]:
+    from ldm_train.checkpoints.export import EMA_FILE, RAW_FILE, resolve_step_dir
+
+    step_dir = resolve_step_dir(cfg.checkpoint)
+    weights = step_dir / (EMA_FILE if cfg.use_ema and (step_dir / EMA_FILE).is_file() else RAW_FILE)
+    return {"path": str(weights), "sha256": fsspec_io.sha256(str(weights)), "ema": weights.name == EMA_FILE}
+
+
+def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[str], output_dir: str,
+                  sampling: dict[str, Any] | None) -> dict[str, Any]:
+    from PIL import Image
+
+    from eval.reference import materialise_reference
+    from eval.report import log_wandb, write_metrics_json
+
+    scales = guidance_scales(cfg.guidance_scale)
+    folders = _sample_folders(cfg, output_dir, scales)
+    with Image.open(sample_path(folders[scales[0]], 0)) as im:
+        resolution = int(cfg.reference.resolution or im.size[0])
+    wanted = fid_cfg.fid or fid_cfg.isc or fid_cfg.prc
+    reference, ref_key = None, None
+    if wanted and (fid_cfg.fid or fid_cfg.prc):
+        reference, ref_key = materialise_reference(cfg.reference.path, cfg.reference.name,
+                                                   cfg.reference.num_images, resolution, fid_cfg.cache_dir)
+    n_prompts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]  # sample i's prompt
+    report = {
+        "per_scale": _metric_rows(cfg, fid_cfg, scales, folders, n_prompts, reference, ref_key),
+        "feature_extractor": (("random-init-plumbing-only" if fid_cfg.extractor == "random-init" else "pretrained")
+                              if wanted else None),
+        "metric_settings": asdict(fid_cfg),
+        "reference": {"path": cfg.reference.path, "key": ref_key,
+                      "count": count_images(reference) if reference else 0, "resolution": resolution},
+        "sampler": {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "seed": cfg.seed,
+                    "guidance_scales": scales, "batch_size": cfg.batch_size, "precision": cfg.precision},
+        "num_samples": cfg.num_samples,
+        "prompts": {"source": str(cfg.prompts), "count": len(prompts)},
+        "checkpoint": _checkpoint_info(cfg),
+        "sampling": sampling,  # scale factor, first stage, per-scale counts and images/s, world size
+    }
+    write_metrics_json(os.path.join(output_dir, "metrics.json"), report)
+    per_prompt = {s: [(sample_path(folders[s], i), n_prompts[i]) for i in
+                      range(min(cfg.wandb.samples_per_scale, cfg.num_samples))] for s in scales}
+    log_wandb(output_dir, config_dict(cfg), report, per_prompt, mode=cfg.wandb.mode,
+              project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name)
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- the stage
+
+
+def _fidelity_config(cfg: EvalConfig) -> FidelityConfig:
+    """A copy of ``cfg.metrics`` whose weights are checked (in EVERY stage, stage=sample included:
+    slurm/eval.sh samples in a first step, and a missing file must stop the job before hours of sampling).
+    Sampling without metrics: metrics.fid/isc/prc=false."""
+    fid_cfg = dataclasses.replace(cfg.metrics)
+    if fid_cfg.fid or fid_cfg.isc or fid_cfg.prc:
+        check_weights(fid_cfg)
+        if (fid_cfg.fid or fid_cfg.prc) and not cfg.reference.path:
+            raise ValueError("metrics.fid / metrics.prc need reference.path=IMAGE_FOLDER_OR_SHARDS "
+                             "(or metrics.fid=false metrics.prc=false)")
+    return fid_cfg
+
+
+def run(cfg: EvalConfig) -> dict[str, Any] | None:
+    """The whole stage; returns the report on the rank that wrote it (rank 0), else None."""
+    if cfg.stage not in STAGES:
+        raise ValueError(f"stage={cfg.stage!r}: use one of {STAGES}")
+    fid_cfg = _fidelity_config(cfg)
+    from ldm_train.checkpoints.export import resolve_step_dir
+
+    step_dir = str(resolve_step_dir(cfg.checkpoint))
+    output_dir = str(cfg.output_dir or default_output_dir(cfg, step_dir))
+    if fid_cfg.cache_dir is None:
+        fid_cfg.cache_dir = os.path.join(os.path.dirname(os.path.abspath(output_dir)), "fidelity_cache")
+    prompts = load_prompts(cfg.prompts, cfg.max_prompts)
+    init_distributed()
+    try:
+        device = device_for_rank(cfg.device)
+        sampling = None
+        if cfg.stage in ("all", "sample"):
+            sampling = sample_stage(cfg, prompts, output_dir, device)
+            sampling["world_size"] = get_world_size()
+            if get_rank() == 0:
+                with open(os.path.join(output_dir, "sampling.json"), "w") as f:
+                    json.dump(sampling, f, indent=2)
+        elif os.path.isfile(os.path.join(output_dir, "sampling.json")):
+            with open(os.path.join(output_dir, "sampling.json")) as f:
+                sampling = json.load(f)
+        if get_rank() != 0 or cfg.stage == "sample":
+            return None
+        return metrics_stage(cfg, fid_cfg, prompts, output_dir, sampling)
+    finally:
+        cleanup()

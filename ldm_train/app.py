@@ -1,0 +1,77 @@
+"""The one way every stage is wired to Hydra: ``hydra_app(config_name, schema, run)``.
+
+Each app (``ldm_train.train``, ``ldm_train.train_autoencoder``, ``data_prep.encode``, ``eval.run``,
+``eval.reconstruction``) has a typed root config: a dataclass registered in Hydra's ConfigStore as
+``<config_name>_schema``, which ``conf/<config_name>.yaml`` lists first in its defaults, so the YAML holds
+presets only and a mistyped key or value fails at composition. The composed config is converted to the
+dataclass ONCE, here, and the app's ``run(cfg)`` receives that object. ``run``'s return value is the exit
+status (Hydra drops a task's return value, so a non-zero code is raised as ``SystemExit``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = Path(os.environ.get("LDM_TRAIN_CONF", Path(__file__).resolve().parent.parent / "conf"))
+HYDRA_VERSION_BASE = "1.3"
+
+
+def register_schema(config_name: str, schema: type) -> None:
+    """Register the group schemas and ``schema`` as ``<config_name>_schema`` (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    from ldm_train.config import register_configs
+
+    register_configs()
+    ConfigStore.instance().store(name=f"{config_name}_schema", node=schema)
+
+
+def to_config(cfg: DictConfig, schema: type) -> Any:
+    """The composed config as an instance of ``schema`` (interpolations resolved, unknown keys refused)."""
+    if isinstance(cfg, schema):
+        return cfg
+    merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
+    return OmegaConf.to_object(merged)
+
+
+def config_yaml(cfg: Any) -> str:
+    """A config dataclass (or DictConfig) as resolved YAML, for run dirs and exports."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg, resolve=True)
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A config dataclass (or DictConfig) as plain containers, for W&B and JSON."""
+    node = OmegaConf.structured(cfg) if dataclasses.is_dataclass(cfg) else cfg
+    return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
+
+
+def compose(config_name: str, schema: type, overrides: list[str] | None = None) -> Any:
+    """The typed root config of an app without running it (Hydra's compose API: no output dir, no logging)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_schema(config_name, schema)
+    if not (CONF_DIR / f"{config_name}.yaml").is_file():
+        raise FileNotFoundError(f"no {config_name}.yaml in {CONF_DIR}: set LDM_TRAIN_CONF to the repo's conf/ directory")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=HYDRA_VERSION_BASE):
+        return to_config(hydra_compose(config_name=config_name, overrides=overrides or []), schema)
+
+
+def hydra_app(config_name: str, schema: type, run: Callable[[Any], Any]) -> None:
+    """Parse the command line with Hydra (overrides, ``-m`` sweeps, launchers) and call ``run(typed_cfg)``."""
+    import hydra
+
+    register_schema(config_name, schema)
+
+    @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=HYDRA_VERSION_BASE)
+    def _app(cfg: DictConfig) -> None:
+        code = run(to_config(cfg, schema))
+        if isinstance(code, int) and code:
+            raise SystemExit(code)
+
+    _app()

@@ -1,0 +1,12 @@
+"""Every checkpoint format of the project, in one place.
+
+- ``compvis``: the CompVis latent-diffusion key layout (the one prefix table), reading any weights file once
+  (safetensors or data-only torch files, local or fsspec), strict loading into our modules, safetensors export.
+- ``first_stage``: first-stage (autoencoder) files: our export with its recorded architecture, released
+  ``model.ckpt`` files, or the ``first_stage_model.*`` part of a whole LDM checkpoint.
+- ``export``: the LDM trainer's per-checkpoint export (``model.safetensors``, ``model_ema.safetensors``,
+  ``config.yaml``, ``tokenizer/``) and loading it back without DeepSpeed.
+
+Models stay plain ``nn.Module``s: nothing under ``ldm_train.models`` opens a file.
+``python -m ldm_train.checkpoints PATH`` prints the groups and tensor counts of a checkpoint as JSON.
+"""

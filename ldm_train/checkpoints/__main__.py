@@ -1,0 +1,3 @@
+from ldm_train.checkpoints.compvis import main
+
+main()

@@ -1,0 +1,65 @@
+"""The typed root config of the first-stage trainer (``conf/train_autoencoder.yaml``).
+
+Registered in Hydra's ConfigStore as ``train_autoencoder_schema`` (``ldm_train.app.hydra_app``), which the
+YAML lists first in its defaults: a mistyped key or value fails at composition. The YAML holds the presets.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ldm_train.config import FirstStageConfig
+from ldm_train.tracking import LoggerConfig
+
+
+@dataclass
+class AEDataConfig:
+    input: str = "???"  # tars (brace patterns, s3://), an image folder or ImageNet class folders
+    heldout: str | None = None  # None: the first training images stand in (labelled eval_train/)
+    input_format: str = "auto"
+    resolution: int = 64
+    num_workers: int = 2  # per rank
+    shuffle_buffer: int = 256  # samples, per worker
+
+
+@dataclass
+class AEOptimConfig:
+    batch_size: int = 8  # per rank
+    base_lr: float = 4.5e-6
+    scale_lr: bool = True  # lr = base_lr * batch_size * world_size
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    grad_clip: float | None = None
+
+
+@dataclass
+class AETrainConfig:
+    max_steps: int = 1000
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    log_every: int = 50
+    image_every: int = 500
+    eval_every: int = 500
+    eval_images: int = 64
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    export_every_checkpoint: bool = True
+
+
+@dataclass
+class AELossConfig:
+    lpips_backbone: str | None = None  # torchvision's vgg16-397923af.pth
+    lpips_random_backbone: bool = False  # plumbing tests only
+
+
+@dataclass
+class AutoencoderAppConfig:
+    """Root of ``conf/train_autoencoder.yaml``."""
+
+    seed: int = 0
+    runs_root: str = "runs"
+    run_group: str = "autoencoder"  # run dirs <runs_root>/<run_group>/<run>; also the W&B group
+    run_name: str | None = None  # None: <index>-<first_stage>-gpus<N>-batch<B>
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    data: AEDataConfig = field(default_factory=AEDataConfig)
+    optim: AEOptimConfig = field(default_factory=AEOptimConfig)
+    train: AETrainConfig = field(default_factory=AETrainConfig)
+    loss: AELossConfig = field(default_factory=AELossConfig)

@@ -1,0 +1,101 @@
+"""Parameter counts and FLOPs of a composed model, counted on the meta device (nothing is allocated).
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; a
+multiply-add counts 2). ``train_flops_per_sample`` is forward + backward of everything trained (UNet + text
+encoder) for one sample, without activation-checkpoint recomputation: the model FLOPs to use for MFU.
+The trainer logs MFU from it; ``python -m ldm_train.summary`` prints it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ldm_train.build import build_ldm
+from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig, to_dataclass
+from ldm_train.models.autoencoder import build_first_stage
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _flops(fn: Any) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def _first_stage_summary(cfg: FirstStageConfig, resolution: int) -> dict[str, Any]:
+    with torch.device("meta"):
+        model = build_first_stage(cfg).eval()
+        out: dict[str, Any] = {"first_stage_params": _count(model)}
+        image = torch.empty(1, cfg.ddconfig.in_channels, resolution, resolution)
+        f = cfg.downsample_factor
+        z = torch.empty(1, cfg.embed_dim, resolution // f, resolution // f)
+        # VQ: the codebook lookup (bincount usage statistics) has no meta kernel; count the decoder proper
+        decode = (lambda: model.decode(z, force_not_quantize=True)) if cfg.kind == "vq" else (lambda: model.decode(z))
+        try:
+            with torch.no_grad():
+                out["first_stage_encode_gflops"] = _flops(lambda: model.encode_moments(image)) / 1e9
+                out["first_stage_decode_gflops"] = _flops(decode) / 1e9
+        except (NotImplementedError, RuntimeError) as err:  # the diffusion model's numbers stay useful
+            out["first_stage_error"] = f"{type(err).__name__}: {str(err)[:200]}"
+    return out
+
+
+def summarize(cfg: DictConfig) -> dict[str, Any]:
+    """Counts and FLOPs of the composed ``unet`` / ``text_encoder`` / ``first_stage`` (meta device)."""
+    unet_cfg = to_dataclass(cfg.unet, UNetConfig)
+    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig)
+    fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
+    resolution = int(cfg.data.resolution)
+    side = unet_cfg.image_size
+    with torch.device("meta"):
+        ldm = build_ldm(cfg, activation_checkpointing=False)  # model FLOPs: no recomputation
+        unet, text = ldm.unet, ldm.cond_stage_model
+        with_text = text is not None
+        z_channels = unet_cfg.in_channels - unet_cfg.concat_channels
+        x = torch.empty(1, z_channels, side, side)
+        t = torch.zeros(1, dtype=torch.long)
+        ids = torch.zeros(1, text_cfg.max_seq_len, dtype=torch.long)
+        kwargs: dict[str, torch.Tensor] = {}
+        if unet_cfg.num_classes is not None:
+            kwargs["y"] = torch.zeros(1, dtype=torch.long)
+        if unet_cfg.concat_channels:
+            kwargs["concat"] = torch.empty(1, unet_cfg.concat_channels, side, side)
+        context = torch.empty(1, text_cfg.max_seq_len, text_cfg.n_embed) if with_text else None
+
+        with torch.no_grad():
+            unet_fwd = _flops(lambda: unet(x, t, context, **kwargs))
+            text_fwd = _flops(lambda: text(ids)) if text is not None else 0
+
+        def train_step() -> None:
+            ctx = text(ids) if text is not None else None
+            unet(x, t, ctx, **kwargs).float().square().mean().backward()
+
+        unet.train()
+        if text is not None:
+            text.train()
+        train = _flops(train_step)
+
+    text_params = _count(text) if text is not None else 0
+    unused = sum(p.numel() for n, p in text.named_parameters() if n in text.unused_parameter_names()) if text else 0
+    out: dict[str, Any] = {
+        "first_stage": fs_cfg.name,
+        "resolution": resolution,
+        "latent_shape": [z_channels, side, side],
+        "unet_params": _count(unet),
+        "text_encoder_params": text_params,
+        "text_encoder_unused_params": unused,  # to_logits: kept for checkpoint parity, never trained
+        "trainable_params": _count(unet) + text_params - unused,
+        "unet_forward_gflops": unet_fwd / 1e9,
+        "text_encoder_forward_gflops": text_fwd / 1e9,
+        "train_flops_per_sample": train,
+        "train_gflops_per_sample": train / 1e9,
+    }
+    out.update(_first_stage_summary(fs_cfg, resolution))
+    return out

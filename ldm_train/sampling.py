@@ -1,0 +1,83 @@
+"""The one sampling function: prompts -> latents (DDIM / PLMS / DDPM with classifier-free guidance) -> images.
+
+Used by the trainer's sample grid and by ``eval``. Sample ``i`` of a call gets its own ``torch.Generator``
+seeded ``seeds[i]`` for the initial noise and any sampler noise, so a sample does not depend on the batch
+or the rank that drew it.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ldm_train.diffusion.samplers import cfg_model_fn, ddim_sample, ddpm_sample, plms_sample
+from ldm_train.models.ldm import LatentDiffusion
+
+SAMPLERS = ("ddim", "plms", "ddpm")
+
+
+@dataclass
+class SamplerSettings:
+    sampler: str = "ddim"
+    steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    seed: int = 0
+    batch_size: int = 16
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of UNet, text encoder and decoder; CUDA)
+
+
+@torch.no_grad()
+def sample_latents(model: LatentDiffusion, tokenizer: Any, prompts: list[str], seeds: Sequence[int],
+                   settings: SamplerSettings, latent_shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Latents [B, *latent_shape] for ``prompts`` (unscaled: divide by the scale factor before decoding)."""
+    from ldm_train.data.tokenizer import tokenize
+
+    max_len = model.cond_stage_model.cfg.max_seq_len
+    cond = model.encode_text(tokenize(tokenizer, prompts, max_len).to(device))
+    uncond = model.encode_text(tokenize(tokenizer, [""] * len(prompts), max_len).to(device))
+    model_fn = cfg_model_fn(model.unet, {"context": cond}, {"context": uncond}, float(settings.guidance_scale))
+    generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+    shape = (len(prompts), *latent_shape)
+    schedule = model.schedule.to(device)
+    common = dict(parameterization=model.parameterization, generator=generators, device=device)
+    if settings.sampler == "ddim":
+        return ddim_sample(model_fn, schedule, shape, num_steps=settings.steps, eta=settings.eta, **common)
+    if settings.sampler == "plms":
+        return plms_sample(model_fn, schedule, shape, num_steps=settings.steps, **common)
+    if settings.sampler == "ddpm":
+        return ddpm_sample(model_fn, schedule, shape, num_steps=settings.steps, **common)
+    raise ValueError(f"sampler={settings.sampler!r}: use one of {SAMPLERS}")
+
+
+@torch.no_grad()
+def sample_images(model: LatentDiffusion, first_stage: torch.nn.Module | None, tokenizer: Any, prompts: list[str],
+                  seeds: Sequence[int], settings: SamplerSettings, latent_shape: Sequence[int], scale_factor: float,
+                  device: torch.device) -> torch.Tensor:
+    """Images [B, 3, H, W] in [-1, 1]: sampled latents decoded by ``first_stage``.
+
+    Without a first stage the first three latent channels are shown, each image normalised to [-1, 1]
+    (enough to see whether colours follow the prompt in a run that has no decoder yet).
+    """
+    if settings.precision != "fp32":
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+        if dtype is None:
+            raise ValueError(f"precision={settings.precision!r}: use fp32, bf16 or fp16")
+        with torch.autocast(device.type, dtype=dtype):
+            z = sample_latents(model, tokenizer, prompts, seeds, settings, latent_shape, device)
+            return _decode(first_stage, z, scale_factor).float()
+    z = sample_latents(model, tokenizer, prompts, seeds, settings, latent_shape, device)
+    return _decode(first_stage, z, scale_factor)
+
+
+def _decode(first_stage: torch.nn.Module | None, z: torch.Tensor, scale_factor: float) -> torch.Tensor:
+    if first_stage is not None:
+        return first_stage.decode(z / scale_factor)
+    images = z[:, :3]
+    if images.shape[1] < 3:
+        images = images.repeat(1, 3, 1, 1)[:, :3]
+    lo = images.amin(dim=(1, 2, 3), keepdim=True)
+    hi = images.amax(dim=(1, 2, 3), keepdim=True)
+    return (images - lo) / (hi - lo).clamp_min(1e-6) * 2 - 1
