@@ -1,17 +1,13 @@
-"""Frechet distance from streamed feature statistics, and the feature-extractor interface.
+"""Frechet distance from streamed feature statistics, and a random-init extractor for plumbing tests.
 
-The cheap in-training FID (a few thousand samples against cached reference statistics) and the
-published-protocol eval (``eval/``) share this code, so both compute the same number from the same
-features. Statistics are accumulated in float64 as ``sum x`` and ``sum x x^T`` and all-reduced across
-ranks, then one Frechet step runs on rank 0 (edm's recipe): no gather of features or images.
-
-Label in-training numbers ``fid_cheap_<n>`` (:func:`cheap_fid_label`): they use fewer samples and
-possibly a random-init extractor, and are not comparable with the paper's FID.
+Statistics are accumulated in float64 as ``sum x`` and ``sum x x^T`` and all-reduced across ranks, then one
+Frechet step runs on rank 0 (edm's recipe): no gather of features or images. These are the pieces an
+in-training FID needs (the trainer does not compute one yet); the published-protocol eval goes through
+torch-fidelity (``eval/fidelity.py``) and agrees with this code on the same features (tests/eval).
 """
 from __future__ import annotations
 
 import os
-from typing import Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -19,21 +15,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 RANDOM_INIT_FLAG = "random-init-plumbing-only"
-
-
-@runtime_checkable
-class FeatureExtractor(Protocol):
-    """Maps uint8 images ``[B, 3, H, W]`` (0..255) to float features ``[B, feature_dim]``."""
-
-    feature_dim: int
-    name: str
-
-    def __call__(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-def cheap_fid_label(num_samples: int) -> str:
-    """Metric name of an in-training FID over ``num_samples`` generated images."""
-    return f"fid_cheap_{int(num_samples)}"
 
 
 class FeatureStats:
@@ -182,41 +163,6 @@ class RandomInitFeatures(nn.Module):
         return self.features_and_logits(images)[0]
 
 
-class InceptionFeatures(nn.Module):
-    """torch-fidelity's InceptionV3 pool features (2048-d) from a local weights file."""
-
-    feature_dim = 2048
-
-    def __init__(self, weights_path: str) -> None:
-        super().__init__()
-        if not os.path.isfile(weights_path):
-            raise FileNotFoundError(
-                f"Inception weights not found at {weights_path}: download "
-                "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
-                "weights-inception-2015-12-05-6726825d.pth on a machine with internet and copy it there "
-                "(or set the fid extractor to random-init for plumbing runs)"
-            )
-        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-        self.name = "inception-v3-compat"
-        self.model = FeatureExtractorInceptionV3(self.name, ["2048"], feature_extractor_weights_path=weights_path)
-
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images)[0]
-
-
-def build_feature_extractor(kind: str, weights_path: str | None = None, seed: int = 0) -> nn.Module:
-    """``kind`` "inception" (needs ``weights_path``) or "random-init" (plumbing only, flagged)."""
-    if kind == "inception":
-        if not weights_path:
-            raise ValueError("feature extractor 'inception' needs a weights path (inception_weights=...)")
-        return InceptionFeatures(weights_path)
-    if kind == "random-init":
-        return RandomInitFeatures(seed=seed)
-    raise ValueError(f"unknown feature extractor {kind!r}: use 'inception' or 'random-init'")
-
-
 @torch.no_grad()
 def accumulate_stats(extractor: nn.Module, images_uint8: torch.Tensor, stats: FeatureStats | None = None,
                      batch_size: int = 64) -> FeatureStats:
@@ -235,43 +181,3 @@ def accumulate_stats(extractor: nn.Module, images_uint8: torch.Tensor, stats: Fe
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] float images -> uint8 0..255 with the same rounding as the PNGs eval writes."""
     return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-
-
-class CheapFID:
-    """In-training FID against cached reference statistics (label the result ``fid_cheap_<n>``).
-
-    Every rank calls :meth:`update` with its own generated images in [-1, 1]; :meth:`compute`
-    all-reduces the float64 sums (a collective: call it on every rank) and returns the same value
-    everywhere.
-    """
-
-    def __init__(self, extractor: nn.Module, reference: FeatureStats) -> None:
-        self.extractor = extractor
-        self.reference = reference
-        self.stats = FeatureStats(reference.dim)
-
-    def update(self, images: torch.Tensor) -> None:
-        accumulate_stats(self.extractor, to_uint8(images), self.stats)
-
-    def compute(self) -> tuple[str, float]:
-        self.stats.all_reduce()
-        return cheap_fid_label(self.stats.count), fid_from_stats(self.stats, self.reference)
-
-
-def reference_stats_cached(cache_dir: str, key: str, extractor: nn.Module, batches_uint8) -> FeatureStats:
-    """Reference statistics from ``<cache_dir>/<key>-<extractor name>.npz``, computed from ``batches_uint8``
-    (an iterable of uint8 [B, 3, H, W]; called only on a cache miss) and saved there otherwise.
-
-    Put the reference's name, image count and resolution in ``key``; the extractor's name is appended here,
-    so statistics of different extractors never mix. Rank 0 should fill the cache before others read it.
-    """
-    path = os.path.join(cache_dir, f"{key}-{getattr(extractor, 'name', type(extractor).__name__)}.npz")
-    if os.path.isfile(path):
-        return FeatureStats.load(path)
-    stats = None
-    for batch in batches_uint8:
-        stats = accumulate_stats(extractor, batch, stats)
-    if stats is None:
-        raise ValueError(f"no reference images for {key}: the reference set is empty")
-    stats.save(path)
-    return stats

@@ -1,5 +1,5 @@
-"""The trainer-side pieces in ldm_train.metrics.fid: cheap FID, cached reference stats, and agreement of our
-streaming Frechet with torch-fidelity on the same images through the same (random-init) extractor."""
+"""ldm_train.metrics.fid: the seeded random-init extractor, PNG rounding, and agreement of our streaming
+Frechet with torch-fidelity on the same images through the same (random-init) extractor."""
 from __future__ import annotations
 
 import numpy as np
@@ -9,13 +9,10 @@ from PIL import Image
 
 from eval.fidelity import FidelityConfig, compute_fidelity
 from ldm_train.metrics.fid import (
-    CheapFID,
     FeatureStats,
     RandomInitFeatures,
     accumulate_stats,
-    cheap_fid_label,
     fid_from_stats,
-    reference_stats_cached,
     to_uint8,
 )
 
@@ -28,30 +25,6 @@ def test_random_init_extractor_is_fixed_by_its_seed() -> None:
     x = torch.randint(0, 256, (4, 3, 40, 40), dtype=torch.uint8)
     assert torch.equal(RandomInitFeatures(seed=3)(x), RandomInitFeatures(seed=3)(x))
     assert not torch.equal(RandomInitFeatures(seed=3)(x), RandomInitFeatures(seed=4)(x))
-
-
-def test_cheap_fid_label_identity_and_cache(tmp_path, wide_colours, colour_images) -> None:
-    ext = RandomInitFeatures(seed=1)
-    real = _images(colour_images, wide_colours, 0)
-    calls = []
-
-    def batches():
-        calls.append(1)
-        yield from real.split(16)
-
-    ref = reference_stats_cached(str(tmp_path), "ref-n48-r32", ext, batches())
-    again = reference_stats_cached(str(tmp_path), "ref-n48-r32", ext, batches())
-    assert len(calls) == 1 and again.count == 48  # second call read the cache
-    assert (tmp_path / f"ref-n48-r32-{ext.name}.npz").is_file()
-
-    fid = CheapFID(ext, ref)
-    fid.update(real.float() / 127.5 - 1)  # the same images as [-1, 1] floats: exact round trip to uint8
-    label, value = fid.compute()
-    assert label == cheap_fid_label(48) == "fid_cheap_48"
-    assert value == pytest.approx(0.0, abs=1e-3)
-    shifted = CheapFID(ext, ref)
-    shifted.update(_images(colour_images, np.clip(wide_colours + 60, 0, 255), 5).float() / 127.5 - 1)
-    assert shifted.compute()[1] > 1.0
 
 
 def test_our_frechet_agrees_with_torch_fidelity_on_the_same_images(tmp_path, wide_colours, colour_images) -> None:

@@ -6,7 +6,19 @@ import pytest
 import torch
 from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from eval.frechet import FeatureStats, fid_from_features, fid_from_stats, frechet_distance
+from ldm_train.metrics.fid import FeatureStats, fid_from_stats, frechet_distance
+
+
+def fid_from_features(features1: np.ndarray, features2: np.ndarray, chunk: int = 4096) -> float:
+    """FID between two feature matrices [N, D], streamed through FeatureStats in chunks."""
+    stats = []
+    for feats in (features1, features2):
+        t = torch.as_tensor(np.asarray(feats))
+        s = FeatureStats(t.shape[1])
+        for part in t.split(chunk):
+            s.update(part)
+        stats.append(s)
+    return fid_from_stats(stats[0], stats[1])
 
 
 def test_identity_covariances_d2048() -> None:
@@ -16,7 +28,7 @@ def test_identity_covariances_d2048() -> None:
     import subprocess
     import sys
 
-    code = ("import numpy as np; from eval.frechet import frechet_distance; d = 2048; "
+    code = ("import numpy as np; from ldm_train.metrics.fid import frechet_distance; d = 2048; "
             "print(repr(frechet_distance(np.zeros(d), np.eye(d), np.ones(d), np.eye(d))))")
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from slurm_cluster import LocalSlurmCluster
 
 from .conftest import Latents, TrainRun
-from .helpers import require, submit_and_wait
+from .helpers import REPO, require, submit_and_wait
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -43,3 +46,17 @@ def test_eval_sh_samples_on_two_tasks_and_writes_metrics(
     weights = Path(metrics["checkpoint"]["path"])
     assert weights.is_relative_to(slurm_train_run.run_dir)
     assert metrics["checkpoint"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert metrics["sampling"]["world_size"] == 2
+    logs = "\n".join(p.read_text(errors="replace") for p in sorted((tmp_path / "logs").glob("*")))
+    assert "sampling on 2 task(s)" in logs and "on 2 process(es)" in logs
+
+    # The same samples from one plain process (same seeds, same global batches): byte-identical PNGs.
+    local = tmp_path / "local"
+    cmd = [sys.executable, "-m", "eval.run", *eval_args(slurm_train_run.run_dir, slurm_latents, local), "stage=sample"]
+    env = {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    subprocess.run(cmd, cwd=REPO, env={**os.environ, **env}, check=True, timeout=300)
+
+    def digests(d: Path) -> dict[str, str]:
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.glob("*.png"))}
+
+    assert digests(out / "samples" / "gs2") == digests(local / "samples" / "gs2")
