@@ -22,7 +22,7 @@ from ldm_train.checkpoints.compvis import WeightsFile
 from ldm_train.config import FirstStageConfig
 from ldm_train.data import fsspec_io
 from ldm_train.data.readers import Filters, InputShard, InputShardError, Sample, Skip, iter_shard
-from ldm_train.distributed import device_for_rank
+from ldm_train.runtime.distributed import device_for_rank
 
 # ---------------------------------------------------------------- workers: decode + batch whole shards
 

@@ -24,7 +24,7 @@ from eval.fidelity import FidelityConfig, check_weights, compute_fidelity, count
 from eval.sampling import load_prompts, sample_path, sample_to_folder, scale_dir
 from ldm_train.app import config_dict
 from ldm_train.data import fsspec_io
-from ldm_train.distributed import (
+from ldm_train.runtime.distributed import (
     barrier,
     cleanup,
     device_for_rank,

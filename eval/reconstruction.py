@@ -1,7 +1,7 @@
 """Reconstruction quality of a first stage (the paper's Tab. 8 columns): PSNR, SSIM, LPIPS, rFID.
 
 ``python -m eval.reconstruction first_stage=kl_f8 first_stage.checkpoint=PATH images=HELD_OUT num_images=N``
-(root config ``conf/eval_reconstruction.yaml``). Held-out images are read by ``data_prep.readers`` and
+(root config ``conf/eval_reconstruction.yaml``). Held-out images are read by ``ldm_train.data.readers`` and
 resized / centre-cropped like the training data; each is encoded (KL: posterior mode; VQ: quantised) and
 decoded. Per-image PSNR / SSIM are computed on the 8-bit images in [0, 1] (what a saved PNG holds) and
 averaged; LPIPS (VGG) reads its backbone from a configured local file (a random backbone only when asked
@@ -41,7 +41,7 @@ class ReconstructionConfig:
     num_images: int = 1000  # 0: all
     resolution: int | None = None  # None: first_stage.ddconfig.resolution
     batch_size: int = 16
-    device: str = "auto"  # ldm_train.distributed.device_for_rank
+    device: str = "auto"  # ldm_train.runtime.distributed.device_for_rank
     output_dir: str = "eval_reconstruction"
     lpips: ReconLPIPSConfig = field(default_factory=ReconLPIPSConfig)
     metrics: FidelityConfig = field(default_factory=lambda: FidelityConfig(isc=False, prc=False))  # rFID only
@@ -150,7 +150,7 @@ def run(cfg: ReconstructionConfig) -> dict[str, Any]:
     from eval.report import write_metrics_json
     from ldm_train.checkpoints.first_stage import load_first_stage, read_first_stage_file
     from ldm_train.data.readers import image_dataset
-    from ldm_train.distributed import device_for_rank
+    from ldm_train.runtime.distributed import device_for_rank
 
     fid_cfg = dataclasses.replace(cfg.metrics, isc=False, prc=False)  # rFID only
     check_weights(fid_cfg)  # before any work

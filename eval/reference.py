@@ -1,8 +1,8 @@
 """The reference (real) image set FID and precision/recall compare against.
 
-An image folder or raw image shards (anything ``data_prep.readers.image_dataset`` reads: img2dataset
+An image folder or raw image shards (anything ``ldm_train.data.readers.image_dataset`` reads: img2dataset
 tars, brace patterns, image folders, s3://) is materialised ONCE as ``<cache>/reference/<key>/`` PNGs at
-the generated images' resolution, resized and centre-cropped by ``data_prep.transforms`` exactly as the
+the generated images' resolution, resized and centre-cropped by ``ldm_train.data.transforms`` exactly as the
 training images were. ``key = <name>-n<count>-r<resolution>``; torch-fidelity appends the feature
 extractor's name when it caches the reference features, so the cached statistics are keyed by reference
 name, sample count, resolution and extractor.

@@ -154,7 +154,7 @@ class Tracker:
         run_config: dict[str, Any] | None = None,
         experiment: str | None = None,
     ) -> None:
-        from ldm_train.distributed import get_rank
+        from ldm_train.runtime.distributed import get_rank
 
         if not isinstance(cfg, LoggerConfig):
             from ldm_train.config import to_dataclass

@@ -7,7 +7,7 @@
 #   sbatch --nodes=4 --ntasks-per-node=8 --gpus-per-node=8 slurm/train_autoencoder.sh first_stage=kl_f8 ...
 #
 # Every argument is a Hydra override of conf/train_autoencoder.yaml. DDP (nccl on GPU, gloo on CPU); rank,
-# world size and master address come from SLURM through ldm_train.distributed. --signal=USR1@120 reaches every
+# world size and master address come from SLURM through ldm_train.runtime.distributed. --signal=USR1@120 reaches every
 # task: the trainer finishes the step, checkpoints, and rank 0 requeues the job, which resumes from the last
 # checkpoint of the same run dir (the run dir remembers the SLURM job id).
 #

@@ -59,7 +59,7 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
   export SRUN_CPUS_PER_TASK=${SLURM_CPUS_PER_TASK:-1}
   echo "[train_txt2img.sh] job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}): ${SLURM_NTASKS:-1} task(s) on" \
     "${SLURM_JOB_NUM_NODES:-1} node(s) ${SLURM_JOB_NODELIST:-}; overrides: $*"
-  # ldm_train.distributed maps SLURM_PROCID/NTASKS/LOCALID/JOB_NODELIST to RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR;
+  # ldm_train.runtime.distributed maps SLURM_PROCID/NTASKS/LOCALID/JOB_NODELIST to RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR;
   # MASTER_PORT = 20000 + job id % 20000 unless exported here.
   srun --kill-on-bad-exit=1 "$PYTHON" -u -m ldm_train.train "$@"
 else

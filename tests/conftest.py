@@ -6,14 +6,11 @@ and is torn down at the end; tests that need it take the `slurm_cluster` fixture
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from slurm_cluster import LocalSlurmCluster, missing_binaries  # noqa: E402
+from tests.slurm_cluster import LocalSlurmCluster, missing_binaries
 
 
 @pytest.fixture(scope="session")

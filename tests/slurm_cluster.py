@@ -10,7 +10,7 @@ never by name, and get SIGTERM if the test process itself dies. A requeued job r
 (cred_expire=10; SLURM's default hold is 120 s).
 
 The names node1.. do not resolve; a job that uses the first node name as MASTER_ADDR maps it through
-`scontrol show node <name>` (NodeAddr=127.0.0.1), as ldm_train.distributed does, or `node_addrs` here.
+`scontrol show node <name>` (NodeAddr=127.0.0.1), as ldm_train.runtime.distributed does, or `node_addrs` here.
 
 Usage:
     with LocalSlurmCluster(tmp_dir, nodes=2) as cluster:

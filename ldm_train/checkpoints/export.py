@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ldm_train.checkpoints.compvis import TEXT_PREFIX, UNET_PREFIX, read_weights, split_compvis
-from ldm_train.distributed import get_rank
+from ldm_train.runtime.distributed import get_rank
 
 RAW_FILE = "model.safetensors"
 EMA_FILE = "model_ema.safetensors"

@@ -257,7 +257,7 @@ class LatentLoader:
         world_size: int | None = None,
         manifest: dict[str, Any] | None = None,
     ) -> None:
-        from ldm_train.distributed import get_rank, get_world_size
+        from ldm_train.runtime.distributed import get_rank, get_world_size
 
         if sum(n for _, n in shards) == 0:
             raise ValueError(f"the shards under {cfg.shards} hold no samples: check the encode job's manifest")
@@ -366,7 +366,7 @@ def build_latent_loader(
 
         cfg = to_dataclass(cfg, LatentDataConfig)
     manifest = read_manifest(cfg.manifest or cfg.shards)
-    from ldm_train.distributed import get_rank
+    from ldm_train.runtime.distributed import get_rank
 
     # hashing the first-stage checkpoint once is enough: rank 0 fails the job for everyone
     on_main = (get_rank() if rank is None else rank) == 0

@@ -358,7 +358,7 @@ class ImageDataset(torch.utils.data.IterableDataset):
             g = torch.Generator().manual_seed(self.seed + epoch)
             shards = [shards[i] for i in torch.randperm(len(shards), generator=g).tolist()]
         if self.split_by_rank:
-            from ldm_train.distributed import get_rank, get_world_size
+            from ldm_train.runtime.distributed import get_rank, get_world_size
 
             shards = shards[get_rank() :: get_world_size()]
         info = torch.utils.data.get_worker_info()
@@ -376,7 +376,7 @@ class ImageDataset(torch.utils.data.IterableDataset):
                             yield rec.as_dict()
                 except InputShardError as e:
                     # readers for training/eval keep going; the encode job is where damage is counted and fails the run
-                    print(f"[data_prep.readers] warning: {e}", flush=True)
+                    print(f"[readers] warning: {e}", flush=True)
             if not self.repeat:
                 return
             epoch += 1

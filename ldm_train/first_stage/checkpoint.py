@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ldm_train.distributed import barrier, rng_state, set_rng_state
+from ldm_train.runtime.distributed import barrier, rng_state, set_rng_state
 
 CKPT_PREFIX = "step_"
 

@@ -21,7 +21,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ldm_train.app import config_dict, config_yaml
 from ldm_train.checkpoints.first_stage import export_first_stage
-from ldm_train.distributed import (
+from ldm_train.first_stage.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ldm_train.first_stage.config import AutoencoderAppConfig
+from ldm_train.first_stage.data import ImageStream, load_heldout
+from ldm_train.first_stage.losses import FirstStageLoss, build_lpips
+from ldm_train.models.autoencoder import AutoencoderKL, DiagonalGaussian, build_first_stage
+from ldm_train.models.discriminator import NLayerDiscriminator
+from ldm_train.runtime.distributed import (
     all_reduce_,
     broadcast_str,
     cleanup,
@@ -30,12 +36,6 @@ from ldm_train.distributed import (
     get_world_size,
     init_distributed,
 )
-from ldm_train.first_stage.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from ldm_train.first_stage.config import AutoencoderAppConfig
-from ldm_train.first_stage.data import ImageStream, load_heldout
-from ldm_train.first_stage.losses import FirstStageLoss, build_lpips
-from ldm_train.models.autoencoder import AutoencoderKL, DiagonalGaussian, build_first_stage
-from ldm_train.models.discriminator import NLayerDiscriminator
 from ldm_train.tracking import Tracker
 
 LOG_KEYS = ["train/total", "train/rec", "train/psnr", "train/d_loss", "train/d_accuracy", "vq/perplexity"]
@@ -109,7 +109,7 @@ class Trainer:
             print(f"[train_autoencoder] {msg}", flush=True)
 
     def _run_dir(self) -> Path:
-        from ldm_train.trainer.rundir import resolve_run_dir, slurm_job_id
+        from ldm_train.runtime.rundir import resolve_run_dir, slurm_job_id
 
         path = None
         if self.rank == 0:
@@ -255,7 +255,7 @@ class Trainer:
                                self.tcfg.keep_checkpoints, export if self.tcfg.export_every_checkpoint else None)
 
     def fit(self) -> dict[str, Any]:
-        from ldm_train.trainer.preemption import Preemption, requeue_slurm_job
+        from ldm_train.runtime.preemption import Preemption, requeue_slurm_job
 
         preemption = Preemption(self.device)
         t0, since = time.perf_counter(), self.step

@@ -5,8 +5,8 @@ from pathlib import Path
 from typing import Any
 
 from ldm_train.config import TextEncoderConfig
-from ldm_train.distributed import barrier, broadcast_str, get_rank
-from ldm_train.trainer.rundir import describe_run, resolve_run_dir, slurm_job_id
+from ldm_train.runtime.distributed import barrier, broadcast_str, get_rank
+from ldm_train.runtime.rundir import describe_run, resolve_run_dir, slurm_job_id
 
 TOKENIZER_CORPUS_LIMIT = 200_000  # captions read to train a tokenizer when none is configured
 

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from ldm_train.distributed import barrier, get_rank
+from ldm_train.runtime.distributed import barrier, get_rank
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"

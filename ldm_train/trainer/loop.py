@@ -19,7 +19,7 @@ from omegaconf import DictConfig
 from ldm_train.app import config_dict, config_yaml, to_config
 from ldm_train.build import build_ldm
 from ldm_train.checkpoints.export import EMA_FILE, LazySafetensors, full_state_dict, write_export
-from ldm_train.distributed import (
+from ldm_train.runtime.distributed import (
     barrier,
     cleanup,
     device_for_rank,
@@ -27,13 +27,13 @@ from ldm_train.distributed import (
     rng_state,
     set_rng_state,
 )
+from ldm_train.runtime.preemption import Preemption, requeue_slurm_job
 from ldm_train.trainer import build
 from ldm_train.trainer import checkpoint as ckpt
 from ldm_train.trainer.config import TrainAppConfig, TrainConfig
 from ldm_train.trainer.derived import Derived, derive, describe, lr_at
 from ldm_train.trainer.ds_config import compose_ds_config
 from ldm_train.trainer.guard import NonFiniteAbort, NumericalGuard
-from ldm_train.trainer.preemption import Preemption, requeue_slurm_job
 from ldm_train.trainer.samples import SampleGrid
 
 

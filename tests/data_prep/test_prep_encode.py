@@ -7,7 +7,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import encode_args, encode_cfg, read_all_shards, run_encode
 
 from data_prep.encode_job import resolve_tasks
 from data_prep.encode_job import run_encode as run_encode_inproc
@@ -16,6 +15,7 @@ from data_prep.finalize import FinalizeError, finalize
 from data_prep.synthetic import write_synthetic
 from ldm_train.data.manifest import check_manifest, read_manifest
 from ldm_train.data.readers import iter_shard, list_input_shards
+from tests.data_prep.helpers import encode_args, encode_cfg, read_all_shards, run_encode
 
 
 @pytest.fixture(scope="module")

@@ -11,13 +11,13 @@ import time
 
 import pytest
 import webdataset as wds
-from conftest import REPO, encode_args, encode_cfg, read_all_shards, run_encode
 from PIL import Image
 
 from data_prep.encode_job import run_encode as run_encode_inproc
 from data_prep.synthetic import write_synthetic
 from ldm_train.data.manifest import read_manifest
 from ldm_train.data.readers import InputShardError, iter_shard, list_input_shards
+from tests.data_prep.helpers import REPO, encode_args, encode_cfg, read_all_shards, run_encode
 
 
 def test_sigkill_mid_run_then_resume(tmp_path):

@@ -7,13 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import encode_args, encode_cfg, read_all_shards
 
 from data_prep.encode_job import run_encode
 from data_prep.synthetic import write_synthetic
 from ldm_train.checkpoints.first_stage import export_first_stage, load_first_stage
 from ldm_train.data.readers import image_dataset
 from ldm_train.models.autoencoder import build_first_stage
+from tests.data_prep.helpers import encode_args, encode_cfg, read_all_shards
 
 pytestmark = pytest.mark.slow
 

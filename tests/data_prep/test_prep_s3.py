@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
-from conftest import encode_args, encode_cfg, read_shard, run_encode
 
 from data_prep.encode_job import run_encode as run_encode_inproc
 from data_prep.synthetic import write_synthetic
 from ldm_train.data import fsspec_io
 from ldm_train.data.manifest import read_manifest
 from ldm_train.data.readers import image_dataset
+from tests.data_prep.helpers import encode_args, encode_cfg, read_shard, run_encode
 
 
 @pytest.fixture(scope="module")

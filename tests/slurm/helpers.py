@@ -11,7 +11,8 @@ import os
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurmCluster
+
+from tests.slurm_cluster import LocalSlurmCluster
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -8,7 +8,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurmCluster, SlurmError, parse_scontrol_record
+
+from tests.slurm_cluster import LocalSlurmCluster, SlurmError, parse_scontrol_record
 
 pytestmark = pytest.mark.slurm
 

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurmCluster
+
+from tests.slurm_cluster import LocalSlurmCluster
 
 from .conftest import Latents, TrainRun
 from .helpers import REPO, require, submit_and_wait

@@ -8,7 +8,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurmCluster
+
+from tests.slurm_cluster import LocalSlurmCluster
 
 from .conftest import TINY_TRAIN_ARGS
 from .helpers import REPO, job_env, job_logs, require

@@ -6,7 +6,8 @@ import json
 import tarfile
 
 import pytest
-from slurm_cluster import LocalSlurmCluster
+
+from tests.slurm_cluster import LocalSlurmCluster
 
 from .conftest import PREP_TASKS, SYNTH_SAMPLES, SYNTH_SHARD, Latents
 

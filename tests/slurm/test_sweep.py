@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from slurm_cluster import LocalSlurmCluster
+
+from tests.slurm_cluster import LocalSlurmCluster
 
 from .conftest import TINY_TRAIN_ARGS, Latents, export_random_first_stage, prep_latents
 from .helpers import REPO, job_env, require

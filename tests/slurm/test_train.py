@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
-from slurm_cluster import LocalSlurmCluster
+
+from tests.slurm_cluster import LocalSlurmCluster
 
 from .conftest import TINY_TRAIN_ARGS, Latents, TrainRun
 from .helpers import job_logs, require, submit

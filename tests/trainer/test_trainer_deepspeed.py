@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, only_run_dir, read_stats, run_trainer, tiny_overrides
 from safetensors.torch import load_file
+
+from tests.trainer.helpers import REPO, only_run_dir, read_stats, run_trainer, tiny_overrides
 
 pytestmark = pytest.mark.timeout(900)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import REPO, read_stats, run_trainer, tiny_overrides, trainer_env
 from safetensors.torch import load_file
+
+from tests.trainer.helpers import REPO, read_stats, run_trainer, tiny_overrides, trainer_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm_train.runtime.rundir import resolve_run_dir
 from ldm_train.trainer.config import TrainConfig
 from ldm_train.trainer.derived import derive, describe, lr_at
 from ldm_train.trainer.ds_config import compose_ds_config
 from ldm_train.trainer.guard import NonFiniteAbort, NumericalGuard
-from ldm_train.trainer.rundir import resolve_run_dir
 
 
 def _cfg(**kw) -> TrainConfig:

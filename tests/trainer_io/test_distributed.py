@@ -13,8 +13,8 @@ from unittest import mock
 
 import pytest
 
-from ldm_train import distributed
-from ldm_train.distributed import DistEnv, master_addr_from_nodelist
+from ldm_train.runtime import distributed
+from ldm_train.runtime.distributed import DistEnv, master_addr_from_nodelist
 
 SLURM_TASK = {  # what srun gives task 3 of a 2-node x 2-task step
     "SLURM_JOB_ID": "123456",
@@ -107,7 +107,7 @@ def test_rank_helpers_fall_back_without_a_launcher(monkeypatch: pytest.MonkeyPat
 WORKER = textwrap.dedent("""
     import json, os, sys
     import torch
-    from ldm_train import distributed
+    from ldm_train.runtime import distributed
     env = distributed.init_distributed()
     t = torch.tensor([float(env.rank + 1)])
     distributed.dist.all_reduce(t)
@@ -189,7 +189,7 @@ def test_srun_on_two_simulated_nodes(slurm_cluster, tmp_path: Path) -> None:
 def test_sbatch_shell_is_not_a_rank(slurm_cluster, tmp_path: Path) -> None:
     """The batch shell carries SLURM_PROCID=0 and SLURM_NTASKS=4 but is one process: no 4-rank world there."""
     out = tmp_path / "out.txt"
-    code = "from ldm_train.distributed import DistEnv; e = DistEnv.from_env(); print(e.launcher, e.world_size)"
+    code = "from ldm_train.runtime.distributed import DistEnv; e = DistEnv.from_env(); print(e.launcher, e.world_size)"
     script = tmp_path / "job.sh"
     script.write_text(f"#!/bin/bash\nset -e\nenv | grep -c '^SLURM_PROCID=' || true\n{sys.executable} -c '{code}'\n"
                       f"srun --ntasks=4 {sys.executable} -c '{code}'\n")

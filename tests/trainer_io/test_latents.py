@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_latent_shards
 
 from ldm_train.config import FirstStageConfig, UNetConfig
 from ldm_train.data.latents import (
@@ -19,6 +18,7 @@ from ldm_train.data.latents import (
 )
 from ldm_train.data.manifest import ManifestError, check_manifest, read_manifest, shard_list
 from ldm_train.data.tokenizer import BatchTokenizer
+from tests.trainer_io.helpers import write_latent_shards
 
 
 def make_loader(shards_dir: Path, rank: int = 0, world_size: int = 1, tokenize_fn=None, **kw) -> LatentLoader:

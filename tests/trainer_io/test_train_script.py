@@ -17,7 +17,7 @@ SCRIPT = REPO / "slurm" / "train_txt2img.sh"
 # signals reached it, instead of training.
 PROBE = """#!{python}
 import json, os, signal, sys, time
-from ldm_train.distributed import DistEnv
+from ldm_train.runtime.distributed import DistEnv
 out = os.environ["PROBE_OUT"]
 env = DistEnv.from_env()
 rec = {{"argv": sys.argv[1:], "rank": env.rank, "world": env.world_size, "local_rank": env.local_rank,

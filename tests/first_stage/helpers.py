@@ -1,10 +1,8 @@
-"""Fixtures of the autoencoder tests: small synthetic image sets and the composed trainer config."""
+"""Helpers of the first-stage trainer tests: composed configs and reading stats.jsonl."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
-
-import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -24,14 +22,3 @@ def ae_cfg(run_root: Path, data: dict[str, str], *overrides: str, resolution: in
 
 def stats(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "stats.jsonl").read_text().splitlines()]
-
-
-@pytest.fixture(scope="session")
-def shapes32(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """The built-in synthetic dataset at 32 px: 96 training images in 4 shards, 16 held-out images."""
-    from data_prep.synthetic import write_synthetic
-
-    root = tmp_path_factory.mktemp("shapes32")
-    write_synthetic(str(root / "train"), 96, resolution=32, shard_size=24, seed=0)
-    write_synthetic(str(root / "heldout"), 16, resolution=32, shard_size=16, seed=1)
-    return {"train": str(root / "train"), "heldout": str(root / "heldout")}

@@ -12,7 +12,7 @@ import torch
 
 from ldm_train.first_stage.trainer import Trainer, train
 
-from .conftest import REPO, ae_cfg, stats
+from .helpers import REPO, ae_cfg, stats
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -12,7 +12,7 @@ import torch
 
 from ldm_train.first_stage.trainer import train
 
-from .conftest import REPO, ae_cfg, stats
+from .helpers import REPO, ae_cfg, stats
 
 pytestmark = pytest.mark.slow
 
