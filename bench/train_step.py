@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from ldm_train.checkpoints.compvis import compvis_state_dict
 from ldm_train.config import UNetConfig
 from ldm_train.models.unet import UNetModel
 
@@ -50,7 +51,7 @@ def build_pair(cfg: UNetConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
         "attention_head_dim": cfg.num_heads,  # diffusers' name for the number of heads in LDM/SD 1.x configs
         "transformer_layers_per_block": cfg.transformer_depth,
     }
-    ckpt = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    ckpt = compvis_state_dict(unet=ours.state_dict())
     theirs = UNet2DConditionModel(**config)
     theirs.load_state_dict(convert_ldm_unet_checkpoint(ckpt, config), strict=True)
     if cfg.use_checkpoint:

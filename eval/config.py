@@ -1,4 +1,5 @@
-"""The typed root config of the eval stage: ``EvalConfig`` mirrors ``conf/eval.yaml`` key for key.
+"""The typed root configs of the eval apps: ``EvalConfig`` (``conf/eval.yaml``) and ``ReconstructionConfig``
+(``conf/eval_reconstruction.yaml``), each mirroring its YAML key for key.
 
 Registered as ``eval_schema`` (``ldm_train.app.hydra_app``); ``conf/eval.yaml`` lists it first in its defaults,
 so the YAML holds presets only and a mistyped key or value fails at composition.
@@ -11,6 +12,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from eval.fidelity import FidelityConfig
+from ldm_train.config import FirstStageConfig
 
 
 @dataclass
@@ -59,3 +61,25 @@ class EvalConfig:
     metrics: FidelityConfig = field(default_factory=FidelityConfig)
     adherence: Any = "auto"  # auto | true | false
     wandb: WandbConfig = field(default_factory=WandbConfig)
+
+
+@dataclass
+class ReconLPIPSConfig:
+    enabled: bool = True
+    backbone: str | None = None  # torchvision's vgg16-397923af.pth
+    random_backbone: bool = False  # random VGG backbone: plumbing only (printed and flagged in metrics.json)
+
+
+@dataclass
+class ReconstructionConfig:
+    """Root of ``conf/eval_reconstruction.yaml`` (registered as ``eval_reconstruction_schema``)."""
+
+    images: str = "???"  # held-out images: image folder or img2dataset tars (brace patterns, s3://)
+    num_images: int = 1000  # 0: all
+    resolution: int | None = None  # None: first_stage.ddconfig.resolution
+    batch_size: int = 16
+    device: str = "auto"  # ldm_train.runtime.distributed.device_for_rank
+    output_dir: str = "eval_reconstruction"
+    lpips: ReconLPIPSConfig = field(default_factory=ReconLPIPSConfig)
+    metrics: FidelityConfig = field(default_factory=lambda: FidelityConfig(isc=False, prc=False))  # rFID only
+    first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from eval.reconstruction import psnr, ssim
+from eval.reconstruction_metrics import psnr, ssim
 
 
 def test_psnr_known_values() -> None:
@@ -31,7 +31,8 @@ def test_ssim_identity_one_and_degrades_with_noise() -> None:
 
 def test_reconstruction_eval_end_to_end(tmp_path) -> None:
     from data_prep.synthetic import write_synthetic
-    from eval.reconstruction import ReconstructionConfig, run
+    from eval.config import ReconstructionConfig
+    from eval.reconstruction_metrics import run
     from ldm_train.app import compose
     from ldm_train.checkpoints.first_stage import export_first_stage
     from ldm_train.models.autoencoder import build_first_stage
@@ -56,7 +57,8 @@ def test_reconstruction_eval_end_to_end(tmp_path) -> None:
 
 
 def test_missing_lpips_backbone_is_refused_with_the_remedy(tmp_path) -> None:
-    from eval.reconstruction import ReconstructionConfig, run
+    from eval.config import ReconstructionConfig
+    from eval.reconstruction_metrics import run
     from ldm_train.app import compose
 
     cfg = compose("eval_reconstruction", ReconstructionConfig, [

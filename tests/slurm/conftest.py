@@ -52,15 +52,13 @@ def export_random_first_stage(name: str, path: Path) -> Path:
     """A random-init first stage of preset `name` saved like ldm_train.train_autoencoder's export (plumbing only:
     a real file lets every stage take the same first_stage.checkpoint as in production)."""
     code = f"""
-from hydra import compose, initialize_config_dir
 import torch
-from ldm_train.config import register_configs
+from data_prep.config import EncodeConfig
+from ldm_train.app import compose
 from ldm_train.models.autoencoder import build_first_stage
 from ldm_train.checkpoints.first_stage import export_first_stage
-register_configs()
 torch.manual_seed(0)
-with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base="1.3"):
-    cfg = compose(config_name="encode", overrides=["first_stage={name}", "input=unused"])
+cfg = compose("encode", EncodeConfig, ["first_stage={name}", "input=unused"])
 export_first_stage(build_first_stage(cfg.first_stage), {str(path)!r})
 """
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ import numpy as np
 from data_prep.synthetic import COLOURS, sample_scene
 from tests.latent_shards import write_latent_shards as write_shards
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TORCH_EXTENSIONS_DIR = os.path.expanduser("~/.cache/torch_extensions")
 
 

@@ -18,7 +18,7 @@ from ldm_train.data.latents import (
 )
 from ldm_train.data.manifest import ManifestError, check_manifest, read_manifest, shard_list
 from ldm_train.data.tokenizer import BatchTokenizer
-from tests.trainer_io.helpers import write_latent_shards
+from tests.ldm_train.data.helpers import write_latent_shards
 
 
 def make_loader(shards_dir: Path, rank: int = 0, world_size: int = 1, tokenize_fn=None, **kw) -> LatentLoader:
@@ -189,7 +189,7 @@ def test_hydra_preset_follows_first_stage(latent_shards: Path) -> None:
 
     register_configs()
     register_trainer_configs()
-    conf_dir = str(Path(__file__).resolve().parents[2] / "conf")
+    conf_dir = str(Path(__file__).resolve().parents[3] / "conf")
     with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
         cfg = compose("train", overrides=[f"data.latents_root={latent_shards.parent}", "data.num_workers=0"])
     assert cfg.data.shards == str(latent_shards)  # ${data.latents_root}/${first_stage.name}

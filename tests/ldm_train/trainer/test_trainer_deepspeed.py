@@ -6,7 +6,6 @@ torchrun start costs ~30-60 s on a shared 2-core machine).
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -14,16 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer.helpers import REPO, only_run_dir, read_stats, run_trainer, tiny_overrides
+from tests.ldm_train import wandb_reader
+from tests.ldm_train.trainer.helpers import only_run_dir, read_stats, run_trainer, tiny_overrides
 
 pytestmark = pytest.mark.timeout(900)
-
-
-def _wandb_reader():
-    spec = importlib.util.spec_from_file_location("wandb_reader", REPO / "tests" / "trainer_io" / "wandb_reader.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -81,7 +74,7 @@ def test_zero2_two_processes_learn_export_and_log(latents_root: Path, tmp_path: 
                 "samples_seen", "skipped_steps"):
         assert key in stats[-1], key
     assert stats[-1]["samples_seen"] == 8 * steps and stats[-1]["skipped_steps"] == 0
-    reader = _wandb_reader()
+    reader = wandb_reader
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     (wandb_log,) = (run_dir / "wandb").glob(f"offline-run-*/run-{run_id}.wandb")
     history = reader.history(wandb_log)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ldm_train.tracking import LoggerConfig, StepTimer, Tracker, mfu, strip_secrets
-from tests.trainer_io import wandb_reader
+from tests.ldm_train import wandb_reader
 
 
 def wandb_file(run_dir: Path, run_id: str) -> Path:

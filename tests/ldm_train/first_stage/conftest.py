@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.first_stage.helpers import REPO, ae_cfg, stats  # noqa: F401
+from tests.ldm_train.first_stage.helpers import REPO, ae_cfg, stats  # noqa: F401
 
 
 @pytest.fixture(scope="session")

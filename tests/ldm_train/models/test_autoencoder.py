@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from ldm_train.app import compose
-from ldm_train.checkpoints.first_stage import export_first_stage, load_first_stage
 from ldm_train.config import DDConfig, FirstStageConfig
 from ldm_train.first_stage.config import AutoencoderAppConfig
 from ldm_train.models.autoencoder import AutoencoderKL, VQModel, build_first_stage
@@ -120,54 +119,3 @@ def test_vq_quantize_and_decode():
     (xrec.mean() + qloss).backward()
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0
 
-
-def test_export_and_load_roundtrip(tmp_path):
-    torch.manual_seed(0)
-    cfg = preset("tiny_kl_f4")
-    model = build_first_stage(cfg)
-    path = tmp_path / "first_stage.safetensors"
-    json_path = export_first_stage(model, str(path), {"scale_factor": 1.5})
-    assert json_path.endswith("first_stage.json")
-    cfg.checkpoint = str(path)
-    loaded = load_first_stage(cfg)
-    x = torch.rand(1, 3, 64, 64) * 2 - 1
-    with torch.no_grad():
-        assert torch.equal(loaded.encode_moments(x), model.eval().encode_moments(x))
-    assert not any(p.requires_grad for p in loaded.parameters())
-
-
-def test_load_released_ckpt_layouts(tmp_path):
-    """A Lightning model.ckpt with loss.* keys and a whole LDM with first_stage_model.* both load."""
-    torch.manual_seed(0)
-    cfg = preset("tiny_kl_f4")
-    model = build_first_stage(cfg)
-    sd = model.state_dict()
-    torch.save({"state_dict": {**sd, "loss.logvar": torch.zeros(())}}, tmp_path / "model.ckpt")
-    torch.save({"state_dict": {**{"first_stage_model." + k: v for k, v in sd.items()},
-                               "model.diffusion_model.x": torch.zeros(1)}}, tmp_path / "ldm.ckpt")
-    for name in ["model.ckpt", "ldm.ckpt"]:
-        cfg.checkpoint = str(tmp_path / name)
-        loaded = load_first_stage(cfg)
-        assert torch.equal(loaded.encoder.conv_in.weight, model.encoder.conv_in.weight)
-
-
-def test_load_errors_name_the_fix(tmp_path):
-    cfg = preset("tiny_kl_f4")
-    cfg.checkpoint = str(tmp_path / "nope.safetensors")
-    with pytest.raises(FileNotFoundError, match="train_autoencoder"):
-        load_first_stage(cfg)
-    export_first_stage(build_first_stage(preset("tiny_kl_f8")), str(tmp_path / "f8.safetensors"))
-    cfg.checkpoint = str(tmp_path / "f8.safetensors")
-    with pytest.raises(ValueError, match="tiny_kl_f4"):
-        load_first_stage(cfg)
-
-
-def test_load_refuses_another_norm_groups(tmp_path):
-    """GroupNorm groups change the function but no tensor shape: the export's recorded config catches it."""
-    cfg = preset("tiny_kl_f4")
-    assert cfg.ddconfig.norm_groups == 8
-    export_first_stage(build_first_stage(cfg), str(tmp_path / "fs.safetensors"))
-    cfg.checkpoint = str(tmp_path / "fs.safetensors")
-    cfg.ddconfig.norm_groups = 32
-    with pytest.raises(ValueError, match="norm_groups"):
-        load_first_stage(cfg)

@@ -2,6 +2,7 @@
 checkpoint bookkeeping, export layout, and the composed Hydra configs of both experiments."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,11 @@ def test_export_roundtrip_compvis_layout(tmp_path: Path):
     step.mkdir(parents=True)
     (tmp_path / "checkpoints" / "latest").write_text("step_0000005")
     write_export(step, raw, ema, OmegaConf.to_yaml(cfg, resolve=True), None, {"step": 5})
-    got = load_export(tmp_path)  # a run dir resolves through checkpoints/latest
+    from tests.ldm_train.checkpoints.test_first_stage import opens_of
+
+    got, n = opens_of(str(step / "model_ema.safetensors"), lambda: load_export(tmp_path))  # via checkpoints/latest
+    assert n == 1  # the weights file is read once: tensors and sha256 from the same bytes
+    assert got.sha256 == hashlib.sha256((step / "model_ema.safetensors").read_bytes()).hexdigest()
     assert got.ema and got.step_dir == step
     unet = UNetModel(to_dataclass(got.config.unet, UNetConfig))
     text = BERTEmbedder(to_dataclass(got.config.text_encoder, TextEncoderConfig))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "slurm" / "train_txt2img.sh"
 
 # Stands in for `python` (the script's $PYTHON): records how it was launched, as which rank, and which

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.trainer.helpers import (  # noqa: F401
+from tests.ldm_train.trainer.helpers import (  # noqa: F401
     REPO,
     TORCH_EXTENSIONS_DIR,
     _caption_and_colour,

