@@ -19,13 +19,14 @@ import io
 import json
 import math
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from omegaconf import OmegaConf
 from PIL import Image, ImageDraw
 
-from ldm_train.data import fsspec_io
+from data_prep.image_shards import write_image_shards
 from ldm_train.data.shapes_captions import (  # the caption grammar, shared with eval
     COLOURS,
     HELDOUT_COMBOS,
@@ -146,36 +147,21 @@ def write_synthetic(
     quality: int = 95,
 ) -> list[str]:
     """Write the dataset as img2dataset-style tars under ``output`` (path or URL); returns the shard URLs."""
-    import webdataset as wds
-
     if num_samples <= 0 or shard_size <= 0:
         raise ValueError(f"num_samples ({num_samples}) and shard_size ({shard_size}) must be positive")
-    fsspec_io.makedirs(output)
-    urls = []
-    for shard, start in enumerate(range(0, num_samples, shard_size)):
-        url = fsspec_io.join(output, f"{shard:06d}.tar")
-        with fsspec_io.atomic_write(url) as f:
-            writer = wds.TarWriter(f)
-            for index in range(start, min(start + shard_size, num_samples)):
-                scene, rng = sample_scene(seed, split, index)
-                buf = io.BytesIO()
-                render(scene, resolution, rng).save(buf, format="JPEG", quality=quality)
-                key = f"{index:09d}"
-                meta = {
-                    "key": key,
-                    "caption": scene.caption,
-                    "status": "success",
-                    "width": resolution,
-                    "height": resolution,
-                    "original_width": resolution,
-                    "original_height": resolution,
-                    "split": split,
-                    "scene": asdict(scene),
-                }
-                writer.write({"__key__": key, "jpg": buf.getvalue(), "txt": scene.caption, "json": meta})
-            writer.close()
-        urls.append(url)
-    return urls
+
+    def records() -> Iterator[dict]:
+        for index in range(num_samples):
+            scene, rng = sample_scene(seed, split, index)
+            buf = io.BytesIO()
+            render(scene, resolution, rng).save(buf, format="JPEG", quality=quality)
+            key = f"{index:09d}"
+            meta = {"key": key, "caption": scene.caption, "status": "success", "width": resolution,
+                    "height": resolution, "original_width": resolution, "original_height": resolution,
+                    "split": split, "scene": asdict(scene)}
+            yield {"__key__": key, "jpg": buf.getvalue(), "txt": scene.caption, "json": meta}
+
+    return write_image_shards(output, records(), shard_size)
 
 
 def main(argv: list[str] | None = None) -> None:

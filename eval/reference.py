@@ -3,12 +3,14 @@
 An image folder or raw image shards (anything ``ldm_train.data.readers.image_dataset`` reads: img2dataset
 tars, brace patterns, image folders, s3://) is materialised ONCE as ``<cache>/reference/<key>/`` PNGs at
 the generated images' resolution, resized and centre-cropped by ``ldm_train.data.transforms`` exactly as the
-training images were. ``key = <name>-n<count>-r<resolution>``; torch-fidelity appends the feature
-extractor's name when it caches the reference features, so the cached statistics are keyed by reference
-name, sample count, resolution and extractor.
+training images were. ``key = <name>-n<count>-r<resolution>-<fingerprint>``, the fingerprint hashing every input
+file's path, size and modification time, so two folders with the same name but other images never share a cache
+entry, and an edited folder is read again. ``eval.fidelity`` adds the feature network's weights hash and
+torch-fidelity its extractor name when it caches the reference features.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,10 +18,28 @@ import shutil
 from eval.sampling import sample_path, save_png
 
 
+def fingerprint(path: str) -> str:
+    """A hash of every input file of ``path`` (its URL, size and modification time), read from metadata only."""
+    import fsspec
+
+    from ldm_train.data import fsspec_io
+    from ldm_train.data.readers import list_input_shards
+
+    digest = hashlib.sha256()
+    for shard in list_input_shards(path):
+        urls = [shard.url] if shard.kind == "tar" else [fsspec_io.join(shard.url, f) for f in shard.files]
+        for url in urls:
+            fs, fpath = fsspec.core.url_to_fs(url)
+            info = fs.info(fpath)
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+            digest.update(f"{url}\0{info.get('size')}\0{stamp}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def reference_key(path: str, name: str | None, num_images: int, resolution: int) -> str:
     base = name or os.path.basename(str(path).rstrip("/")).replace("{", "").replace("}", "").replace("..", "-")
     base = "".join(c if c.isalnum() or c in "-_." else "_" for c in base) or "reference"
-    return f"{base}-n{num_images if num_images > 0 else 'all'}-r{resolution}"
+    return f"{base}-n{num_images if num_images > 0 else 'all'}-r{resolution}-{fingerprint(path)}"
 
 
 def materialise_reference(path: str, name: str | None, num_images: int, resolution: int, cache_dir: str) -> tuple[str, str]:
@@ -30,6 +50,7 @@ def materialise_reference(path: str, name: str | None, num_images: int, resoluti
     folder = os.path.join(cache_dir, "reference", key)
     done = os.path.join(folder, "done.json")
     if os.path.isfile(done):
+        print(f"[eval] reusing the reference images of {path} cached as {folder}", flush=True)
         return folder, key
     tmp = f"{folder}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

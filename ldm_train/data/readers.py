@@ -25,7 +25,7 @@ from typing import Any
 
 import fsspec
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from ldm_train.data import fsspec_io
 from ldm_train.data.transforms import resize_center_crop, to_tensor
@@ -276,9 +276,11 @@ def _all_class_dirs(root: str) -> list[str]:
 
 
 def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB image, fully decoded (so truncated files fail here, not later); alpha composited on white."""
+    """Bytes -> RGB image, fully decoded (so truncated files fail here, not later), EXIF orientation applied
+    (a phone photo stored sideways comes out upright), alpha composited on white, greyscale to RGB."""
     img = Image.open(io.BytesIO(data))
     img.load()
+    img = ImageOps.exif_transpose(img)
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))

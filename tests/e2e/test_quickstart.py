@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-KEYS = ["first_stage_psnr", "fid", "inception_score", "precision", "recall", "prompt_adherence",
+KEYS = ["first_stage_psnr", "fid", "fid_untrained", "kid", "kid_untrained", "precision", "recall", "prompt_adherence",
         "prompt_adherence_untrained", "train_samples_per_s", "wall_s"]
 
 
@@ -31,3 +31,6 @@ def test_quickstart_learns_text_conditioning(tmp_path: Path) -> None:
     # text conditioning learns: well above the untrained model and above chance (1/8 colours)
     assert summary["prompt_adherence"] >= summary["prompt_adherence_untrained"] + 0.2, summary
     assert summary["prompt_adherence"] >= 2 * summary["prompt_adherence_chance"], summary
+    # the real FID network: the trained model is closer to the held-out images than the same model before training
+    assert summary["feature_extractor"] == "pretrained" and summary["inception_score"] is None
+    assert summary["fid"] < summary["fid_untrained"] and summary["kid"] < summary["kid_untrained"], summary

