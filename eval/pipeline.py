@@ -94,6 +94,7 @@ def _write_prompts(output_dir: str, prompts: list[str], num_samples: int) -> Non
 
 def sample_stage(cfg: EvalConfig, prompts: list[str], output_dir: str, device: torch.device) -> dict[str, Any]:
     from eval.checkpoint import load_sampling_model
+    from ldm_train.checkpoints.export import EMA_FILE
 
     model = load_sampling_model(cfg.checkpoint, use_ema=cfg.use_ema, first_stage_checkpoint=cfg.first_stage_checkpoint,
                                 scale_factor=cfg.scale_factor, device=device,
@@ -103,7 +104,9 @@ def sample_stage(cfg: EvalConfig, prompts: list[str], output_dir: str, device: t
         _write_prompts(output_dir, prompts, cfg.num_samples)
     barrier()
     out: dict[str, Any] = {"scale_factor": model.scale_factor, "resolution": model.resolution,
-                           "first_stage": model.first_stage_file, "per_scale": {}}
+                           "first_stage": model.first_stage_file, "per_scale": {},
+                           "checkpoint": {"path": str(model.weights_file), "sha256": model.weights_sha256,
+                                          "ema": model.weights_file.name == EMA_FILE}}
     for scale in guidance_scales(cfg.guidance_scale):
         settings = SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, scale, cfg.seed, cfg.batch_size, cfg.precision)
         folder = scale_dir(os.path.join(output_dir, "samples"), scale)
@@ -173,11 +176,14 @@ def _metric_rows(cfg: EvalConfig, fid_cfg: FidelityConfig, scales: list[float], 
     return rows
 
 
-def _checkpoint_info(cfg: EvalConfig) -> dict[str, Any]:
-    from ldm_train.checkpoints.export import EMA_FILE, RAW_FILE, resolve_step_dir
+def _checkpoint_info(cfg: EvalConfig, sampling: dict[str, Any] | None) -> dict[str, Any]:
+    """The sampled weights file, its sha256 and whether it is the EMA: from the sample stage when it ran (it read
+    the file already), else hashed here (``stage=metrics`` without a sampling.json)."""
+    if sampling and "checkpoint" in sampling:
+        return sampling["checkpoint"]
+    from ldm_train.checkpoints.export import EMA_FILE, weights_file
 
-    step_dir = resolve_step_dir(cfg.checkpoint)
-    weights = step_dir / (EMA_FILE if cfg.use_ema and (step_dir / EMA_FILE).is_file() else RAW_FILE)
+    weights = weights_file(cfg.checkpoint, cfg.use_ema)
     return {"path": str(weights), "sha256": fsspec_io.sha256(str(weights)), "ema": weights.name == EMA_FILE}
 
 
@@ -210,7 +216,7 @@ def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[str], 
                     "guidance_scales": scales, "batch_size": cfg.batch_size, "precision": cfg.precision},
         "num_samples": cfg.num_samples,
         "prompts": {"source": str(cfg.prompts), "count": len(prompts)},
-        "checkpoint": _checkpoint_info(cfg),
+        "checkpoint": _checkpoint_info(cfg, sampling),
         "sampling": sampling,  # scale factor, first stage, per-scale counts and images/s, world size
     }
     write_metrics_json(os.path.join(output_dir, "metrics.json"), report)

@@ -130,14 +130,21 @@ class Export:
         return self.weights_file.name == EMA_FILE
 
 
+def weights_file(path: str | Path, ema: bool = True) -> Path:
+    """The export's weights file: ``model_ema.safetensors`` when ``ema`` and it exists (or no raw export), else
+    ``model.safetensors``."""
+    step_dir = resolve_step_dir(path)
+    has_ema, has_raw = (step_dir / EMA_FILE).is_file(), (step_dir / RAW_FILE).is_file()
+    return step_dir / EMA_FILE if (ema and has_ema) or not has_raw else step_dir / RAW_FILE
+
+
 def load_export(path: str | Path, ema: bool = True) -> Export:
     """Load an export without DeepSpeed (opens the weights file once); ``ema=True`` falls back to the raw
     weights when no EMA was exported."""
     from omegaconf import OmegaConf
 
-    step_dir = resolve_step_dir(path)
-    has_ema, has_raw = (step_dir / EMA_FILE).is_file(), (step_dir / RAW_FILE).is_file()
-    file = step_dir / EMA_FILE if (ema and has_ema) or not has_raw else step_dir / RAW_FILE
+    file = weights_file(path, ema)
+    step_dir = file.parent
     weights = read_weights(str(file))
     groups = split_compvis(weights.tensors)
     return Export(unet=groups["unet"], text_encoder=groups["text_encoder"],
