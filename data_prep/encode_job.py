@@ -83,7 +83,7 @@ def _job_description(cfg: EncodeConfig, shards: list[InputShard], sha: str | Non
     return {
         "first_stage": {"name": fs_cfg.name, "kind": fs_cfg.kind, "downsample_factor": fs_cfg.downsample_factor,
                         "z_channels": z, "checkpoint": fs_cfg.checkpoint, "sha256": sha,
-                        "random_weights": not fs_cfg.checkpoint},
+                        "random_weights": not (fs_cfg.checkpoint or fs_cfg.kind == "pixel")},
         "resolution": cfg.resolution,
         "latent_shape": [2 * z if kl else z, h, h],
         "stored": "moments" if kl else "prequant",

@@ -77,10 +77,10 @@ def _batch(index: int, samples: list[Sample]) -> dict[str, Any]:
 
 
 def load_encoder(fs_cfg: FirstStageConfig, allow_random: bool, weights: WeightsFile | None = None) -> torch.nn.Module:
-    from ldm_train.checkpoints.first_stage import load_first_stage
+    from ldm_train.checkpoints.first_stage import is_loadable, load_first_stage
     from ldm_train.models.autoencoder import build_first_stage
 
-    if fs_cfg.checkpoint:
+    if is_loadable(fs_cfg):
         return load_first_stage(fs_cfg, weights=weights)
     if not allow_random:
         raise SystemExit(

@@ -70,7 +70,7 @@ def load_sampling_model(
     from ldm_train.build import build_ldm
     from ldm_train.checkpoints.compvis import load_strict
     from ldm_train.checkpoints.export import load_export
-    from ldm_train.checkpoints.first_stage import load_first_stage
+    from ldm_train.checkpoints.first_stage import is_loadable, load_first_stage
     from ldm_train.data.tokenizer import load_tokenizer
 
     exp = load_export(checkpoint, ema=use_ema)
@@ -79,7 +79,7 @@ def load_sampling_model(
     fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
     if first_stage_checkpoint:
         fs_cfg.checkpoint = first_stage_checkpoint
-    if not fs_cfg.checkpoint and not allow_random_first_stage:
+    if not is_loadable(fs_cfg) and not allow_random_first_stage:
         raise ValueError(f"the checkpoint config at {exp.step_dir} names no first_stage.checkpoint: pass "
                          "first_stage_checkpoint=PATH (the autoencoder the latents were encoded with), or "
                          "allow_random_first_stage=true for a plumbing run")
@@ -90,7 +90,7 @@ def load_sampling_model(
     ldm = build_ldm(cfg)
     load_strict(ldm.unet, exp.unet, "UNet", str(exp.weights_file))
     load_strict(ldm.cond_stage_model, exp.text_encoder, "text encoder", str(exp.weights_file))
-    if fs_cfg.checkpoint:
+    if is_loadable(fs_cfg):
         first_stage = load_first_stage(fs_cfg, map_location=device)
     else:
         from ldm_train.models.autoencoder import build_first_stage
@@ -112,5 +112,5 @@ def load_sampling_model(
         config=cfg,
         weights_file=exp.weights_file,
         weights_sha256=exp.sha256,
-        first_stage_file=str(fs_cfg.checkpoint or "random-init"),
+        first_stage_file=str(fs_cfg.checkpoint or ("identity (pixel)" if fs_cfg.kind == "pixel" else "random-init")),
     )

@@ -10,30 +10,12 @@ torch-fidelity its extractor name when it caches the reference features.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 
 from eval.sampling import sample_path, save_png
-
-
-def fingerprint(path: str) -> str:
-    """A hash of every input file of ``path`` (its URL, size and modification time), read from metadata only."""
-    import fsspec
-
-    from ldm_train.data import fsspec_io
-    from ldm_train.data.readers import list_input_shards
-
-    digest = hashlib.sha256()
-    for shard in list_input_shards(path):
-        urls = [shard.url] if shard.kind == "tar" else [fsspec_io.join(shard.url, f) for f in shard.files]
-        for url in urls:
-            fs, fpath = fsspec.core.url_to_fs(url)
-            info = fs.info(fpath)
-            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-            digest.update(f"{url}\0{info.get('size')}\0{stamp}\n".encode())
-    return digest.hexdigest()[:16]
+from ldm_train.data.readers import fingerprint
 
 
 def reference_key(path: str, name: str | None, num_images: int, resolution: int) -> str:

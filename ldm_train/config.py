@@ -49,16 +49,16 @@ class FirstStageLossConfig:
 
 @dataclass
 class FirstStageConfig:
-    """An autoencoder of the paper: ``kind`` kl (AutoencoderKL) or vq (VQModel)."""
+    """An autoencoder of the paper: ``kind`` kl (AutoencoderKL), vq (VQModel) or pixel (the identity, f=1: LDM-1)."""
 
     name: str = "kl_f8"
-    kind: str = "kl"  # "kl" or "vq"
+    kind: str = "kl"  # "kl", "vq" or "pixel" (identity: no weights, the diffusion model runs on pixels)
     downsample_factor: int = 8  # f; must equal 2 ** (len(ddconfig.ch_mult) - 1)
     embed_dim: int = 4  # latent channels the diffusion model sees
     n_embed: int = 0  # VQ codebook size (0 for KL)
     ddconfig: DDConfig = field(default_factory=DDConfig)
     lossconfig: FirstStageLossConfig = field(default_factory=FirstStageLossConfig)
-    checkpoint: str | None = None  # local path or fsspec URL of trained weights (CompVis layout)
+    checkpoint: str | None = None  # local path or fsspec URL of trained weights (CompVis layout); none for pixel
     scale_factor: float | None = None  # None: take it from the latent manifest
 
 

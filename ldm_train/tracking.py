@@ -47,6 +47,12 @@ class LoggerConfig:
     console: str = "auto"  # W&B console capture: "auto" | "off" | "wrap"
 
 
+def wandb_group(cfg: LoggerConfig, experiment: str | None) -> str | None:
+    """``logger.group`` or the experiment name, plus ``-<logger.sweep>`` when the run is part of a sweep."""
+    group = cfg.group or experiment
+    return f"{group}-{cfg.sweep}" if group and cfg.sweep else group
+
+
 def strip_secrets(obj: Any) -> Any:
     """Copy of a nested dict/list with values under secret-looking keys (api_key, token, ...) masked."""
     if isinstance(obj, dict):
@@ -92,8 +98,18 @@ class StepTimer:
     def reset(self) -> None:
         self._start = time.perf_counter()
         self._data = 0.0
+        self._excluded = 0.0
         self._steps = 0
         self._samples = 0
+
+    @contextmanager
+    def excluded(self):
+        """Time spent in here (sample grids, in-training FID, checkpoints) does not count as training time."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._excluded += time.perf_counter() - t0
 
     @contextmanager
     def data(self):
@@ -108,7 +124,7 @@ class StepTimer:
         self._samples += samples
 
     def summary(self, reset: bool = True) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        elapsed = max(time.perf_counter() - self._start - self._excluded, 1e-9)
         out = {
             "data_wait_share": self._data / elapsed,
             "step_time_s": elapsed / max(self._steps, 1),
@@ -197,9 +213,7 @@ class Tracker:
         os.environ["WANDB_DIR"] = str(self.run_dir)
         os.environ.setdefault("WANDB_CACHE_DIR", str(self.run_dir / "wandb" / ".cache"))
         os.environ.setdefault("WANDB_DATA_DIR", str(self.run_dir / "wandb" / ".data"))
-        group = self.cfg.group or experiment
-        if group and self.cfg.sweep:
-            group = f"{group}-{self.cfg.sweep}"
+        group = wandb_group(self.cfg, experiment)
         self.run = wandb.init(
             project=self.cfg.project,
             entity=self.cfg.entity,

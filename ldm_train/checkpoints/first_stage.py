@@ -30,6 +30,12 @@ def missing_hint(name: str) -> str:
             "at that path, then set first_stage.checkpoint")
 
 
+def is_loadable(cfg: FirstStageConfig | Any) -> bool:
+    """True when ``load_first_stage`` can build ``cfg`` with real weights: a checkpoint is set, or the
+    first stage is the weightless identity (``kind: pixel``)."""
+    return cfg.kind == "pixel" or bool(cfg.checkpoint)
+
+
 def read_first_stage_file(cfg: FirstStageConfig) -> WeightsFile:
     if not cfg.checkpoint:
         raise ValueError(
@@ -73,11 +79,16 @@ def check_architecture(weights: WeightsFile, cfg: FirstStageConfig) -> None:
 
 def load_first_stage(cfg: FirstStageConfig | Any, map_location: str | torch.device = "cpu",
                      weights: WeightsFile | None = None) -> nn.Module:
-    """Build the first stage and load ``cfg.checkpoint`` (or the already read ``weights``), in eval mode, frozen."""
+    """Build the first stage and load ``cfg.checkpoint`` (or the already read ``weights``), in eval mode, frozen.
+
+    The identity first stage (``kind: pixel``) has no file: it is built and returned as it is.
+    """
     from ldm_train.models.autoencoder import build_first_stage
 
     model = build_first_stage(cfg)
     cfg = model.cfg
+    if cfg.kind == "pixel":
+        return model.to(map_location)
     weights = weights if weights is not None else read_first_stage_file(cfg)
     state = first_stage_state_dict(weights)
     check_architecture(weights, cfg)

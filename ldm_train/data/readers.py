@@ -384,6 +384,22 @@ class ImageDataset(torch.utils.data.IterableDataset):
             epoch += 1
 
 
+def fingerprint(spec: str | Sequence[str]) -> str:
+    """A hash of every input file of ``spec`` (URL, size, modification time), from metadata only: keys caches
+    of statistics computed from the files (eval's reference set, the trainer's in-training FID)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for shard in list_input_shards(spec):
+        urls = [shard.url] if shard.kind == "tar" else [fsspec_io.join(shard.url, f) for f in shard.files]
+        for url in urls:
+            fs, fpath = fsspec.core.url_to_fs(url)
+            info = fs.info(fpath)
+            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
+            digest.update(f"{url}\0{info.get('size')}\0{stamp}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def image_dataset(
     input: str | Sequence[str],
     resolution: int,

@@ -295,10 +295,36 @@ class VQModel(nn.Module):
         return self.decode(z_q, force_not_quantize=True), codebook_loss, info
 
 
-FirstStage = AutoencoderKL | VQModel
+class PixelFirstStage(nn.Module):
+    """The identity first stage (``kind: pixel``, f=1): the paper's LDM-1, a diffusion model on pixels.
+
+    It has no weights and no file; the "latent" is the image in [-1, 1], so the pixel-space model is encoded,
+    trained, sampled and evaluated by the same code as the latent ones (the f-sweep's f=1 point).
+    """
+
+    def __init__(self, cfg: FirstStageConfig) -> None:
+        super().__init__()
+        if cfg.downsample_factor != 1 or cfg.embed_dim != cfg.ddconfig.in_channels:
+            raise ValueError(f"first_stage {cfg.name}: kind=pixel needs downsample_factor=1 and embed_dim="
+                             f"ddconfig.in_channels ({cfg.ddconfig.in_channels}), got {cfg.downsample_factor} and "
+                             f"{cfg.embed_dim}: see conf/first_stage/pixel.yaml")
+        self.cfg = cfg
+
+    @property
+    def downsample_factor(self) -> int:
+        return 1
+
+    def encode_moments(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def decode(self, z: torch.Tensor, force_not_quantize: bool = False) -> torch.Tensor:
+        return z
 
 
-def build_first_stage(cfg: FirstStageConfig | Any) -> AutoencoderKL | VQModel:
+FirstStage = AutoencoderKL | VQModel | PixelFirstStage
+
+
+def build_first_stage(cfg: FirstStageConfig | Any) -> FirstStage:
     """Randomly initialised first stage for ``cfg`` (a FirstStageConfig or its DictConfig node)."""
     if not isinstance(cfg, FirstStageConfig):
         from ldm_train.config import to_dataclass
@@ -308,4 +334,6 @@ def build_first_stage(cfg: FirstStageConfig | Any) -> AutoencoderKL | VQModel:
         return AutoencoderKL(cfg)
     if cfg.kind == "vq":
         return VQModel(cfg)
-    raise ValueError(f"first_stage {cfg.name}: kind must be 'kl' or 'vq', got {cfg.kind!r}")
+    if cfg.kind == "pixel":
+        return PixelFirstStage(cfg).eval().requires_grad_(False)
+    raise ValueError(f"first_stage {cfg.name}: kind must be 'kl', 'vq' or 'pixel', got {cfg.kind!r}")

@@ -283,8 +283,20 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (torch warns, and gloo sometimes aborts, if a process exits without it)."""
-    if dist.is_available() and dist.is_initialized():
+    """Leave the process group (torch warns, and gloo sometimes aborts, if a process exits without it).
+
+    Through DeepSpeed when it has used the group: it caches sub-groups (a clone of the world group) that
+    would otherwise outlive it, and the next run in this process (a Hydra multirun point with the basic
+    launcher) would fail with "Group ... is not registered".
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    import sys
+
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None:
+        ds_comm.destroy_process_group()
+    else:
         dist.destroy_process_group()
 
 

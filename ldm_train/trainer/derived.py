@@ -25,6 +25,7 @@ class Derived:
     log_every_steps: int
     checkpoint_every_steps: int  # 0: only at exit
     sample_every_steps: int  # 0: never
+    fid_every_steps: int  # in-training FID; 0: never
     flops_per_sample: float | None  # forward + backward of everything trained (UNet + text encoder)
     flops_per_step: float | None
 
@@ -68,6 +69,7 @@ def derive(cfg: TrainConfig, world_size: int, flops_per_sample: float | None = N
         log_every_steps=_steps(cfg.log_every_samples, cfg.global_batch) or 1,
         checkpoint_every_steps=_steps(cfg.checkpoint.every_samples, cfg.global_batch),
         sample_every_steps=_steps(cfg.sampling.every_samples, cfg.global_batch) if cfg.sampling.prompts else 0,
+        fid_every_steps=_steps(cfg.fid.every_samples, cfg.global_batch),
         flops_per_sample=flops_per_sample,
         flops_per_step=None if flops_per_sample is None else flops_per_sample * cfg.global_batch,
     )
@@ -89,7 +91,7 @@ def describe(d: Derived) -> str:
             f"global batch {d.global_batch} samples/step",
             f"lr {d.lr:.3g} (warm-up {d.warmup_steps} steps), total {d.total_steps} steps",
             f"log every {d.log_every_steps} steps, checkpoint every {d.checkpoint_every_steps or 'exit-only'} steps, "
-            f"samples every {d.sample_every_steps or 'never'} steps",
+            f"samples every {d.sample_every_steps or 'never'} steps, FID every {d.fid_every_steps or 'never'} steps",
             f"FLOPs per step {flops}",
         ]
     )

@@ -6,6 +6,7 @@ sample grids, and in DeepSpeed's own per-step overflow check (which also tells t
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
 import sys
@@ -71,10 +72,12 @@ class Trainer:
         self._setup_tracking(client.get("wandb_run_id") if client else None)
         self.preemption = Preemption(self.device)
         self.grid = SampleGrid(cfg, self.tcfg.sampling, self.tokenizer, self.scale_factor, self.device)
+        self.fid = self._setup_fid()
         self._banner()
 
     # ---- set-up -----------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
+        from ldm_train.data import fsspec_io
         from ldm_train.data.latents import build_latent_loader
         from ldm_train.data.manifest import read_manifest, shard_list
         from ldm_train.data.tokenizer import BatchTokenizer
@@ -82,6 +85,14 @@ class Trainer:
         cfg = self.cfg
         data_cfg = cfg.data
         manifest = read_manifest(data_cfg.manifest or data_cfg.shards)
+        recorded = (manifest.get("first_stage") or {}).get("checkpoint")
+        if not cfg.first_stage.checkpoint and recorded and cfg.first_stage.kind != "pixel" \
+                and fsspec_io.exists(str(recorded)):
+            # the encode job recorded its first stage: the sample grid, the FID and eval decode with it (the
+            # manifest check below verifies its sha256), and config.yaml names it for eval
+            cfg.first_stage.checkpoint = str(recorded)
+            if self.rank == 0:
+                print(f"[train] first_stage.checkpoint from the latent manifest: {recorded}", flush=True)
         shards = shard_list(manifest, base_url=None if data_cfg.manifest else data_cfg.shards)
         self.tokenizer, self.tokenizer_dir = build.setup_tokenizer(
             cfg.text_encoder, self.run_dir, shards
@@ -167,13 +178,47 @@ class Trainer:
                                   "decay": self.tcfg.ema.decay, "warmup": self.tcfg.ema.warmup})
 
     def _setup_tracking(self, run_id: str | None) -> None:
-        from ldm_train.tracking import Tracker
+        from ldm_train.tracking import Tracker, wandb_group
+        from ldm_train.trainer import sweep
 
+        point = sweep.current_point()  # a Hydra multirun point: one W&B group per sweep, point.json in its folder
+        sweep.join_group(self.cfg, point)
+        run_config = config_dict(self.cfg)
+        if point is not None:
+            run_config["sweep"] = sweep.describe(self.cfg, point)
         self.tracker = Tracker(self.cfg.logger, self.run_dir, self.rank, resume_run_id=run_id,
-                               run_config=config_dict(self.cfg),
-                               experiment=self.cfg.experiment_name)
+                               run_config=run_config, experiment=self.cfg.experiment_name)
         if self.rank == 0:
             (self.run_dir / "config.yaml").write_text(config_yaml(self.cfg))
+            if point is not None:
+                sweep.write_point(self.cfg, point, self.run_dir, wandb_group(self.cfg.logger, self.cfg.experiment_name))
+
+    def _setup_fid(self) -> Any:
+        """The in-training FID (``train.fid``), its reference statistics ready (computed once, then cached)."""
+        if not self.d.fid_every_steps:
+            return None
+        from ldm_train.trainer.fid import InTrainingFID
+
+        if self.ema is None and self.zero_stage == 3:
+            raise ValueError("train.fid under ZeRO-3 samples with the EMA weights: set train.ema.enabled=true, "
+                             "or train.fid.every_samples=0")
+        fid = InTrainingFID(self.tcfg.fid, self.grid, int(self.cfg.data.resolution), str(self.cfg.runs_root),
+                            self.rank, self.world_size, self.device)
+        fid.prepare()
+        return fid
+
+    def measure_fid(self) -> None:
+        """K-sample FID of the EMA weights (the raw ones without EMA), split across ranks; logged by rank 0."""
+        if self.ema is not None:
+            state = self.ema.gathered_state_dict(rank0_only=False)  # every rank samples its share
+        else:
+            state = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
+        values = self.fid.measure(state)
+        if self.rank == 0:
+            self.fid_wall_s += values["fid_seconds"]
+            self.tracker.log(self.step, {**values, "samples_seen": self.samples_seen})
+            print(f"[train] step {self.step}: {self.fid.key} {values[self.fid.key]:.2f} "
+                  f"({values['fid_seconds']:.0f} s)", flush=True)
 
     def _banner(self) -> None:
         if self.rank != 0:
@@ -223,6 +268,8 @@ class Trainer:
         from ldm_train.tracking import StepTimer
 
         d, timer = self.d, StepTimer()
+        t_start, samples_start = time.perf_counter(), self.samples_seen
+        self.fid_wall_s = 0.0
         data_iter = iter(self.loader)
         start_step, last_saved = self.step, self.step
         loss_acc, steps_acc = torch.zeros((), device=self.device), 0
@@ -233,14 +280,20 @@ class Trainer:
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 if d.sample_every_steps and self.step % d.sample_every_steps == 0 and self.step > start_step:
-                    self.sample_grid()
+                    with timer.excluded():
+                        self.sample_grid()
                 loss_acc += self.train_step(data_iter, timer)
                 steps_acc += 1
                 if self.step % d.log_every_steps == 0 or self.step == d.total_steps:
                     self.log(loss_acc, steps_acc, lr, timer)
                     loss_acc, steps_acc = torch.zeros((), device=self.device), 0
+                if self.fid is not None and (self.step % d.fid_every_steps == 0 or
+                                             (self.step == d.total_steps and self.tcfg.fid.at_end)):
+                    with timer.excluded():
+                        self.measure_fid()
                 if d.checkpoint_every_steps and self.step % d.checkpoint_every_steps == 0:
-                    self.save()
+                    with timer.excluded():
+                        self.save()
                     last_saved = self.step
                 if self.preemption.should_stop():
                     break
@@ -253,7 +306,19 @@ class Trainer:
             self.save()  # at exit: preemption, max_steps, the end, or the last good state before an abort
         if self.preemption.received is not None and self.rank == 0:
             requeue_slurm_job()
+        if self.step >= d.total_steps and not exit_code and self.rank == 0:
+            self._write_summary(time.perf_counter() - t_start, self.samples_seen - samples_start)
         return exit_code
+
+    def _write_summary(self, wall_s: float, samples: int) -> None:
+        """``train_summary.json``: what this session of a finished run cost (the sweep report reads it)."""
+        train_s = max(wall_s - self.fid_wall_s, 1e-9)
+        summary = {"samples_seen": self.samples_seen, "samples_this_session": samples, "wall_s": round(wall_s, 1),
+                   "fid_wall_s": round(self.fid_wall_s, 1), "fid_share": round(self.fid_wall_s / max(wall_s, 1e-9), 4),
+                   "samples_per_s": round(samples / train_s, 2), "world_size": self.world_size}
+        tmp = self.run_dir / "train_summary.json.tmp"
+        tmp.write_text(json.dumps(summary, indent=2) + "\n")
+        os.replace(tmp, self.run_dir / "train_summary.json")
 
     def log(self, loss_acc: torch.Tensor, steps: int, lr: float, timer: Any) -> None:
         """Host sync point: the summed loss is all-reduced and fetched here, once per log interval."""

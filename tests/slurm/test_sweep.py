@@ -1,8 +1,10 @@
 """Hydra multirun over two tiny first stages with the SLURM launcher (hydra-submitit-launcher's submitit_slurm):
-one real SLURM job per first stage, submitted through sbatch by submitit."""
+one real SLURM job per first stage, submitted through sbatch by submitit; every point joins the sweep's W&B
+group and links its run dir from the sweep folder."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +56,11 @@ def test_multirun_submits_one_slurm_job_per_first_stage(
         config = yaml.safe_load((step_dir / "config.yaml").read_text())
         trained[config["first_stage"]["name"]] = step_dir
     assert sorted(trained) == sorted(FIRST_STAGES), trained
+
+    # the sweep folder lists every point (the folder eval.sweep_report reads), all in one W&B group
+    points = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/point.json"))]
+    assert sorted(p["first_stage"] for p in points) == sorted(FIRST_STAGES), points
+    assert len({p["wandb_group"] for p in points}) == 1 and points[0]["wandb_group"].endswith(sweep_dir.name)
+    assert sorted(p["downsample_factor"] for p in points) == [4, 8]
+    for p in points:
+        assert Path(p["run_dir"]).is_dir() and (sweep_dir / f"{p['job_num']}-{p['first_stage']}" / "run").is_dir()

@@ -1,0 +1,109 @@
+"""The in-training FID (ldm_train/trainer/fid.py) with the real FID Inception: the reference side cached by
+content, prompts from the reference captions, and the generated side through the same network.
+
+The sampler is replaced by a fixed image source (the LDM is not what is tested here; the slow sweep test
+trains one): it returns reference images by seed, so "generating the reference" must give FID ~ 0.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ldm_train.trainer.config import FIDConfig
+from ldm_train.trainer.fid import InTrainingFID
+
+
+def _photos(folder, n: int, seed: int) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    out = []
+    for i in range(n):  # smooth random fields: varied pool3 features, cheap to make
+        base = rng.standard_normal((4, 4, 3))
+        img = np.asarray(Image.fromarray(((base - base.min()) / np.ptp(base) * 255).astype(np.uint8))
+                         .resize((32, 32), Image.BICUBIC))
+        Image.fromarray(img).save(folder / f"{i:04d}.png")
+        (folder / f"{i:04d}.txt").write_text(f"caption {i}")
+        out.append(img)
+    return out
+
+
+class ImageSource:
+    """Stands in for the sample grid: image ``seed`` of a fixed list, with the prompts it was asked for."""
+
+    def __init__(self, images: list[np.ndarray]) -> None:
+        self.images = [torch.from_numpy(im).permute(2, 0, 1).float() / 127.5 - 1 for im in images]
+        self.prompts: list[str] = []
+
+    def load(self, state_dict) -> None:
+        pass
+
+    def images_for(self, prompts, seeds, settings) -> torch.Tensor:
+        self.prompts += prompts
+        return torch.stack([self.images[s % len(self.images)] for s in seeds])
+
+
+@pytest.fixture(scope="module")
+def network():
+    from ldm_train.metrics.inception import FIDInception
+
+    return FIDInception()  # loaded once for the module (a TorchScript load takes seconds)
+
+
+@pytest.fixture()
+def reference(tmp_path):
+    return tmp_path / "heldout", _photos(tmp_path / "heldout", 8, seed=0)
+
+
+def _hook(cfg: FIDConfig, source: ImageSource, tmp_path, network=None) -> InTrainingFID:
+    grid = type("Grid", (), {"load": source.load, "images": source.images_for})()
+    hook = InTrainingFID(cfg, grid, 32, str(tmp_path / "runs"), rank=0, world_size=1, device=torch.device("cpu"))
+    hook._net = network
+    return hook
+
+
+def test_generating_the_reference_gives_fid_zero_and_noise_does_not(reference, tmp_path, network) -> None:
+    folder, images = reference
+    cfg = FIDConfig(every_samples=1, num_samples=8, reference=str(folder), reference_images=0, batch_size=5)
+    same = ImageSource(images)
+    hook = _hook(cfg, same, tmp_path, network)
+    out = hook.measure({})
+    assert set(out) == {"fid8", "fid_seconds"}
+    assert abs(out["fid8"]) < 1e-3, out
+    # the prompts are the reference captions in order, sample i -> caption i
+    assert same.prompts == [f"caption {i}" for i in range(8)]
+
+    noise = ImageSource([np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(8)])
+    far = _hook(cfg, noise, tmp_path, network).measure({})["fid8"]
+    assert far > 100, far
+
+
+def test_reference_statistics_are_cached_by_content(reference, tmp_path, capsys, network) -> None:
+    folder, images = reference
+    cfg = FIDConfig(every_samples=1, num_samples=4, reference=str(folder), reference_images=8, batch_size=8)
+    first = _hook(cfg, ImageSource(images), tmp_path, network)
+    first.prepare()
+    assert first.reference.count == 8 and len(first.captions) == 8
+    cached = list((tmp_path / "runs" / "_fid_reference").glob("*.npz"))
+    assert len(cached) == 1
+
+    again = _hook(cfg, ImageSource(images), tmp_path, network)
+    again.prepare()
+    assert "reusing reference statistics" in capsys.readouterr().out
+    assert torch.equal(again.reference.sum, first.reference.sum)
+
+    # another folder with the same basename and other images: another cache entry, other statistics
+    other_folder = tmp_path / "elsewhere" / "heldout"
+    other_folder.parent.mkdir()
+    _photos(other_folder, 8, seed=1)
+    other = _hook(FIDConfig(every_samples=1, num_samples=4, reference=str(other_folder), reference_images=8),
+                  ImageSource(images), tmp_path, network)
+    other.prepare()
+    assert len(list((tmp_path / "runs" / "_fid_reference").glob("*.npz"))) == 2
+    assert not torch.equal(other.reference.sum, first.reference.sum)
+
+
+def test_missing_reference_is_a_clear_error(tmp_path) -> None:
+    with pytest.raises(ValueError, match="train.fid.reference"):
+        _hook(FIDConfig(every_samples=1), ImageSource([]), tmp_path)
