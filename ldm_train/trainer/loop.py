@@ -306,7 +306,7 @@ class Trainer:
             self.save()  # at exit: preemption, max_steps, the end, or the last good state before an abort
         if self.preemption.received is not None and self.rank == 0:
             requeue_slurm_job()
-        if self.step >= d.total_steps and not exit_code and self.rank == 0:
+        if self.step >= d.total_steps and self.samples_seen > samples_start and not exit_code and self.rank == 0:
             self._write_summary(time.perf_counter() - t_start, self.samples_seen - samples_start)
         return exit_code
 

@@ -119,3 +119,30 @@ def test_vq_quantize_and_decode():
     (xrec.mean() + qloss).backward()
     assert model.encoder.conv_in.weight.grad.abs().sum() > 0
 
+
+
+def test_pixel_first_stage_is_the_identity_and_needs_no_file():
+    """LDM-1: ``first_stage=pixel`` builds, loads without a checkpoint, and encodes/decodes images unchanged."""
+    from ldm_train.checkpoints.first_stage import is_loadable, load_first_stage
+
+    cfg = preset("pixel")
+    assert (cfg.kind, cfg.downsample_factor, cfg.embed_dim, cfg.checkpoint) == ("pixel", 1, 3, None)
+    assert is_loadable(cfg) and not is_loadable(preset("tiny_kl_f4"))
+    model = load_first_stage(cfg)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert torch.equal(model.decode(model.encode_moments(x)), x)
+    assert not list(model.parameters())
+    with pytest.raises(ValueError, match="kind=pixel needs downsample_factor=1"):
+        build_first_stage(FirstStageConfig(name="px", kind="pixel", downsample_factor=2, embed_dim=3,
+                                           ddconfig=DDConfig(ch_mult=[1, 2], in_channels=3)))
+
+
+@pytest.mark.parametrize("name,f,z", [("fmnist_kl_f2", 2, 2), ("fmnist_kl_f4", 4, 3), ("fmnist_kl_f8", 8, 4),
+                                      ("fmnist_kl_f16", 16, 8)])
+def test_fmnist_family_latent_shapes(name, f, z):
+    """The f-sweep's first stages on 32 px Fashion-MNIST: f = 2..16, z channels growing with f."""
+    model = build_first_stage(preset(name)).eval()
+    with torch.no_grad():
+        moments = model.encode_moments(torch.zeros(1, 3, 32, 32))
+        assert moments.shape == (1, 2 * z, 32 // f, 32 // f)
+        assert model.decode(moments[:, :z]).shape == (1, 3, 32, 32)

@@ -1,0 +1,148 @@
+"""The paper's f-sweep (Sec. 4.1, Fig. 6) end to end at CPU scale: ``python -m eval.fsweep [--out fsweep_out]``.
+
+Each stage is its own command line (logs in ``<out>/logs/``), as on a cluster:
+
+  1. ``eval.first_stage_family``  Fashion-MNIST at 32 px (train + t10k tars) and the KL first stages f = 2, 4, 8, 16,
+                                  each with its reconstruction PSNR / rFID (the pixel point, f=1, needs none)
+  2. ``data_prep.encode``         latent shards of the training images with every first stage (``first_stage=pixel``
+                                  stores the pixels)
+  3. ``ldm_train.train -m``       ONE Hydra multirun over ``first_stage=pixel,fmnist_kl_f2,...`` with
+                                  ``experiment=fsweep_fmnist``: the same UNet, text encoder, recipe and sample budget for
+                                  every point, in-training FID of K samples against the t10k images every
+                                  ``--fid-every`` samples; all points in one W&B group, listed in ``<out>/sweep``
+  4. ``eval.sweep_report``        the table and the FID-vs-samples plot (``<out>/sweep/report/``)
+
+A re-run with the same ``--out`` skips finished first stages and latents and resumes every point from its last
+checkpoint (the run dirs are named after the first stage).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from eval.quickstart import StageError, run_stage
+
+PY = sys.executable
+POINTS = ("pixel", "fmnist_kl_f2", "fmnist_kl_f4", "fmnist_kl_f8", "fmnist_kl_f16")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="fsweep_out", help="output directory (deleted first with --fresh)")
+    p.add_argument("--fresh", action="store_true", help="delete --out before starting")
+    p.add_argument("--points", default=",".join(POINTS), help="first stages of the sweep (pixel = LDM-1)")
+    p.add_argument("--train-images", type=int, default=10000, help="Fashion-MNIST training images (first stages and LDMs)")
+    p.add_argument("--heldout-images", type=int, default=1000, help="t10k images: the in-training FID's reference")
+    p.add_argument("--ae-steps", type=int, default=None, help="first-stage steps (default: the family command's)")
+    p.add_argument("--ae-eval-images", type=int, default=256, help="t10k images for first-stage PSNR / SSIM / rFID")
+    p.add_argument("--samples", type=int, default=None, help="LDM training length in samples seen, every point "
+                   "(default: the experiment preset's train.total_samples)")
+    p.add_argument("--fid-every", type=int, default=None, help="in-training FID interval in samples (default: preset)")
+    p.add_argument("--fid-samples", type=int, default=None, help="K, generated images per FID (default: preset)")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads of the training process")
+    p.add_argument("--extra", nargs="*", default=[], help="more overrides for every point (key=value)")
+    return p.parse_args(argv)
+
+
+def _family(a: argparse.Namespace, out: Path, logs: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Train (or reuse) the first stages; returns {name: family row} and the data specs."""
+    presets = [p for p in a.points.split(",") if p != "pixel"]
+    cmd = [PY, "-m", "eval.first_stage_family", "--out", str(out / "first_stages"),
+           "--train-images", str(a.train_images)]
+    if presets:
+        cmd += ["--presets", ",".join(presets)]
+    if a.ae_steps is not None:
+        cmd += ["--steps", str(a.ae_steps)]
+    cmd += ["--eval-images", str(a.ae_eval_images)]
+    run_stage("first_stages", cmd, logs, env)
+    return {r["name"]: r for r in json.loads((out / "first_stages" / "family.json").read_text())}
+
+
+def _heldout(out: Path, images: int) -> str:
+    """The in-training FID's reference: the first ``images`` t10k images at 32 px (written once)."""
+    from data_prep.fashion_mnist import write_fashion_mnist
+
+    folder = out / "heldout"
+    marker = folder / "_done.json"
+    if not (marker.is_file() and json.loads(marker.read_text()).get("images") == images):
+        if folder.exists():
+            shutil.rmtree(folder)
+        write_fashion_mnist(str(folder), "t10k", images, 32, shard_size=5000)
+        marker.write_text(json.dumps({"images": images}) + "\n")
+    return _tar_spec(folder)
+
+
+def _tar_spec(folder: Path) -> str:
+    tars = sorted(folder.glob("*.tar"))
+    if not tars:
+        raise StageError(f"no .tar shards in {folder}: the first_stages stage writes them; re-run with --fresh")
+    first, last = tars[0].stem, tars[-1].stem
+    return str(folder / (f"{{{first}..{last}}}.tar" if first != last else f"{first}.tar"))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    a = parse_args(argv)
+    out = Path(a.out).resolve()
+    if a.fresh and out.exists():
+        shutil.rmtree(out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    t_start = time.time()
+    env = {"WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(a.threads),
+           "DS_ACCELERATOR": "cpu", "HYDRA_FULL_ERROR": "1"}
+    times: dict[str, float] = {}
+    points = a.points.split(",")
+
+    t0 = time.time()
+    family = _family(a, out, logs, env)
+    times["first_stages"] = time.time() - t0
+    train_spec = _tar_spec(out / "first_stages" / "raw" / "train")
+    heldout_spec = _heldout(out, a.heldout_images)
+
+    for name in points:
+        if (out / "latents" / name / "manifest.json").is_file():
+            print(f"==> [encode_{name}] done before, reusing {out / 'latents' / name}", flush=True)
+            continue
+        cmd = [PY, "-m", "data_prep.encode", f"input='{train_spec}'", f"output={out / 'latents'}",
+               f"first_stage={name}", "resolution=32", "progress=false"]
+        if name != "pixel":
+            cmd.append(f"first_stage.checkpoint={family[name]['checkpoint']}")
+        times[f"encode_{name}"] = run_stage(f"encode_{name}", cmd, logs, env)
+
+    sweep_dir = out / "sweep"
+    cmd = [PY, "-m", "ldm_train.train", "-m", "experiment=fsweep_fmnist", f"first_stage={','.join(points)}",
+           f"data.latents_root={out / 'latents'}", f"runs_root={out / 'runs'}", f"hydra.sweep.dir={sweep_dir}",
+           "run_name=${first_stage.name}", f"train.fid.reference='{heldout_spec}'",
+           f"train.fid.reference_images={a.heldout_images}", "logger.mode=offline"]
+    for flag, key in ((a.samples, "train.total_samples"), (a.fid_every, "train.fid.every_samples"),
+                      (a.fid_samples, "train.fid.num_samples")):
+        if flag is not None:
+            cmd.append(f"{key}={flag}")
+    if a.fid_every is not None:  # checkpoints and grids at the FID interval too
+        cmd += [f"train.checkpoint.every_samples={a.fid_every}", f"train.sampling.every_samples={a.fid_every}"]
+    cmd += list(a.extra)
+    times["sweep"] = run_stage("sweep", cmd, logs, env)
+    times["report"] = run_stage("report", [PY, "-m", "eval.sweep_report", str(sweep_dir)], logs, env)
+
+    report = json.loads((sweep_dir / "report" / "report.json").read_text())
+    summary = {"command": "python -m eval.fsweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+               "points": points, "first_stages": family, "report": str(sweep_dir / "report"),
+               "report_rows": report.get("rows"), "stage_wall_s": {k: round(v, 1) for k, v in times.items()},
+               "wall_s": round(time.time() - t_start, 1)}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print((sweep_dir / "report" / "sweep_report.md").read_text(), flush=True)
+    print(f"wall {summary['wall_s']:.0f} s; summary {out / 'summary.json'}", flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except StageError as err:
+        print(f"[fsweep] {err}", file=sys.stderr)
+        sys.exit(1)

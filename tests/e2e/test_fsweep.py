@@ -1,0 +1,54 @@
+"""The f-sweep end to end at a minimal size: a two-point Hydra multirun (pixel = LDM-1, and an f=4 first stage)
+with the local launcher, in-training FID with the real FID Inception, one W&B group, the sweep report."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2400)
+@pytest.mark.skipif(not FMNIST.is_file(), reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
+def test_two_point_sweep_to_the_report(tmp_path: Path) -> None:
+    out = tmp_path / "fs"
+    cmd = [sys.executable, "-m", "eval.fsweep", "--out", str(out), "--points", "pixel,fmnist_kl_f4",
+           "--train-images", "1000", "--heldout-images", "128", "--ae-steps", "150", "--ae-eval-images", "32",
+           "--samples", "2400", "--fid-every", "800", "--fid-samples", "48"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2300,
+                          env={**os.environ, "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+
+    # both points ran to the end, in one W&B group, listed in the sweep folder
+    points = [json.loads(p.read_text()) for p in sorted((out / "sweep").glob("*/point.json"))]
+    assert [p["first_stage"] for p in points] == ["pixel", "fmnist_kl_f4"]
+    assert [p["latent_shape"] for p in points] == [[3, 32, 32], [3, 8, 8]]
+    assert len({p["wandb_group"] for p in points}) == 1
+    for p in points:
+        run = Path(p["run_dir"])
+        assert (run / "train_summary.json").is_file()
+        wandb_runs = list((run / "wandb").glob("offline-run-*"))
+        assert wandb_runs, f"no offline W&B run in {run}"
+        # the in-training FID falls as the model trains (first vs last of 3 measurements)
+        fids = [json.loads(line)["fid48"] for line in (run / "stats.jsonl").read_text().splitlines() if '"fid48"' in line]
+        assert len(fids) == 3, fids
+        assert fids[-1] < fids[0] - 10, (p["first_stage"], fids)
+
+    # the report: a finite final FID per point, the first-stage metrics of the f=4 point, the plot
+    report = json.loads((out / "sweep" / "report" / "report.json").read_text())
+    rows = {r["first_stage"]: r for r in report["rows"]}
+    assert set(rows) == {"pixel", "fmnist_kl_f4"}
+    for r in rows.values():
+        assert isinstance(r["final_fid"], float) and math.isfinite(r["final_fid"]), r
+    assert rows["pixel"]["first_stage_metrics"] == "identity"
+    assert math.isfinite(rows["fmnist_kl_f4"]["psnr"]) and math.isfinite(rows["fmnist_kl_f4"]["rfid"])
+    assert (out / "sweep" / "report" / "fid_vs_samples.png").stat().st_size > 10_000
+    assert "fmnist_kl_f4" in (out / "sweep" / "report" / "sweep_report.md").read_text()
