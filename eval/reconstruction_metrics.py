@@ -98,6 +98,14 @@ def reconstruction_metrics(first_stage: torch.nn.Module, batches: Any, output_di
         n += images.shape[0]
     if n == 0:
         raise ValueError("no held-out images were read: check images=PATH")
+    # PNGs of an earlier run into the same output_dir with more images would enter the rFID: drop them
+    keep = {os.path.basename(sample_path(orig_dir, i)) for i in range(n)}
+    for folder in (orig_dir, rec_dir):
+        stale = [f for f in os.listdir(folder) if f.endswith(".png") and f not in keep]
+        for f in stale:
+            os.remove(os.path.join(folder, f))
+        if stale:
+            print(f"[eval.reconstruction] removed {len(stale)} PNGs of an earlier run from {folder}", flush=True)
     finite = n - n_inf
     return {
         "num_images": n,

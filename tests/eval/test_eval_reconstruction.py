@@ -67,3 +67,22 @@ def test_missing_lpips_backbone_is_refused_with_the_remedy(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="vgg16-397923af.pth"):
         run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_smaller_rerun_into_the_same_folder_leaves_only_its_own_pngs(tmp_path) -> None:
+    """rFID reads the PNG folders: PNGs of an earlier, larger run must not stay in them (the identity first stage
+    ``pixel`` keeps the test about the files)."""
+    from eval.reconstruction_metrics import reconstruction_metrics
+    from ldm_train.app import compose
+    from ldm_train.checkpoints.first_stage import load_first_stage
+    from ldm_train.first_stage.config import AutoencoderAppConfig
+
+    first_stage = load_first_stage(compose("train_autoencoder", AutoencoderAppConfig,
+                                           ["first_stage=pixel", "data.input=unused"]).first_stage)
+    images = torch.rand(6, 3, 16, 16) * 2 - 1
+    out = reconstruction_metrics(first_stage, [images[:3], images[3:]], str(tmp_path), None)
+    assert out["num_images"] == 6 and math.isinf(out["psnr"])
+    out = reconstruction_metrics(first_stage, [images[:3], images[3:]], str(tmp_path), None, limit=2)
+    assert out["num_images"] == 2
+    for folder in ("originals", "reconstructions"):
+        assert len(list((tmp_path / folder).glob("*.png"))) == 2
