@@ -171,6 +171,10 @@ def evaluate_preset(name: str, export: Path, out: Path, eval_tars: str, eval_ima
     if done is not None and done.get("num_images") == eval_images and contract.stat().st_mtime >= export.stat().st_mtime:
         return done
     eval_dir = out / "eval" / name
+    if eval_dir.exists():
+        # eval.reconstruction adds its PNGs to what the folder holds (rFID would read a larger earlier run's
+        # leftovers) and caches the originals' statistics under a name that ignores which images they were
+        shutil.rmtree(eval_dir)
     run_stage(f"reconstruction_{name}", [
         PY, "-m", "eval.reconstruction", f"first_stage={name}", f"first_stage.checkpoint={export}",
         f"images={eval_tars}", f"num_images={eval_images}", "lpips.enabled=false", f"output_dir={eval_dir}",

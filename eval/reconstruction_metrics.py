@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 from typing import Any
 
 import torch
@@ -149,7 +150,10 @@ def run(cfg: ReconstructionConfig) -> dict[str, Any]:
                                  cfg.num_images)
     if fid_cfg.fid:
         if fid_cfg.cache_dir is None:
+            # the originals are rewritten by every run: statistics cached by an earlier run (maybe of other or
+            # more images, under a name that does not say which) must not be reused
             fid_cfg.cache_dir = os.path.join(cfg.output_dir, "fidelity_cache")
+            shutil.rmtree(fid_cfg.cache_dir, ignore_errors=True)
         fid = compute_fidelity(fid_cfg, out["reconstructions"], out["originals"], None)
         out["rfid"] = fid["fid"]
         out["feature_extractor"] = fid["feature_extractor"]
