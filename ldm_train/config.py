@@ -29,6 +29,9 @@ class DDConfig:
     # GroupNorm groups (not in CompVis' yaml: they always use 32). Tiny presets use fewer: with ch=32, 32 groups
     # normalise each channel alone and wipe out per-image colour, which slows early training a lot.
     norm_groups: int = 32
+    # "vanilla": self-attention in the mid block (and at attn_resolutions); "none": no attention anywhere (an
+    # identity, as CompVis vq-f4-noattn: no mid.attn_1 weights)
+    attn_type: str = "vanilla"
 
 
 @dataclass
@@ -82,6 +85,8 @@ class UNetConfig:
     dropout: float = 0.0
     use_checkpoint: bool = False  # activation (gradient) checkpointing
     use_linear_in_transformer: bool = False  # paper: 1x1-conv proj_in/proj_out
+    use_scale_shift_norm: bool = False  # timestep embedding as scale and shift of the second GroupNorm (LSUN-Churches)
+    resblock_updown: bool = False  # resample with ResBlocks (up/down) instead of a conv (Up/Downsample)
 
 
 @dataclass

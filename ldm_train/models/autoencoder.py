@@ -107,11 +107,23 @@ class _Level(nn.Module):
         return h
 
 
+ATTN_TYPES = ("vanilla", "none")
+
+
+def _attn(channels: int, groups: int, attn_type: str) -> nn.Module:
+    """The CompVis ``make_attn``: "vanilla" self-attention, or "none" (an identity without weights)."""
+    if attn_type == "vanilla":
+        return AttnBlock(channels, groups)
+    if attn_type == "none":
+        return nn.Identity()
+    raise ValueError(f"ddconfig.attn_type={attn_type!r}: use one of {ATTN_TYPES}")
+
+
 class _Mid(nn.Module):
-    def __init__(self, channels: int, dropout: float, groups: int) -> None:
+    def __init__(self, channels: int, dropout: float, groups: int, attn_type: str = "vanilla") -> None:
         super().__init__()
         self.block_1 = ResnetBlock(channels, channels, dropout, groups)
-        self.attn_1 = AttnBlock(channels, groups)
+        self.attn_1 = _attn(channels, groups, attn_type)
         self.block_2 = ResnetBlock(channels, channels, dropout, groups)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
@@ -123,7 +135,7 @@ class Encoder(nn.Module):
 
     def __init__(self, *, ch: int, ch_mult: list[int], num_res_blocks: int, attn_resolutions: list[int],
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 dropout: float = 0.0, norm_groups: int = 32, **_: Any) -> None:
+                 dropout: float = 0.0, norm_groups: int = 32, attn_type: str = "vanilla", **_: Any) -> None:
         super().__init__()
         g = norm_groups
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
@@ -135,12 +147,12 @@ class Encoder(nn.Module):
                 level.block.append(ResnetBlock(block_in, block_out, dropout, g))
                 block_in = block_out
                 if res in attn_resolutions:  # attn_resolutions are feature-map sides at ddconfig.resolution
-                    level.attn.append(AttnBlock(block_in, g))
+                    level.attn.append(_attn(block_in, g, attn_type))
             if i != len(ch_mult) - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
             self.down.append(level)
-        self.mid = _Mid(block_in, dropout, g)
+        self.mid = _Mid(block_in, dropout, g, attn_type)
         self.norm_out = _norm(block_in, g)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
 
@@ -159,13 +171,13 @@ class Decoder(nn.Module):
 
     def __init__(self, *, ch: int, out_ch: int, ch_mult: list[int], num_res_blocks: int,
                  attn_resolutions: list[int], resolution: int, z_channels: int, dropout: float = 0.0,
-                 norm_groups: int = 32, **_: Any) -> None:
+                 norm_groups: int = 32, attn_type: str = "vanilla", **_: Any) -> None:
         super().__init__()
         g = norm_groups
         block_in = ch * ch_mult[-1]
         res = resolution // 2 ** (len(ch_mult) - 1)
         self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, dropout, g)
+        self.mid = _Mid(block_in, dropout, g, attn_type)
         levels: list[_Level] = []
         for i in reversed(range(len(ch_mult))):
             level, block_out = _Level(), ch * ch_mult[i]
@@ -173,7 +185,7 @@ class Decoder(nn.Module):
                 level.block.append(ResnetBlock(block_in, block_out, dropout, g))
                 block_in = block_out
                 if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in, g))
+                    level.attn.append(_attn(block_in, g, attn_type))
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
@@ -221,6 +233,8 @@ def _check(cfg: FirstStageConfig) -> None:
         raise ValueError(f"first_stage {cfg.name}: kind=kl needs ddconfig.double_z=true (mean and logvar)")
     if cfg.kind == "vq" and dd.double_z:
         raise ValueError(f"first_stage {cfg.name}: kind=vq needs ddconfig.double_z=false")
+    if dd.attn_type not in ATTN_TYPES:
+        raise ValueError(f"first_stage {cfg.name}: ddconfig.attn_type={dd.attn_type!r}; use one of {ATTN_TYPES}")
 
 
 class AutoencoderKL(nn.Module):

@@ -33,7 +33,13 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, timestep embedding added in between; 1x1 skip when the width changes."""
+    """GroupNorm-SiLU-conv twice, timestep embedding in between; 1x1 skip when the width changes.
+
+    ``use_scale_shift_norm``: the embedding gives a scale and a shift applied after the second GroupNorm
+    (``norm(h) * (1 + scale) + shift``) instead of being added before it, so ``emb_layers`` is twice as wide.
+    ``up`` / ``down``: the block also resamples (``resblock_updown`` of the released configs): nearest x2 or
+    2x2 average pooling of both the input and the hidden state, between the first SiLU and the first conv.
+    """
 
     def __init__(
         self,
@@ -42,13 +48,22 @@ class ResBlock(nn.Module):
         dropout: float,
         out_channels: int | None = None,
         use_checkpoint: bool = False,
+        use_scale_shift_norm: bool = False,
+        up: bool = False,
+        down: bool = False,
     ) -> None:
         super().__init__()
+        if up and down:
+            raise ValueError("ResBlock: up and down are exclusive")
         out_channels = out_channels or channels
         self.in_layers = nn.Sequential(
             nn.GroupNorm(32, channels), nn.SiLU(), nn.Conv2d(channels, out_channels, 3, padding=1)
         )
-        self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, out_channels))
+        self.resample = "up" if up else "down" if down else None
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.emb_layers = nn.Sequential(
+            nn.SiLU(), nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels)
+        )
         self.out_layers = nn.Sequential(
             nn.GroupNorm(32, out_channels),
             nn.SiLU(),
@@ -63,10 +78,26 @@ class ResBlock(nn.Module):
         )
         self.use_checkpoint = use_checkpoint
 
+    def _resampled(self, t: torch.Tensor) -> torch.Tensor:
+        if self.resample == "up":
+            return F.interpolate(t, scale_factor=2.0, mode="nearest")
+        return F.avg_pool2d(t, kernel_size=2, stride=2)
+
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.in_layers(x)
-        h = h + self.emb_layers(emb)[:, :, None, None]
-        return self.skip_connection(x) + self.out_layers(h)
+        if self.resample is None:
+            h = self.in_layers(x)
+        else:
+            h = self.in_layers[2](self._resampled(self.in_layers[1](self.in_layers[0](x))))
+            x = self._resampled(x)
+        e = self.emb_layers(emb).to(h.dtype)[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.out_layers[0](h) * (1 + scale) + shift
+            for layer in self.out_layers[1:]:
+                h = layer(h)
+        else:
+            h = self.out_layers(h + e)
+        return self.skip_connection(x) + h
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
@@ -147,8 +178,10 @@ class UNetModel(nn.Module):
                 cfg.use_linear_in_transformer, cfg.use_checkpoint,
             )
 
-        def res(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, time_dim, cfg.dropout, ch_out, cfg.use_checkpoint)
+        def res(ch_in: int, ch_out: int, up: bool = False, down: bool = False) -> ResBlock:
+            return ResBlock(
+                ch_in, time_dim, cfg.dropout, ch_out, cfg.use_checkpoint, cfg.use_scale_shift_norm, up, down
+            )
 
         self.input_blocks = nn.ModuleList(
             [TimestepEmbedSequential(nn.Conv2d(cfg.in_channels, mc, 3, padding=1))]
@@ -163,7 +196,8 @@ class UNetModel(nn.Module):
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(cfg.channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
+                down = res(ch, ch, down=True) if cfg.resblock_updown else Downsample(ch)
+                self.input_blocks.append(TimestepEmbedSequential(down))
                 skip_chans.append(ch)
                 ds *= 2
 
@@ -177,7 +211,7 @@ class UNetModel(nn.Module):
                 if ds in cfg.attention_resolutions:
                     layers.append(attention(ch))
                 if level and i == cfg.num_res_blocks:
-                    layers.append(Upsample(ch))
+                    layers.append(res(ch, ch, up=True) if cfg.resblock_updown else Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
