@@ -41,7 +41,7 @@ def sample_latents(model: LatentDiffusion, tokenizer: Any, prompts: list[str], s
     model_fn = cfg_model_fn(model.unet, {"context": cond}, {"context": uncond}, float(settings.guidance_scale))
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     shape = (len(prompts), *latent_shape)
-    schedule = model.schedule.to(device)
+    schedule = model.schedule_on(torch.device(device))
     common = dict(parameterization=model.parameterization, generator=generators, device=device)
     if settings.sampler == "ddim":
         return ddim_sample(model_fn, schedule, shape, num_steps=settings.steps, eta=settings.eta, **common)

@@ -40,8 +40,16 @@ class LatentDiffusion(nn.Module):
         self.cond_stage_model = text_encoder
         # a plain attribute, not buffers: the schedule is config, not state, and stays out of the export
         self.schedule = schedule
+        self._schedule_on: dict[torch.device, DiffusionSchedule] = {schedule.device: schedule}
         self.parameterization = parameterization
         self.min_snr_gamma = min_snr_gamma
+
+    def schedule_on(self, device: torch.device) -> DiffusionSchedule:
+        """The schedule's tables on ``device``, copied there once: no host-device copy per step."""
+        moved = self._schedule_on.get(device)
+        if moved is None:
+            moved = self._schedule_on[device] = self.schedule.to(device)
+        return moved
 
     @property
     def unet(self) -> nn.Module:
@@ -56,7 +64,7 @@ class LatentDiffusion(nn.Module):
 
     def forward(self, z0: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         context = self.encode_text(tokens)
-        schedule = self.schedule.to(z0.device) if self.schedule.device != z0.device else self.schedule
+        schedule = self.schedule_on(z0.device)
         return diffusion_loss(
             lambda x_t, tt: self.model(x_t, tt, context=context),
             z0,
