@@ -17,7 +17,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = Path(os.environ.get("LDM_TRAIN_CONF", Path(__file__).resolve().parent.parent / "conf"))
+# the configs ship inside the package (ldm_train/conf; the repo's conf/ is a link to it), so installed commands
+# find them from any directory; LDM_TRAIN_CONF points at another tree of the same layout
+CONF_DIR = Path(os.environ.get("LDM_TRAIN_CONF", Path(__file__).resolve().parent / "conf"))
 HYDRA_VERSION_BASE = "1.3"
 
 
@@ -57,7 +59,7 @@ def compose(config_name: str, schema: type, overrides: list[str] | None = None) 
 
     register_schema(config_name, schema)
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
-        raise FileNotFoundError(f"no {config_name}.yaml in {CONF_DIR}: set LDM_TRAIN_CONF to the repo's conf/ directory")
+        raise FileNotFoundError(f"no {config_name}.yaml in {CONF_DIR}: set LDM_TRAIN_CONF to a conf/ directory of this layout or unset it to use the packaged ldm_train/conf")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=HYDRA_VERSION_BASE):
         return to_config(hydra_compose(config_name=config_name, overrides=overrides or []), schema)
 

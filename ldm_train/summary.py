@@ -20,7 +20,9 @@ from ldm_train.config import register_configs
 from ldm_train.flops import summarize
 from ldm_train.trainer.config import register_trainer_configs
 
-CONF_DIR = Path(os.environ.get("LDM_TRAIN_CONF", Path(__file__).resolve().parent.parent / "conf"))
+# the configs ship inside the package (ldm_train/conf; the repo's conf/ is a link to it), so installed commands
+# find them from any directory; LDM_TRAIN_CONF points at another tree of the same layout
+CONF_DIR = Path(os.environ.get("LDM_TRAIN_CONF", Path(__file__).resolve().parent / "conf"))
 
 
 def compose_config(overrides: list[str], config_name: str = "train") -> DictConfig:
@@ -30,7 +32,7 @@ def compose_config(overrides: list[str], config_name: str = "train") -> DictConf
     register_configs()
     register_trainer_configs()
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
-        raise FileNotFoundError(f"no {config_name}.yaml in {CONF_DIR}: set LDM_TRAIN_CONF to the repo's conf/ directory")
+        raise FileNotFoundError(f"no {config_name}.yaml in {CONF_DIR}: set LDM_TRAIN_CONF to a conf/ directory of this layout or unset it to use the packaged ldm_train/conf")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides)
 
