@@ -20,6 +20,12 @@ class FilterConfig:
     min_size: int | None = None  # shorter side below this is dropped; None: below ``resolution`` (never upscale)
     max_aspect: float | None = None  # long/short side above this is dropped; None: keep all
     require_caption: bool = True
+    # more pixels than this (read from the image header, before decoding) is dropped as too_large; None: no limit
+    # of ours (PIL still refuses above 2 * PIL.Image.MAX_IMAGE_PIXELS)
+    max_pixels: int | None = 64_000_000
+    # a caption that is not UTF-8: None drops the sample (caption_not_utf8); a codec name (e.g. cp1252) decodes it
+    # with that codec instead (counted as caption_fallback)
+    caption_fallback: str | None = None
 
 
 @dataclass
@@ -44,5 +50,6 @@ class EncodeConfig:
     task_index: int | None = None  # None (both): from SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE, else 0/1
     num_tasks: int | None = None
     overwrite: bool = False
+    verify: bool = False  # re-hash every finished shard of this task (sha256) and re-encode the damaged ones
     finalize: bool | str = "auto"  # "auto" | True | False
     progress: bool = True

@@ -5,8 +5,14 @@ Input shard j (see ``ldm_train.data.readers.list_input_shards``) becomes
 torchrun ranks or one process), so tasks never collide. DataLoader workers decode, filter, resize and batch
 whole input shards; this process only runs the first stage and writes (``data_prep.encoding``). A shard is
 written under a temporary name and published when complete; its stats part (``_stats/part-{j:06d}.json``) is
-written after it, and a re-run skips exactly the shards with a part. When every input shard is done the
-manifest is merged (here by the last task, or ``data_prep.finalize``).
+written after it and records the shard's size, sha256 and sample count. A re-run skips the shards with a part
+whose shard is present with the recorded size (``verify=true`` also re-hashes them) and re-encodes the others.
+When every input shard is done the manifest is merged (here by the last task, or ``data_prep.finalize``).
+
+Failing loudly: a run whose shards hold no sample at all (every image skipped) exits 1 with the counts by
+reason and the fix, and no manifest of 0 samples is written. Two processes running the same task at once
+both finish: temporaries are per process and only those of dead writers are cleaned, and the shards are
+byte-reproducible.
 """
 from __future__ import annotations
 
@@ -37,10 +43,14 @@ class EncodeResult:
     num_tasks: int
     done: list[int] = field(default_factory=list)  # shards encoded by this run
     already_done: list[int] = field(default_factory=list)  # skipped: complete from an earlier run
+    already_done_samples: int = 0
     failed: dict[int, str] = field(default_factory=dict)  # shards with no output (retried on re-run)
     input_errors: dict[int, str] = field(default_factory=dict)  # damaged inputs, salvaged and written
+    damaged: dict[int, str] = field(default_factory=dict)  # finished output shards found damaged: re-encoded
     num_samples: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
+    converted: dict[str, int] = field(default_factory=dict)  # kept samples that needed a conversion, by kind
+    error: str | None = None  # the run as a whole failed (no sample written, or nothing to merge)
     wall_s: float = 0.0
     wait_s: float = 0.0  # time the encoder waited for the next batch from the workers
     encode_s: float = 0.0
@@ -48,7 +58,7 @@ class EncodeResult:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.input_errors
+        return not self.failed and not self.input_errors and self.error is None
 
 
 def resolve_tasks(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
@@ -95,6 +105,10 @@ def _job_description(cfg: EncodeConfig, shards: list[InputShard], sha: str | Non
     }
 
 
+def _has_finished_shards(output: str) -> bool:
+    return any(n.startswith("part-") for n in fsspec_io.ls(fsspec_io.join(output, mf.STATS_DIR)))
+
+
 def _check_same_job(output: str, job: dict, overwrite: bool) -> None:
     url = mf.job_url(output)
     if overwrite or not fsspec_io.exists(url):
@@ -102,6 +116,10 @@ def _check_same_job(output: str, job: dict, overwrite: bool) -> None:
     old = mf.read_json(url)
     for key in ("first_stage", "resolution", "latent_shape", "input"):
         if old.get(key) != job.get(key):
+            if not _has_finished_shards(output):  # e.g. a run that failed to load its first stage
+                print(f"[encode] {url} describes another encode job ({key}: {old.get(key)} != {job.get(key)}) "
+                      f"that finished no shard: replacing it", flush=True)
+                return
             raise SystemExit(
                 f"{output} already holds shards of another encode job ({key}: {old.get(key)} != {job.get(key)}): "
                 f"pick another output, or overwrite=true to redo every shard"
@@ -127,28 +145,110 @@ def run_encode(cfg: EncodeConfig) -> EncodeResult:
     _check_same_job(output, job, cfg.overwrite)
     mf.write_json(mf.job_url(output), job)
 
-    done_parts = set(fsspec_io.ls(fsspec_io.join(output, mf.STATS_DIR)))
     mine = [s for s in shards if s.index % ntasks == task]
-    todo = [s for s in mine if cfg.overwrite or f"part-{s.index:06d}.json" not in done_parts]
-    todo_ids = {s.index for s in todo}
-    res.already_done = [s.index for s in mine if s.index not in todo_ids]
+    todo = mine if cfg.overwrite else _unfinished(output, mine, cfg.verify, res)
+    damaged = f" ({len(res.damaged)} of them damaged)" if res.damaged else ""
     print(f"[encode] task {task}/{ntasks}: {len(mine)} of {len(shards)} input shards, {len(res.already_done)} "
-          f"already done, {len(todo)} to encode -> {output}", flush=True)
+          f"already done, {len(todo)} to encode{damaged} -> {output}", flush=True)
     if todo:
         _encode_shards(cfg, output, todo, res, weights)
+        if res.done and res.num_samples == 0 and res.already_done_samples == 0:
+            res.error = _no_samples_message(res, todo)
+            print(f"[encode] ERROR: {res.error}", file=sys.stderr, flush=True)
     res.wall_s = time.perf_counter() - t_start
     _maybe_finalize(cfg.finalize, output, res)
     return res
 
 
+def check_finished_shard(output: str, part: dict[str, Any], sizes: dict[str, int], verify: bool) -> str | None:
+    """What is wrong with the finished shard of stats part ``part``, or None: the shard must be present with
+    the size its part recorded; ``verify`` also compares its sha256 (parts of older encodes, without one: the
+    samples that can be read against the recorded count). ``sizes`` is ``fsspec_io.sizes(output)``."""
+    from ldm_train.data.shard_reader import ShardFormatError, iter_samples
+
+    name = mf.shard_name(int(part["index"]))
+    url = fsspec_io.join(output, name)
+    if name not in sizes:
+        return f"{url} is missing"
+    recorded = part.get("size")
+    if recorded is not None and sizes[name] != int(recorded):
+        return f"{url} has {sizes[name]} bytes, its stats part recorded {recorded} (truncated or overwritten)"
+    if not verify:
+        return None
+    if part.get("sha256"):
+        sha = fsspec_io.sha256(url)
+        return None if sha == part["sha256"] else f"{url} has sha256 {sha[:16]}..., its stats part recorded {part['sha256'][:16]}..."
+    try:
+        n = sum(1 for _ in iter_samples(url))
+    except ShardFormatError as e:
+        return str(e)
+    want = int(part["num_samples"])
+    return None if n == want else f"{url} holds {n} readable samples, its stats part recorded {want}"
+
+
+def _unfinished(output: str, mine: list[InputShard], verify: bool, res: EncodeResult) -> list[InputShard]:
+    """The shards of ``mine`` to encode: those without a stats part, and finished ones found damaged (their part
+    is removed first, so a run that dies before re-encoding them leaves them to the next run)."""
+    parts = set(fsspec_io.ls(fsspec_io.join(output, mf.STATS_DIR)))
+    finished = [s for s in mine if f"part-{s.index:06d}.json" in parts]
+    sizes = fsspec_io.sizes(output) if finished else {}
+    todo = [s for s in mine if f"part-{s.index:06d}.json" not in parts]
+    for s in finished:
+        try:
+            part = mf.read_json(mf.part_url(output, s.index))
+            problem = check_finished_shard(output, part, sizes, verify)
+        except (OSError, ValueError, KeyError) as e:
+            problem = f"its stats part {mf.part_url(output, s.index)} is unreadable ({e!r})"
+        if problem is None:
+            res.already_done.append(s.index)
+            res.already_done_samples += int(part["num_samples"])
+            continue
+        print(f"[encode] finished shard {s.index} is damaged, re-encoding it: {problem}", flush=True)
+        res.damaged[s.index] = problem
+        fsspec_io.rm(mf.part_url(output, s.index))
+        todo.append(s)
+    return sorted(todo, key=lambda s: s.index)
+
+
+_SKIP_FIXES = {
+    "too_small": "filter.min_size=<smaller> (smaller images are upscaled)",
+    "bad_aspect": "filter.max_aspect=<larger> or null",
+    "no_caption": "filter.require_caption=false (or give the images captions)",
+    "caption_not_utf8": "filter.caption_fallback=<codec, e.g. cp1252>",
+    "too_large": "filter.max_pixels=<larger> (each DataLoader worker decodes one image at a time)",
+    "decode_error": "check that the input files are images (PIL cannot decode them)",
+    "no_image": "check the input: its records hold no image member (jpg, jpeg, png, webp, bmp)",
+    "nonfinite_latent": "precision=fp32 (the first stage overflowed)",
+}
+
+
+def _no_samples_message(res: EncodeResult, todo: list[InputShard]) -> str:
+    counts = {r: n for r, n in sorted(res.skipped.items()) if n}
+    inputs = sorted({s.url for s in todo if s.index in res.done})
+    listed = ", ".join(inputs[:5]) + (f" and {len(inputs) - 5} more" if len(inputs) > 5 else "")
+    if not counts:
+        return (f"task {res.task_index}/{res.num_tasks} wrote no sample: its input shard(s) {listed} hold no "
+                f"records: check the input")
+    fixes = "; ".join(f"{r}: {_SKIP_FIXES.get(r, 'check the input')}" for r in counts)
+    return (f"task {res.task_index}/{res.num_tasks} wrote no sample: all {sum(counts.values())} records of "
+            f"its {len(res.done)} input shard(s) were skipped ("
+            + ", ".join(f"{r}: {n}" for r, n in counts.items())
+            + f"); input: {listed}. Fix the input or the filter ({fixes}), then re-run with overwrite=true "
+            f"(these shards are recorded as finished, empty)")
+
+
 def _maybe_finalize(when: bool | str, output: str, res: EncodeResult) -> None:
     if when is False:
         return
-    from data_prep.finalize import FinalizeError, finalize
+    from data_prep.finalize import FinalizeError, NoSamplesError, finalize
 
     try:  # auto: whichever task finishes last finds every part and merges
         res.manifest = finalize(output)["_url"]
         print(f"[encode] every input shard is done: wrote {res.manifest}", flush=True)
+    except NoSamplesError as e:  # every shard is done but none holds a sample: never a manifest of 0
+        if res.error is None:
+            res.error = str(e)
+            print(f"[encode] ERROR: {e}", file=sys.stderr, flush=True)
     except FinalizeError as e:
         if when is True:
             raise
@@ -156,17 +256,21 @@ def _maybe_finalize(when: bool | str, output: str, res: EncodeResult) -> None:
 
 
 def _clean_stale_tmp(output: str, shards: list[InputShard]) -> None:
-    """Remove temporaries a killed run left for the shards this task owns (local outputs only)."""
+    """Remove temporaries a killed run left for the shards this task owns (local outputs only). A temporary
+    of a live process (the same task started twice) is left alone: deleting it would crash that process."""
     if not fsspec_io.is_local(output):
         return  # an unfinished S3 upload never becomes an object
     mine = {mf.shard_name(s.index) for s in shards}
     for name in fsspec_io.ls(output):
-        if ".tmp-" in name and name.split(".tmp-")[0] in mine:
-            fsspec_io.rm(fsspec_io.join(output, name))
+        if fsspec_io.TMP_MARK in name and name.split(fsspec_io.TMP_MARK)[0] in mine:
+            path = fsspec_io.join(output, name)
+            if fsspec_io.tmp_is_stale(fsspec_io.local_path(path)):
+                fsspec_io.rm(path)
 
 
 def _loader(cfg: EncodeConfig, todo: list[InputShard], device: torch.device) -> torch.utils.data.DataLoader:
-    filters = Filters(cfg.filter.min_size, cfg.filter.max_aspect, cfg.filter.require_caption)
+    filters = Filters(cfg.filter.min_size, cfg.filter.max_aspect, cfg.filter.require_caption, cfg.filter.max_pixels,
+                      cfg.filter.caption_fallback)
     dataset = ShardBatches(todo, cfg.resolution, filters, cfg.caption_template, cfg.batch_size)
     nw = min(cfg.num_workers, len(todo))
     return torch.utils.data.DataLoader(
@@ -187,6 +291,7 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
     loader = _loader(cfg, todo, device)
     by_index = {s.index: s for s in todo}
     skipped: Counter[str] = Counter()
+    converted: Counter[str] = Counter()
     open_shards: dict[int, OpenShard] = {}
     # in a batch log (no tty) a redraw every 30 s keeps the file readable
     bar = tqdm(desc=f"encode task {res.task_index}", unit="img", disable=not cfg.progress,
@@ -213,6 +318,7 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
             # end of an input shard
             del open_shards[j]
             skipped.update(_finish_shard(output, item, cur, res))
+            converted.update(item.get("converted", {}))
     except BaseException as e:
         for cur in open_shards.values():
             cur.discard(e)
@@ -220,6 +326,7 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
     finally:
         bar.close()
     res.skipped = dict(skipped)
+    res.converted = dict(converted)
 
 
 def _finish_shard(output: str, end: dict[str, Any], cur: OpenShard, res: EncodeResult) -> Counter[str]:
@@ -233,7 +340,9 @@ def _finish_shard(output: str, end: dict[str, Any], cur: OpenShard, res: EncodeR
         return shard_skipped
     cur.commit()
     part = {"index": j, "name": mf.shard_name(j), "input": cur.input_url, "num_samples": cur.count,
+            "size": cur.size, "sha256": cur.sha256,
             "skipped": dict(shard_skipped), "skip_examples": end["skip_examples"],
+            "converted": end.get("converted", {}),
             "stats": cur.stats.to_dict(), "input_errors": [end["error"]] if end["error"] else []}
     if end["error"]:
         res.input_errors[j] = end["error"]
@@ -251,14 +360,15 @@ def report(res: EncodeResult) -> None:
     print(json.dumps({
         "output": res.output, "task": f"{res.task_index}/{res.num_tasks}", "encoded_shards": len(res.done),
         "already_done": len(res.already_done), "failed": res.failed, "input_errors": res.input_errors,
-        "samples": imgs, "skipped": res.skipped, "images_per_s": round(imgs / res.wall_s, 2) if res.wall_s else None,
+        "damaged": res.damaged, "samples": imgs, "skipped": res.skipped, "converted": res.converted, "images_per_s": round(imgs / res.wall_s, 2) if res.wall_s else None,
         "encoder_wait_share": round(res.wait_s / max(res.wait_s + res.encode_s, 1e-9), 4),
-        "manifest": res.manifest,
+        "manifest": res.manifest, "error": res.error,
     }), flush=True)
 
 
 def run(cfg: EncodeConfig) -> int:
-    """The app: encode, print the report; exit status 1 when any shard failed or had a damaged input."""
+    """The app: encode, print the report; exit status 1 when any shard failed or had a damaged input, or when
+    the run wrote no sample at all."""
     res = run_encode(cfg)
     report(res)
     return 0 if res.ok else 1

@@ -8,6 +8,7 @@ original_width, original_height, label (when there is one)}.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 from collections import Counter
@@ -29,7 +30,7 @@ from ldm_train.runtime.distributed import device_for_rank
 
 class ShardBatches(torch.utils.data.IterableDataset):
     """Yields ``{"kind": "batch", ...}`` dicts of up to ``batch_size`` decoded images, all from one input shard,
-    then one ``{"kind": "end", ...}`` per shard with its skip counts and any input error."""
+    then one ``{"kind": "end", ...}`` per shard with its skip counts, conversion counts and any input error."""
 
     def __init__(self, shards: list[InputShard], resolution: int, filters: Filters, caption_template: str,
                  batch_size: int) -> None:
@@ -45,6 +46,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
 
     def _one(self, shard: InputShard) -> Iterator[dict[str, Any]]:
         skipped: Counter[str] = Counter()
+        converted: Counter[str] = Counter()
         examples: list[str] = []
         buf: list[Sample] = []
         error, salvaged = None, True
@@ -55,6 +57,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
                     if len(examples) < 5:
                         examples.append(f"{rec.key}: {rec.reason} {rec.detail}".strip())
                     continue
+                converted.update(rec.conversions)
                 buf.append(rec)
                 if len(buf) == self.batch_size:
                     yield _batch(shard.index, buf)
@@ -64,7 +67,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
         if buf:
             yield _batch(shard.index, buf)
         yield {"kind": "end", "shard": shard.index, "skipped": dict(skipped), "skip_examples": examples,
-               "error": error, "salvaged": salvaged}
+               "converted": dict(converted), "error": error, "salvaged": salvaged}
 
 
 def _batch(index: int, samples: list[Sample]) -> dict[str, Any]:
@@ -125,8 +128,26 @@ def encode_batch(model: torch.nn.Module, x: torch.Tensor, kind: str, autocast: t
 # ---------------------------------------------------------------- one output shard being written
 
 
+class _Digest:
+    """Write-through wrapper of a binary file: counts the bytes and hashes them (sha256) as they are written."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.size, self.sha = f, 0, hashlib.sha256()
+
+    def write(self, data: bytes) -> int:
+        self.sha.update(data)
+        self.size += len(data)
+        return self.f.write(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
 class OpenShard:
-    """Output shard ``index`` being written under a temporary name: ``commit`` publishes it, ``discard`` drops it."""
+    """Output shard ``index`` being written under a temporary name: ``commit`` publishes it, ``discard`` drops it.
+
+    The tar is byte-reproducible (fixed member mtime): two processes encoding the same input shard write the
+    same file, and ``size`` / ``sha256`` (known after ``commit``) identify it in its stats part."""
 
     def __init__(self, output: str, index: int, input_url: str, channels: int, seed: int) -> None:
         import webdataset as wds
@@ -134,8 +155,10 @@ class OpenShard:
         self.index, self.input_url, self.count, self.nonfinite = index, input_url, 0, 0
         self.url = fsspec_io.join(output, mf.shard_name(index))
         self._cm = fsspec_io.atomic_write(self.url)
-        self._f = self._cm.__enter__()
-        self._tar = wds.TarWriter(self._f, encoder=False)
+        self._f = _Digest(self._cm.__enter__())
+        self._tar = wds.TarWriter(self._f, encoder=False, mtime=0)
+        self.size: int | None = None
+        self.sha256: str | None = None
         self.stats = mf.LatentStats(channels)
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
 
@@ -153,6 +176,7 @@ class OpenShard:
     def commit(self) -> None:
         self._tar.close()  # closes only the tar stream: TarWriter does not own the file
         self._cm.__exit__(None, None, None)
+        self.size, self.sha256 = self._f.size, self._f.sha.hexdigest()
 
     def discard(self, exc: BaseException) -> None:
         with contextlib.suppress(BaseException):

@@ -18,7 +18,11 @@ from ldm_train.data import fsspec_io
 
 
 class FinalizeError(RuntimeError):
-    """Some input shards have no complete output yet."""
+    """Some input shards have no complete output yet (or a finished one is damaged)."""
+
+
+class NoSamplesError(FinalizeError):
+    """Every input shard is done but none holds a sample: no manifest is written."""
 
 
 def _missing_urls(job: dict[str, Any], missing: list[int]) -> list[str]:
@@ -57,6 +61,26 @@ def finalize(output: str) -> dict[str, Any]:
             + "\nre-run the encode job (it redoes only the missing shards) or fix/remove those inputs"
         )
     parts = [mf.read_json(fsspec_io.join(stats_dir, f"part-{j:06d}.json")) for j in range(n)]
+    # a shard cut (or replaced) after its part was written: its recorded size no longer matches
+    sizes = fsspec_io.sizes(output)
+    damaged = [f"{fsspec_io.join(output, p['name'])}: {sizes.get(p['name'])} bytes, recorded {p['size']}"
+               for p in parts if p.get("size") is not None and sizes.get(p["name"]) != int(p["size"])]
+    if damaged:
+        raise FinalizeError(
+            f"{len(damaged)} finished shard(s) under {output} are damaged:\n  " + "\n  ".join(damaged[:20])
+            + "\nre-run the encode job: it re-checks every finished shard and re-encodes the damaged ones "
+            "(verify=true also compares their sha256)"
+        )
+    if sum(int(p["num_samples"]) for p in parts) == 0:
+        skipped: dict[str, int] = {}
+        for p in parts:
+            for reason, k in p["skipped"].items():
+                skipped[reason] = skipped.get(reason, 0) + int(k)
+        raise NoSamplesError(
+            f"every one of the {n} input shards is done but none holds a sample (skipped: {skipped}; input: "
+            f"{job['input']['spec']}): no manifest written. Fix the input or the encode job's filter and re-run "
+            f"it with overwrite=true"
+        )
     manifest = mf.build_manifest(job, parts)
     manifest["_url"] = mf.write_manifest(output, manifest)
     if manifest["input_errors"]:
@@ -74,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
         output = fsspec_io.join(output, str(args.first_stage))
     try:
         m = finalize(output)
-    except FinalizeError as e:
+    except FinalizeError as e:  # NoSamplesError included
         print(f"[finalize] {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(f"[finalize] {m['_url']}: {m['num_samples']} samples in {m['num_shards']} shards, "

@@ -3,9 +3,11 @@
 Layout of one encode output (``<output>/<first_stage.name>/``)::
 
     shard-000000.tar ...        one output shard per input shard j (shard-{j:06d}.tar)
-    _stats/job.json             what was encoded (input, first stage, resolution): written by every task
-    _stats/part-000000.json     per output shard: sample count, skipped by reason, latent sums; written
-                                atomically AFTER its shard, so "part exists" == "shard complete"
+    _stats/job.json             what was encoded (input, first stage, resolution): written by every task; a
+                                job of other settings is refused while any part exists
+    _stats/part-000000.json     per output shard: sample count, size and sha256 of the shard, skipped and
+                                converted by reason, latent sums; written atomically AFTER its shard, so
+                                "part exists" == "shard complete" (a re-run checks the size, verify=true the hash)
     manifest.json               the merge of all parts (``data_prep.finalize``), read by the trainer
 
 Reading is ``ldm_train.data.manifest.read_manifest`` (re-exported here) so the trainer and data_prep agree.
@@ -127,11 +129,14 @@ def build_manifest(job: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str
     parts = sorted(parts, key=lambda p: p["index"])
     stats = LatentStats(int(job["stats_channels"]))
     skipped: dict[str, int] = {}
+    converted: dict[str, int] = {}
     errors: list[str] = []
     for p in parts:
         stats.merge(LatentStats.from_dict(p["stats"]))
         for reason, n in p["skipped"].items():
             skipped[reason] = skipped.get(reason, 0) + int(n)
+        for kind, n in p.get("converted", {}).items():
+            converted[kind] = converted.get(kind, 0) + int(n)
         errors += p.get("input_errors", [])
     summary = stats.summary()
     return {
@@ -153,6 +158,8 @@ def build_manifest(job: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str
         "scale_factor": summary["scale_factor"],
         "stats_count": stats.count,
         "skipped": dict(sorted(skipped.items())),
+        # kept samples that needed a conversion: exif_transposed, scaled_16bit, caption_fallback, ...
+        "converted": dict(sorted(converted.items())),
         "input_errors": errors,
         "input": job["input"],
         "encode": job.get("encode", {}),

@@ -14,6 +14,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from typing import IO, Any
@@ -102,6 +104,16 @@ def ls(url: str) -> list[str]:
     return sorted(e.rstrip("/").rsplit("/", 1)[-1] for e in entries)
 
 
+def sizes(url: str) -> dict[str, int]:
+    """{name: size in bytes} of the files directly under ``url`` (one listing); {} if it does not exist."""
+    fs, path = _fs(url)
+    if not fs.exists(path):
+        return {}
+    entries = fs.ls(path, detail=True, refresh=True) if not is_local(url) else fs.ls(path, detail=True)
+    return {e["name"].rstrip("/").rsplit("/", 1)[-1]: int(e.get("size") or 0) for e in entries
+            if e.get("type") != "directory"}
+
+
 def isdir(url: str) -> bool:
     fs, path = _fs(url)
     return fs.isdir(path)
@@ -126,20 +138,54 @@ def write_bytes(url: str, data: bytes) -> None:
         f.write(data)
 
 
+TMP_MARK = ".tmp-"
+STALE_TMP_S = 3600.0  # a temporary of another host (or an unknown owner) untouched this long is abandoned
+
+
+def tmp_name(final: str) -> str:
+    """``<final>.tmp-<host>-<pid>-<random>``: unique per process, and says which process writes it."""
+    host = socket.gethostname().replace("-", "_") or "host"
+    return f"{final}{TMP_MARK}{host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, another user's
+    return True
+
+
+def tmp_is_stale(path: str) -> bool:
+    """True when the local temporary ``path`` (named by ``tmp_name``) belongs to no live writer: its process
+    on this host is gone, or (another host's, or an older name without owner) it was not written to for
+    ``STALE_TMP_S`` seconds. A live writer's temporary is never stale: deleting it would crash that writer."""
+    owner = path.rsplit(TMP_MARK, 1)[-1].split("-")
+    if len(owner) == 3 and owner[1].isdigit() and owner[0] == socket.gethostname().replace("-", "_"):
+        return not _pid_alive(int(owner[1]))
+    try:
+        return time.time() - os.path.getmtime(path) > STALE_TMP_S
+    except FileNotFoundError:
+        return False  # just published or removed by its writer
+
+
 @contextlib.contextmanager
 def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
     """Write ``url`` so readers see either nothing or the whole file.
 
-    Local: write ``<url>.tmp-<random>`` then ``os.replace`` (atomic on POSIX). Object stores: the
-    upload only becomes visible when the multipart/put completes, which is atomic by nature; on an
-    exception the partial upload is aborted (fsspec discards it) so no half object appears.
+    Local: write ``tmp_name(url)`` (``<url>.tmp-<host>-<pid>-<random>``, never shared by two processes) then
+    ``os.replace`` (atomic on POSIX; of two writers of the same file the last one wins, whole). Object
+    stores: the upload only becomes visible when the multipart/put completes, which is atomic by nature; on
+    an exception the partial upload is aborted (fsspec discards it) so no half object appears.
     """
     if is_local(url):
         final = local_path(url)
         parent = os.path.dirname(final)
         if parent:
             os.makedirs(parent, exist_ok=True)
-        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        tmp = tmp_name(final)
         try:
             with open(tmp, mode) as f:
                 yield f

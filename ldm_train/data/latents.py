@@ -45,7 +45,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm_train.data.manifest import check_manifest, read_manifest, shard_list
-from ldm_train.data.shard_reader import NpyDecoder, iter_samples
+from ldm_train.data.shard_reader import NpyDecoder, damaged_shard_message, iter_samples
 
 LATENT_EXT = "latent.npy"
 
@@ -174,9 +174,7 @@ class LatentShardDataset(IterableDataset):
             sample = next(readers[r], None)
             if sample is None:
                 url, n = self.plan.shards[shard_ids[r]]
-                raise RuntimeError(
-                    f"shard {url} has fewer samples than its manifest entry ({n}): re-run data_prep.finalize"
-                )
+                raise RuntimeError(damaged_shard_message(url, f"fewer samples than its manifest entry ({n})"))
             buffer.append(sample)
             if len(buffer) >= self.shuffle_buffer:
                 j = int(order_rng.integers(len(buffer)))

@@ -12,7 +12,10 @@ deterministic order; shard ``j`` is the unit of work of the encode job (input sh
   / ``classes.txt`` at the root (``wnid name, alias, ...``) when present, else the directory name.
 
 ``image_dataset(...)`` is the torch IterableDataset for the autoencoder trainer and eval reference sets.
-``iter_shard(...)`` is the lower level the encode job uses: it also yields ``Skip`` records with their reason.
+``iter_shard(...)`` is the lower level the encode job uses: it also yields ``Skip`` records with their reason, and
+each ``Sample`` says which ``CONVERSIONS`` it needed (EXIF orientation applied, 16-bit greyscale scaled to 8 bits, a
+non-UTF-8 caption decoded with ``Filters.caption_fallback``). Images larger than ``Filters.max_pixels`` are refused
+from their header, before decoding (``too_large``).
 """
 from __future__ import annotations
 
@@ -35,7 +38,10 @@ fsspec_io.register_fsspec_schemes()  # workers import this module: they can open
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTS = ("txt", "caption")
 CLASS_NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "classes.txt")
-SKIP_REASONS = ("no_image", "decode_error", "no_caption", "too_small", "bad_aspect")
+SKIP_REASONS = ("no_image", "decode_error", "no_caption", "caption_not_utf8", "too_large", "too_small", "bad_aspect")
+# what was done to a kept sample to make it usable (counted by the encode job, beside the skip reasons)
+CONVERSIONS = ("exif_transposed", "scaled_16bit", "caption_fallback", "caption_not_utf8_dropped")
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: decoding one image of this size takes ~200 MB as RGB
 
 
 class InputShardError(RuntimeError):
@@ -57,11 +63,20 @@ class InputShard:
 
 @dataclass
 class Filters:
-    """Which decoded samples to keep. ``min_size`` None means the target resolution (never upscale)."""
+    """Which decoded samples to keep. ``min_size`` None means the target resolution (never upscale).
+
+    ``max_pixels`` is checked on the size in the image header, before anything is decoded (a 17 KB PNG can
+    declare 12000 x 12000 pixels); None: no limit of ours (PIL still refuses above 2 * Image.MAX_IMAGE_PIXELS).
+    A caption that is not UTF-8 skips the sample (``caption_not_utf8``) unless ``caption_fallback`` names a
+    codec to decode it with (e.g. ``cp1252``; undecodable bytes become U+FFFD); without a fallback and with
+    ``require_caption`` false the image is kept with an empty caption.
+    """
 
     min_size: int | None = None
     max_aspect: float | None = None  # long side / short side; None: any
     require_caption: bool = True
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+    caption_fallback: str | None = None
 
 
 @dataclass
@@ -78,6 +93,7 @@ class Sample:
     caption: str
     # source_key, source_shard, original_width, original_height, label (class index, -1 if none)
     meta: dict[str, Any] = field(default_factory=dict)
+    conversions: tuple[str, ...] = ()  # of CONVERSIONS: what decoding had to do to this sample
 
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "image": self.image, "caption": self.caption, "meta": self.meta}
@@ -173,7 +189,7 @@ def list_input_shards(input: str | Sequence[str], input_format: str = "auto", fi
 class _Raw:
     key: str
     image: bytes | None
-    caption: str | None
+    caption: str | bytes | None  # bytes: a caption file, decoded (and checked) in ``_decode``
     meta: dict[str, Any]  # the json sidecar (tars) or label/path (folders)
 
 
@@ -231,16 +247,16 @@ class _TailTracker:
 
 def _group_to_raw(key: str, files: dict[str, bytes]) -> _Raw:
     image = next((files[e] for e in IMAGE_EXTS if e in files), None)
-    caption = next((files[e].decode("utf-8", "replace").strip() for e in CAPTION_EXTS if e in files), None)
+    caption: str | bytes | None = next((files[e] for e in CAPTION_EXTS if e in files), None)
     meta: dict[str, Any] = {}
     if "json" in files:
         try:
             meta = json.loads(files["json"])
         except ValueError:
             meta = {}
-        if caption is None and isinstance(meta.get("caption"), str):
-            caption = meta["caption"].strip()
-    return _Raw(key, image, caption or None, meta if isinstance(meta, dict) else {})
+        if caption is None and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
+            caption = meta["caption"]
+    return _Raw(key, image, caption, meta if isinstance(meta, dict) else {})
 
 
 def _folder_raws(shard: InputShard, caption_template: str) -> Iterator[_Raw]:
@@ -256,11 +272,11 @@ def _folder_raws(shard: InputShard, caption_template: str) -> Iterator[_Raw]:
             # class index over ALL class dirs of the root, not only those present in this shard
             label = _all_class_dirs(shard.url).index(rel.split("/", 1)[0])
             meta.update(label=label, class_name=shard.class_names[label])
-            caption: str | None = caption_template.format(class_name=shard.class_names[label])
+            caption: str | bytes | None = caption_template.format(class_name=shard.class_names[label])
         else:
             txt = fsspec_io.join(shard.url, stem + ".txt")
-            caption = fsspec_io.read_bytes(txt).decode("utf-8", "replace").strip() if fsspec_io.exists(txt) else None
-        yield _Raw(key, image, caption or None, meta)
+            caption = fsspec_io.read_bytes(txt) if fsspec_io.exists(txt) else None
+        yield _Raw(key, image, caption, meta)
 
 
 _CLASS_DIR_CACHE: dict[str, list[str]] = {}
@@ -275,12 +291,24 @@ def _all_class_dirs(root: str) -> list[str]:
 # ---------------------------------------------------------------- decode + filter
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB image, fully decoded (so truncated files fail here, not later), EXIF orientation applied
-    (a phone photo stored sideways comes out upright), alpha composited on white, greyscale to RGB."""
-    img = Image.open(io.BytesIO(data))
-    img.load()
-    img = ImageOps.exif_transpose(img)
+class ImageTooLarge(ValueError):
+    """The image header declares more pixels than the limit: nothing was decoded."""
+
+
+_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
+    """A decoded image as 8-bit RGB: 16-bit greyscale scaled (not clipped), alpha composited on white."""
+    if img.mode in _16BIT_MODES:
+        # PIL's convert("L") clips these at 255 (a 16-bit PNG came out ~all white): scale 0..65535 -> 0..255,
+        # rounding to nearest (v * 255 / 65535 = v / 257). Mode "I" holds 16-bit samples too (PGM, TIFF, old PIL)
+        import numpy as np
+
+        arr = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
+        notes.append("scaled_16bit")
+    # 48/64-bit RGB(A) and 16-bit grey+alpha PNGs: PIL already reduces them to 8 bits per channel on decode
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
@@ -288,15 +316,66 @@ def decode_image(data: bytes) -> Image.Image:
     return img.convert("RGB")
 
 
+def decode_image_checked(data: bytes, max_pixels: int | None = None) -> tuple[Image.Image, list[str]]:
+    """``decode_image`` that also returns what it had to do (of ``CONVERSIONS``) and refuses, from the header
+    alone, an image of more than ``max_pixels`` pixels (``ImageTooLarge``, before any pixel is decoded)."""
+    notes: list[str] = []
+    try:
+        img = Image.open(io.BytesIO(data))  # reads the header only
+    except Image.DecompressionBombError as e:  # PIL's own limit (2 * MAX_IMAGE_PIXELS), also header-only
+        raise ImageTooLarge(str(e)) from e
+    w, h = img.size
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels > filter.max_pixels={max_pixels} (not decoded)")
+    img.load()
+    orientation = img.getexif().get(0x0112, 1)
+    if orientation in (2, 3, 4, 5, 6, 7, 8):
+        img = ImageOps.exif_transpose(img)
+        notes.append("exif_transposed")
+    return _to_rgb(img, notes), notes
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
+    """Bytes -> RGB image, fully decoded (so truncated files fail here, not later), EXIF orientation applied
+    (a phone photo stored sideways comes out upright), 16-bit greyscale scaled to 8 bits, alpha composited
+    on white, greyscale to RGB. ``max_pixels``: see ``decode_image_checked``."""
+    return decode_image_checked(data, max_pixels)[0]
+
+
+def _caption(raw: _Raw, filters: Filters, notes: list[str]) -> str | Skip | None:
+    """The caption as text, or the Skip of a caption that is not UTF-8 (see ``Filters``)."""
+    cap = raw.caption
+    if isinstance(cap, bytes):
+        try:
+            cap = cap.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if filters.caption_fallback:
+                cap = cap.decode(filters.caption_fallback, "replace")
+                notes.append("caption_fallback")
+            elif filters.require_caption:
+                return Skip(raw.key, "caption_not_utf8", f"{e}; filter.caption_fallback=<codec> decodes it")
+            else:
+                notes.append("caption_not_utf8_dropped")
+                return None
+    return (cap.strip() or None) if cap is not None else None
+
+
 def _decode(raw: _Raw, shard: InputShard, resolution: int, filters: Filters) -> Sample | Skip:
     if raw.image is None:
         return Skip(raw.key, "no_image")
-    if filters.require_caption and not raw.caption:
+    notes: list[str] = []
+    caption = _caption(raw, filters, notes)
+    if isinstance(caption, Skip):
+        return caption
+    if filters.require_caption and not caption:
         return Skip(raw.key, "no_caption")
     try:
-        img = decode_image(raw.image)
-    except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
+        img, decode_notes = decode_image_checked(raw.image, filters.max_pixels)
+    except ImageTooLarge as e:
+        return Skip(raw.key, "too_large", str(e)[:200])
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
         return Skip(raw.key, "decode_error", repr(e)[:200])
+    notes += decode_notes
     w, h = img.size
     min_size = resolution if filters.min_size is None else filters.min_size
     if min(w, h) < min_size:
@@ -312,7 +391,7 @@ def _decode(raw: _Raw, shard: InputShard, resolution: int, filters: Filters) -> 
         "original_height": h,
         "label": int(label) if isinstance(label, int | str) and str(label).lstrip("-").isdigit() else -1,
     }
-    return Sample(raw.key, to_tensor(resize_center_crop(img, resolution)), raw.caption or "", meta)
+    return Sample(raw.key, to_tensor(resize_center_crop(img, resolution)), caption or "", meta, tuple(notes))
 
 
 def iter_shard(

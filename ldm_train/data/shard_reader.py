@@ -10,6 +10,8 @@ a few thousand samples/s.
 from __future__ import annotations
 
 import io
+import json
+import shlex
 from collections.abc import Iterator
 from typing import IO, Any
 
@@ -22,7 +24,53 @@ _READ_BUFFER = 1 << 20
 
 
 class ShardFormatError(ValueError):
-    """A shard is truncated or not a tar file."""
+    """A shard is truncated or not a tar file. The message names the shard and the command that repairs it."""
+
+
+def repair_command(shard_url: str) -> str:
+    """The encode command that re-checks the finished shards of ``shard_url``'s folder and re-encodes the
+    damaged ones (``verify=true``), rebuilt from the ``manifest.json`` beside it (a generic one without it)."""
+    folder = shard_url.rsplit("/", 1)[0] if "/" in shard_url else "."
+    generic = f"python -m data_prep.encode <the encode job's options> verify=true  (it wrote {folder})"
+    try:
+        with open_url(f"{folder}/manifest.json", "rb") as f:
+            m = json.load(f)
+        fs, inp = m["first_stage"], m["input"]
+        spec = inp["spec"] if isinstance(inp["spec"], str) else "::".join(inp["spec"])
+        root, _, leaf = folder.rpartition("/")
+        args = {"input": spec, "output": root if leaf == fs["name"] and root else folder,
+                "first_stage": fs["name"], "resolution": m["resolution"]}
+        if fs.get("checkpoint"):
+            args["first_stage.checkpoint"] = fs["checkpoint"]
+        if fs.get("random_weights"):
+            args["allow_random_first_stage"] = "true"
+        enc = m.get("encode") or {}
+        if inp.get("format") != "tar":
+            args["input_format"] = inp.get("format")
+            args["files_per_shard"] = enc.get("files_per_shard")
+        for k, v in (enc.get("filter") or {}).items():
+            args[f"filter.{k}"] = "null" if v is None else str(v).lower() if isinstance(v, bool) else v
+        args["verify"] = "true"
+    except Exception:  # only for the message: any problem with the manifest gives the generic command
+        return generic
+    return "python -m data_prep.encode " + " ".join(_override(k, v) for k, v in args.items())
+
+
+def _override(key: str, value: object) -> str:
+    """``key=value`` as one shell word that Hydra reads back as that string (brace patterns quoted for Hydra)."""
+    v = str(value)
+    if any(c in v for c in "{}[](),= '\""):
+        v = "'" + v.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    word = f"{key}={v}"
+    if not any(c in word for c in "$`\"!\\ ") and "'" in word:
+        return f'"{word}"'
+    return shlex.quote(word)
+
+
+def damaged_shard_message(url: str, problem: str) -> str:
+    """``<url>: <problem>: the shard is damaged; repair it with <command>``."""
+    return (f"{url}: {problem}: the shard is damaged (cut or overwritten after encoding); repair it with "
+            f"`{repair_command(url)}`, which re-checks every finished shard and re-encodes the damaged ones")
 
 
 def open_shard(url: str) -> IO[bytes]:
@@ -40,7 +88,7 @@ def _octal(field: bytes, url: str) -> int:
     try:
         return int(text, 8) if text else 0
     except ValueError as err:
-        raise ShardFormatError(f"{url}: bad tar header field {field!r}: not a tar file or corrupt") from err
+        raise ShardFormatError(damaged_shard_message(url, f"bad tar header field {field!r}: not a tar file or corrupt")) from err
 
 
 def _pax_path(data: bytes) -> str | None:
@@ -64,13 +112,13 @@ def iter_tar(stream: IO[bytes], url: str = "<stream>") -> Iterator[tuple[str, by
         if not header or header.count(0) == BLOCK:
             return  # end-of-archive blocks (or a stream that simply ends between members)
         if len(header) < BLOCK:
-            raise ShardFormatError(f"{url}: truncated tar header: re-run the encode job for this shard")
+            raise ShardFormatError(damaged_shard_message(url, "truncated tar header"))
         size = _octal(header[124:136], url)
         kind = header[156:157]
         padded = (size + BLOCK - 1) // BLOCK * BLOCK
         data = stream.read(padded)
         if len(data) < padded:
-            raise ShardFormatError(f"{url}: truncated tar member (wanted {size} bytes): re-run the encode job")
+            raise ShardFormatError(damaged_shard_message(url, f"truncated tar member (wanted {size} bytes)"))
         data = data[:size]
         if kind == b"x":  # PAX header of the next member: may carry its full path
             long_name = _pax_path(data) or long_name
