@@ -51,3 +51,32 @@ def test_wheel_commands_compose_their_configs_from_any_directory(installed: Path
     train = subprocess.run([str(installed / "bin" / "ldm-train"), "experiment=tiny", "--cfg", "job"],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert "experiment_name: tiny" in train.stdout
+
+
+def test_wheel_commands_help_and_a_tiny_job_outside_the_checkout(installed: Path, tmp_path: Path) -> None:
+    """Each command's --help, then a tiny first stage and its latents with the installed commands only."""
+    bin_ = installed / "bin"
+    for command in COMMANDS:
+        done = subprocess.run([str(bin_ / command), "--help"], capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path)
+        assert done.returncode == 0 and done.stdout.strip(), f"{command} --help: {done.stderr[-2000:]}"
+
+    def run(*args: str) -> None:
+        done = subprocess.run(list(args), capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                              env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "OMP_NUM_THREADS": "1",
+                                   "WANDB_MODE": "disabled"})
+        assert done.returncode == 0, f"{args[0]}: {done.stderr[-3000:]}"
+
+    run(str(bin_ / "python"), "-m", "data_prep.synthetic", "output=raw", "num_samples=16", "resolution=32",
+        "shard_size=16", "split=train", "seed=0")
+    run(str(bin_ / "ldm-train-autoencoder"), "first_stage=tiny_kl_f4", "data.input=raw/000000.tar",
+        "runs_root=runs", "run_name=ae", "train.max_steps=2", "first_stage.lossconfig.perceptual_weight=0",
+        "first_stage.lossconfig.disc_start=1000000000", "optim.batch_size=4", "train.eval_every=2",
+        "train.checkpoint_every=2", "train.image_every=2", "data.num_workers=0", "data.resolution=32",
+        "logger=disabled")
+    export = tmp_path / "runs" / "autoencoder" / "ae" / "export" / "first_stage.safetensors"
+    assert export.is_file()
+    run(str(bin_ / "ldm-prep-latents"), "input=raw/000000.tar", "output=latents", "first_stage=tiny_kl_f4",
+        f"first_stage.checkpoint={export}", "resolution=32", "num_workers=0")
+    manifest = (tmp_path / "latents" / "tiny_kl_f4" / "manifest.json").read_text()
+    assert '"num_samples": 16' in manifest
