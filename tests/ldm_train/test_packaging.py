@@ -17,6 +17,7 @@ COMMANDS = {
     "ldm-prep-latents": ["--cfg", "job"],
     "ldm-eval": ["--cfg", "job"],
     "ldm-summary": ["experiment=tiny"],
+    "ldm-export-diffusers": ["--help"],
 }
 
 

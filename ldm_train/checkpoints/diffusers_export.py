@@ -1,0 +1,230 @@
+"""Export a trained LDM to diffusers' ``save_pretrained`` layout and to one CompVis-layout safetensors file.
+
+``python -m ldm_train.checkpoints.diffusers_export CHECKPOINT OUT [--raw] [--first-stage PATH] [--scale-factor X]``
+
+CHECKPOINT is a run dir, its ``checkpoints/`` dir or a ``step_*`` dir (the trainer's export). OUT receives:
+
+- ``unet/``: ``UNet2DConditionModel`` (config + safetensors), converted by diffusers' own CompVis converter;
+- ``vae/``: ``AutoencoderKL`` or ``VQModel`` of the run's first stage (its GroupNorm group count kept, so tiny
+  presets with 8 groups decode as here), ``scaling_factor`` = the run's latent scale factor;
+- ``scheduler/``: ``DDIMScheduler`` with the run's noise schedule (beta schedule, start/end, T, eps or v);
+- ``text_encoder/`` (our BERT-style encoder: ``model.safetensors`` with its bare keys + ``config.json`` of
+  ``TextEncoderConfig``) and ``tokenizer/`` (the run's WordPiece vocabulary): diffusers has no class for this
+  encoder, so read them back with :func:`load_text_encoder`;
+- ``compvis/model.safetensors``: every weight in the CompVis ``LatentDiffusion`` layout
+  (``model.diffusion_model.*``, ``cond_stage_model.*``, ``first_stage_model.*``) for the CompVis scripts.
+
+Everything loads with diffusers' ``from_pretrained(OUT, subfolder=...)``: no hand-written config. The EMA weights
+are exported unless ``--raw``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig, to_dataclass
+
+SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "compvis")
+
+
+def _diffusers() -> Any:
+    try:
+        import diffusers
+        from diffusers.loaders import single_file_utils
+    except ImportError as exc:  # a dev extra: the trainer does not need it
+        raise ImportError("the diffusers export needs diffusers: pip install 'diffusers>=0.30'") from exc
+    return diffusers, single_file_utils
+
+
+def unet_original_config(cfg: UNetConfig, ch_mult_first_stage: list[int]) -> dict:
+    """The part of a CompVis YAML that diffusers' UNet converter reads."""
+    return {"model": {"params": {
+        "unet_config": {"target": "ldm.modules.diffusionmodules.openaimodel.UNetModel", "params": {
+            "image_size": cfg.image_size, "in_channels": cfg.in_channels, "out_channels": cfg.out_channels,
+            "model_channels": cfg.model_channels, "attention_resolutions": list(cfg.attention_resolutions),
+            "num_res_blocks": cfg.num_res_blocks, "channel_mult": list(cfg.channel_mult),
+            "num_heads": cfg.num_heads, "num_head_channels": cfg.num_head_channels,
+            "use_spatial_transformer": True, "transformer_depth": cfg.transformer_depth,
+            "context_dim": cfg.context_dim, "use_checkpoint": False, "legacy": False,
+            "use_linear_in_transformer": cfg.use_linear_in_transformer}},
+        "first_stage_config": {"params": {"ddconfig": {"ch_mult": list(ch_mult_first_stage)}}},
+    }}}
+
+
+def export_unet(unet_sd: dict[str, torch.Tensor], cfg: UNetConfig, fs: FirstStageConfig, out: Path) -> Any:
+    diffusers, sfu = _diffusers()
+    unsupported = [name for name, bad in (
+        ("unconditional or class-label UNets (context_dim null / num_classes)", cfg.context_dim is None
+         or cfg.num_classes is not None),
+        ("concat conditioning", cfg.concat_channels > 0),
+        ("use_scale_shift_norm / resblock_updown", cfg.use_scale_shift_norm or cfg.resblock_updown),
+    ) if bad]
+    if unsupported:
+        raise ValueError(f"the diffusers export covers text-conditional UNets; this run has {unsupported[0]}: "
+                         "use the CompVis-layout file (compvis/model.safetensors) instead")
+    checkpoint = {"model.diffusion_model." + k: v for k, v in unet_sd.items()}
+    f = fs.downsample_factor
+    original = unet_original_config(cfg, fs.ddconfig.ch_mult if fs.kind != "pixel" else [1])
+    config = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=cfg.image_size * f)
+    converted = sfu.convert_ldm_unet_checkpoint(checkpoint, config)
+    model = diffusers.UNet2DConditionModel(**config)
+    model.load_state_dict(converted, strict=True)
+    model.save_pretrained(str(out / "unet"))
+    return model
+
+
+def _vae_config(fs: FirstStageConfig, scale_factor: float) -> dict:
+    dd = fs.ddconfig
+    if dd.attn_resolutions:
+        raise ValueError(f"first stage {fs.name} has attention at ddconfig.attn_resolutions={dd.attn_resolutions}: "
+                         "diffusers' AutoencoderKL/VQModel have attention only in the mid block; use the "
+                         "CompVis-layout file (compvis/model.safetensors) instead")
+    levels = len(dd.ch_mult)
+    config = dict(in_channels=dd.in_channels, out_channels=dd.out_ch,
+                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+                  block_out_channels=[dd.ch * m for m in dd.ch_mult], layers_per_block=dd.num_res_blocks,
+                  norm_num_groups=dd.norm_groups, sample_size=dd.resolution, scaling_factor=float(scale_factor),
+                  mid_block_add_attention=dd.attn_type != "none")
+    if fs.kind == "kl":
+        config["latent_channels"] = fs.embed_dim if fs.embed_dim == dd.z_channels else dd.z_channels
+    else:
+        config.update(latent_channels=dd.z_channels, num_vq_embeddings=fs.n_embed, vq_embed_dim=fs.embed_dim)
+    return config
+
+
+def export_vae(fs_sd: dict[str, torch.Tensor], fs: FirstStageConfig, scale_factor: float, out: Path) -> Any:
+    diffusers, sfu = _diffusers()
+    if fs.kind == "kl" and fs.embed_dim != fs.ddconfig.z_channels:
+        raise ValueError(f"first stage {fs.name}: embed_dim {fs.embed_dim} != z_channels {fs.ddconfig.z_channels}; "
+                         "diffusers' AutoencoderKL has one latent width")
+    config = _vae_config(fs, scale_factor)
+    checkpoint = {"first_stage_model." + k: v for k, v in fs_sd.items()}
+    converted = sfu.convert_ldm_vae_checkpoint(checkpoint, config)
+    cls = diffusers.AutoencoderKL if fs.kind == "kl" else diffusers.VQModel
+    if fs.kind == "vq":
+        converted["quantize.embedding.weight"] = fs_sd["quantize.embedding.weight"]
+    model = cls(**config)
+    model.load_state_dict(converted, strict=True)
+    model.save_pretrained(str(out / "vae"))
+    return model
+
+
+def export_scheduler(cfg: Any, out: Path) -> Any:
+    diffusers, _ = _diffusers()
+    from ldm_train.build import diffusion_config
+
+    d = diffusion_config(cfg)
+    kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+    if d.beta_schedule not in kinds:
+        raise ValueError(f"diffusion.beta_schedule={d.beta_schedule!r} has no diffusers equivalent")
+    scheduler = diffusers.DDIMScheduler(
+        num_train_timesteps=d.timesteps, beta_start=d.linear_start, beta_end=d.linear_end,
+        beta_schedule=kinds[d.beta_schedule], clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        prediction_type="v_prediction" if d.parameterization == "v" else "epsilon")
+    scheduler.save_pretrained(str(out / "scheduler"))
+    return scheduler
+
+
+def export_text_encoder(text_sd: dict[str, torch.Tensor], cfg: TextEncoderConfig, tokenizer_dir: Path,
+                        out: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = out / "text_encoder"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in text_sd.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "ldm-train-bert"})
+    config = {**asdict(cfg), "tokenizer": None, "_class": "ldm_train.models.text_encoder.BERTEmbedder",
+              "_loader": "ldm_train.checkpoints.diffusers_export.load_text_encoder"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    if tokenizer_dir.is_dir():
+        shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+
+
+def load_text_encoder(folder: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(text encoder in eval mode, tokenizer) from an export's OUT folder (or its ``text_encoder/``)."""
+    from ldm_train.checkpoints.compvis import load_state_dict_file, load_strict
+    from ldm_train.data.tokenizer import load_tokenizer
+    from ldm_train.models.text_encoder import BERTEmbedder
+
+    root = Path(folder)
+    root = root.parent if root.name == "text_encoder" else root
+    raw = json.loads((root / "text_encoder" / "config.json").read_text())
+    cfg = TextEncoderConfig(**{k: v for k, v in raw.items() if not k.startswith("_")})
+    model = BERTEmbedder(cfg)
+    load_strict(model, load_state_dict_file(str(root / "text_encoder" / "model.safetensors")), "text encoder",
+                str(root / "text_encoder" / "model.safetensors"))
+    return model.eval(), load_tokenizer(str(root / "tokenizer"), cfg.max_seq_len)
+
+
+def export(checkpoint: str, out: str | Path, *, use_ema: bool = True, first_stage_checkpoint: str | None = None,
+           scale_factor: float | None = None) -> dict[str, Any]:
+    """Write OUT (see the module doc); returns a summary dict (also written as ``OUT/ldm_train_export.json``)."""
+    from safetensors.torch import save_file
+
+    from ldm_train.checkpoints.compvis import compvis_state_dict
+    from ldm_train.checkpoints.export import load_export
+    from ldm_train.checkpoints.first_stage import first_stage_state_dict, read_first_stage_file
+
+    exp = load_export(checkpoint, ema=use_ema)
+    cfg = exp.config
+    unet_cfg = to_dataclass(cfg.unet, UNetConfig)
+    fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
+    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig)
+    if first_stage_checkpoint:
+        fs_cfg.checkpoint = first_stage_checkpoint
+    if fs_cfg.kind != "pixel" and not fs_cfg.checkpoint:
+        raise ValueError(f"the config at {exp.step_dir} names no first_stage.checkpoint: pass --first-stage PATH "
+                         "(the autoencoder the latents were encoded with)")
+    if scale_factor is None:
+        for key in ("first_stage.scale_factor", "data.scale_factor"):
+            value = OmegaConf.select(cfg, key, default=None)
+            if value is not None:
+                scale_factor = float(value)
+                break
+    if scale_factor is None:
+        raise ValueError(f"the config at {exp.step_dir} sets no latent scale factor: pass --scale-factor X "
+                         "(the latent manifest's scale_factor)")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    export_unet(exp.unet, unet_cfg, fs_cfg, out)
+    fs_sd: dict[str, torch.Tensor] = {}
+    if fs_cfg.kind != "pixel":
+        fs_sd = first_stage_state_dict(read_first_stage_file(fs_cfg))
+        export_vae(fs_sd, fs_cfg, scale_factor, out)
+    export_scheduler(cfg, out)
+    export_text_encoder(exp.text_encoder, text_cfg, exp.tokenizer_dir, out)
+    (out / "compvis").mkdir(exist_ok=True)
+    full = compvis_state_dict(exp.unet, exp.text_encoder)
+    full.update({"first_stage_model." + k: v for k, v in fs_sd.items()})
+    save_file({k: v.contiguous() for k, v in full.items()}, str(out / "compvis" / "model.safetensors"),
+              metadata={"format": "compvis-ldm", "scale_factor": str(scale_factor)})
+    summary = {"source": str(exp.weights_file), "sha256": exp.sha256, "ema": exp.ema,
+               "first_stage": fs_cfg.checkpoint, "scale_factor": scale_factor,
+               "folders": [s for s in SUBFOLDERS if (out / s).exists()]}
+    (out / "ldm_train_export.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m ldm_train.checkpoints.diffusers_export", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoint", help="run dir, checkpoints dir or step_* dir of a training run")
+    p.add_argument("out", help="output folder (diffusers save_pretrained layout + compvis/)")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--first-stage", help="first-stage checkpoint when the run's config names none")
+    p.add_argument("--scale-factor", type=float, help="latent scale factor when the run's config sets none")
+    a = p.parse_args(argv)
+    summary = export(a.checkpoint, a.out, use_ema=not a.raw, first_stage_checkpoint=a.first_stage,
+                     scale_factor=a.scale_factor)
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""The diffusers export (issue 14 item 2): a tiny run's export loads with diffusers' own from_pretrained and gives
+our numbers: UNet, the tiny 8-group VAE, the noise schedule, and our text encoder through its documented loader."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.eval.conftest import build_tiny_export
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path]:
+    from ldm_train.checkpoints.diffusers_export import main
+
+    root = tmp_path_factory.mktemp("diffusers_export")
+    run = build_tiny_export(str(root))
+    out = root / "out"
+    main([run, str(out)])
+    return run, out
+
+
+def test_export_loads_with_from_pretrained_and_matches(exported: tuple[str, Path]) -> None:
+    from eval.checkpoint import load_sampling_model
+    from ldm_train.checkpoints.diffusers_export import load_text_encoder
+
+    run, out = exported
+    ours = load_sampling_model(run)
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(out), subfolder="unet").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(str(out), subfolder="vae").eval()
+    scheduler = diffusers.DDIMScheduler.from_pretrained(str(out), subfolder="scheduler")
+    text, tokenizer = load_text_encoder(out)
+    assert vae.config.norm_num_groups == ours.first_stage.cfg.ddconfig.norm_groups == 8
+    assert vae.config.scaling_factor == pytest.approx(ours.scale_factor)
+
+    gen = torch.Generator().manual_seed(0)
+    c, h, w = ours.latent_shape
+    x = torch.randn(2, c, h, w, generator=gen)
+    t = torch.tensor([5, 900])
+    from ldm_train.data.tokenizer import tokenize
+
+    tokens = tokenize(tokenizer, ["a red circle", ""], text.cfg.max_seq_len)
+    with torch.no_grad():
+        ctx_ours = ours.ldm.encode_text(tokens)
+        ctx = text(tokens)
+        assert (ctx - ctx_ours).abs().max() == 0
+        a = ours.ldm.unet(x, t, context=ctx_ours)
+        b = unet(x, t, encoder_hidden_states=ctx).sample
+        assert a.abs().max() > 1e-2
+        unet_diff = float((a - b).abs().max())
+        z = torch.randn(2, c, h, w, generator=gen)
+        d_ours = ours.first_stage.decode(z)
+        d_theirs = vae.decode(z).sample
+        vae_diff = float((d_ours - d_theirs).abs().max())
+        img = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
+        enc_diff = float((ours.first_stage.encode_moments(img) - vae.quant_conv(vae.encoder(img))).abs().max())
+    print(json.dumps({"unet_max_abs_diff": unet_diff, "vae_decode_max_abs_diff": vae_diff,
+                      "vae_encode_max_abs_diff": enc_diff}))
+    assert unet_diff < 1e-4 and vae_diff < 1e-4 and enc_diff < 1e-4
+    ours_ac = ours.ldm.schedule.alphas_cumprod
+    assert torch.allclose(scheduler.alphas_cumprod.float(), ours_ac, atol=1e-6)
+    expected = {"eps": "epsilon", "v": "v_prediction"}[ours.ldm.parameterization]
+    assert scheduler.config.prediction_type == expected
+
+
+def test_export_writes_the_compvis_layout_file(exported: tuple[str, Path]) -> None:
+    from safetensors import safe_open
+
+    _, out = exported
+    with safe_open(str(out / "compvis" / "model.safetensors"), framework="pt") as f:
+        prefixes = {k.split(".")[0] for k in f.keys()}
+    assert prefixes == {"model", "cond_stage_model", "first_stage_model"}
+    summary = json.loads((out / "ldm_train_export.json").read_text())
+    assert summary["ema"] is True and summary["folders"] == ["unet", "vae", "scheduler", "text_encoder",
+                                                              "tokenizer", "compvis"]
+
+
+def test_export_names_the_missing_first_stage(tmp_path: Path) -> None:
+    from omegaconf import OmegaConf
+
+    from ldm_train.checkpoints.diffusers_export import export
+
+    run = Path(build_tiny_export(str(tmp_path)))
+    step = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    cfg = OmegaConf.load(step / "config.yaml")
+    OmegaConf.update(cfg, "first_stage.checkpoint", None)
+    OmegaConf.save(cfg, step / "config.yaml")
+    with pytest.raises(ValueError, match="--first-stage PATH"):
+        export(str(run), tmp_path / "out")
