@@ -26,6 +26,13 @@ class FilterConfig:
     # a caption that is not UTF-8: None drops the sample (caption_not_utf8); a codec name (e.g. cp1252) decodes it
     # with that codec instead (counted as caption_fallback)
     caption_fallback: str | None = None
+    # img2dataset / LAION metadata (the sample's json, else the shard's <name>.parquet); None: off. A sample
+    # without the field passes. Skips are counted as low_similarity, unsafe, watermark, low_aesthetic, small_original.
+    min_similarity: float | None = None
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+    min_aesthetic: float | None = None  # AESTHETIC_SCORE (or aesthetic)
+    min_original_size: int | None = None  # shorter side of original_width x original_height
 
 
 @dataclass

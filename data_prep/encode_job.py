@@ -219,6 +219,11 @@ _SKIP_FIXES = {
     "decode_error": "check that the input files are images (PIL cannot decode them)",
     "no_image": "check the input: its records hold no image member (jpg, jpeg, png, webp, bmp)",
     "nonfinite_latent": "precision=fp32 (the first stage overflowed)",
+    "low_similarity": "lower filter.min_similarity",
+    "unsafe": "raise filter.max_punsafe",
+    "watermark": "raise filter.max_pwatermark",
+    "low_aesthetic": "lower filter.min_aesthetic",
+    "small_original": "lower filter.min_original_size",
 }
 
 
@@ -269,8 +274,9 @@ def _clean_stale_tmp(output: str, shards: list[InputShard]) -> None:
 
 
 def _loader(cfg: EncodeConfig, todo: list[InputShard], device: torch.device) -> torch.utils.data.DataLoader:
-    filters = Filters(cfg.filter.min_size, cfg.filter.max_aspect, cfg.filter.require_caption, cfg.filter.max_pixels,
-                      cfg.filter.caption_fallback)
+    f = cfg.filter
+    filters = Filters(f.min_size, f.max_aspect, f.require_caption, f.max_pixels, f.caption_fallback,
+                      f.min_similarity, f.max_punsafe, f.max_pwatermark, f.min_aesthetic, f.min_original_size)
     dataset = ShardBatches(todo, cfg.resolution, filters, cfg.caption_template, cfg.batch_size)
     nw = min(cfg.num_workers, len(todo))
     return torch.utils.data.DataLoader(

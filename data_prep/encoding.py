@@ -169,6 +169,9 @@ class OpenShard:
             info = {k: meta[k] for k in ("source_key", "source_shard", "original_width", "original_height")}
             if meta.get("label", -1) >= 0:
                 info["label"] = meta["label"]
+            source = json.loads(meta.get("source") or "{}")
+            if source:  # img2dataset / LAION fields of the input sample (url, similarity, punsafe, ...)
+                info["source"] = source
             self._tar.write({"__key__": key, "latent.npy": buf.getvalue(), "txt": cap.encode("utf-8"),
                              "json": json.dumps(info).encode()})
             self.count += 1

@@ -38,7 +38,11 @@ fsspec_io.register_fsspec_schemes()  # workers import this module: they can open
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTS = ("txt", "caption")
 CLASS_NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "classes.txt")
-SKIP_REASONS = ("no_image", "decode_error", "no_caption", "caption_not_utf8", "too_large", "too_small", "bad_aspect")
+SKIP_REASONS = ("no_image", "decode_error", "no_caption", "caption_not_utf8", "too_large", "too_small", "bad_aspect",
+                "low_similarity", "unsafe", "watermark", "low_aesthetic", "small_original")
+# img2dataset / LAION fields kept from the source's json (or parquet row) in each latent sample's json ``source``
+SOURCE_FIELDS = ("url", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "aesthetic", "LICENSE", "NSFW",
+                 "original_width", "original_height", "width", "height", "sha256")
 # what was done to a kept sample to make it usable (counted by the encode job, beside the skip reasons)
 CONVERSIONS = ("exif_transposed", "scaled_16bit", "caption_fallback", "caption_not_utf8_dropped")
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: decoding one image of this size takes ~200 MB as RGB
@@ -77,6 +81,39 @@ class Filters:
     require_caption: bool = True
     max_pixels: int | None = DEFAULT_MAX_PIXELS
     caption_fallback: str | None = None
+    # img2dataset metadata (the sample's json, else the shard's parquet row); None: no filter. A sample without
+    # the field passes its filter.
+    min_similarity: float | None = None  # CLIP image-text similarity below this: low_similarity
+    max_punsafe: float | None = None  # punsafe above this: unsafe
+    max_pwatermark: float | None = None  # pwatermark above this: watermark
+    min_aesthetic: float | None = None  # AESTHETIC_SCORE (or aesthetic) below this: low_aesthetic
+    min_original_size: int | None = None  # shorter side of original_width/height below this: small_original
+
+
+def _number(meta: dict[str, Any], *names: str) -> float | None:
+    for name in names:
+        value = meta.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value == value:  # not NaN
+            return float(value)
+    return None
+
+
+def metadata_skip(key: str, meta: dict[str, Any], filters: Filters) -> Skip | None:
+    """The Skip of a sample whose img2dataset metadata fails a filter (checked before the image is decoded)."""
+    checks = (
+        ("low_similarity", _number(meta, "similarity"), filters.min_similarity, lambda v, t: v < t),
+        ("unsafe", _number(meta, "punsafe"), filters.max_punsafe, lambda v, t: v > t),
+        ("watermark", _number(meta, "pwatermark"), filters.max_pwatermark, lambda v, t: v > t),
+        ("low_aesthetic", _number(meta, "AESTHETIC_SCORE", "aesthetic"), filters.min_aesthetic, lambda v, t: v < t),
+    )
+    for reason, value, threshold, fails in checks:
+        if threshold is not None and value is not None and fails(value, threshold):
+            return Skip(key, reason, f"{value:g} vs filter {threshold:g}")
+    if filters.min_original_size is not None:
+        w, h = _number(meta, "original_width"), _number(meta, "original_height")
+        if w is not None and h is not None and min(w, h) < filters.min_original_size:
+            return Skip(key, "small_original", f"{w:g}x{h:g} < {filters.min_original_size}")
+    return None
 
 
 @dataclass
@@ -245,6 +282,26 @@ class _TailTracker:
         return chunk
 
 
+def parquet_rows(tar_url: str) -> dict[str, dict[str, Any]]:
+    """img2dataset's ``<shard>.parquet`` beside ``<shard>.tar``: {key: row} ({} when there is none)."""
+    if not tar_url.endswith(".tar"):
+        return {}
+    url = tar_url[: -len(".tar")] + ".parquet"
+    if not fsspec_io.exists(url):
+        return {}
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise RuntimeError(f"{url}: reading img2dataset's parquet metadata needs pyarrow: pip install pyarrow") from e
+    with fsspec_io.open_url(url, "rb") as f:
+        table = pq.read_table(f)
+    rows = table.to_pylist()
+    if rows and "key" not in rows[0]:
+        raise ValueError(f"{url} has no 'key' column (columns: {table.column_names}): it is not img2dataset's "
+                         "metadata; move it away from the tar or rename it")
+    return {str(r["key"]): r for r in rows}
+
+
 def _group_to_raw(key: str, files: dict[str, bytes]) -> _Raw:
     image = next((files[e] for e in IMAGE_EXTS if e in files), None)
     caption: str | bytes | None = next((files[e] for e in CAPTION_EXTS if e in files), None)
@@ -369,6 +426,9 @@ def _decode(raw: _Raw, shard: InputShard, resolution: int, filters: Filters) -> 
         return caption
     if filters.require_caption and not caption:
         return Skip(raw.key, "no_caption")
+    skip = metadata_skip(raw.key, raw.meta, filters)
+    if skip is not None:
+        return skip
     try:
         img, decode_notes = decode_image_checked(raw.image, filters.max_pixels)
     except ImageTooLarge as e:
@@ -384,12 +444,17 @@ def _decode(raw: _Raw, shard: InputShard, resolution: int, filters: Filters) -> 
         return Skip(raw.key, "bad_aspect", f"{w}x{h}")
     # uniform keys and no None values, so torch's default_collate batches it
     label = raw.meta.get("label", raw.meta.get("cls", -1))
+    # img2dataset records the size it downloaded in original_width/height; the stored image may be resized
+    ow, oh = _number(raw.meta, "original_width"), _number(raw.meta, "original_height")
     meta: dict[str, Any] = {
         "source_key": raw.key,
         "source_shard": shard.url,
-        "original_width": w,
-        "original_height": h,
+        "original_width": int(ow) if ow is not None and oh is not None else w,
+        "original_height": int(oh) if ow is not None and oh is not None else h,
         "label": int(label) if isinstance(label, int | str) and str(label).lstrip("-").isdigit() else -1,
+        # a JSON string, not a dict: the keys present vary by sample and default_collate needs uniform ones
+        "source": json.dumps({k: raw.meta[k] for k in SOURCE_FIELDS if k in raw.meta and raw.meta[k] is not None},
+                             default=str),
     }
     return Sample(raw.key, to_tensor(resize_center_crop(img, resolution)), caption or "", meta, tuple(notes))
 
@@ -403,7 +468,13 @@ def iter_shard(
     """Every record of one input shard, decoded and filtered, in shard order; InputShardError on damage."""
     filters = filters or Filters()
     raws = _tar_groups(shard.url) if shard.kind == "tar" else _folder_raws(shard, caption_template)
+    rows = parquet_rows(shard.url) if shard.kind == "tar" else {}
     for raw in raws:
+        row = rows.get(raw.key.rpartition("/")[2]) if rows else None
+        if row:
+            raw.meta = {**row, **raw.meta}  # the sample's own json wins
+            if raw.caption is None and isinstance(row.get("caption"), str):
+                raw.caption = row["caption"]
         yield _decode(raw, shard, resolution, filters)
 
 
