@@ -300,8 +300,19 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
     converted: Counter[str] = Counter()
     open_shards: dict[int, OpenShard] = {}
     # in a batch log (no tty) a redraw every 30 s keeps the file readable
-    bar = tqdm(desc=f"encode task {res.task_index}", unit="img", disable=not cfg.progress,
+    # the image total is known for folder inputs; for tars the ETA comes from the finished input shards
+    total = sum(len(s.files) for s in todo) if todo and all(s.kind != "tar" for s in todo) else None
+    bar = tqdm(desc=f"encode task {res.task_index}", unit="img", disable=not cfg.progress, total=total,
                mininterval=2.0 if sys.stdout.isatty() else 30.0, smoothing=0.05, file=sys.stdout)
+    started, finished_here = time.perf_counter(), 0
+
+    def postfix() -> dict[str, Any]:
+        out: dict[str, Any] = {"skipped": sum(skipped.values()), "shards": f"{finished_here}/{len(todo)}"}
+        if total is None and finished_here:
+            left = (time.perf_counter() - started) / finished_here * (len(todo) - finished_here)
+            out["eta"] = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
+        return out
+
     it = iter(loader)
     try:
         while True:
@@ -319,12 +330,14 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
                 encode_into(model, item, cur, fs_cfg.kind, autocast, device)
                 res.encode_s += time.perf_counter() - t1
                 bar.update(len(item["keys"]))
-                bar.set_postfix(skipped=sum(skipped.values()), shards=f"{len(res.done)}/{len(todo)}", refresh=False)
+                bar.set_postfix(postfix(), refresh=False)
                 continue
             # end of an input shard
             del open_shards[j]
             skipped.update(_finish_shard(output, item, cur, res))
             converted.update(item.get("converted", {}))
+            finished_here += 1
+            bar.set_postfix(postfix(), refresh=finished_here == len(todo))
     except BaseException as e:
         for cur in open_shards.values():
             cur.discard(e)

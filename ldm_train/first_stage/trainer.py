@@ -239,8 +239,11 @@ class Trainer:
                         "samples_per_s": steps * self.global_batch / max(time.perf_counter() - t0, 1e-9)})
         values = self.tracker.log(self.step, scalars)  # the host sync of this interval
         if self.rank == 0:
+            rate = steps / max(time.perf_counter() - t0, 1e-9)  # steps/s over this interval
+            left = (self.tcfg.max_steps - self.step) / max(rate, 1e-9)
             self._print(f"step {self.step}/{self.tcfg.max_steps} " + " ".join(
-                f"{k.split('/')[-1]} {values[k]:.4g}" for k in LOG_KEYS if k in values))
+                f"{k.split('/')[-1]} {values[k]:.4g}" for k in LOG_KEYS if k in values)
+                + f" | {rate * self.global_batch:.3g} img/s, ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}")
 
     def _state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "discriminator": self.disc.state_dict(),

@@ -80,3 +80,14 @@ def test_without_filters_everything_is_kept_and_exif_is_upright(tmp_path) -> Non
     top, bottom = img[:, :8].mean(dim=(1, 2)).numpy(), img[:, -8:].mean(dim=(1, 2)).numpy()
     assert top[2] > 0.5 and top[0] < -0.5 and bottom[0] > 0.5 and bottom[2] < -0.5
     assert np.isfinite(img.numpy()).all()
+
+
+def test_encode_progress_ends_with_every_shard_counted(tmp_path) -> None:
+    """The bar's last state reads shards=2/2 with an ETA (it stopped at 1/2 before)."""
+    from data_prep.synthetic import write_synthetic
+    from tests.data_prep.helpers import run_encode
+
+    write_synthetic(str(tmp_path / "raw"), num_samples=16, resolution=32, shard_size=8, split="train", seed=0)
+    proc = run_encode(encode_args(input=str(tmp_path / "raw" / "{000000..000001}.tar"), output=tmp_path / "out",
+                                  resolution=32, allow_random_first_stage="true", progress="true"))
+    assert "shards=2/2" in proc.stdout and "eta=0:00:00" in proc.stdout
