@@ -24,7 +24,7 @@ import fsspec
 
 # Protocols that WebDataset handles itself (or that are local); everything else goes through fsspec.
 _WDS_NATIVE = {"", "file", "pipe", "http", "https", "ais", "sftp", "ftps", "scp", "gs", "htgs", "hf"}
-_FSSPEC_SCHEMES = ("s3", "s3a", "gcs", "az", "abfs", "memory")
+_FSSPEC_SCHEMES = ("s3", "s3a", "gs", "gcs", "az", "abfs", "memory")
 
 
 def protocol_of(url: str) -> str:
