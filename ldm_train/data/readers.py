@@ -376,6 +376,16 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
 def decode_image_checked(data: bytes, max_pixels: int | None = None) -> tuple[Image.Image, list[str]]:
     """``decode_image`` that also returns what it had to do (of ``CONVERSIONS``) and refuses, from the header
     alone, an image of more than ``max_pixels`` pixels (``ImageTooLarge``, before any pixel is decoded)."""
+    img, notes, _ = decode_for_side(data, None, max_pixels)
+    return img, notes
+
+
+def decode_for_side(data: bytes, min_side: int | None, max_pixels: int | None = None
+                    ) -> tuple[Image.Image, list[str], tuple[int, int]]:
+    """(RGB image, conversions, stored size upright) of ``data``. With ``min_side``, a JPEG is decoded in the DCT
+    domain at the smallest 1/2, 1/4 or 1/8 scale whose shorter side stays at least ``2 * min_side`` (PIL's
+    ``draft``): several times faster on large photos, and the antialiased resize to ``min_side`` that follows
+    hides the difference. The returned size is the full stored size (after EXIF orientation), not the draft's."""
     notes: list[str] = []
     try:
         img = Image.open(io.BytesIO(data))  # reads the header only
@@ -384,12 +394,17 @@ def decode_image_checked(data: bytes, max_pixels: int | None = None) -> tuple[Im
     w, h = img.size
     if max_pixels is not None and w * h > max_pixels:
         raise ImageTooLarge(f"{w}x{h} = {w * h} pixels > filter.max_pixels={max_pixels} (not decoded)")
+    if min_side is not None and img.format == "JPEG" and min(w, h) >= 4 * min_side:
+        keep = 2 * min_side / min(w, h)
+        img.draft(img.mode, (max(1, int(w * keep + 0.999)), max(1, int(h * keep + 0.999))))
     img.load()
     orientation = img.getexif().get(0x0112, 1)
     if orientation in (2, 3, 4, 5, 6, 7, 8):
         img = ImageOps.exif_transpose(img)
         notes.append("exif_transposed")
-    return _to_rgb(img, notes), notes
+        if orientation in (5, 6, 7, 8):
+            w, h = h, w
+    return _to_rgb(img, notes), notes, (w, h)
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -430,13 +445,12 @@ def _decode(raw: _Raw, shard: InputShard, resolution: int, filters: Filters) -> 
     if skip is not None:
         return skip
     try:
-        img, decode_notes = decode_image_checked(raw.image, filters.max_pixels)
+        img, decode_notes, (w, h) = decode_for_side(raw.image, resolution, filters.max_pixels)
     except ImageTooLarge as e:
         return Skip(raw.key, "too_large", str(e)[:200])
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ...)
         return Skip(raw.key, "decode_error", repr(e)[:200])
     notes += decode_notes
-    w, h = img.size
     min_size = resolution if filters.min_size is None else filters.min_size
     if min(w, h) < min_size:
         return Skip(raw.key, "too_small", f"{w}x{h} < {min_size}")
