@@ -1,7 +1,8 @@
 """Load what sampling needs from the trainer's export (``ldm_train.checkpoints.export`` layout).
 
 An export step dir holds ``model_ema.safetensors`` / ``model.safetensors`` (CompVis keys
-``model.diffusion_model.*`` + ``cond_stage_model.*``), ``config.yaml`` (the resolved training config) and
+``model.diffusion_model.*`` + ``cond_stage_model.*``: the text encoder or the class embedder, none when
+unconditional), ``config.yaml`` (the resolved training config; its ``cond.kind`` says which) and, for text,
 ``tokenizer/``. The first stage is NOT in the export: it is the config's ``first_stage.checkpoint`` unless
 eval overrides it. The latent scale factor comes from eval's override, else the config
 (``first_stage.scale_factor``, ``data.scale_factor``), else the latent manifest the run trained on.
@@ -15,14 +16,14 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from ldm_train.config import FirstStageConfig, UNetConfig, to_dataclass
+from ldm_train.config import CondConfig, FirstStageConfig, UNetConfig, cond_config, to_dataclass
 from ldm_train.models.ldm import LatentDiffusion
 
 
 @dataclass
 class SamplingModel:
-    ldm: LatentDiffusion  # UNet + text encoder + schedule, from build_ldm and the export's weights
-    tokenizer: Any
+    ldm: LatentDiffusion  # UNet + cond stage + schedule, from build_ldm and the export's weights
+    tokenizer: Any  # None unless cond.kind is text
     first_stage: torch.nn.Module
     scale_factor: float
     latent_shape: tuple[int, int, int]  # (C, h, w) of the diffusion model's z
@@ -31,6 +32,7 @@ class SamplingModel:
     weights_file: Path
     weights_sha256: str
     first_stage_file: str
+    cond: CondConfig  # the export's cond node (text for runs older than the choice)
 
 
 def _scale_factor(cfg: DictConfig, override: float | None) -> float:
@@ -88,8 +90,15 @@ def load_sampling_model(
                                 "first_stage_checkpoint=) does not exist: pass first_stage_checkpoint=PATH")
 
     ldm = build_ldm(cfg)
+    cond = cond_config(cfg)
     load_strict(ldm.unet, exp.unet, "UNet", str(exp.weights_file))
-    load_strict(ldm.cond_stage_model, exp.text_encoder, "text encoder", str(exp.weights_file))
+    if ldm.cond_stage_model is not None:
+        what = "text encoder" if ldm.cond_kind == "text" else "class embedder"
+        load_strict(ldm.cond_stage_model, exp.text_encoder, what, str(exp.weights_file))
+    elif exp.text_encoder:
+        raise ValueError(f"{exp.weights_file} holds cond_stage_model.* weights but its config builds an unconditional "
+                         f"model (cond.kind={cond.kind}, unet.context_dim={unet_cfg.context_dim}): the config does not "
+                         "match the weights")
     if is_loadable(fs_cfg):
         first_stage = load_first_stage(fs_cfg, map_location=device)
     else:
@@ -100,7 +109,8 @@ def load_sampling_model(
         with torch.random.fork_rng(devices=[]):  # a fixed init without touching the caller's RNG
             torch.manual_seed(0)
             first_stage = build_first_stage(fs_cfg).to(device).eval().requires_grad_(False)
-    tokenizer = load_tokenizer(str(exp.tokenizer_dir), ldm.cond_stage_model.cfg.max_seq_len)
+    tokenizer = load_tokenizer(str(exp.tokenizer_dir), ldm.cond_stage_model.cfg.max_seq_len) \
+        if ldm.cond_kind == "text" else None
     channels = unet_cfg.in_channels - unet_cfg.concat_channels
     return SamplingModel(
         ldm=ldm.to(device).eval().requires_grad_(False),
@@ -113,4 +123,5 @@ def load_sampling_model(
         weights_file=exp.weights_file,
         weights_sha256=exp.sha256,
         first_stage_file=str(fs_cfg.checkpoint or ("identity (pixel)" if fs_cfg.kind == "pixel" else "random-init")),
+        cond=cond,
     )

@@ -43,8 +43,9 @@ class EvalConfig:
     first_stage_checkpoint: str | None = None  # None: the checkpoint config's first_stage.checkpoint
     allow_random_first_stage: bool = False
     scale_factor: float | None = None  # None: the checkpoint config's, else the latent manifest's
-    prompts: Any = MISSING  # a source (str: .json | .txt | shards) or a list of prompts
+    prompts: Any = None  # text checkpoints (required): a source (str: .json | .txt | shards) or a list of prompts
     max_prompts: int | None = None
+    classes: Any = None  # class checkpoints: the class indices to sample (sample i: classes[i % C]); None: every class
     num_samples: int = 1000
     seed: int = 0
     sampler: str = "ddim"  # ddim | plms | ddpm

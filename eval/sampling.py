@@ -1,6 +1,7 @@
 """Distributed sampling to PNG files: identical sets at any world size, resumable by skipping what exists.
 
-Sample ``i`` (0 <= i < num_samples) gets prompt ``prompts[i % len(prompts)]`` and its own
+Sample ``i`` (0 <= i < num_samples) gets condition ``prompts[i % len(prompts)]`` (a prompt, a class index or
+None, as the checkpoint's ``cond.kind``) and its own
 ``torch.Generator`` seeded ``seed + i`` for the initial noise and any sampler noise. The samples are cut
 into GLOBAL batches ``[b * B, (b + 1) * B)`` and each rank takes a contiguous run of whole batches, so a
 sample is always computed in the same batch whatever the world size (batch composition can change the
@@ -104,15 +105,16 @@ def save_png(image: torch.Tensor, path: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- sampling
-def sample_batch(model: SamplingModel, prompts: list[str], indices: Sequence[int], settings: SamplerSettings,
+def sample_batch(model: SamplingModel, prompts: list, indices: Sequence[int], settings: SamplerSettings,
                  device: torch.device) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1] for ``prompts`` with per-sample generators ``seed + index``."""
+    """Images [B, 3, H, W] in [-1, 1] for ``prompts`` (prompts, class indices or None) with per-sample
+    generators ``seed + index``."""
     seeds = [settings.seed + int(i) for i in indices]
     return sample_images(model.ldm, model.first_stage, model.tokenizer, prompts, seeds, settings,
                          model.latent_shape, model.scale_factor, device)
 
 
-def sample_to_folder(model: SamplingModel, prompts: list[str], num_samples: int, folder: str,
+def sample_to_folder(model: SamplingModel, prompts: list, num_samples: int, folder: str,
                      settings: SamplerSettings, rank: int = 0, world_size: int = 1,
                      device: torch.device | str = "cpu", progress: bool = True) -> dict[str, float]:
     """Write this rank's share of samples ``0..num_samples-1`` to ``folder``; returns counts and throughput."""

@@ -1,8 +1,9 @@
 """The one builder of the latent diffusion model, used by the trainer, its sample grid, eval and the summary.
 
-``build_ldm(cfg)`` takes any config with ``unet``, ``text_encoder`` and (optionally) ``train.diffusion``
-nodes: the composed ``conf/train.yaml`` or the ``config.yaml`` an export carries. Missing diffusion keys
-take ``DiffusionConfig``'s defaults (the paper's schedule), so old exports build the same model.
+``build_ldm(cfg)`` takes any config with ``unet``, ``text_encoder`` and (optionally) ``cond`` and
+``train.diffusion`` nodes: the composed ``conf/train.yaml`` or the ``config.yaml`` an export carries. Missing
+diffusion keys take ``DiffusionConfig``'s defaults (the paper's schedule) and a missing ``cond`` is text, so old
+exports build the same model. ``cond.kind`` picks the cond stage: the text encoder, the ``ClassEmbedder`` or none.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from ldm_train.config import TextEncoderConfig, UNetConfig, to_dataclass
+from ldm_train.config import CondConfig, TextEncoderConfig, UNetConfig, cond_config, to_dataclass
 from ldm_train.models.ldm import LatentDiffusion
 
 
@@ -25,25 +26,61 @@ def diffusion_config(cfg: Any) -> Any:
     return to_dataclass(node, DiffusionConfig)
 
 
+def check_cond(cond: CondConfig, unet_cfg: UNetConfig, text_cfg: TextEncoderConfig | None = None,
+               trainable: bool = False) -> None:
+    """Refuse a ``cond`` / ``unet`` pair that cannot work, naming the keys to set.
+
+    ``trainable``: also what only the trainer refuses (a text model without cross-attention, label-embedding
+    or concat conditioning, which no data path feeds).
+    """
+    kind = cond.kind
+    if kind == "text":
+        if unet_cfg.context_dim is not None and text_cfg is not None and unet_cfg.context_dim != text_cfg.n_embed:
+            raise ValueError(f"unet.context_dim={unet_cfg.context_dim} but text_encoder.n_embed={text_cfg.n_embed}: "
+                             "set unet.context_dim=${text_encoder.n_embed} (as the presets do)")
+        if trainable and unet_cfg.context_dim is None:
+            raise ValueError("cond.kind=text but unet.context_dim is null (no cross-attention): set "
+                             "unet.context_dim=${text_encoder.n_embed}, or cond.kind=none for an unconditional model")
+    elif kind == "class":
+        if unet_cfg.context_dim is None:
+            raise ValueError("cond.kind=class feeds the class embedding through cross-attention: set unet.context_dim "
+                             "(the embedding width; 512 in CompVis cin256-v2)")
+    elif unet_cfg.context_dim is not None:
+        raise ValueError(f"cond.kind=none (unconditional) but unet.context_dim={unet_cfg.context_dim}: set "
+                         "unet.context_dim=null (no cross-attention)")
+    if trainable and unet_cfg.num_classes is not None:
+        raise ValueError(f"unet.num_classes={unet_cfg.num_classes} (a label embedding added to the timestep) is not fed "
+                         "by the trainer: set unet.num_classes=null and use cond.kind=class (cross-attention, CompVis cin256-v2)")
+    if trainable and unet_cfg.concat_channels:
+        raise ValueError(f"unet.concat_channels={unet_cfg.concat_channels}: concat conditioning is not trained yet; "
+                         "set unet.concat_channels=0")
+
+
 def build_ldm(cfg: Any, activation_checkpointing: bool | None = None) -> LatentDiffusion:
-    """UNet + text encoder + noise schedule, randomly initialised (load weights with ``load_strict``).
+    """UNet + cond stage + noise schedule, randomly initialised (load weights with ``load_strict``).
 
     ``activation_checkpointing`` overrides both models' ``use_checkpoint`` (the FLOP counter turns it off).
     """
     from ldm_train.diffusion.schedule import make_schedule
+    from ldm_train.models.class_embedder import ClassEmbedder
     from ldm_train.models.text_encoder import BERTEmbedder
     from ldm_train.models.unet import UNetModel
 
     unet_cfg = to_dataclass(cfg.unet, UNetConfig)
-    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig)
+    cond = cond_config(cfg)
+    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig) if cond.kind == "text" else None
     if activation_checkpointing is not None:
         unet_cfg = dataclasses.replace(unet_cfg, use_checkpoint=activation_checkpointing)
-        text_cfg = dataclasses.replace(text_cfg, use_checkpoint=activation_checkpointing)
-    if unet_cfg.context_dim is not None and unet_cfg.context_dim != text_cfg.n_embed:
-        raise ValueError(f"unet.context_dim={unet_cfg.context_dim} but text_encoder.n_embed={text_cfg.n_embed}: "
-                         "set unet.context_dim=${text_encoder.n_embed} (as the presets do)")
+        if text_cfg is not None:
+            text_cfg = dataclasses.replace(text_cfg, use_checkpoint=activation_checkpointing)
+    check_cond(cond, unet_cfg, text_cfg)
     d = diffusion_config(cfg)
     with torch.device("cpu"):  # the schedule is config, on the CPU even when the modules are built on meta
         schedule = make_schedule(d.beta_schedule, d.timesteps, linear_start=d.linear_start, linear_end=d.linear_end)
-    text = BERTEmbedder(text_cfg) if unet_cfg.context_dim is not None else None
-    return LatentDiffusion(UNetModel(unet_cfg), text, schedule, d.parameterization, d.min_snr_gamma)
+    stage: torch.nn.Module | None = None
+    if cond.kind == "class":
+        stage = ClassEmbedder(cond.embedding_rows(), int(unet_cfg.context_dim), cond.null_label())
+    elif cond.kind == "text" and unet_cfg.context_dim is not None:
+        stage = BERTEmbedder(text_cfg)
+    return LatentDiffusion(UNetModel(unet_cfg), stage, schedule, d.parameterization, d.min_snr_gamma,
+                           cond_kind=cond.kind if stage is not None else "none")

@@ -1,6 +1,7 @@
 """Typed configs of the model components (the single schema; YAML under conf/ holds presets only).
 
-Every stage composes these groups: ``first_stage``, ``unet``, ``text_encoder``. The dataclasses are
+Every stage composes these groups: ``first_stage``, ``unet``, ``text_encoder`` (and the ``cond`` node: what the
+model is conditioned on). The dataclasses are
 registered in Hydra's ConfigStore as ``schema/<group>`` so a preset starts with
 ``defaults: [/schema/unet@_here_, _self_]`` and gets type checking of its fields.
 """
@@ -107,6 +108,50 @@ class TextEncoderConfig:
     tokenizer: str | None = None
 
 
+COND_KINDS = ("text", "class", "none")
+
+
+@dataclass
+class CondConfig:
+    """What the diffusion model is conditioned on (the ``cond`` node of ``conf/train.yaml``).
+
+    - ``text`` (default): captions -> the BERT text encoder (``text_encoder``) -> cross-attention context.
+    - ``class``: the shards' json ``label_key`` -> ``ClassEmbedder`` (CompVis: ``cond_stage_model.embedding``,
+      ``nn.Embedding(num_classes + 1, unet.context_dim)``) -> a [B, 1, context_dim] context; row ``num_classes``
+      is the null class, the unconditional input of classifier-free guidance (CompVis cin256-v2: n_classes 1001).
+    - ``none``: unconditional (``unet.context_dim: null``, no ``cond_stage_model``, no guidance).
+
+    ``train.caption_dropout`` is the share of unconditional training samples for every kind that has one
+    (empty caption, or the null class).
+    """
+
+    kind: str = "text"  # text | class | none
+    num_classes: int = 1000  # class: labels 0..num_classes-1 (the null class is one more embedding row)
+    null_class: bool = True  # class: the extra null-class row (needed for label dropout and guidance)
+    label_key: str = "label"  # class: the key of the label in each sample's json
+    class_names: list[str] = field(default_factory=list)  # class: display names (grid captions, eval)
+
+    def embedding_rows(self) -> int:
+        return self.num_classes + (1 if self.null_class else 0)
+
+    def null_label(self) -> int | None:
+        return self.num_classes if self.null_class else None
+
+    def class_name(self, label: int) -> str:
+        return self.class_names[label] if 0 <= label < len(self.class_names) else f"class {label}"
+
+
+def cond_config(cfg: Any) -> CondConfig:
+    """The ``cond`` node of a composed config or an export's ``config.yaml`` (absent: text, as every older run)."""
+    node = OmegaConf.select(cfg, "cond", default=None) if OmegaConf.is_config(cfg) else getattr(cfg, "cond", None)
+    cond = to_dataclass(node, CondConfig)
+    if cond.kind not in COND_KINDS:
+        raise ValueError(f"cond.kind={cond.kind!r}: use one of {COND_KINDS}")
+    if cond.kind == "class" and cond.num_classes < 1:
+        raise ValueError(f"cond.num_classes={cond.num_classes}: a class-conditional model needs at least one class")
+    return cond
+
+
 def _div(a: Any, b: Any) -> int:
     a, b = int(a), int(b)
     if a % b:
@@ -129,6 +174,7 @@ def register_configs() -> None:
     cs.store(group="schema", name="first_stage", node=FirstStageConfig)
     cs.store(group="schema", name="unet", node=UNetConfig)
     cs.store(group="schema", name="text_encoder", node=TextEncoderConfig)
+    cs.store(group="schema", name="cond", node=CondConfig)
 
 
 def to_dataclass(cfg: Any, cls: type) -> Any:

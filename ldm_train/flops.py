@@ -2,7 +2,7 @@
 
 FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (matmuls, convolutions, attention; a
 multiply-add counts 2). ``train_flops_per_sample`` is forward + backward of everything trained (UNet + text
-encoder) for one sample, without activation-checkpoint recomputation: the model FLOPs to use for MFU.
+encoder or class embedder) for one sample, without activation-checkpoint recomputation: the model FLOPs to use for MFU.
 The trainer logs MFU from it; ``python -m ldm_train.summary`` prints it.
 """
 from __future__ import annotations
@@ -48,7 +48,11 @@ def _first_stage_summary(cfg: FirstStageConfig, resolution: int) -> dict[str, An
 
 
 def summarize(cfg: DictConfig) -> dict[str, Any]:
-    """Counts and FLOPs of the composed ``unet`` / ``text_encoder`` / ``first_stage`` (meta device)."""
+    """Counts and FLOPs of the composed ``unet`` / cond stage / ``first_stage`` (meta device).
+
+    The cond stage follows ``cond.kind``: the text encoder (``text_encoder_*``), the class embedder, or none;
+    ``cond_stage_params`` counts whichever there is.
+    """
     unet_cfg = to_dataclass(cfg.unet, UNetConfig)
     text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig)
     fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
@@ -56,44 +60,54 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     side = unet_cfg.image_size
     with torch.device("meta"):
         ldm = build_ldm(cfg, activation_checkpointing=False)  # model FLOPs: no recomputation
-        unet, text = ldm.unet, ldm.cond_stage_model
-        with_text = text is not None
+        unet, stage = ldm.unet, ldm.cond_stage_model
+        kind = ldm.cond_kind
         z_channels = unet_cfg.in_channels - unet_cfg.concat_channels
         x = torch.empty(1, z_channels, side, side)
         t = torch.zeros(1, dtype=torch.long)
-        ids = torch.zeros(1, text_cfg.max_seq_len, dtype=torch.long)
+        # the cond stage's input: token ids [1, L] (text) or a label [1] (class)
+        ids = torch.zeros(1, text_cfg.max_seq_len, dtype=torch.long) if kind == "text" else \
+            torch.zeros(1, dtype=torch.long)
         kwargs: dict[str, torch.Tensor] = {}
         if unet_cfg.num_classes is not None:
             kwargs["y"] = torch.zeros(1, dtype=torch.long)
         if unet_cfg.concat_channels:
             kwargs["concat"] = torch.empty(1, unet_cfg.concat_channels, side, side)
-        context = torch.empty(1, text_cfg.max_seq_len, text_cfg.n_embed) if with_text else None
+        if kind == "text":
+            context = torch.empty(1, text_cfg.max_seq_len, text_cfg.n_embed)
+        elif kind == "class":
+            context = torch.empty(1, 1, int(unet_cfg.context_dim))
+        else:
+            context = None
 
         with torch.no_grad():
             unet_fwd = _flops(lambda: unet(x, t, context, **kwargs))
-            text_fwd = _flops(lambda: text(ids)) if text is not None else 0
+            stage_fwd = _flops(lambda: stage(ids)) if stage is not None else 0
 
         def train_step() -> None:
-            ctx = text(ids) if text is not None else None
+            ctx = stage(ids) if stage is not None else None
             unet(x, t, ctx, **kwargs).float().square().mean().backward()
 
         unet.train()
-        if text is not None:
-            text.train()
+        if stage is not None:
+            stage.train()
         train = _flops(train_step)
 
-    text_params = _count(text) if text is not None else 0
+    stage_params = _count(stage) if stage is not None else 0
+    text = stage if kind == "text" else None
     unused = sum(p.numel() for n, p in text.named_parameters() if n in text.unused_parameter_names()) if text else 0
     out: dict[str, Any] = {
         "first_stage": fs_cfg.name,
         "resolution": resolution,
         "latent_shape": [z_channels, side, side],
+        "cond_kind": kind,
         "unet_params": _count(unet),
-        "text_encoder_params": text_params,
+        "cond_stage_params": stage_params,  # text encoder, class embedder, or 0 (unconditional)
+        "text_encoder_params": stage_params if text is not None else 0,
         "text_encoder_unused_params": unused,  # to_logits: kept for checkpoint parity, never trained
-        "trainable_params": _count(unet) + text_params - unused,
+        "trainable_params": _count(unet) + stage_params - unused,
         "unet_forward_gflops": unet_fwd / 1e9,
-        "text_encoder_forward_gflops": text_fwd / 1e9,
+        "text_encoder_forward_gflops": (stage_fwd if text is not None else 0) / 1e9,
         "train_flops_per_sample": train,
         "train_gflops_per_sample": train / 1e9,
     }

@@ -1,6 +1,8 @@
-"""The one sampling function: prompts -> latents (DDIM / PLMS / DDPM with classifier-free guidance) -> images.
+"""The one sampling function: conditions -> latents (DDIM / PLMS / DDPM with classifier-free guidance) -> images.
 
-Used by the trainer's sample grid and by ``eval``. Sample ``i`` of a call gets its own ``torch.Generator``
+A condition per sample follows the model's ``cond_kind``: a prompt (text; the empty caption is the unconditional
+input), a class index (class; the null class is the unconditional input) or None (none: unconditional, the
+guidance scale is ignored). Used by the trainer's sample grid and by ``eval``. Sample ``i`` of a call gets its own ``torch.Generator``
 seeded ``seeds[i]`` for the initial noise and any sampler noise, so a sample does not depend on the batch
 or the rank that drew it.
 """
@@ -29,18 +31,46 @@ class SamplerSettings:
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of UNet, text encoder and decoder; CUDA)
 
 
-@torch.no_grad()
-def sample_latents(model: LatentDiffusion, tokenizer: Any, prompts: list[str], seeds: Sequence[int],
-                   settings: SamplerSettings, latent_shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """Latents [B, *latent_shape] for ``prompts`` (unscaled: divide by the scale factor before decoding)."""
-    from ldm_train.data.tokenizer import tokenize
+def conditioning(model: LatentDiffusion, tokenizer: Any, conds: Sequence[Any],
+                 device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The UNet keywords of ``conds`` and of the unconditional input, for ``cfg_model_fn``."""
+    kind = model.cond_kind
+    if kind == "text":
+        from ldm_train.data.tokenizer import tokenize
 
-    max_len = model.cond_stage_model.cfg.max_seq_len
-    cond = model.encode_text(tokenize(tokenizer, prompts, max_len).to(device))
-    uncond = model.encode_text(tokenize(tokenizer, [""] * len(prompts), max_len).to(device))
-    model_fn = cfg_model_fn(model.unet, {"context": cond}, {"context": uncond}, float(settings.guidance_scale))
+        max_len = model.cond_stage_model.cfg.max_seq_len
+        prompts = [str(p) for p in conds]
+        cond = model.encode_text(tokenize(tokenizer, prompts, max_len).to(device))
+        uncond = model.encode_text(tokenize(tokenizer, [""] * len(prompts), max_len).to(device))
+        return {"context": cond}, {"context": uncond}
+    if kind == "class":
+        stage = model.cond_stage_model
+        n_real = stage.n_classes - (1 if stage.null_label is not None else 0)
+        labels = [int(c) for c in conds]
+        bad = [c for c in labels if not 0 <= c < n_real]
+        if bad:
+            raise ValueError(f"class labels {bad[:5]} are outside the model's classes 0..{n_real - 1}")
+        cond = stage(torch.tensor(labels, dtype=torch.long, device=device))
+        uncond = stage(stage.unconditional(len(labels), device)) if stage.null_label is not None else cond
+        return {"context": cond}, {"context": uncond}
+    return {}, {}
+
+
+@torch.no_grad()
+def sample_latents(model: LatentDiffusion, tokenizer: Any, conds: Sequence[Any], seeds: Sequence[int],
+                   settings: SamplerSettings, latent_shape: Sequence[int], device: torch.device) -> torch.Tensor:
+    """Latents [B, *latent_shape], one per condition (unscaled: divide by the scale factor before decoding)."""
+    if len(conds) != len(seeds):
+        raise ValueError(f"{len(conds)} conditions but {len(seeds)} seeds: one each per sample")
+    scale = float(settings.guidance_scale)
+    if model.cond_kind == "none":
+        scale = 1.0  # unconditional: nothing to guide with
+    elif model.cond_kind == "class" and scale != 1 and model.cond_stage_model.null_label is None:
+        raise ValueError(f"guidance_scale={scale:g} needs the null class (cond.null_class=true): use guidance_scale=1")
+    cond, uncond = conditioning(model, tokenizer, conds, device)
+    model_fn = cfg_model_fn(model.unet, cond, uncond, scale)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    shape = (len(prompts), *latent_shape)
+    shape = (len(seeds), *latent_shape)
     schedule = model.schedule_on(torch.device(device))
     common = dict(parameterization=model.parameterization, generator=generators, device=device)
     if settings.sampler == "ddim":
@@ -53,10 +83,11 @@ def sample_latents(model: LatentDiffusion, tokenizer: Any, prompts: list[str], s
 
 
 @torch.no_grad()
-def sample_images(model: LatentDiffusion, first_stage: torch.nn.Module | None, tokenizer: Any, prompts: list[str],
+def sample_images(model: LatentDiffusion, first_stage: torch.nn.Module | None, tokenizer: Any, conds: Sequence[Any],
                   seeds: Sequence[int], settings: SamplerSettings, latent_shape: Sequence[int], scale_factor: float,
                   device: torch.device) -> torch.Tensor:
-    """Images [B, 3, H, W] in [-1, 1]: sampled latents decoded by ``first_stage``.
+    """Images [B, 3, H, W] in [-1, 1]: sampled latents decoded by ``first_stage``, one per condition (prompt,
+    class index or None, as the model's ``cond_kind``).
 
     Without a first stage the first three latent channels are shown, each image normalised to [-1, 1]
     (enough to see whether colours follow the prompt in a run that has no decoder yet).
@@ -66,9 +97,9 @@ def sample_images(model: LatentDiffusion, first_stage: torch.nn.Module | None, t
         if dtype is None:
             raise ValueError(f"precision={settings.precision!r}: use fp32, bf16 or fp16")
         with torch.autocast(device.type, dtype=dtype):
-            z = sample_latents(model, tokenizer, prompts, seeds, settings, latent_shape, device)
+            z = sample_latents(model, tokenizer, conds, seeds, settings, latent_shape, device)
             return _decode(first_stage, z, scale_factor).float()
-    z = sample_latents(model, tokenizer, prompts, seeds, settings, latent_shape, device)
+    z = sample_latents(model, tokenizer, conds, seeds, settings, latent_shape, device)
     return _decode(first_stage, z, scale_factor)
 
 

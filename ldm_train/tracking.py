@@ -249,10 +249,12 @@ class Tracker:
         name: str,
         images: torch.Tensor | str | os.PathLike,
         captions: list[str] | None = None,
+        cols: int | None = None,
     ) -> Path | None:
         """Log a grid ([3, H, W]) or a batch ([N, 3, H, W], one caption each) in [-1, 1], or a PNG path.
 
-        A tensor is also saved as ``samples/<name>-<step>.png`` (a batch as one row-major grid).
+        A tensor is also saved as ``samples/<name>-<step>.png`` (a batch as one row-major grid, ``cols`` images
+        a row; None: a square-ish grid).
         """
         if not self.enabled:
             return None
@@ -261,7 +263,7 @@ class Tracker:
         if isinstance(images, torch.Tensor):
             batch = images if images.dim() == 4 else images.unsqueeze(0)
             arrays = [_to_uint8_hwc(img) for img in batch]
-            cols = math.ceil(math.sqrt(len(arrays)))
+            cols = min(int(cols), len(arrays)) if cols else math.ceil(math.sqrt(len(arrays)))
             rows = math.ceil(len(arrays) / cols)
             h, w, c = arrays[0].shape
             grid = np.zeros((rows * h, cols * w, c), dtype=np.uint8)

@@ -52,3 +52,26 @@ def write_latent_shards(out_dir: str | Path, shard_sizes: list[int], make_sample
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def write_class_shards(out_dir: str | Path, num_samples: int, num_classes: int = 10, *, shard_size: int = 64,
+                       with_label: bool = True, name: str = "fmnist_kl_f4", z_channels: int = 3,
+                       downsample_factor: int = 4, resolution: int = 32, seed: int = 0) -> dict[str, Any]:
+    """KL-moment shards whose latent is a class-dependent pattern (sample i is class i % num_classes) and whose json
+    carries ``label`` (``with_label=False``: none, as unlabelled caption data); captions "a photo of class N"."""
+    side = resolution // downsample_factor
+    rng = np.random.default_rng(seed)
+    patterns = np.random.default_rng(1000 + seed).standard_normal((num_classes, z_channels, side, side))
+
+    def make(i: int) -> tuple[str, np.ndarray, str, dict[str, Any]]:
+        label = i % num_classes
+        mean = patterns[label] + 0.1 * rng.standard_normal((z_channels, side, side))
+        logvar = np.full((z_channels, side, side), -6.0)
+        meta: dict[str, Any] = {"source_key": f"{i:09d}"}
+        if with_label:
+            meta["label"] = label
+        return f"{i:09d}", np.concatenate([mean, logvar]), f"a photo of class {label}", meta
+
+    sizes = [min(shard_size, num_samples - start) for start in range(0, num_samples, shard_size)]
+    return write_latent_shards(out_dir, sizes, make, name=name, downsample_factor=downsample_factor,
+                               z_channels=z_channels, resolution=resolution)

@@ -6,6 +6,8 @@
   ``model.ckpt`` files, or the ``first_stage_model.*`` part of a whole LDM checkpoint.
 - ``export``: the LDM trainer's per-checkpoint export (``model.safetensors``, ``model_ema.safetensors``,
   ``config.yaml``, ``tokenizer/``) and loading it back without DeepSpeed.
+- ``safe_load``: ``torch.load(weights_only=True)`` for every torch file (a pickle that needs more is refused,
+  naming the file), and the context that makes DeepSpeed's and torch-fidelity's own loads weights-only too.
 
 Models stay plain ``nn.Module``s: nothing under ``ldm_train.models`` opens a file.
 ``python -m ldm_train.checkpoints PATH`` prints the groups and tensor counts of a checkpoint as JSON.

@@ -23,6 +23,8 @@ import fsspec
 import torch
 from torch import nn
 
+from ldm_train.checkpoints.safe_load import refusal
+
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model."
 FIRST_STAGE_PREFIX = "first_stage_model."
@@ -66,15 +68,7 @@ def read_weights(path: str, missing_hint: str = "check the configured checkpoint
     try:
         obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()] or [type(err).__name__]
-        # torch names the offending global ("Unsupported global: GLOBAL builtins.print ..."): show that line
-        first = next((ln for ln in lines if "global" in ln.lower()), lines[0])[:300]
-        raise ValueError(
-            f"refusing to load {path}: it is a pickle that needs more than tensors and plain containers "
-            f"({first}). Loading it would run code from the file. Re-save its tensors as .safetensors where "
-            "you trust the file (safetensors.torch.save_file(state_dict, 'model.safetensors')) and point the "
-            "config at that"
-        ) from None
+        raise refusal(path, err) from None  # names the file and the global it asked for
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # Lightning checkpoint
     if not isinstance(obj, Mapping):

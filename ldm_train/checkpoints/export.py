@@ -3,10 +3,11 @@
 Per checkpoint ``<run_dir>/checkpoints/step_NNNNNNN/``:
 
 - ``model.safetensors``: the raw (trained) weights, keys ``model.diffusion_model.*`` (UNet) and
-  ``cond_stage_model.*`` (text encoder, ``transformer.to_logits`` included), float32.
+  ``cond_stage_model.*`` (the text encoder, ``transformer.to_logits`` included; the class embedder's
+  ``embedding.weight`` for ``cond.kind`` class; none when unconditional), float32.
 - ``model_ema.safetensors``: the EMA weights, the same keys, float32 (what eval should sample from).
 - ``config.yaml``: the resolved Hydra config (``unet``, ``text_encoder``, ``first_stage``, ``data``, ``train``...).
-- ``tokenizer/``: the tokenizer directory (``ldm_train.data.tokenizer.load_tokenizer`` reads it).
+- ``tokenizer/``: the tokenizer directory (``ldm_train.data.tokenizer.load_tokenizer`` reads it; text only).
 
 Both safetensors files carry metadata ``{"format": "compvis-ldm", "step": ..., "samples_seen": ..., "ema": ...}``.
 The same keys load into CompVis ``LatentDiffusion`` (``first_stage_model.*`` is not included: the first

@@ -4,6 +4,7 @@ Batches (one per micro-step, per rank) are dicts::
 
     {"moments": float32 [B, 2z, h, w]}   (KL first stage: mean then logvar)  or  {"latents": [B, z, h, w]} (VQ),
     "tokens": LongTensor [B, L] (when a tokenizer is given), "caption": list[str] (after dropout: "" = uncond),
+    "label": LongTensor [B] (with ``LabelSpec``: the json's label, the null class where dropped),
     "dropped": BoolTensor [B], "key": list[str], "meta": list[dict]
 
 ``sample_latents(moments, scale_factor, generator)`` turns moments into the diffusion model's z.
@@ -67,6 +68,47 @@ class LatentDataConfig:
     seed: int = 0
     prefetch_factor: int = 4
     pin_memory: bool = True  # only used with CUDA
+
+
+@dataclass
+class LabelSpec:
+    """Class labels for ``cond.kind=class``: ``json[key]`` of each sample, in ``0..num_classes-1``; a dropped sample
+    (the caption-dropout mask) gets ``null_label``."""
+
+    key: str = "label"
+    num_classes: int = 1000
+    null_label: int | None = None
+
+
+def label_fix_hint(key: str) -> str:
+    return (f"cond.kind=class reads the class label from each sample's json ('{key}'): encode labelled images "
+            "(data_prep.fashion_mnist shards, or ImageNet-style class folders <root>/<class>/<image>) with "
+            f"data_prep.encode, set cond.label_key to the key your json uses, or train with cond.kind=text or none")
+
+
+def sample_label(meta: dict[str, Any], spec: LabelSpec, url: str, key: str) -> int:
+    """The class label of one sample, or a ValueError naming the shard, the sample and the fix."""
+    value = meta.get(spec.key)
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        got = "has no" if value is None else f"has {spec.key}={value!r}, not a class index, as"
+        raise ValueError(f"shard {url}: sample {key} {got} '{spec.key}' in its json. {label_fix_hint(spec.key)}")
+    if value >= spec.num_classes:
+        raise ValueError(f"shard {url}: sample {key} has {spec.key}={value} but cond.num_classes={spec.num_classes}: "
+                         f"set cond.num_classes to the number of classes of the data set (labels 0..N-1)")
+    return value
+
+
+def check_first_label(shards: list[tuple[str, int]], spec: LabelSpec) -> None:
+    """Read the first sample of the first non-empty shard and check it carries a label (a fast start-up check; the
+    loader checks every sample)."""
+    for url, n in shards:
+        if n:
+            for sample in iter_samples(url):
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+                sample_label(meta, spec, url, sample["__key__"].rsplit("/", 1)[-1])
+                return
 
 
 def sample_latents(
@@ -136,6 +178,7 @@ class LatentShardDataset(IterableDataset):
         tokenize_fn: Callable[[list[str]], torch.Tensor] | None = None,
         base_block: int = 0,
         start_batches: int = 0,
+        labels: LabelSpec | None = None,
     ) -> None:
         super().__init__()
         self.plan = BlockPlan(shards, shards_per_block, seed)
@@ -148,6 +191,10 @@ class LatentShardDataset(IterableDataset):
         self.tokenize_fn = tokenize_fn
         self.base_block = base_block
         self.start_batches = start_batches
+        self.labels = labels
+        if labels is not None and labels.null_label is None and caption_dropout > 0:
+            raise ValueError(f"label dropout {caption_dropout} needs a null class: set cond.null_class=true, "
+                             "or train.caption_dropout=0")
         self._decode = NpyDecoder()
 
     # ---- one block: interleave its shards, shuffle, drop captions --------------------------------------
@@ -201,6 +248,12 @@ class LatentShardDataset(IterableDataset):
         }
         if self.tokenize_fn is not None:
             batch["tokens"] = self.tokenize_fn(captions)
+        if self.labels is not None:
+            spec = self.labels
+            labels = [sample_label(meta, spec, s.get("__url__", "?"), key)
+                      for s, meta, key in zip(samples, batch["meta"], batch["key"], strict=True)]
+            batch["label"] = torch.tensor([spec.null_label if s["__dropped__"] else lab
+                                           for s, lab in zip(samples, labels, strict=True)], dtype=torch.long)
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -254,6 +307,7 @@ class LatentLoader:
         rank: int | None = None,
         world_size: int | None = None,
         manifest: dict[str, Any] | None = None,
+        labels: LabelSpec | None = None,
     ) -> None:
         from ldm_train.runtime.distributed import get_rank, get_world_size
 
@@ -266,6 +320,7 @@ class LatentLoader:
         self.rank = get_rank() if rank is None else rank
         self.world_size = get_world_size() if world_size is None else world_size
         self.manifest = manifest
+        self.labels = labels
         self.batches_yielded = 0
         self.base_block = 0
 
@@ -293,6 +348,7 @@ class LatentLoader:
             tokenize_fn=self.tokenize_fn,
             base_block=self.base_block,
             start_batches=self.batches_yielded,
+            labels=self.labels,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -352,12 +408,15 @@ def build_latent_loader(
     tokenize_fn: Callable[[list[str]], torch.Tensor] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    labels: LabelSpec | None = None,
 ) -> LatentLoader:
     """Read and check the manifest of ``cfg.shards`` against the model config, then build the loader.
 
     ``cfg`` may be a LatentDataConfig or the ``data`` DictConfig node. ``tokenize_fn(captions) -> LongTensor``
     runs in the loader workers: ``ldm_train.data.tokenizer.BatchTokenizer(tokenizer, max_len)`` (fastest), or
     ``functools.partial(tokenize, tokenizer, max_len=77)`` with ``ldm_train.data.tokenizer.tokenize``.
+    ``labels`` adds each batch's class labels (``cond.kind=class``); the first shard's first sample is checked
+    for one here, so data without labels fails at start-up.
     """
     if not isinstance(cfg, LatentDataConfig):
         from ldm_train.config import to_dataclass
@@ -370,7 +429,9 @@ def build_latent_loader(
     on_main = (get_rank() if rank is None else rank) == 0
     check_manifest(manifest, first_stage_cfg, unet_cfg, resolution=cfg.resolution, verify_checkpoint=on_main)
     shards = shard_list(manifest, base_url=None if cfg.manifest else cfg.shards)
+    if labels is not None:
+        check_first_label(shards, labels)
     return LatentLoader(
         cfg, shards, stored=manifest["stored"], tokenize_fn=tokenize_fn, rank=rank, world_size=world_size,
-        manifest=manifest,
+        manifest=manifest, labels=labels,
     )

@@ -69,6 +69,27 @@ def load_tokenizer(path: str, max_len: int | None = None) -> PreTrainedTokenizer
     return tok
 
 
+def _seed_tokens(wp: Any, captions: list[str]) -> list[str]:
+    """The special tokens, then every character and every ``##``-continuation character of the corpus, sorted.
+
+    Makes the trained vocabulary the same bytes in every process. The ``tokenizers`` WordPiece (BPE) trainer
+    breaks ties between equally frequent merges by token id, and it numbers the ``##c`` continuation pieces in the
+    iteration order of a Rust hash map that is seeded afresh in each process: two runs on the same captions got
+    different merges, hence different ids for the same words. Passing these pieces up front, in sorted order,
+    fixes their ids (the trainer adds tokens it already has only once), so every later merge and id is fixed too.
+    The vocabulary holds the same pieces as before: the characters and the continuation characters of the corpus.
+    """
+    firsts: set[str] = set()
+    rest: set[str] = set()
+    for start in range(0, len(captions), 1024):  # words never span whitespace: split a joined chunk at once
+        text = wp.normalizer.normalize_str("\n".join(captions[start:start + 1024]))
+        for word, _ in wp.pre_tokenizer.pre_tokenize_str(text):
+            firsts.add(word[0])
+            rest.update(word[1:])
+    chars = sorted((firsts | rest) - set(SPECIAL_TOKENS))
+    return [*SPECIAL_TOKENS, *chars, *(f"##{c}" for c in sorted(rest))]
+
+
 def train_tokenizer(
     captions: Iterable[str], vocab_size: int, out_dir: str, max_len: int = 77
 ) -> PreTrainedTokenizerBase:
@@ -84,7 +105,9 @@ def train_tokenizer(
     wp = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     wp.normalizer = normalizers.BertNormalizer(lowercase=True)
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    captions = list(captions)
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=_seed_tokens(wp, captions),
+                                        show_progress=False)
     wp.train_from_iterator(captions, trainer=trainer)
     # rebuild as the standard BERT tokenizer from the learnt vocab: one code path for trained and given vocabs
     vocab = wp.get_vocab()

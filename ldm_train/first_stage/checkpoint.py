@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from ldm_train.checkpoints.safe_load import load_weights_only
 from ldm_train.runtime.distributed import barrier, rng_state, set_rng_state
 
 CKPT_PREFIX = "step_"
@@ -54,10 +55,10 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], rank: int,
 
 def load_checkpoint(path: Path, rank: int, world_size: int) -> dict[str, Any]:
     """The shared state; restores this rank's RNG when the world size matches, else flags ``reseed``."""
-    state = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
+    state = load_weights_only(path / "state.pt", "first-stage checkpoint")  # a pickle with code: refused, named
     rng_file = path / f"rng_rank{rank:05d}.pt"
     if state.get("world_size") == world_size and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, map_location="cpu", weights_only=True))
+        set_rng_state(load_weights_only(rng_file, "first-stage checkpoint"))
     else:
         print(f"[train_autoencoder] resuming {path} at world size {world_size} (saved at "
               f"{state.get('world_size')}): RNG re-seeded and the data stream restarts at a new seed", flush=True)

@@ -1,8 +1,9 @@
-"""The latent diffusion model: UNet + text encoder in ONE nn.Module, so one DeepSpeed engine trains both jointly.
+"""The latent diffusion model: UNet + cond stage in ONE nn.Module, so one DeepSpeed engine trains both jointly.
 
 Attribute names follow CompVis ``LatentDiffusion`` (``model.diffusion_model`` = the UNet through a
-``DiffusionWrapper``, ``cond_stage_model`` = the text encoder), so ``state_dict()`` keys are the released
-checkpoint keys and export is a plain save.
+``DiffusionWrapper``, ``cond_stage_model`` = the text encoder (``cond_kind`` text) or the ``ClassEmbedder``
+(class), absent when unconditional (none)), so ``state_dict()`` keys are the released checkpoint keys and
+export is a plain save.
 """
 from __future__ import annotations
 
@@ -25,7 +26,10 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(nn.Module):
-    """forward(z0, tokens, t, noise) -> per-sample diffusion loss [B] (float32)."""
+    """forward(z0, cond, t, noise) -> per-sample diffusion loss [B] (float32).
+
+    ``cond`` is what ``cond_stage_model`` takes: token ids [B, L] (text), class labels [B] (class), None (none).
+    """
 
     def __init__(
         self,
@@ -34,10 +38,12 @@ class LatentDiffusion(nn.Module):
         schedule: DiffusionSchedule,
         parameterization: str = "eps",
         min_snr_gamma: float | None = None,
+        cond_kind: str = "text",
     ) -> None:
         super().__init__()
         self.model = DiffusionWrapper(unet)
-        self.cond_stage_model = text_encoder
+        self.cond_stage_model = text_encoder  # the text encoder, the ClassEmbedder, or None
+        self.cond_kind = cond_kind
         # a plain attribute, not buffers: the schedule is config, not state, and stays out of the export
         self.schedule = schedule
         self._schedule_on: dict[torch.device, DiffusionSchedule] = {schedule.device: schedule}
@@ -59,11 +65,21 @@ class LatentDiffusion(nn.Module):
         """Token ids [B, L] -> context [B, L, n_embed] (the empty caption's tokens are the uncond input)."""
         return self.cond_stage_model(tokens)
 
+    def encode_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
+        """The cross-attention context of ``cond`` (tokens or labels); None without a cond stage."""
+        if self.cond_stage_model is None:
+            if cond is not None:
+                raise ValueError("this model is unconditional (no cond_stage_model) but got a conditioning input")
+            return None
+        if cond is None:
+            raise ValueError(f"this model is conditioned on {self.cond_kind} but got no conditioning input")
+        return self.cond_stage_model(cond)
+
     def eps_model(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         return self.model(x, t, context=context)
 
-    def forward(self, z0: torch.Tensor, tokens: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        context = self.encode_text(tokens)
+    def forward(self, z0: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        context = self.encode_cond(cond)
         schedule = self.schedule_on(z0.device)
         return diffusion_loss(
             lambda x_t, tt: self.model(x_t, tt, context=context),

@@ -328,6 +328,24 @@ def broadcast_str(value: str | None) -> str:
     return str(box[0])
 
 
+def broadcast_object(value: Any) -> Any:
+    """Rank 0's picklable ``value`` on every rank (itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather_objects(value: Any) -> list[Any]:
+    """Every rank's picklable ``value``, in rank order (``[value]`` without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
 def rng_state(gen: torch.Generator | None = None) -> dict[str, Any]:
     """This process's RNG streams (torch, python, CUDA, and ``gen`` when given), for a resumable checkpoint."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}

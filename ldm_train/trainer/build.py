@@ -1,10 +1,10 @@
-"""Build the pieces the loop wires together: run dir, tokenizer, model, data, DeepSpeed engine, EMA."""
+"""Build the pieces the loop wires together: run dir, conditioning check, tokenizer, model, data, DeepSpeed engine, EMA."""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
-from ldm_train.config import TextEncoderConfig
+from ldm_train.config import CondConfig, TextEncoderConfig
 from ldm_train.runtime.distributed import barrier, broadcast_str, get_rank
 from ldm_train.runtime.rundir import describe_run, resolve_run_dir, slurm_job_id
 
@@ -19,6 +19,34 @@ def make_run_dir(cfg: Any, world_size: int, global_batch: int) -> Path:
         desc = describe_run(cfg.experiment_name, cfg.first_stage.name, world_size, global_batch)
         path = str(resolve_run_dir(cfg.runs_root, cfg.experiment_name, desc, run_name, slurm_job_id()))
     return Path(broadcast_str(path))
+
+
+def check_conditioning(cfg: Any) -> CondConfig:
+    """``cond`` checked against ``unet`` (and ``train.caption_dropout``) before anything is built: the kind in use."""
+    from ldm_train.build import check_cond
+    from ldm_train.config import UNetConfig, cond_config, to_dataclass
+
+    cond = cond_config(cfg)
+    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig) if cond.kind == "text" else None
+    check_cond(cond, to_dataclass(cfg.unet, UNetConfig), text_cfg, trainable=True)
+    if cond.kind == "class" and not cond.null_class:
+        if float(cfg.train.caption_dropout) > 0:
+            raise ValueError(f"train.caption_dropout={cfg.train.caption_dropout} drops labels to the null class, but "
+                             "cond.null_class=false: set cond.null_class=true or train.caption_dropout=0")
+        if float(cfg.train.sampling.guidance_scale) != 1 or (cfg.train.fid.every_samples and
+                                                              float(cfg.train.fid.guidance_scale) != 1):
+            raise ValueError("classifier-free guidance needs the null class: set cond.null_class=true, or "
+                             "train.sampling.guidance_scale=1 and train.fid.guidance_scale=1")
+    return cond
+
+
+def label_spec(cond: CondConfig) -> Any:
+    """The loader's class-label spec for ``cond.kind=class`` (None otherwise)."""
+    from ldm_train.data.latents import LabelSpec
+
+    if cond.kind != "class":
+        return None
+    return LabelSpec(key=cond.label_key, num_classes=int(cond.num_classes), null_label=cond.null_label())
 
 
 def setup_tokenizer(te_cfg: TextEncoderConfig, run_dir: Path, shards: list[tuple[str, int]]) -> tuple[Any, Path]:

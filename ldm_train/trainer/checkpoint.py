@@ -8,6 +8,7 @@ Layout (``<run_dir>/checkpoints/``)::
         *_optim_states.pt           DeepSpeed: ZeRO-partitioned fp32 master weights + AdamW moments
         trainer_rank00000.pt        per global rank: data-stream position, RNG states
         meta.json                   step, samples seen, world size, ZeRO stage, precision
+        files.json                  every other file of the folder with its size and sha256 (written last)
         model.safetensors           raw weights, CompVis keys: model.diffusion_model.*, cond_stage_model.*
         model_ema.safetensors       EMA weights (fp32), the same CompVis keys; also how the EMA is resumed
         config.yaml                 the resolved config of the run
@@ -17,11 +18,19 @@ Layout (``<run_dir>/checkpoints/``)::
 The exported trio (safetensors + config.yaml + tokenizer/) loads without DeepSpeed: see
 ``ldm_train.checkpoints.export.load_export``. ``latest`` moves only after every rank finished writing
 (barrier, then rank 0 replaces it atomically), so a crash mid-save leaves the previous one usable.
+
+Resuming (``select_resume_tag``) checks the checkpoint ``latest`` names against its ``files.json`` (every file
+present, same size, same sha256; the ranks share the hashing); a damaged one is moved aside to
+``damaged-<tag>`` with a message naming the damaged file, and the newest older checkpoint that checks out is
+used instead. Every torch file is loaded with ``weights_only=True`` (DeepSpeed's loads too, inside
+``ldm_train.checkpoints.safe_load.weights_only_loads`` with the few DeepSpeed types its files hold): a file that
+needs more is refused, naming it.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,11 +39,18 @@ from typing import Any
 
 import torch
 
-from ldm_train.runtime.distributed import barrier, get_rank
+from ldm_train.checkpoints.safe_load import deepspeed_safe_globals, load_weights_only, weights_only_loads
+from ldm_train.runtime.distributed import all_gather_objects, barrier, broadcast_object, get_rank
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 META = "meta.json"
+MANIFEST = "files.json"
+DAMAGED_PREFIX = "damaged-"
+_TAG = re.compile(r"^step_\d+$")
+DEEPSPEED_HINT = ("A DeepSpeed checkpoint written by this trainer holds only tensors and a few allow-listed DeepSpeed "
+                  "types: the file was replaced or altered. Resume from a checkpoint you trust (point `latest` at "
+                  "it) or start a new run (run_name=...)")
 
 
 def tag_for(step: int) -> str:
@@ -101,12 +117,121 @@ def save_checkpoint(
         write_exports(tag_dir)
     if get_rank() == 0:
         atomic_write_text(tag_dir / META, json.dumps(meta, indent=1) + "\n")
-    barrier()  # every rank's files are on disk before `latest` may name them
+    barrier()  # every rank's files are on disk before the manifest lists them and `latest` may name them
+    files = build_manifest(tag_dir)  # collective: the ranks share the hashing
     if get_rank() == 0:
+        atomic_write_text(tag_dir / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1) + "\n")
         atomic_write_text(ckpt_dir / LATEST, tag)
         prune(ckpt_dir, keep_last)
     barrier()
     return tag
+
+
+# ---- the file manifest: what resuming checks ------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    from ldm_train.data.fsspec_io import sha256
+
+    return sha256(str(path))
+
+
+def _share(items: list[str]) -> list[str]:
+    """This rank's share of ``items`` (round robin over the world)."""
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    return items[get_rank()::world]
+
+
+def build_manifest(tag_dir: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {size, sha256}}`` of every file under ``tag_dir`` (collective: each rank hashes a share)."""
+    names = None
+    if get_rank() == 0:
+        names = sorted(str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*")
+                       if p.is_file() and p.name != MANIFEST and ".tmp" not in p.name)
+    names = broadcast_object(names)
+    mine = {n: {"size": (tag_dir / n).stat().st_size, "sha256": _sha256(tag_dir / n)} for n in _share(names)}
+    return {n: entry for part in all_gather_objects(mine) for n, entry in part.items()}
+
+
+def verify_checkpoint(ckpt_dir: Path, tag: str) -> list[str]:
+    """What is wrong with ``tag`` (empty: nothing) against its ``files.json`` (collective)."""
+    tag_dir = ckpt_dir / tag
+    problems: list[str] = []
+    manifest = None
+    if get_rank() == 0:
+        if not (tag_dir / META).is_file():
+            problems.append(f"{tag_dir / META} is missing")
+        elif (tag_dir / MANIFEST).is_file():
+            try:
+                manifest = json.loads((tag_dir / MANIFEST).read_text())["files"]
+            except (ValueError, KeyError, TypeError) as err:
+                problems.append(f"{tag_dir / MANIFEST} is unreadable ({err})")
+    problems = broadcast_object(problems)
+    manifest = broadcast_object(manifest)
+    if problems or manifest is None:
+        return problems  # no manifest: a checkpoint saved before they existed, accepted as it is
+    mine = []
+    for name in _share(sorted(manifest)):
+        path, want = tag_dir / name, manifest[name]
+        if not path.is_file():
+            mine.append(f"{path} is missing")
+        elif (size := path.stat().st_size) != want["size"]:
+            mine.append(f"{path} has {size} bytes, {want['size']} when it was saved")
+        elif _sha256(path) != want["sha256"]:
+            mine.append(f"{path} has changed since it was saved (sha256 {want['sha256'][:12]}... expected)")
+    return [p for part in all_gather_objects(mine) for p in part]
+
+
+def _older_tags(ckpt_dir: Path, tag: str) -> list[str]:
+    return sorted((p.name for p in ckpt_dir.iterdir() if p.is_dir() and _TAG.match(p.name) and p.name < tag),
+                  reverse=True)
+
+
+def _move_aside(ckpt_dir: Path, tag: str) -> Path:
+    dest = ckpt_dir / f"{DAMAGED_PREFIX}{tag}"
+    n = 1
+    while dest.exists():
+        dest, n = ckpt_dir / f"{DAMAGED_PREFIX}{tag}.{n}", n + 1
+    os.replace(ckpt_dir / tag, dest)
+    shutil.rmtree(ckpt_dir / f"{tag}_universal", ignore_errors=True)
+    return dest
+
+
+def select_resume_tag(ckpt_dir: Path) -> str | None:
+    """The checkpoint to resume from (collective), or None for a fresh start (no ``latest``).
+
+    The one ``latest`` names when it checks out against its manifest; else the newest older one that does,
+    with a message naming what is damaged; the damaged ones are moved to ``damaged-<tag>`` and ``latest`` is
+    pointed at the one chosen. No intact checkpoint at all is an error listing what is wrong with each.
+    """
+    candidates = None
+    if get_rank() == 0 and (ckpt_dir / LATEST).is_file():
+        named = (ckpt_dir / LATEST).read_text().strip()
+        candidates = [named, *_older_tags(ckpt_dir, named)]
+    candidates = broadcast_object(candidates)
+    if not candidates:
+        return None
+    rejected: list[tuple[str, list[str]]] = []
+    chosen = None
+    for tag in candidates:
+        problems = verify_checkpoint(ckpt_dir, tag)
+        if not problems:
+            chosen = tag
+            break
+        rejected.append((tag, problems))
+        if get_rank() == 0:
+            print(f"[checkpoint] {ckpt_dir / tag} is damaged: {'; '.join(problems[:5])}"
+                  f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}", file=sys.stderr, flush=True)
+    if chosen is None:
+        raise RuntimeError(f"no intact checkpoint in {ckpt_dir}: " + " | ".join(
+            f"{tag}: {'; '.join(problems[:3])}" for tag, problems in rejected)
+            + "; restore a checkpoint or start a new run (run_name=...)")
+    if rejected and get_rank() == 0:
+        moved = [str(_move_aside(ckpt_dir, tag)) for tag, _ in rejected if (ckpt_dir / tag).is_dir()]
+        atomic_write_text(ckpt_dir / LATEST, chosen)
+        print(f"[checkpoint] resuming from {ckpt_dir / chosen}, the newest intact checkpoint, instead of "
+              f"{rejected[0][0]}; damaged checkpoint(s) moved to {', '.join(moved) or '-'}", file=sys.stderr,
+              flush=True)
+    barrier()
+    return chosen
 
 
 def prune(ckpt_dir: Path, keep_last: int) -> None:
@@ -131,7 +256,8 @@ def ensure_universal(ckpt_dir: Path, tag: str) -> str:
     out = ckpt_dir / out_tag
     if get_rank() == 0 and not (out / ".complete").is_file():
         shutil.rmtree(out, ignore_errors=True)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+        # DeepSpeed's converter, its torch.load calls weights-only (see `_ds_to_universal` below)
+        cmd = [sys.executable, "-m", "ldm_train.trainer.checkpoint", "ds_to_universal",
                "--input_folder", str(ckpt_dir / tag), "--output_folder", str(out), "--num_extract_workers", "1",
                "--num_merge_workers", "1"]
         print(f"[checkpoint] world size changed: converting {tag} to a universal checkpoint", flush=True)
@@ -151,15 +277,16 @@ def load_rank_state(ckpt_dir: Path, tag: str, rank: int, same_world: bool) -> di
     path = ckpt_dir / tag / rank_state_name(rank if same_world else 0)
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return load_weights_only(path, "trainer rank state")
 
 
 def load_checkpoint(engine: Any, ckpt_dir: Path, tag: str, universal: bool) -> dict[str, Any]:
     """Load DeepSpeed state (module, optimizer) and return the client state."""
     load_tag = ensure_universal(ckpt_dir, tag) if universal else tag
-    path, client_state = engine.load_checkpoint(
-        str(ckpt_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=False
-    )
+    with weights_only_loads(deepspeed_safe_globals(), hint=DEEPSPEED_HINT):  # DeepSpeed's own loads included
+        path, client_state = engine.load_checkpoint(
+            str(ckpt_dir), tag=load_tag, load_optimizer_states=True, load_lr_scheduler_states=False
+        )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load {ckpt_dir / load_tag}: see its log above")
     if universal or client_state is None:
@@ -172,5 +299,22 @@ def _client_state_from_model_file(tag_dir: Path) -> dict[str, Any]:
     files = sorted(tag_dir.glob("*model_states.pt"))
     if not files:
         raise FileNotFoundError(f"no *model_states.pt in {tag_dir}: not a DeepSpeed checkpoint")
-    state = torch.load(files[0], map_location="cpu", weights_only=False)  # DeepSpeed's own file
+    state = load_weights_only(files[0], "DeepSpeed model states", allow=deepspeed_safe_globals())
     return {k: v for k, v in state.items() if k in ("trainer", "wandb_run_id")}
+
+
+def _ds_to_universal(argv: list[str]) -> None:
+    """``deepspeed.checkpoint.ds_to_universal`` with every torch.load weights-only (it passes weights_only=False)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    sys.argv = ["ds_to_universal", *argv]
+    args = ds_to_universal.parse_arguments()
+    with weights_only_loads(deepspeed_safe_globals(), hint=DEEPSPEED_HINT):
+        ds_to_universal.main(args)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["ds_to_universal"]:
+        raise SystemExit("usage: python -m ldm_train.trainer.checkpoint ds_to_universal --input_folder ... "
+                         "--output_folder ...")
+    _ds_to_universal(sys.argv[2:])

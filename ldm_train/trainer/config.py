@@ -10,7 +10,7 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig
+from ldm_train.config import CondConfig, FirstStageConfig, TextEncoderConfig, UNetConfig
 from ldm_train.data.latents import LatentDataConfig
 from ldm_train.tracking import LoggerConfig
 
@@ -59,10 +59,14 @@ class CheckpointConfig:
 
 @dataclass
 class SamplingConfig:
-    """A grid of samples for fixed prompts during training (DDIM, few steps, CFG)."""
+    """A grid of samples during training (DDIM, few steps, CFG): one image per prompt (``cond.kind`` text), one
+    row of ``samples_per_class`` per class (class), ``num_samples`` plain samples (none)."""
 
     every_samples: int = 0  # 0: never
-    prompts: list[str] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)  # text
+    classes: list[int] = field(default_factory=list)  # class: the rows; empty: classes 0.. (at most 16 rows)
+    samples_per_class: int = 4  # class: the columns
+    num_samples: int = 16  # none
     steps: int = 20
     guidance_scale: float = 3.0
     eta: float = 0.0
@@ -76,7 +80,8 @@ class FIDConfig:
     (DDIM ``steps``, ``guidance_scale``), against cached statistics of ``reference`` with the standard FID Inception.
 
     The prompts are the reference set's captions in order (cycled), so the class/caption mix matches the
-    reference. Logged as ``fid<K>`` (e.g. ``fid256``: a K-sample FID, biased upwards against a 50k FID) with
+    reference; with ``cond.kind`` class the labels of the reference images (``cond.label_key`` of their json; a
+    reference without labels cycles through the classes), with none plain samples. Logged as ``fid<K>`` (e.g. ``fid256``: a K-sample FID, biased upwards against a 50k FID) with
     ``fid_seconds``; the work is split across ranks and excluded from samples/s.
     """
 
@@ -111,7 +116,7 @@ class TrainConfig:
     global_batch: int = 32  # = micro_batch * accumulation * world_size (accumulation is derived)
     micro_batch: int = 16  # per GPU per forward
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    caption_dropout: float = 0.1  # share of empty captions, so classifier-free guidance works
+    caption_dropout: float = 0.1  # share of empty captions (cond.kind=class: null-class labels), so classifier-free guidance works
     log_every_samples: int = 1024
     max_steps: int | None = None  # stop after this many optimizer steps this session (tests, smoke runs)
     peak_tflops: float = 312.0  # per-device peak for MFU (A100 bf16 dense)
@@ -137,6 +142,7 @@ class TrainAppConfig:
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
     unet: UNetConfig = field(default_factory=UNetConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    cond: CondConfig = field(default_factory=CondConfig)  # text (default) | class | none
     data: LatentDataConfig = field(default_factory=LatentDataConfig)
     deepspeed: dict[str, Any] = field(default_factory=dict)  # a DeepSpeed config fragment (conf/deepspeed/)
     train: TrainConfig = field(default_factory=TrainConfig)

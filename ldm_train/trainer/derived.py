@@ -38,8 +38,15 @@ def _steps(samples: int, global_batch: int) -> int:
     return 0 if samples <= 0 else max(1, math.ceil(samples / global_batch))
 
 
-def derive(cfg: TrainConfig, world_size: int, flops_per_sample: float | None = None) -> Derived:
-    """Compute accumulation, learning rate and intervals in steps; refuse batch sizes that do not divide."""
+def derive(cfg: TrainConfig, world_size: int, flops_per_sample: float | None = None,
+           grid: bool | None = None) -> Derived:
+    """Compute accumulation, learning rate and intervals in steps; refuse batch sizes that do not divide.
+
+    ``grid``: whether the sample grid has anything to draw (None: prompts are set, the text kind's rule; class and
+    unconditional grids always have rows, see ``ldm_train.trainer.samples.grid_layout``).
+    """
+    if grid is None:
+        grid = bool(cfg.sampling.prompts)
     per_step = cfg.micro_batch * world_size
     if cfg.micro_batch < 1 or cfg.global_batch < 1:
         raise ValueError(f"train.micro_batch={cfg.micro_batch} and train.global_batch={cfg.global_batch} must be >= 1")
@@ -68,7 +75,7 @@ def derive(cfg: TrainConfig, world_size: int, flops_per_sample: float | None = N
         total_steps=_steps(cfg.total_samples, cfg.global_batch),
         log_every_steps=_steps(cfg.log_every_samples, cfg.global_batch) or 1,
         checkpoint_every_steps=_steps(cfg.checkpoint.every_samples, cfg.global_batch),
-        sample_every_steps=_steps(cfg.sampling.every_samples, cfg.global_batch) if cfg.sampling.prompts else 0,
+        sample_every_steps=_steps(cfg.sampling.every_samples, cfg.global_batch) if grid else 0,
         fid_every_steps=_steps(cfg.fid.every_samples, cfg.global_batch),
         flops_per_sample=flops_per_sample,
         flops_per_step=None if flops_per_sample is None else flops_per_sample * cfg.global_batch,

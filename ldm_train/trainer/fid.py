@@ -5,7 +5,9 @@ cached as ``<cache_dir>/<key>.npz`` with the captions beside it (``<key>.json``)
 and every resumed run reuses it. Both sides use the standard FID Inception (``ldm_train.metrics.inception``)
 and ``FeatureStats`` (float64 sums, all-reduced once): the work of both is split across ranks, rank 0 takes
 the one Frechet step. Sample i uses prompt ``captions[i % len(captions)]`` and seed ``fid.seed + i`` on any
-world size, so a measurement depends on the weights only.
+world size, so a measurement depends on the weights only. With ``cond.kind`` class sample i takes the label of
+reference image i (its json's ``cond.label_key``; cached beside the captions), or class ``i % num_classes`` when
+the reference carries no labels; with none it is a plain sample.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ from typing import Any
 
 import torch
 
+from ldm_train.config import CondConfig
 from ldm_train.trainer.config import FIDConfig
 
 
@@ -27,7 +30,7 @@ def fid_key(cfg: FIDConfig) -> str:
 
 class InTrainingFID:
     def __init__(self, cfg: FIDConfig, grid: Any, resolution: int, runs_root: str, rank: int, world_size: int,
-                 device: torch.device) -> None:
+                 device: torch.device, cond: CondConfig | None = None) -> None:
         if not cfg.reference:
             raise ValueError("train.fid.every_samples is set but train.fid.reference is not: point it at held-out "
                              "images (a folder or img2dataset tars, e.g. 'data/raw/heldout/{000000..000001}.tar'), "
@@ -41,6 +44,9 @@ class InTrainingFID:
         self._net: torch.nn.Module | None = None
         self.reference = None
         self.captions: list[str] = []
+        self.cond = cond or CondConfig()
+        self.labels: list[int] = []  # the reference images' class labels (-1: none), for cond.kind=class
+        self._said_cycling = False
 
     # ---- the network and the reference ------------------------------------------------------------------
     def _network(self) -> torch.nn.Module:
@@ -67,41 +73,49 @@ class InTrainingFID:
         key = self._cache_key()
         stats_path = os.path.join(self.cache_dir, f"{key}.npz")
         captions_path = os.path.join(self.cache_dir, f"{key}.json")
+        cached = None
         if os.path.isfile(stats_path) and os.path.isfile(captions_path):
-            self.reference = FeatureStats.load(stats_path)
             with open(captions_path) as f:
-                self.captions = json.load(f)["captions"]
+                cached = json.load(f)
+            if self.cond.kind == "class" and cached.get("label_key") != self.cond.label_key:
+                cached = None  # written before labels were cached, or under another key: recompute
+        if cached is not None:
+            self.reference = FeatureStats.load(stats_path)
+            self.captions, self.labels = cached["captions"], list(cached.get("labels") or [])
             if self.rank == 0:
                 print(f"[train] in-training FID: reusing reference statistics {stats_path} "
                       f"({self.reference.count} images of {self.cfg.reference})", flush=True)
             return
         t0 = time.perf_counter()
-        stats, captions = self._reference_stats()
+        stats, captions, labels = self._reference_stats()
         if self.rank == 0:
             os.makedirs(self.cache_dir, exist_ok=True)
             tmp = f"{captions_path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump({"reference": self.cfg.reference, "count": stats.count, "resolution": self.resolution,
-                           "captions": captions}, f)
+                           "captions": captions, "label_key": self.cond.label_key, "labels": labels}, f)
             os.replace(tmp, captions_path)
             stats.save(stats_path)  # atomic; written after the captions, so its presence means both exist
             print(f"[train] in-training FID: reference statistics of {stats.count} images of {self.cfg.reference} "
                   f"in {time.perf_counter() - t0:.0f} s -> {stats_path}", flush=True)
         barrier()
-        self.reference, self.captions = stats, captions
+        self.reference, self.captions, self.labels = stats, captions, labels
 
-    def _reference_stats(self) -> tuple[Any, list[str]]:
+    def _reference_stats(self) -> tuple[Any, list[str], list[int]]:
         from ldm_train.data.readers import image_dataset
         from ldm_train.metrics.fid import FeatureStats, to_uint8
 
         limit = int(self.cfg.reference_images)
         stats = FeatureStats(2048)
         captions: list[str] = []
+        labels: list[int] = []
         mine: list[torch.Tensor] = []
         for i, rec in enumerate(image_dataset(self.cfg.reference, self.resolution)):
             if limit and i >= limit:
                 break
             captions.append(rec["caption"] or "")
+            label = (rec.get("meta") or {}).get(self.cond.label_key)
+            labels.append(int(label) if isinstance(label, int) and not isinstance(label, bool) else -1)
             if i % self.world_size == self.rank:  # every rank reads the captions, each embeds its share
                 mine.append(rec["image"])
             if len(mine) == self.cfg.batch_size:
@@ -112,7 +126,23 @@ class InTrainingFID:
         if len(captions) < 2:
             raise ValueError(f"train.fid.reference={self.cfg.reference} holds {len(captions)} readable images: "
                              "the in-training FID needs a held-out set of at least 2 (a few hundred for a stable number)")
-        return stats.all_reduce(), captions
+        return stats.all_reduce(), captions, labels
+
+    def conditions(self, indices: list[int]) -> list[Any]:
+        """Sample i's condition: reference caption i (text), reference label i (class), None (none)."""
+        kind = self.cond.kind
+        if kind == "none":
+            return [None] * len(indices)
+        if kind == "class":
+            n = int(self.cond.num_classes)
+            labelled = bool(self.labels) and all(0 <= lab < n for lab in self.labels)
+            if not labelled and not self._said_cycling:
+                self._said_cycling = True
+                if self.rank == 0:
+                    print(f"[train] in-training FID: the reference images carry no '{self.cond.label_key}' in 0..{n - 1}: "
+                          f"sample i takes class i % {n}", flush=True)
+            return [self.labels[i % len(self.labels)] if labelled else i % n for i in indices]
+        return [self.captions[i % len(self.captions)] for i in indices]
 
     # ---- one measurement --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -132,8 +162,7 @@ class InTrainingFID:
         mine = list(range(self.rank, int(c.num_samples), self.world_size))
         for start in range(0, len(mine), int(c.batch_size)):
             idx = mine[start:start + int(c.batch_size)]
-            prompts = [self.captions[i % len(self.captions)] for i in idx]
-            images = self.grid.images(prompts, [int(c.seed) + i for i in idx], settings)
+            images = self.grid.images(self.conditions(idx), [int(c.seed) + i for i in idx], settings)
             stats.update(self._network()(to_uint8(images).to(self.device)))
         stats.all_reduce()
         if self.rank != 0:

@@ -21,6 +21,7 @@ from ldm_train.app import config_dict, config_yaml, to_config
 from ldm_train.build import build_ldm
 from ldm_train.checkpoints.export import EMA_FILE, LazySafetensors, full_state_dict, write_export
 from ldm_train.runtime.distributed import (
+    DistEnv,
     barrier,
     cleanup,
     device_for_rank,
@@ -35,12 +36,26 @@ from ldm_train.trainer.config import TrainAppConfig, TrainConfig
 from ldm_train.trainer.derived import Derived, derive, describe, lr_at
 from ldm_train.trainer.ds_config import compose_ds_config
 from ldm_train.trainer.guard import NonFiniteAbort, NumericalGuard
-from ldm_train.trainer.samples import SampleGrid
+from ldm_train.trainer.samples import SampleGrid, grid_layout
+
+
+def _process_group() -> DistEnv:
+    """Join the launcher's process group, or make a 1-process one when there is no launcher.
+
+    Under torchrun or srun the group always comes from the launcher's rendezvous (``env://``), world size 1
+    included: torchrun's agent serves the store at its MASTER_ADDR:MASTER_PORT, and a group of our own on another
+    port would wait forever for that agent's store there. Without a launcher DeepSpeed still needs a group.
+    """
+    launcher = DistEnv.from_env().launcher
+    env = init_distributed(force_group=launcher != "none")
+    if not torch.distributed.is_initialized():
+        _single_process_group()
+    return env
 
 
 def _single_process_group() -> None:
-    """A 1-process gloo group on a free loopback port (DeepSpeed needs a group; without a launcher it
-    would bind 29500, which collides when a sweep runs several single-process jobs on one machine)."""
+    """A 1-process group on a free loopback port, for a plain ``python -m`` start (without a launcher
+    DeepSpeed would bind 29500, which collides when a sweep runs several single-process jobs on one machine)."""
     import socket
 
     with socket.socket() as sock:
@@ -51,16 +66,43 @@ def _single_process_group() -> None:
                                          init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
 
 
+def rewind_stats(run_dir: Path, step: int) -> int:
+    """Keep the ``stats.jsonl`` rows up to ``step`` (the step training resumes from), so that the steps logged
+    after the last checkpoint by an interrupted session are not in the file twice once they are trained again.
+    The rows taken out are appended to ``stats_discarded.jsonl``. Returns how many were taken out."""
+    from ldm_train.tracking import STATS_FILE
+
+    path = run_dir / STATS_FILE
+    if not path.is_file():
+        return 0
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            row_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            row_step = None  # a line cut short by a kill
+        (keep if row_step is not None and row_step <= step else drop).append(line)
+    if not drop:
+        return 0
+    with open(run_dir / "stats_discarded.jsonl", "a") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n" for line in drop)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep))
+    os.replace(tmp, path)
+    print(f"[train] stats.jsonl: {len(drop)} row(s) after step {step} moved to stats_discarded.jsonl "
+          f"(they are logged again as those steps are retrained)", flush=True)
+    return len(drop)
+
+
 class Trainer:
     def __init__(self, cfg: TrainAppConfig) -> None:
         self.cfg = cfg
         self.tcfg: TrainConfig = cfg.train
-        self.env = init_distributed()
-        if not torch.distributed.is_initialized():
-            _single_process_group()
+        self.env = _process_group()
         self.rank, self.world_size = self.env.rank, self.env.world_size
         self.device = device_for_rank()
-        self.d: Derived = derive(self.tcfg, self.world_size, build.flops_per_sample(cfg))
+        self.d: Derived = derive(self.tcfg, self.world_size, build.flops_per_sample(cfg),
+                                 grid=bool(grid_layout(cfg, self.tcfg.sampling).conds))
         self.run_dir = build.make_run_dir(cfg, self.world_size, self.d.global_batch)
         self.ckpt_dir = self.run_dir / ckpt.CHECKPOINTS
         self.step = 0
@@ -69,6 +111,8 @@ class Trainer:
         self._setup_engine()
         self.guard = NumericalGuard(self.tcfg.guard.max_consecutive_skips, self.device)
         client = self._resume()
+        if self.rank == 0:
+            rewind_stats(self.run_dir, self.step)  # rows past the resumed step are logged again from here
         self._setup_tracking(client.get("wandb_run_id") if client else None)
         self.preemption = Preemption(self.device)
         self.grid = SampleGrid(cfg, self.tcfg.sampling, self.tokenizer, self.scale_factor, self.device)
@@ -94,16 +138,19 @@ class Trainer:
             if self.rank == 0:
                 print(f"[train] first_stage.checkpoint from the latent manifest: {recorded}", flush=True)
         shards = shard_list(manifest, base_url=None if data_cfg.manifest else data_cfg.shards)
-        self.tokenizer, self.tokenizer_dir = build.setup_tokenizer(
-            cfg.text_encoder, self.run_dir, shards
-        )
-        tokenize_fn = BatchTokenizer(self.tokenizer, int(cfg.text_encoder.max_seq_len))
+        self.cond = build.check_conditioning(cfg)  # cond.kind: text (tokens), class (labels) or none
+        tokenize_fn, labels = None, build.label_spec(self.cond)
+        self.tokenizer, self.tokenizer_dir = None, None
+        if self.cond.kind == "text":
+            self.tokenizer, self.tokenizer_dir = build.setup_tokenizer(
+                cfg.text_encoder, self.run_dir, shards
+            )
+            tokenize_fn = BatchTokenizer(self.tokenizer, int(cfg.text_encoder.max_seq_len))
         self.loader = build_latent_loader(
-            data_cfg, cfg.first_stage, cfg.unet, tokenize_fn, self.rank, self.world_size
+            data_cfg, cfg.first_stage, cfg.unet, tokenize_fn, self.rank, self.world_size, labels=labels
         )
         self.scale_factor = self.loader.scale_factor
         self.stored = self.loader.stored
-        self.empty_tokens = tokenize_fn([""])
 
     def _setup_engine(self) -> None:
         if not torch.cuda.is_available():
@@ -115,7 +162,8 @@ class Trainer:
 
         torch.manual_seed(self.tcfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
         model = build_ldm(self.cfg)
-        self.latest = ckpt.latest_tag(self.ckpt_dir) if self.tcfg.checkpoint.resume else None
+        # the newest intact checkpoint (checked against its file manifest; a damaged one is moved aside)
+        self.latest = ckpt.select_resume_tag(self.ckpt_dir) if self.tcfg.checkpoint.resume else None
         self.resume_universal = False
         if self.latest is not None:
             meta = ckpt.read_meta(self.ckpt_dir, self.latest)
@@ -203,7 +251,7 @@ class Trainer:
             raise ValueError("train.fid under ZeRO-3 samples with the EMA weights: set train.ema.enabled=true, "
                              "or train.fid.every_samples=0")
         fid = InTrainingFID(self.tcfg.fid, self.grid, int(self.cfg.data.resolution), str(self.cfg.runs_root),
-                            self.rank, self.world_size, self.device)
+                            self.rank, self.world_size, self.device, cond=self.cond)
         fid.prepare()
         return fid
 
@@ -236,6 +284,11 @@ class Trainer:
             return sample_latents(moments, self.scale_factor, self.gen)
         return batch["latents"].to(self.device, non_blocking=True).float() * self.scale_factor
 
+    def _cond_input(self, batch: dict[str, Any]) -> torch.Tensor | None:
+        """What the cond stage takes: token ids (text), class labels (class; the null class where dropped), None."""
+        key = {"text": "tokens", "class": "label"}.get(self.cond.kind)
+        return None if key is None else batch[key].to(self.device, non_blocking=True)
+
     def train_step(self, data_iter: Any, timer: Any) -> torch.Tensor:
         """Accumulate ``accumulation`` micro-batches, then DeepSpeed clips and steps. Returns the loss sum."""
         loss_sum = torch.zeros((), device=self.device)
@@ -244,10 +297,10 @@ class Trainer:
             with timer.data():
                 batch = next(data_iter)
             z0 = self._latents(batch)
-            tokens = batch["tokens"].to(self.device, non_blocking=True)
+            cond = self._cond_input(batch)
             t = torch.randint(0, self.tcfg.diffusion.timesteps, (z0.shape[0],), device=self.device, generator=self.gen)
             noise = torch.randn(z0.shape, device=self.device, generator=self.gen)
-            loss = self.engine(z0.to(self.dtype), tokens, t, noise.to(self.dtype)).float().mean()
+            loss = self.engine(z0.to(self.dtype), cond, t, noise.to(self.dtype)).float().mean()
             if inject:
                 loss = loss * float("nan")  # fault injection (train.guard.inject_nan_at_steps)
             self.guard.observe_loss(loss)
@@ -387,7 +440,8 @@ class Trainer:
             full_state_dict(self.engine.module, self.zero_stage)
         if self.rank == 0:
             images = self.grid.render(sd)
-            self.tracker.log_images(self.step, "samples", images, list(self.tcfg.sampling.prompts))
+            layout = self.grid.layout
+            self.tracker.log_images(self.step, "samples", images, layout.captions, cols=layout.cols)
         barrier()
 
     def close(self) -> None:

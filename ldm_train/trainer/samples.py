@@ -1,20 +1,48 @@
-"""A grid of samples for fixed prompts during training (rank 0; DDIM, few steps, classifier-free guidance).
+"""A grid of samples during training (rank 0; DDIM, few steps, classifier-free guidance), following ``cond.kind``:
+one image per ``train.sampling.prompts`` entry (text), one row of ``samples_per_class`` images per class of
+``train.sampling.classes`` (class; empty: the first classes, at most 16 rows), ``num_samples`` plain samples (none).
 
 The weights come in as a full CompVis-layout state dict (EMA by default), loaded into a plain model built
 once by ``build_ldm`` and kept on the ranks that sample (rank 0 for the grid, every rank for the in-training
 FID, which draws its images through ``images``), so sampling never touches the DeepSpeed engine (ZeRO-3
 partitions included). Images come from ``ldm_train.sampling.sample_images``, the function eval uses;
-sample i uses seed ``train.sampling.seed + i``. Latents are decoded by the first stage when
+sample i (row-major) uses seed ``train.sampling.seed + i``. Latents are decoded by the first stage when
 ``first_stage.checkpoint`` is set (or the first stage is the identity, ``kind: pixel``), else the grid shows
 the first latent channels.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from ldm_train.config import cond_config
 from ldm_train.trainer.config import SamplingConfig
+
+MAX_GRID_CLASSES = 16  # rows of a class grid when train.sampling.classes is empty
+
+
+@dataclass
+class GridLayout:
+    conds: list[Any]  # one condition per image (prompt, class index or None), row-major
+    captions: list[str]  # one per image
+    cols: int | None  # images per row (None: the tracker's square-ish grid)
+
+
+def grid_layout(cfg: Any, sampling: SamplingConfig) -> GridLayout:
+    """What the grid shows for the config's ``cond.kind``."""
+    cond = cond_config(cfg)
+    if cond.kind == "class":
+        classes = [int(c) for c in sampling.classes] or list(range(min(cond.num_classes, MAX_GRID_CLASSES)))
+        per = max(1, int(sampling.samples_per_class))
+        conds = [c for c in classes for _ in range(per)]
+        return GridLayout(conds, [cond.class_name(c) for c in conds], per)
+    if cond.kind == "none":
+        n = max(1, int(sampling.num_samples))
+        return GridLayout([None] * n, [""] * n, None)
+    prompts = list(sampling.prompts)
+    return GridLayout(prompts, prompts, None)
 
 
 class SampleGrid:
@@ -24,6 +52,7 @@ class SampleGrid:
         self.scale_factor, self.device = scale_factor, device
         self.model: torch.nn.Module | None = None
         self.first_stage: torch.nn.Module | None = None
+        self.layout = grid_layout(cfg, sampling)
 
     def _build(self) -> None:
         from ldm_train.build import build_ldm
@@ -41,22 +70,22 @@ class SampleGrid:
         self.model.load_state_dict(state_dict, strict=True)
 
     @torch.no_grad()
-    def images(self, prompts: list[str], seeds: list[int], settings: Any) -> torch.Tensor:
-        """Images [N, 3, H, W] in [-1, 1] (CPU) of the loaded weights, one per (prompt, seed)."""
+    def images(self, conds: list[Any], seeds: list[int], settings: Any) -> torch.Tensor:
+        """Images [N, 3, H, W] in [-1, 1] (CPU) of the loaded weights, one per (condition, seed)."""
         from ldm_train.sampling import sample_images
 
         unet = self.cfg.unet
         shape = (int(unet.out_channels), int(unet.image_size), int(unet.image_size))
-        images = sample_images(self.model, self.first_stage, self.tokenizer, prompts, seeds, settings, shape,
+        images = sample_images(self.model, self.first_stage, self.tokenizer, conds, seeds, settings, shape,
                                self.scale_factor, self.device)
         return images.clamp(-1, 1).float().cpu()
 
     def render(self, state_dict: dict[str, torch.Tensor]) -> torch.Tensor:
-        """One image per prompt -> images [N, 3, H, W] in [-1, 1], on the CPU."""
+        """One image per entry of ``self.layout`` -> images [N, 3, H, W] in [-1, 1], on the CPU."""
         from ldm_train.sampling import SamplerSettings
 
         self.load(state_dict)
         s = self.sampling
-        prompts = list(s.prompts)
+        conds = self.layout.conds
         settings = SamplerSettings("ddim", int(s.steps), float(s.eta), float(s.guidance_scale), int(s.seed))
-        return self.images(prompts, [settings.seed + i for i in range(len(prompts))], settings)
+        return self.images(conds, [settings.seed + i for i in range(len(conds))], settings)

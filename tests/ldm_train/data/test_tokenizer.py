@@ -73,3 +73,26 @@ def test_resolve_trains_once_then_reuses(tmp_path: Path) -> None:
     assert tok1.get_vocab() == tok2.get_vocab()
     with pytest.raises(ValueError, match="vocab_size"):
         resolve_tokenizer(where, str(tmp_path / "run"), captions, 10, 16)
+
+
+def test_trained_vocabulary_is_the_same_bytes_in_every_process(tmp_path: Path) -> None:
+    """The WordPiece trainer numbers pieces in a per-process hash order; the saved tokenizer must not depend on it."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from data_prep.synthetic import sample_scene\n"
+        "from ldm_train.data.tokenizer import train_tokenizer\n"
+        "train_tokenizer([sample_scene(0, 'train', i)[0].caption for i in range(512)], 512, sys.argv[1], max_len=32)\n"
+    )
+    repo = Path(__file__).resolve().parents[3]
+    outs = []
+    for seed in ("1", "2", "3"):
+        out = tmp_path / f"tok{seed}"
+        env = {**os.environ, "PYTHONHASHSEED": seed, "TOKENIZERS_PARALLELISM": "false"}
+        subprocess.run([sys.executable, "-c", script, str(out)], cwd=repo, env=env, check=True, timeout=300)
+        outs.append({p.name: p.read_bytes() for p in sorted(out.iterdir())})
+    assert sorted(outs[0]) == ["tokenizer.json", "tokenizer_config.json", "vocab.txt"]
+    assert outs[0] == outs[1] == outs[2]

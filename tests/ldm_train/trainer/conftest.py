@@ -34,8 +34,8 @@ def latents_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(latents_root: Path) -> Path:
-    """One tokenizer for runs that must match each other exactly: WordPiece training orders ties by a
-    per-process hash seed, so two runs that each train their own can get different ids for rare pieces."""
+    """One tokenizer for runs that must match each other exactly, trained once for all of them (a run that
+    trains its own gets the same bytes: tests/ldm_train/trainer/test_hardening.py)."""
     from ldm_train.data.manifest import read_manifest, shard_list
     from ldm_train.data.shard_reader import shard_captions
     from ldm_train.data.tokenizer import train_tokenizer

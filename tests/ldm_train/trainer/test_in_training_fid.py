@@ -107,3 +107,64 @@ def test_reference_statistics_are_cached_by_content(reference, tmp_path, capsys,
 def test_missing_reference_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ValueError, match="train.fid.reference"):
         _hook(FIDConfig(every_samples=1), ImageSource([]), tmp_path)
+
+
+def _fmnist_missing() -> bool:
+    import os
+
+    from data_prep.fashion_mnist import DEFAULT_ROOT
+
+    return not os.path.isfile(f"{DEFAULT_ROOT}/t10k-images-idx3-ubyte.gz")
+
+
+@pytest.mark.slow  # two Inception passes: ~80 s on the shared 2-core machine
+@pytest.mark.skipif(_fmnist_missing(), reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist")
+def test_class_fid_samples_take_the_reference_labels_and_recompute_an_unlabelled_cache(tmp_path, network,
+                                                                                         capsys) -> None:
+    import json
+
+    from data_prep.fashion_mnist import load_split, write_fashion_mnist
+    from ldm_train.config import CondConfig
+
+    write_fashion_mnist(str(tmp_path / "t10k"), "t10k", 12, 32, shard_size=12)
+    _, labels = load_split("t10k")
+    cfg = FIDConfig(every_samples=1, num_samples=6, reference=str(tmp_path / "t10k" / "000000.tar"),
+                    reference_images=12, batch_size=6)
+    cond = CondConfig(kind="class", num_classes=10)
+    noise = [np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(6)]
+    source = ImageSource(noise)
+    hook = _hook(cfg, source, tmp_path, network)
+    hook.cond = cond
+    hook.measure({})
+    assert source.prompts == [int(v) for v in labels[:6]]  # sample i: the label of held-out image i
+
+    # a cache written before labels were kept (captions only) is recomputed for a class model, reused for text
+    (captions_json,) = (tmp_path / "runs" / "_fid_reference").glob("*.json")
+    data = json.loads(captions_json.read_text())
+    captions_json.write_text(json.dumps({k: v for k, v in data.items() if k not in ("labels", "label_key")}))
+    capsys.readouterr()
+    again = _hook(cfg, ImageSource(noise), tmp_path, network)
+    again.cond = cond
+    again.prepare()
+    assert "reusing" not in capsys.readouterr().out and again.labels[:6] == [int(v) for v in labels[:6]]
+    text = _hook(cfg, ImageSource(noise), tmp_path, network)
+    text.prepare()
+    assert "reusing" in capsys.readouterr().out
+
+
+def test_class_fid_without_reference_labels_cycles_the_classes_and_none_is_plain(tmp_path) -> None:
+    from ldm_train.config import CondConfig
+
+    cfg = FIDConfig(every_samples=1, num_samples=8, reference="unused")
+    hook = _hook(cfg, ImageSource([]), tmp_path)
+    hook.captions, hook.labels = [f"caption {i}" for i in range(4)], [-1] * 4  # a reference without labels
+    assert hook.conditions(list(range(6))) == ["caption 0", "caption 1", "caption 2", "caption 3", "caption 0",
+                                               "caption 1"]  # text: the captions, cycled
+    hook.cond = CondConfig(kind="class", num_classes=3)
+    assert hook.conditions(list(range(8))) == [i % 3 for i in range(8)]
+    hook.labels = [2, 0, 1, 1]
+    assert hook.conditions([0, 1, 2, 3, 4]) == [2, 0, 1, 1, 2]
+    hook.labels = [2, 0, 7, 1]  # a label outside the model's classes: not this model's labels, cycle instead
+    assert hook.conditions([0, 1, 2]) == [0, 1, 2]
+    hook.cond = CondConfig(kind="none")
+    assert hook.conditions([0, 1, 2]) == [None, None, None]

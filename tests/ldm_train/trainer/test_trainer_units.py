@@ -172,3 +172,31 @@ def test_export_roundtrip_compvis_layout(tmp_path: Path):
     key = "input_blocks.0.0.weight"
     assert torch.equal(unet.state_dict()[key], raw["model.diffusion_model." + key] + 1)
     assert torch.equal(load_export(step, ema=False).unet[key], raw["model.diffusion_model." + key])
+
+
+def test_cond_presets_compose_and_the_grid_follows_the_kind():
+    from ldm_train.config import cond_config
+    from ldm_train.trainer.samples import grid_layout
+
+    text, cls, none = (_compose([f"experiment={e}"]) for e in ("tiny", "fmnist_class", "fmnist_uncond"))
+    assert cond_config(text).kind == "text"  # the default: every existing preset keeps its text conditioning
+    assert cond_config(cls).kind == "class" and cls.cond.num_classes == 10 and cls.unet.context_dim == 64
+    assert cls.first_stage.name == "fmnist_kl_f4" and cls.unet.image_size == 8 and cls.data.resolution == 32
+    assert cond_config(none).kind == "none" and none.unet.context_dim is None and none.train.caption_dropout == 0
+    assert grid_layout(text, to_config_node(text.train.sampling)).conds == list(text.train.sampling.prompts)
+    layout = grid_layout(cls, to_config_node(cls.train.sampling))
+    assert layout.conds == [c for c in range(10) for _ in range(4)] and layout.cols == 4
+    assert layout.captions[:5] == ["t-shirt"] * 4 + ["trouser"]
+    assert grid_layout(none, to_config_node(none.train.sampling)).conds == [None] * 16
+    # the grid is drawn for class / none without prompts; text without prompts draws none (as before)
+    sampling = TrainConfig(global_batch=8, micro_batch=8)
+    sampling.sampling.every_samples = 16
+    assert derive(sampling, 1).sample_every_steps == 0
+    assert derive(sampling, 1, grid=True).sample_every_steps == 2
+
+
+def to_config_node(node):
+    from ldm_train.config import to_dataclass
+    from ldm_train.trainer.config import SamplingConfig
+
+    return to_dataclass(node, SamplingConfig)

@@ -1,0 +1,97 @@
+"""``cond.kind`` class and none through the real DeepSpeed engine (ZeRO-2, CPU, one process): train a few steps on
+labelled latent shards, checkpoint, resume, draw the sample grid, export in the CompVis layout, and sample the
+export with ``eval.run`` (class: per class with guidance scales; none: one unguided set)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from tests.latent_shards import write_class_shards
+from tests.ldm_train.trainer.helpers import read_stats, run_trainer
+
+pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # two trainer starts each: ~1.5-3 min on 2 shared cores
+
+
+@pytest.fixture(scope="module")
+def class_latents(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """<root>/fmnist_kl_f4: 256 samples of 10 classes (3x8x8 KL moments), the label in each json."""
+    root = tmp_path_factory.mktemp("class_latents")
+    write_class_shards(root / "fmnist_kl_f4", 256, shard_size=64)
+    return root
+
+
+def _overrides(experiment: str, latents: Path, runs: Path, **extra: object) -> list[str]:
+    args = {
+        "experiment": experiment, "runs_root": runs, "run_name": "r", "data.latents_root": latents,
+        "data.num_workers": 0, "train.global_batch": 8, "train.micro_batch": 8, "train.total_samples": 8 * 4,
+        "train.log_every_samples": 8, "train.optim.warmup_samples": 0, "train.checkpoint.every_samples": 16,
+        "train.sampling.every_samples": 24, "train.sampling.steps": 2, "logger.mode": "offline",
+    }
+    args.update(extra)
+    return [f"{k}={v}" for k, v in args.items()]
+
+
+def _train_stop_resume(experiment: str, latents: Path, runs: Path, **extra: object) -> Path:
+    """Steps 1-2 (checkpoint at 2, stop), then a resumed session to step 4 (grid at step 3, checkpoint at 4)."""
+    run_trainer(_overrides(experiment, latents, runs, **{"train.max_steps": 2}, **extra), nproc=1)
+    run_dir = runs / experiment / "r"
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000002"
+    proc = run_trainer(_overrides(experiment, latents, runs, **extra), nproc=1)
+    assert "resumed" in proc.stdout and "at step 2" in proc.stdout, proc.stdout[-3000:]
+    assert [row["step"] for row in read_stats(run_dir) if "loss" in row] == [1, 2, 3, 4]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_0000004"
+    return run_dir
+
+
+def _eval(run_dir: Path, out: Path, **extra: object) -> dict:
+    from eval.pipeline import run
+    from tests.eval.conftest import eval_config
+
+    return run(eval_config(checkpoint=run_dir, num_samples=6, steps=2, batch_size=3, output_dir=out,
+                           allow_random_first_stage="true", progress="false", **{
+                               "metrics.fid": "false", "metrics.isc": "false", "metrics.prc": "false",
+                               "wandb.mode": "disabled"}, **extra))
+
+
+def test_class_kind_trains_resumes_samples_per_class_and_exports_compvis_keys(class_latents: Path,
+                                                                             tmp_path: Path) -> None:
+    run_dir = _train_stop_resume("fmnist_class", class_latents, tmp_path / "runs", **{
+        "train.sampling.classes": "[0,3,7]", "train.sampling.samples_per_class": 2})
+    step_dir = run_dir / "checkpoints" / "step_0000004"
+    raw, ema = load_file(str(step_dir / "model.safetensors")), load_file(str(step_dir / "model_ema.safetensors"))
+    assert raw.keys() == ema.keys()
+    assert [k for k in raw if k.startswith("cond_stage_model.")] == ["cond_stage_model.embedding.weight"]
+    assert tuple(raw["cond_stage_model.embedding.weight"].shape) == (11, 64)  # 10 classes + the null class
+    assert all(k.startswith(("model.diffusion_model.", "cond_stage_model.")) for k in raw)
+    assert not (step_dir / "tokenizer").exists()  # no text encoder, no tokenizer
+    # the grid at step 3: one row per class of train.sampling.classes, samples_per_class columns (8x8 latents)
+    with Image.open(run_dir / "samples" / "samples-000000003.png") as grid:
+        assert grid.size == (2 * 8, 3 * 8)
+
+    report = _eval(run_dir, tmp_path / "eval", guidance_scale="[1.0,3.0]", classes="[1,4]")
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "prompts.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in rows] == [1, 4, 1, 4, 1, 4] and rows[1]["class_name"] == "coat"
+    assert [r["guidance_scale"] for r in report["per_scale"]] == [1.0, 3.0]
+    assert report["cond"] == {"kind": "class", "classes": [1, 4], "num_classes": 10}
+    for scale in ("gs1", "gs3"):
+        assert len(list((tmp_path / "eval" / "samples" / scale).glob("*.png"))) == 6
+
+
+def test_none_kind_trains_resumes_samples_and_exports_without_cond_stage(class_latents: Path, tmp_path: Path) -> None:
+    run_dir = _train_stop_resume("fmnist_uncond", class_latents, tmp_path / "runs",
+                                 **{"train.sampling.num_samples": 4})
+    raw = load_file(str(run_dir / "checkpoints" / "step_0000004" / "model_ema.safetensors"))
+    assert raw and all(k.startswith("model.diffusion_model.") for k in raw)
+    with Image.open(run_dir / "samples" / "samples-000000003.png") as grid:
+        assert grid.size == (2 * 8, 2 * 8)  # 4 plain samples, a square grid
+
+    report = _eval(run_dir, tmp_path / "eval", guidance_scale="[1.0,3.0]")
+    assert [r["guidance_scale"] for r in report["per_scale"]] == [1.0]  # unconditional: one unguided set
+    assert report["cond"] == {"kind": "none"} and report["prompts"] is None
+    assert sorted(p.name for p in (tmp_path / "eval" / "samples").iterdir()) == ["gs1"]
+    rows = [json.loads(line) for line in (tmp_path / "eval" / "prompts.jsonl").read_text().splitlines()]
+    assert rows == [{"index": i} for i in range(6)]
