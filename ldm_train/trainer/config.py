@@ -119,7 +119,9 @@ class TrainConfig:
     caption_dropout: float = 0.1  # share of empty captions (cond.kind=class: null-class labels), so classifier-free guidance works
     log_every_samples: int = 1024
     max_steps: int | None = None  # stop after this many optimizer steps this session (tests, smoke runs)
-    peak_tflops: float = 312.0  # per-device peak for MFU (A100 bf16 dense)
+    # per-device peak for MFU; null: the device's own (ldm_train/runtime/devices.py: A100 312, H100/H200 989, ...);
+    # no MFU is logged on CPU or an unknown GPU unless this is set
+    peak_tflops: float | None = None
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)

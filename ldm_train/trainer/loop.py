@@ -375,6 +375,7 @@ class Trainer:
 
     def log(self, loss_acc: torch.Tensor, steps: int, lr: float, timer: Any) -> None:
         """Host sync point: the summed loss is all-reduced and fetched here, once per log interval."""
+        from ldm_train.runtime.devices import device_peak_tflops
         from ldm_train.tracking import gpu_memory_gib, mfu
 
         if torch.distributed.is_initialized():
@@ -398,7 +399,9 @@ class Trainer:
         if self.d.flops_per_sample:
             per_gpu = t["samples_per_s"] / self.world_size
             scalars["tflops_per_gpu"] = self.d.flops_per_sample * per_gpu / 1e12
-            scalars["mfu"] = mfu(self.d.flops_per_sample, per_gpu, self.tcfg.peak_tflops * 1e12)
+            peak = device_peak_tflops(self.device, self.tcfg.peak_tflops)
+            if peak is not None:
+                scalars["mfu"] = mfu(self.d.flops_per_sample, per_gpu, peak * 1e12)
         mem = gpu_memory_gib()
         if mem is not None:
             scalars["gpu_mem_gib"] = mem
