@@ -128,3 +128,14 @@ def diffusion_loss(
             loss.device
         )
     return loss
+
+
+def sample_noise(shape: torch.Size | tuple[int, ...], offset_noise: float, generator: torch.Generator | None,
+                 device: torch.device | str) -> torch.Tensor:
+    """The forward process's noise: N(0, I), plus ``offset_noise`` * N(0, 1) per sample and channel, constant over
+    the image (offset noise), when ``offset_noise`` > 0. With 0 it draws exactly what ``torch.randn`` would."""
+    noise = torch.randn(shape, device=device, generator=generator)
+    if offset_noise:
+        noise = noise + offset_noise * torch.randn((*shape[:2], *([1] * (len(shape) - 2))), device=device,
+                                                   generator=generator)
+    return noise

@@ -24,6 +24,8 @@ class OptimConfig:
     # ngpu * batch_size * accumulate_grad_batches * base_learning_rate).
     lr_scaling: str = "none"
     warmup_samples: int = 0  # linear warm-up from 0 to lr over this many samples, then constant (CompVis LambdaLR)
+    lr_decay: str = "constant"  # after warm-up: "constant" (CompVis, the paper presets) or "cosine"
+    min_lr_ratio: float = 0.0  # cosine: the final lr as a share of lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1.0e-8
     weight_decay: float = 0.01  # torch AdamW default, as CompVis (no explicit weight decay)
@@ -40,6 +42,9 @@ class DiffusionConfig:
     linear_end: float = 0.012
     parameterization: str = "eps"  # "eps" or "v"
     min_snr_gamma: float | None = None
+    # offset noise (Guttenberg 2023): noise + offset_noise * N(0, 1) per sample and channel, constant over the
+    # image, so the model can learn overall brightness; 0 (the paper) disables it. Typical: 0.05-0.1
+    offset_noise: float = 0.0
 
 
 @dataclass

@@ -28,6 +28,8 @@ class Derived:
     fid_every_steps: int  # in-training FID; 0: never
     flops_per_sample: float | None  # forward + backward of everything trained (UNet + text encoder)
     flops_per_step: float | None
+    lr_decay: str = "constant"  # after warm-up: "constant" (CompVis) or "cosine" (to lr * min_lr_ratio at the end)
+    min_lr_ratio: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -63,6 +65,8 @@ def derive(cfg: TrainConfig, world_size: int, flops_per_sample: float | None = N
         lr = cfg.optim.base_lr
     else:
         raise ValueError(f"train.optim.lr_scaling={cfg.optim.lr_scaling!r}: use 'none' or 'compvis'")
+    if cfg.optim.lr_decay not in ("constant", "cosine"):
+        raise ValueError(f"train.optim.lr_decay={cfg.optim.lr_decay!r}: use 'constant' or 'cosine'")
     if cfg.precision not in ("fp32", "bf16", "fp16"):
         raise ValueError(f"train.precision={cfg.precision!r}: use fp32, bf16 or fp16")
     return Derived(
@@ -78,14 +82,21 @@ def derive(cfg: TrainConfig, world_size: int, flops_per_sample: float | None = N
         sample_every_steps=_steps(cfg.sampling.every_samples, cfg.global_batch) if grid else 0,
         fid_every_steps=_steps(cfg.fid.every_samples, cfg.global_batch),
         flops_per_sample=flops_per_sample,
+        lr_decay=cfg.optim.lr_decay,
+        min_lr_ratio=cfg.optim.min_lr_ratio,
         flops_per_step=None if flops_per_sample is None else flops_per_sample * cfg.global_batch,
     )
 
 
 def lr_at(step: int, d: Derived) -> float:
-    """Linear warm-up over ``warmup_steps`` optimizer steps, then constant (the CompVis LambdaLR warm-up)."""
+    """Linear warm-up over ``warmup_steps`` optimizer steps (the CompVis LambdaLR warm-up), then constant, or a
+    cosine decay from ``lr`` to ``lr * min_lr_ratio`` at ``total_steps`` (``train.optim.lr_decay=cosine``)."""
     if d.warmup_steps and step < d.warmup_steps:
         return d.lr * (step + 1) / d.warmup_steps
+    if d.lr_decay == "cosine" and d.total_steps > d.warmup_steps:
+        progress = min(1.0, (step - d.warmup_steps) / (d.total_steps - d.warmup_steps))
+        floor = d.lr * d.min_lr_ratio
+        return floor + (d.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return d.lr
 
 
@@ -96,7 +107,8 @@ def describe(d: Derived) -> str:
         [
             f"world size {d.world_size}, micro batch {d.micro_batch}, accumulation {d.accumulation}, "
             f"global batch {d.global_batch} samples/step",
-            f"lr {d.lr:.3g} (warm-up {d.warmup_steps} steps), total {d.total_steps} steps",
+            f"lr {d.lr:.3g} (warm-up {d.warmup_steps} steps, then {d.lr_decay}"
+            + (f" to {d.lr * d.min_lr_ratio:.3g}" if d.lr_decay == "cosine" else "") + f"), total {d.total_steps} steps",
             f"log every {d.log_every_steps} steps, checkpoint every {d.checkpoint_every_steps or 'exit-only'} steps, "
             f"samples every {d.sample_every_steps or 'never'} steps, FID every {d.fid_every_steps or 'never'} steps",
             f"FLOPs per step {flops}",

@@ -20,6 +20,7 @@ from omegaconf import DictConfig
 from ldm_train.app import config_dict, config_yaml, to_config
 from ldm_train.build import build_ldm
 from ldm_train.checkpoints.export import EMA_FILE, LazySafetensors, full_state_dict, write_export
+from ldm_train.diffusion.losses import sample_noise
 from ldm_train.runtime.distributed import (
     DistEnv,
     barrier,
@@ -299,7 +300,7 @@ class Trainer:
             z0 = self._latents(batch)
             cond = self._cond_input(batch)
             t = torch.randint(0, self.tcfg.diffusion.timesteps, (z0.shape[0],), device=self.device, generator=self.gen)
-            noise = torch.randn(z0.shape, device=self.device, generator=self.gen)
+            noise = sample_noise(z0.shape, self.tcfg.diffusion.offset_noise, self.gen, self.device)
             loss = self.engine(z0.to(self.dtype), cond, t, noise.to(self.dtype)).float().mean()
             if inject:
                 loss = loss * float("nan")  # fault injection (train.guard.inject_nan_at_steps)

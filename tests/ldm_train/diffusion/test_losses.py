@@ -113,3 +113,16 @@ def test_loss_gradient_reaches_the_model_and_timesteps_are_uniform(schedule: Dif
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
     many = sample_timesteps(100_000, schedule, torch.Generator().manual_seed(0))
     assert many.min() == 0 and many.max() == 999 and abs(many.double().mean().item() - 499.5) < 3
+
+
+def test_offset_noise_adds_a_per_channel_constant():
+    from ldm_train.diffusion.losses import sample_noise
+
+    shape = (256, 4, 16, 16)
+    plain = sample_noise(shape, 0.0, torch.Generator().manual_seed(0), "cpu")
+    assert torch.equal(plain, torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    offset = sample_noise(shape, 0.5, torch.Generator().manual_seed(0), "cpu")
+    # the image mean of each (sample, channel) varies by 1/HW for white noise, plus 0.5^2 with the offset
+    var_plain = plain.mean(dim=(2, 3)).var().item()
+    var_offset = offset.mean(dim=(2, 3)).var().item()
+    assert abs(var_plain - 1 / 256) < 0.002 and abs(var_offset - (0.25 + 1 / 256)) < 0.05

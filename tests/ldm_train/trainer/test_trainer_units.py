@@ -52,6 +52,22 @@ def test_warmup_is_linear_then_constant():
     assert [lr_at(s, d) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
+def test_cosine_decay_after_warmup_reaches_the_floor_at_the_end():
+    cfg = _cfg(global_batch=10, micro_batch=10)
+    cfg.total_samples = 140  # 14 steps: 4 warm-up, 10 of cosine
+    cfg.optim.base_lr, cfg.optim.warmup_samples = 1.0, 40
+    cfg.optim.lr_decay, cfg.optim.min_lr_ratio = "cosine", 0.1
+    d = derive(cfg, 1)
+    lrs = [lr_at(s, d) for s in range(15)]
+    assert lrs[:5] == [0.25, 0.5, 0.75, 1.0, 1.0]  # warm-up, then the cosine starts at lr
+    assert lrs[9] == pytest.approx(0.1 + 0.9 * 0.5)  # half way: the mean of lr and the floor
+    assert lrs[14] == pytest.approx(0.1) and all(a >= b for a, b in zip(lrs[3:], lrs[4:], strict=False))
+    assert "then cosine to 0.1" in describe(d)
+    cfg.optim.lr_decay = "linear"
+    with pytest.raises(ValueError, match="lr_decay='linear'"):
+        derive(cfg, 1)
+
+
 def test_ds_config_takes_batch_precision_clipping_from_train():
     cfg = _cfg(global_batch=32, micro_batch=4, precision="bf16")
     cfg.optim.grad_clip = 0.5
