@@ -55,7 +55,9 @@ class EvalConfig:
     batch_size: int = 16
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    output_dir: str | None = None  # None: <checkpoint step dir>/eval/<sampler>-<steps>steps-n<num_samples>-seed<seed>
+    # None: <run dir>/eval/<step_NNNNNNN>/<sampler>-<steps>steps-n<num_samples>-seed<seed> (outside checkpoints/, so
+    # checkpoint rotation never deletes it; <step dir>/eval/... for an export that is not in a run's checkpoints/)
+    output_dir: str | None = None
     stage: str = "all"  # all | sample | metrics
     progress: bool = True
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)

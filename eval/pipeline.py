@@ -94,7 +94,14 @@ def caption(cond: CondConfig, item: Any) -> str:
 
 
 def default_output_dir(cfg: EvalConfig, step_dir: str) -> str:
-    return os.path.join(step_dir, "eval", f"{cfg.sampler}-{cfg.steps}steps-n{cfg.num_samples}-seed{cfg.seed}")
+    """``<run dir>/eval/<step>/<sampler>-<steps>steps-n<N>-seed<S>`` for a trainer checkpoint (outside
+    ``checkpoints/``, whose rotation would delete it), else ``<step dir>/eval/...`` for an export elsewhere."""
+    spec = f"{cfg.sampler}-{cfg.steps}steps-n{cfg.num_samples}-seed{cfg.seed}"
+    step = os.path.normpath(step_dir)
+    parent = os.path.dirname(step)
+    if os.path.basename(parent) == "checkpoints":
+        return os.path.join(os.path.dirname(parent), "eval", os.path.basename(step), spec)
+    return os.path.join(step, "eval", spec)
 
 
 # ---------------------------------------------------------------------------------------------- sampling

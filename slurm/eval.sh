@@ -11,7 +11,7 @@
 #
 # Arguments are Hydra overrides of conf/eval.yaml. Sample i is seeded seed + i and every task takes a
 # contiguous run of global batches, so the set is the same at any task count, and a requeued or re-submitted
-# job skips the PNGs that exist. The output dir defaults to <checkpoint step>/eval/<sampler>-<steps>steps-n<N>-seed<S>
+# job skips the PNGs that exist. The output dir defaults to <run dir>/eval/<step>/<sampler>-<steps>steps-n<N>-seed<S>
 # (the same in both steps: no timestamps).
 #SBATCH --job-name=ldm-eval
 #SBATCH --nodes=1

@@ -73,3 +73,17 @@ def test_missing_metric_weights_stop_before_sampling(tiny_export, tmp_path, eval
     assert f"{tmp_path}/inception.pth" in str(err.value)
     assert "weights-inception-2015-12-05-6726825d.pth" in str(err.value)
     assert not out.exists()
+
+
+def test_default_output_dir_is_outside_checkpoint_rotation(eval_config, tiny_export) -> None:
+    """Rotation of checkpoints/ deleted metrics.json written inside a step dir (issue 14)."""
+    import os
+
+    from eval.pipeline import default_output_dir
+
+    cfg = eval_config(checkpoint=tiny_export, prompts="unused.txt")
+    run = "/runs/tiny/run1"
+    out = default_output_dir(cfg, f"{run}/checkpoints/step_0000010")
+    assert out == f"{run}/eval/step_0000010/{cfg.sampler}-{cfg.steps}steps-n{cfg.num_samples}-seed{cfg.seed}"
+    assert "checkpoints" not in out
+    assert default_output_dir(cfg, "/exports/mine").startswith(os.path.join("/exports/mine", "eval"))
