@@ -258,7 +258,7 @@ def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[Any], 
     from PIL import Image
 
     from eval.reference import materialise_reference
-    from eval.report import log_wandb, write_metrics_json
+    from eval.report import log_wandb, training_run_link, write_metrics_json
 
     cond = cond or CondConfig()
     scales = eval_scales(cfg, cond)
@@ -292,7 +292,8 @@ def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[Any], 
     per_prompt = {s: [(sample_path(folders[s], i), caption(cond, n_prompts[i])) for i in
                       range(min(cfg.wandb.samples_per_scale, cfg.num_samples))] for s in scales}
     log_wandb(output_dir, config_dict(cfg), report, per_prompt, mode=cfg.wandb.mode,
-              project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name)
+              project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
+              link=training_run_link(str(cfg.checkpoint)))
     return report
 
 

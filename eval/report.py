@@ -35,18 +35,54 @@ def write_metrics_json(path: str, report: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def training_run_link(checkpoint: str) -> dict[str, Any]:
+    """The training run an eval belongs to: its W&B group (as the trainer named it), run id and run dir, read from
+    the checkpoint's ``config.yaml`` and ``<run dir>/wandb_run_id``; {} where they are not there."""
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from ldm_train.checkpoints.export import CONFIG_FILE, resolve_step_dir
+
+    try:
+        step_dir = resolve_step_dir(checkpoint)
+    except FileNotFoundError:
+        return {}
+    link: dict[str, Any] = {"train_step_dir": str(step_dir)}
+    run_dir = step_dir.parent.parent if step_dir.parent.name == "checkpoints" else None
+    if run_dir is not None:
+        link["train_run_dir"] = str(run_dir)
+        id_file = Path(run_dir) / "wandb_run_id"
+        if id_file.is_file():
+            link["train_run_id"] = id_file.read_text().strip()
+    if (step_dir / CONFIG_FILE).is_file():
+        train_cfg = OmegaConf.load(step_dir / CONFIG_FILE)
+        group = OmegaConf.select(train_cfg, "logger.group", default=None) or OmegaConf.select(
+            train_cfg, "experiment_name", default=None)
+        sweep = OmegaConf.select(train_cfg, "logger.sweep", default=None)
+        if group:
+            link["group"] = f"{group}-{sweep}" if sweep else str(group)
+    return link
+
+
 def log_wandb(output_dir: str, cfg: dict[str, Any], report: dict[str, Any], samples: dict[float, list[tuple[str, str]]],
               mode: str = "offline", project: str = "ldm-train", entity: str | None = None,
-              name: str | None = None) -> str | None:
-    """One W&B run (job_type eval): config, a samples table and per-scale metric plots. Returns the run dir."""
+              name: str | None = None, link: dict[str, Any] | None = None) -> str | None:
+    """One W&B run (job_type eval): config, a samples table and per-scale metric plots. Returns the run dir.
+
+    ``link`` (:func:`training_run_link`): the run joins the training run's group and its config records the
+    training run's id and folders."""
     if mode == "disabled":
         return None
     import wandb
 
+    link = link or {}
     os.environ.setdefault("WANDB_DIR", output_dir)
     os.environ.setdefault("WANDB_CACHE_DIR", os.path.join(output_dir, ".wandb_cache"))
     run = wandb.init(project=project, entity=entity, name=name or os.path.basename(output_dir.rstrip("/")),
-                     job_type="eval", mode=mode, dir=output_dir, config=cfg, reinit="finish_previous")
+                     job_type="eval", mode=mode, dir=output_dir, group=link.get("group"),
+                     config={**cfg, "training_run": {k: v for k, v in link.items() if k != "group"}},
+                     reinit="finish_previous")
     try:
         table = wandb.Table(columns=["guidance_scale", "index", "prompt", "image"])
         for scale, items in samples.items():

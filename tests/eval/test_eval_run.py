@@ -87,3 +87,30 @@ def test_default_output_dir_is_outside_checkpoint_rotation(eval_config, tiny_exp
     assert out == f"{run}/eval/step_0000010/{cfg.sampler}-{cfg.steps}steps-n{cfg.num_samples}-seed{cfg.seed}"
     assert "checkpoints" not in out
     assert default_output_dir(cfg, "/exports/mine").startswith(os.path.join("/exports/mine", "eval"))
+
+
+def test_eval_wandb_run_joins_the_training_runs_group(tmp_path) -> None:
+    """The eval W&B run is in the training run's group, with the training run's id in its config (issue 14)."""
+    import glob
+    import json as _json
+
+    from eval.report import log_wandb, training_run_link
+    from tests.eval.conftest import build_tiny_export
+    from tests.ldm_train import wandb_reader
+
+    run = build_tiny_export(str(tmp_path / "t"))
+    (tmp_path / "t" / "run" / "wandb_run_id").write_text("abc123\n")
+    link = training_run_link(run)
+    assert link["train_run_id"] == "abc123" and link["train_run_dir"] == run
+    assert link["group"]  # the training config's experiment name (or logger.group)
+    out = tmp_path / "eval_out"
+    out.mkdir()
+    log_wandb(str(out), {"checkpoint": run}, {"per_scale": []}, {}, mode="offline", link=link)
+    files = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
+    assert len(files) == 1
+    runs = [r.run for r in wandb_reader.read_records(files[0]) if r.HasField("run")]
+    assert runs and runs[0].run_group == link["group"]
+    cfg = wandb_reader.config(files[0])
+    training = cfg["training_run"]
+    training = _json.loads(training) if isinstance(training, str) else training
+    assert training["train_run_id"] == "abc123"
