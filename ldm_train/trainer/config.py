@@ -124,6 +124,9 @@ class TrainConfig:
     caption_dropout: float = 0.1  # share of empty captions (cond.kind=class: null-class labels), so classifier-free guidance works
     log_every_samples: int = 1024
     max_steps: int | None = None  # stop after this many optimizer steps this session (tests, smoke runs)
+    # settings a resume may change although they change what the run means (see ldm_train/trainer/pinned.py):
+    # e.g. [train.total_samples] to extend a run; ["*"] allows any
+    allow_changed: list[str] = field(default_factory=list)
     # per-device peak for MFU; null: the device's own (ldm_train/runtime/devices.py: A100 312, H100/H200 989, ...);
     # no MFU is logged on CPU or an unknown GPU unless this is set
     peak_tflops: float | None = None

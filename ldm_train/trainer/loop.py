@@ -195,6 +195,11 @@ class Trainer:
     def _resume(self) -> dict[str, Any] | None:
         if self.latest is None:
             return None
+        from ldm_train.trainer.pinned import check_resume_settings
+
+        accepted = check_resume_settings(self.run_dir, config_dict(self.cfg), list(self.tcfg.allow_changed))
+        if accepted and self.rank == 0:
+            print(f"[train] resuming with changed settings (train.allow_changed): {', '.join(accepted)}", flush=True)
         client = ckpt.load_checkpoint(self.engine, self.ckpt_dir, self.latest, universal=self.resume_universal)
         state = client["trainer"]
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
