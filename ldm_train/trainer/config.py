@@ -124,6 +124,11 @@ class TrainConfig:
     caption_dropout: float = 0.1  # share of empty captions (cond.kind=class: null-class labels), so classifier-free guidance works
     log_every_samples: int = 1024
     max_steps: int | None = None  # stop after this many optimizer steps this session (tests, smoke runs)
+    # start a NEW run from these weights (fine-tuning): a CompVis .ckpt / safetensors (model.diffusion_model.*,
+    # cond_stage_model.*, optionally first_stage_model.*) or our export (a run, checkpoints or step dir); strict;
+    # fresh optimizer, step 0. Ignored when the run resumes from its own checkpoint.
+    init_from: str | None = None
+    init_use_ema: bool = True  # take the EMA weights of the source when it has them
     # settings a resume may change although they change what the run means (see ldm_train/trainer/pinned.py):
     # e.g. [train.total_samples] to extend a run; ["*"] allows any
     allow_changed: list[str] = field(default_factory=list)

@@ -130,6 +130,14 @@ class Trainer:
         cfg = self.cfg
         data_cfg = cfg.data
         manifest = read_manifest(data_cfg.manifest or data_cfg.shards)
+        self.init_source = None  # train.init_from: a new run starts from these weights (not on a resume)
+        if self.tcfg.init_from and not (self.tcfg.checkpoint.resume and (self.ckpt_dir / ckpt.LATEST).exists()):
+            from ldm_train.trainer import init_from
+
+            self.init_source = init_from.resolve(self.tcfg.init_from, self.tcfg.init_use_ema)
+            if self.init_source.tokenizer_dir and not cfg.text_encoder.tokenizer \
+                    and str(getattr(getattr(cfg, "cond", None), "kind", "text")) == "text":
+                cfg.text_encoder.tokenizer = self.init_source.tokenizer_dir  # the ids the encoder was trained on
         recorded = (manifest.get("first_stage") or {}).get("checkpoint")
         if not cfg.first_stage.checkpoint and recorded and cfg.first_stage.kind != "pixel" \
                 and fsspec_io.exists(str(recorded)):
@@ -138,6 +146,11 @@ class Trainer:
             cfg.first_stage.checkpoint = str(recorded)
             if self.rank == 0:
                 print(f"[train] first_stage.checkpoint from the latent manifest: {recorded}", flush=True)
+        if not cfg.first_stage.checkpoint and cfg.first_stage.kind != "pixel" and self.init_source is not None \
+                and self.init_source.has_first_stage:
+            cfg.first_stage.checkpoint = self.init_source.weights  # first_stage_model.* of the init file
+            if self.rank == 0:
+                print(f"[train] first_stage.checkpoint from train.init_from: {self.init_source.weights}", flush=True)
         shards = shard_list(manifest, base_url=None if data_cfg.manifest else data_cfg.shards)
         self.cond = build.check_conditioning(cfg)  # cond.kind: text (tokens), class (labels) or none
         tokenize_fn, labels = None, build.label_spec(self.cond)
@@ -169,6 +182,13 @@ class Trainer:
         if self.latest is not None:
             meta = ckpt.read_meta(self.ckpt_dir, self.latest)
             self.resume_universal = int(meta["world_size"]) != self.world_size
+        elif self.init_source is not None:
+            from ldm_train.trainer import init_from
+
+            line = init_from.load_into(model, self.init_source, self.tcfg.init_use_ema)
+            if self.rank == 0:
+                print(f"[train] train.init_from: {self.init_source.weights}: {line}; fresh optimizer, step 0",
+                      flush=True)
         ds_group = copy.deepcopy(dict(self.cfg.deepspeed))
         self.ds_config = compose_ds_config(ds_group, self.tcfg, self.d, load_universal=self.resume_universal)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))

@@ -1,0 +1,66 @@
+"""``train.init_from``: start a new run from released or earlier weights (fine-tuning).
+
+The source is a CompVis checkpoint (``.ckpt`` read weights-only, or safetensors in that layout) or one of our
+exports (a run dir, its ``checkpoints/`` dir or a ``step_*`` dir: ``model_ema.safetensors`` / ``model.safetensors``
+with ``tokenizer/`` beside them). The UNet and the cond stage load strictly (the text encoder's unused ``to_logits``
+may be absent); the first stage and the tokenizer are taken from the same source when it has them and the config
+names none. The optimizer starts fresh at step 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+
+@dataclass
+class InitSource:
+    weights: str  # the file the weights come from
+    tokenizer_dir: str | None  # our export's tokenizer/, when there is one
+    has_first_stage: bool  # first_stage_model.* keys in the file
+    ema_file: bool  # our model_ema.safetensors (EMA weights under the plain keys)
+
+
+def resolve(path: str, use_ema: bool = True) -> InitSource:
+    """The weights file (and tokenizer) of ``path``; a clear error when it is neither an export nor a file."""
+    from ldm_train.checkpoints.compvis import FIRST_STAGE_PREFIX, read_weights
+    from ldm_train.checkpoints.export import EMA_FILE, TOKENIZER_DIR, weights_file
+
+    p = Path(path)
+    tokenizer = None
+    if p.is_dir():
+        try:
+            file = weights_file(p, ema=use_ema)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"train.init_from={path}: {e}") from e
+        tok = file.parent / TOKENIZER_DIR
+        tokenizer = str(tok) if tok.is_dir() else None
+        weights = str(file)
+    elif p.is_file() or "://" in path:
+        weights, file = path, p
+    else:
+        raise FileNotFoundError(f"train.init_from={path} does not exist: give a CompVis .ckpt / safetensors file or a "
+                                "run / step directory of ours")
+    keys = read_weights(weights).tensors.keys()
+    return InitSource(weights, tokenizer, any(k.startswith(FIRST_STAGE_PREFIX) for k in keys),
+                      Path(weights).name == EMA_FILE)
+
+
+def load_into(model: nn.Module, source: InitSource, use_ema: bool) -> str:
+    """Load the UNet and the cond stage of ``model`` (a LatentDiffusion) strictly; returns the report line."""
+    from ldm_train.checkpoints.compvis import load_compvis
+
+    stage = getattr(model, "cond_stage_model", None)
+    kind = getattr(model, "cond_kind", "text")
+    report = load_compvis(source.weights, unet=model.unet, text_encoder=stage if kind == "text" else None,
+                          use_ema=use_ema and not source.ema_file)
+    line = str(report)
+    if stage is not None and kind != "text":  # a class embedder: plain strict load of its keys
+        from ldm_train.checkpoints.compvis import load_strict, read_weights, split_compvis
+
+        groups = split_compvis(read_weights(source.weights).tensors)
+        load_strict(stage, groups["text_encoder"], "class embedder", source.weights)
+        line += f"; class embedder: {len(groups['text_encoder'])} tensors"
+    return line
+

@@ -1,0 +1,61 @@
+"""train.init_from (issue 14 item 3): a new run starts from a CompVis-layout checkpoint with all three prefixes; the
+loaded weights equal the file's (a step at learning rate 0 leaves them in place), the first stage comes from the
+same file, and a file that does not fit is refused naming it."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from tests.ldm_train.trainer.helpers import only_run_dir, run_trainer, tiny_overrides
+
+
+def _compvis_file(latents_root: Path, path: Path) -> dict[str, torch.Tensor]:
+    from ldm_train.app import compose
+    from ldm_train.build import build_ldm
+    from ldm_train.checkpoints.compvis import export_safetensors
+    from ldm_train.models.autoencoder import build_first_stage
+    from ldm_train.trainer.config import TrainAppConfig
+
+    cfg = compose("train", TrainAppConfig, ["experiment=tiny", f"data.latents_root={latents_root}"])
+    torch.manual_seed(123)
+    ldm = build_ldm(cfg)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in ldm.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+    first_stage = build_first_stage(cfg.first_stage)
+    return export_safetensors(str(path), {"unet": ldm.unet, "text_encoder": ldm.cond_stage_model,
+                                          "first_stage": first_stage})
+
+
+def test_init_from_a_compvis_checkpoint_loads_every_weight(tmp_path, latents_root, tokenizer_dir) -> None:
+    from safetensors.torch import load_file
+
+    source = tmp_path / "released.safetensors"
+    tensors = _compvis_file(latents_root, source)
+    runs = tmp_path / "runs"
+    proc = run_trainer(tiny_overrides(latents_root, runs, **{
+        "train.init_from": source, "train.max_steps": 1, "train.optim.base_lr": 0.0,
+        "train.optim.weight_decay": 0.0, "text_encoder.tokenizer": tokenizer_dir}), nproc=1)
+    assert f"[train] train.init_from: {source}: unet:" in proc.stdout and "fresh optimizer, step 0" in proc.stdout
+    assert f"first_stage.checkpoint from train.init_from: {source}" in proc.stdout
+    run = only_run_dir(runs)
+    step = sorted((run / "checkpoints").glob("step_*"))[-1]
+    exported = load_file(str(step / "model.safetensors"))
+    compared = [k for k in exported if k in tensors]
+    assert len(compared) == len(exported) and len(exported) > 50
+    assert all(torch.equal(exported[k], tensors[k].float()) for k in compared)
+    assert f"checkpoint: {source}" in (run / "config.yaml").read_text()
+
+
+def test_init_from_a_file_that_does_not_fit_is_refused(tmp_path, latents_root, tokenizer_dir) -> None:
+    from ldm_train.checkpoints.compvis import export_safetensors
+
+    bad = tmp_path / "other.safetensors"
+    export_safetensors(str(bad), {"unet": {"input_blocks.0.0.weight": torch.zeros(8, 3, 3, 3)}})
+    proc = run_trainer(tiny_overrides(latents_root, tmp_path / "runs", **{
+        "train.init_from": bad, "train.max_steps": 1, "text_encoder.tokenizer": tokenizer_dir}), nproc=1,
+        check=False)
+    assert proc.returncode != 0
+    assert f"{bad}: UNet weights do not match the configured model" in proc.stderr
