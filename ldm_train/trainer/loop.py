@@ -381,6 +381,8 @@ class Trainer:
         except NonFiniteAbort as err:
             print(f"[train] rank {self.rank}: {err}", file=sys.stderr, flush=True)
             exit_code = 3
+        if d.sample_every_steps and self.step >= d.total_steps and self.step > start_step and not exit_code:
+            self.sample_grid()  # the final weights' grid (the periodic one fires before a step, never after the last)
         if self.step != last_saved or exit_code:
             self.save()  # at exit: preemption, max_steps, the end, or the last good state before an abort
         if self.preemption.received is not None and self.rank == 0:
