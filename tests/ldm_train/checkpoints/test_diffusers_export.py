@@ -91,3 +91,32 @@ def test_export_names_the_missing_first_stage(tmp_path: Path) -> None:
     OmegaConf.save(cfg, step / "config.yaml")
     with pytest.raises(ValueError, match="--first-stage PATH"):
         export(str(run), tmp_path / "out")
+
+
+@pytest.mark.parametrize("preset", ["tiny_vq_f4", "vq_f4_noattn"])
+def test_vq_first_stages_decode_the_same_in_diffusers(tmp_path: Path, preset: str) -> None:
+    """VQ first stages (the tiny 8-group one, and one without mid-block attention) through VQModel."""
+    from ldm_train.app import compose
+    from ldm_train.checkpoints.diffusers_export import export_vae
+    from ldm_train.config import FirstStageConfig, to_dataclass
+    from ldm_train.first_stage.config import AutoencoderAppConfig
+    from ldm_train.models.autoencoder import build_first_stage
+
+    overrides = [f"first_stage={preset}", "data.input=unused"]
+    if preset == "vq_f4_noattn":  # the released layout at a CPU-friendly width
+        overrides += ["first_stage.ddconfig.ch=32", "first_stage.n_embed=64", "first_stage.ddconfig.resolution=32"]
+    fs_cfg = to_dataclass(compose("train_autoencoder", AutoencoderAppConfig, overrides).first_stage, FirstStageConfig)
+    torch.manual_seed(0)
+    ours = build_first_stage(fs_cfg).eval()
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    export_vae(ours.state_dict(), fs_cfg, 1.0, tmp_path)
+    theirs = diffusers.VQModel.from_pretrained(str(tmp_path), subfolder="vae").eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        h = ours.encode_moments(x)
+        enc = float((h - theirs.encode(x).latents).abs().max())
+        dec = float((ours.decode(h) - theirs.decode(h).sample).abs().max())  # both quantize first
+    print(json.dumps({"preset": preset, "vq_encode_max_abs_diff": enc, "vq_decode_max_abs_diff": dec}))
+    assert enc < 1e-4 and dec < 1e-4
