@@ -1,0 +1,19 @@
+"""bench/gpu_check.sh --dry-run (the tiny config on CPU) runs, so the one-shot GPU check cannot rot (issue 16)."""
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_dry_run_prints_its_json() -> None:
+    done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True,
+                          text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["bench"] == "gpu_check" and result["dry_run"] and result["experiment"] == "tiny"
+    (run,) = result["runs"]
+    assert run["compiled"] is False and run["samples_per_s"] > 0 and run["step_s"] > 0
+    assert result["peak_tflops_bf16"] is None and run["mfu"] is None  # no made-up MFU on a CPU
