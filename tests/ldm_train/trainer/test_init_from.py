@@ -59,3 +59,19 @@ def test_init_from_a_file_that_does_not_fit_is_refused(tmp_path, latents_root, t
         check=False)
     assert proc.returncode != 0
     assert f"{bad}: UNet weights do not match the configured model" in proc.stderr
+
+
+def test_init_from_a_pickle_with_code_is_refused_without_running_it(tmp_path) -> None:
+    """train.init_from is a user file too: read weights-only (issue 15), the payload never runs."""
+    import pytest
+
+    from ldm_train.trainer import init_from
+    from tests.malicious_pickle import write_malicious
+
+    marker = tmp_path / "pwned"
+    bad = write_malicious(tmp_path / "released.ckpt", marker,
+                          {"state_dict": {"model.diffusion_model.x": torch.zeros(1)}})
+    with pytest.raises(Exception) as err:
+        init_from.resolve(str(bad))
+    assert str(bad) in str(err.value)
+    assert not marker.exists()
