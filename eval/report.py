@@ -56,12 +56,14 @@ def training_run_link(checkpoint: str) -> dict[str, Any]:
         if id_file.is_file():
             link["train_run_id"] = id_file.read_text().strip()
     if (step_dir / CONFIG_FILE).is_file():
+        from ldm_train.tracking import wandb_group
+
         train_cfg = OmegaConf.load(step_dir / CONFIG_FILE)
-        group = OmegaConf.select(train_cfg, "logger.group", default=None) or OmegaConf.select(
-            train_cfg, "experiment_name", default=None)
-        sweep = OmegaConf.select(train_cfg, "logger.sweep", default=None)
+        logger = train_cfg.get("logger") or OmegaConf.create({})
+        group = wandb_group(OmegaConf.create({"group": logger.get("group"), "sweep": logger.get("sweep")}),
+                            train_cfg.get("experiment_name"))
         if group:
-            link["group"] = f"{group}-{sweep}" if sweep else str(group)
+            link["group"] = str(group)
     return link
 
 
