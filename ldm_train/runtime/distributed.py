@@ -242,6 +242,13 @@ def is_main() -> bool:
     return get_rank() == 0
 
 
+# The launch variables init_distributed exported, with the value each had before (None: unset). cleanup() puts
+# them back: otherwise a process without a launcher keeps RANK=0/WORLD_SIZE=1/MASTER_PORT=29500 after its run,
+# and every process it starts later (a sweep's next job, a test's subprocess) looks launched by torchrun and
+# binds that port.
+_EXPORTED_BEFORE: dict[str, str | None] = {}
+
+
 def init_distributed(
     backend: str | None = None,
     force_group: bool = False,
@@ -254,7 +261,10 @@ def init_distributed(
     collectives unconditionally). Safe to call twice.
     """
     env = DistEnv.from_env()
-    os.environ.update(env.as_env())
+    exported = env.as_env()
+    for key in exported:  # what to restore at cleanup(), so children started later see no launcher
+        _EXPORTED_BEFORE.setdefault(key, os.environ.get(key))
+    os.environ.update(exported)
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
     if dist.is_initialized() or not (env.is_distributed or force_group):
@@ -287,8 +297,15 @@ def cleanup() -> None:
 
     Through DeepSpeed when it has used the group: it caches sub-groups (a clone of the world group) that
     would otherwise outlive it, and the next run in this process (a Hydra multirun point with the basic
-    launcher) would fail with "Group ... is not registered".
+    launcher) would fail with "Group ... is not registered". The launch variables ``init_distributed``
+    exported are put back as they were.
     """
+    for key, value in _EXPORTED_BEFORE.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    _EXPORTED_BEFORE.clear()
     if not (dist.is_available() and dist.is_initialized()):
         return
     import sys

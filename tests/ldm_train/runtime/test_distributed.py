@@ -99,6 +99,9 @@ def test_rank_helpers_fall_back_without_a_launcher(monkeypatch: pytest.MonkeyPat
         assert not distributed.dist.is_initialized() and env.world_size == 1
         assert os.environ["RANK"] == "0" and os.environ["WORLD_SIZE"] == "1"  # what DeepSpeed reads
         distributed.barrier()
+        distributed.cleanup()  # puts the launch variables back: a process started after the run sees no launcher
+        assert not {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"} & set(os.environ)
+        assert DistEnv.from_env().launcher == "none"
     for key, value in SLURM_TASK.items():
         monkeypatch.setenv(key, value)
     assert (distributed.get_rank(), distributed.get_world_size(), distributed.get_local_rank()) == (3, 4, 1)

@@ -66,8 +66,12 @@ def tiny_overrides(latents: Path, runs: Path, **extra: Any) -> list[str]:
     return [f"{k}={v}" for k, v in args.items()]
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
 def trainer_env() -> dict[str, str]:
-    env = dict(os.environ)
+    # a launch variable left in this process (by an in-process test) would make the child look launched by torchrun
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
     env.update(
         TORCH_EXTENSIONS_DIR=TORCH_EXTENSIONS_DIR, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1",
         TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
