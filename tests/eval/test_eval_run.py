@@ -108,7 +108,7 @@ def test_eval_wandb_run_joins_the_training_runs_group(tmp_path) -> None:
     log_wandb(str(out), {"checkpoint": run}, {"per_scale": []}, {}, mode="offline", link=link)
     files = glob.glob(str(out / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1
-    runs = [r.run for r in wandb_reader.read_records(files[0]) if r.HasField("run")]
+    runs = [r.run for r in wandb_reader.wait_for_run_record(files[0]) if r.HasField("run")]
     assert runs and runs[0].run_group == link["group"]
     cfg = wandb_reader.config(files[0])
     training = cfg["training_run"]

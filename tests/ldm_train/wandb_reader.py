@@ -44,6 +44,25 @@ def read_records(path: str | Path) -> list[wandb_internal_pb2.Record]:
     return records
 
 
+def wait_for_run_record(path: str | Path, timeout_s: float = 60.0) -> list[wandb_internal_pb2.Record]:
+    """The records of ``path`` once its run record is on disk. A run finished in this process is flushed by the
+    wandb service, which may still be writing the file when ``run.finish()`` returns (seen on a loaded CI machine:
+    the file held no record yet); a file whose run record never comes fails after ``timeout_s``."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            records = read_records(path)
+        except AssertionError:  # a chunk still being written
+            if time.monotonic() > deadline:
+                raise
+            records = []
+        if any(r.WhichOneof("record_type") == "run" for r in records) or time.monotonic() > deadline:
+            return records
+        time.sleep(0.5)
+
+
 def history(path: str | Path) -> dict[int, dict[str, Any]]:
     """step -> {key: value} of every ``run.log`` in the file (internal keys starting with "_" dropped)."""
     rows: dict[int, dict[str, Any]] = {}
