@@ -45,6 +45,10 @@ class EncodeConfig:
     caption_template: str = "a photo of a {class_name}"  # imagenet inputs
     output: str = "data/latents"  # latents root; shards go to <output>/<first_stage.name>/
     resolution: int = 64
+    # >0: also store each image downsampled by this factor (bicubic, antialiased) as lowres.png, the input of
+    # super-resolution training (cond.kind=concat; CompVis bsr_sr: 4, with a vq-f4 first stage the LR image is
+    # exactly the latent grid)
+    lowres_factor: int = 0
     filter: FilterConfig = field(default_factory=FilterConfig)
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
     batch_size: int = 32

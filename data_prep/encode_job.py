@@ -96,6 +96,8 @@ def _job_description(cfg: EncodeConfig, shards: list[InputShard], sha: str | Non
                         "random_weights": not (fs_cfg.checkpoint or fs_cfg.kind == "pixel")},
         "resolution": cfg.resolution,
         "latent_shape": [2 * z if kl else z, h, h],
+        "lowres": ({"factor": cfg.lowres_factor, "size": cfg.resolution // cfg.lowres_factor, "member": "lowres.png"}
+                   if cfg.lowres_factor else None),
         "stored": "moments" if kl else "prequant",
         "stats_of": "sampled_z" if kl else "prequant",
         "stats_channels": z,
@@ -114,7 +116,7 @@ def _check_same_job(output: str, job: dict, overwrite: bool) -> None:
     if overwrite or not fsspec_io.exists(url):
         return
     old = mf.read_json(url)
-    for key in ("first_stage", "resolution", "latent_shape", "input"):
+    for key in ("first_stage", "resolution", "latent_shape", "input", "lowres"):
         if old.get(key) != job.get(key):
             if not _has_finished_shards(output):  # e.g. a run that failed to load its first stage
                 print(f"[encode] {url} describes another encode job ({key}: {old.get(key)} != {job.get(key)}) "
@@ -135,6 +137,8 @@ def run_encode(cfg: EncodeConfig) -> EncodeResult:
     fs_cfg = cfg.first_stage
     if cfg.resolution % fs_cfg.downsample_factor:
         raise SystemExit(f"resolution={cfg.resolution} is not divisible by first_stage {fs_cfg.name}'s f={fs_cfg.downsample_factor}")
+    if cfg.lowres_factor < 0 or (cfg.lowres_factor and cfg.resolution % cfg.lowres_factor):
+        raise SystemExit(f"lowres_factor={cfg.lowres_factor} must be 0 (off) or divide resolution={cfg.resolution}")
     task, ntasks = resolve_tasks(cfg.task_index, cfg.num_tasks)
     output = fsspec_io.join(str(cfg.output), fs_cfg.name)
     res = EncodeResult(output, task, ntasks)
@@ -327,7 +331,7 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
                 cur = open_shards[j] = OpenShard(output, j, by_index[j].url, fs_cfg.embed_dim, cfg.seed)
             if item["kind"] == "batch":
                 res.wait_s += t1 - t0
-                encode_into(model, item, cur, fs_cfg.kind, autocast, device)
+                encode_into(model, item, cur, fs_cfg.kind, autocast, device, cfg.lowres_factor)
                 res.encode_s += time.perf_counter() - t1
                 bar.update(len(item["keys"]))
                 bar.set_postfix(postfix(), refresh=False)

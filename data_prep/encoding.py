@@ -3,7 +3,8 @@
 
 Per sample: ``__key__`` = the source key, ``latent.npy`` float16 ``[2z, h, w]`` (KL: mean then logvar) or
 ``[z, h, w]`` (VQ: pre-quantization latent), ``txt`` caption, ``json`` {source_key, source_shard,
-original_width, original_height, label (when there is one)}.
+original_width, original_height, label (when there is one)}; with ``lowres_factor`` N > 0 also ``lowres.png``,
+the encoded image downsampled N times (bicubic, antialiased; 8-bit RGB), for super-resolution training.
 """
 from __future__ import annotations
 
@@ -162,8 +163,9 @@ class OpenShard:
         self.stats = mf.LatentStats(channels)
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
 
-    def write(self, keys: list[str], latents: np.ndarray, captions: list[str], metas: list[dict]) -> None:
-        for key, lat, cap, meta in zip(keys, latents, captions, metas, strict=True):
+    def write(self, keys: list[str], latents: np.ndarray, captions: list[str], metas: list[dict],
+              lowres: list[bytes] | None = None) -> None:
+        for i, (key, lat, cap, meta) in enumerate(zip(keys, latents, captions, metas, strict=True)):
             buf = io.BytesIO()
             np.save(buf, lat, allow_pickle=False)
             info = {k: meta[k] for k in ("source_key", "source_shard", "original_width", "original_height")}
@@ -172,8 +174,11 @@ class OpenShard:
             source = json.loads(meta.get("source") or "{}")
             if source:  # img2dataset / LAION fields of the input sample (url, similarity, punsafe, ...)
                 info["source"] = source
-            self._tar.write({"__key__": key, "latent.npy": buf.getvalue(), "txt": cap.encode("utf-8"),
-                             "json": json.dumps(info).encode()})
+            sample = {"__key__": key, "latent.npy": buf.getvalue(), "txt": cap.encode("utf-8"),
+                      "json": json.dumps(info).encode()}
+            if lowres is not None:
+                sample["lowres.png"] = lowres[i]
+            self._tar.write(sample)
             self.count += 1
 
     def commit(self) -> None:
@@ -186,14 +191,30 @@ class OpenShard:
             self._cm.__exit__(type(exc), exc, exc.__traceback__)
 
 
+def lowres_pngs(images: torch.Tensor, factor: int) -> list[bytes]:
+    """[-1, 1] images [B, 3, H, W] downsampled ``factor`` times (bicubic, antialiased), as 8-bit RGB PNGs."""
+    from PIL import Image
+
+    from ldm_train.data.latents import downsample_u8
+
+    out = []
+    for a in downsample_u8(images, factor).transpose(0, 2, 3, 1):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG", compress_level=1)
+        out.append(buf.getvalue())
+    return out
+
+
 def encode_into(model: torch.nn.Module, item: dict[str, Any], shard: OpenShard, kind: str,
-                autocast: torch.dtype | None, device: torch.device) -> None:
-    """Encode one ``ShardBatches`` batch and write its finite latents to ``shard`` (statistics included)."""
+                autocast: torch.dtype | None, device: torch.device, lowres_factor: int = 0) -> None:
+    """Encode one ``ShardBatches`` batch and write its finite latents to ``shard`` (statistics included), with
+    each image's low-resolution copy when ``lowres_factor`` > 0."""
     stored, z = encode_batch(model, item["images"].to(device, non_blocking=True), kind, autocast, shard.generator)
     finite = torch.isfinite(stored).flatten(1).all(1)
     keep = finite.nonzero().flatten().tolist()
     shard.nonfinite += len(finite) - len(keep)  # fp16 overflow: such a latent would poison training
     shard.stats.update(z[finite])
     lat = stored[finite].cpu().numpy()
+    lowres = lowres_pngs(item["images"][keep], lowres_factor) if lowres_factor else None
     shard.write([item["keys"][i] for i in keep], lat, [item["captions"][i] for i in keep],
-                [item["metas"][i] for i in keep])
+                [item["metas"][i] for i in keep], lowres)

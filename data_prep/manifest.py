@@ -144,6 +144,7 @@ def build_manifest(job: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str
         "first_stage": job["first_stage"],
         "resolution": job["resolution"],
         "latent_shape": job["latent_shape"],
+        "lowres": job.get("lowres"),
         "stored": job["stored"],
         "dtype": "float16",
         "num_samples": sum(int(p["num_samples"]) for p in parts),

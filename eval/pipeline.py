@@ -11,7 +11,9 @@ multi-task srun step, metrics as a one-task step).
 
 What sample i is conditioned on follows the export's ``cond.kind``: prompt ``prompts[i % P]`` (text),
 class ``classes[i % C]`` (class: ``classes`` or every class, one sample set per guidance scale; the null class
-is the unconditional input), nothing (none: one unguided set, ``gs1``).
+is the unconditional input), nothing (none: one unguided set, ``gs1``), the low-resolution copy of reference
+image ``i % N`` (concat: super-resolution, one unguided set; the reference images are also the targets of the
+per-sample PSNR / SSIM).
 """
 from __future__ import annotations
 
@@ -58,18 +60,50 @@ def export_cond(step_dir: str) -> CondConfig:
 
 
 def eval_scales(cfg: EvalConfig, cond: CondConfig) -> list[float]:
-    """The guidance scales sampled: ``guidance_scale``'s, or 1 alone for an unconditional model."""
+    """The guidance scales sampled: ``guidance_scale``'s, or 1 alone for an unconditional or concat model."""
     scales = guidance_scales(cfg.guidance_scale)
-    if cond.kind == "none" and scales != [1.0]:
+    if cond.kind in ("none", "concat") and scales != [1.0]:
         if get_rank() == 0:
-            print(f"[eval] unconditional checkpoint (cond.kind=none): guidance_scale={scales} ignored, one set gs1",
-                  flush=True)
+            print(f"[eval] {'unconditional' if cond.kind == 'none' else 'super-resolution'} checkpoint "
+                  f"(cond.kind={cond.kind}): guidance_scale={scales} ignored, one set gs1", flush=True)
         return [1.0]
     return scales
 
 
-def conditions(cfg: EvalConfig, cond: CondConfig) -> list[Any]:
-    """Sample i's condition is ``conditions[i % len]``: prompts (text), class indices (class), [None] (none)."""
+def sr_pairs(cfg: EvalConfig, step_dir: str, cond: CondConfig) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """concat: the low-resolution inputs ([3, h, w] in [-1, 1], made as ``data_prep.encode lowres_factor`` makes
+    them: bicubic, antialiased, 8-bit) and the high-resolution targets [N, 3, H, W] of the first
+    ``min(num_samples, reference.num_images)`` images of ``reference.path``, at the export's ``data.resolution``."""
+    from omegaconf import OmegaConf
+
+    from ldm_train.checkpoints.export import CONFIG_FILE
+    from ldm_train.data.latents import downsample_u8
+    from ldm_train.data.readers import image_dataset
+
+    if not cfg.reference.path:
+        raise ValueError("a super-resolution checkpoint (cond.kind=concat) super-resolves the images of "
+                         "reference.path: set reference.path=IMAGE_FOLDER_OR_SHARDS (held-out images)")
+    exported = OmegaConf.load(os.path.join(step_dir, CONFIG_FILE))
+    resolution = int(exported.data.resolution)
+    factor = int(cond.lowres_factor or exported.first_stage.downsample_factor)
+    limit = min(cfg.num_samples, cfg.reference.num_images or cfg.num_samples)
+    targets = []
+    for sample in image_dataset(cfg.reference.path, resolution):
+        targets.append(sample["image"])
+        if len(targets) == limit:
+            break
+    if not targets:
+        raise ValueError(f"reference.path={cfg.reference.path} holds no image")
+    hr = torch.stack(targets)
+    lr = torch.from_numpy(downsample_u8(hr, factor)).float() / 127.5 - 1
+    return list(lr), hr
+
+
+def conditions(cfg: EvalConfig, cond: CondConfig, step_dir: str | None = None) -> list[Any]:
+    """Sample i's condition is ``conditions[i % len]``: prompts (text), class indices (class), [None] (none),
+    low-resolution images (concat)."""
+    if cond.kind == "concat":
+        return sr_pairs(cfg, str(step_dir), cond)[0]
     if cond.kind == "text":
         if cfg.prompts is None:
             raise ValueError("prompts=SOURCE is required for a text-conditional checkpoint (a COCO captions .json, "
@@ -90,6 +124,8 @@ def caption(cond: CondConfig, item: Any) -> str:
     """A condition as text: the prompt, the class name (or ``class N``), or "" (unconditional)."""
     if cond.kind == "class":
         return cond.class_name(int(item))
+    if cond.kind == "concat":
+        return "super-resolved"
     return "" if item is None else str(item)
 
 
@@ -152,6 +188,8 @@ def _write_prompts(output_dir: str, prompts: list[Any], num_samples: int, cond: 
                 row["prompt"] = item
             elif cond.kind == "class":
                 row.update(label=int(item), class_name=cond.class_name(int(item)))
+            elif cond.kind == "concat":
+                row["reference_index"] = i % len(prompts)  # the reference image whose low-resolution copy it took
             f.write(json.dumps(row) + "\n")
     os.replace(os.path.join(output_dir, "prompts.jsonl.tmp"), os.path.join(output_dir, "prompts.jsonl"))
 
@@ -172,6 +210,8 @@ def sample_stage(cfg: EvalConfig, prompts: list[str], output_dir: str, device: t
                            "checkpoint": {"path": str(model.weights_file), "sha256": model.weights_sha256,
                                           "ema": model.weights_file.name == EMA_FILE}}
     extra = {} if model.cond.kind == "text" else {"cond_kind": model.cond.kind, "classes": str(cfg.classes)}
+    if model.cond.kind == "concat":  # the inputs are the reference images' low-resolution copies
+        extra.update(reference=str(cfg.reference.path), reference_images=cfg.reference.num_images)
     for scale in eval_scales(cfg, model.cond):
         settings = SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, scale, cfg.seed, cfg.batch_size, cfg.precision)
         folder = scale_dir(os.path.join(output_dir, "samples"), scale)
@@ -237,9 +277,31 @@ def _metric_rows(cfg: EvalConfig, fid_cfg: FidelityConfig, scales: list[float], 
 
             row["adherence"] = adherence_of_folder(folder, n_prompts)
             row["colour_accuracy"] = row["adherence"]["colour_accuracy"]
+        if cond is not None and cond.kind == "concat":
+            row.update(_sr_scores(folder, cfg, cond))
         rows.append(row)
         print(f"[eval] {json.dumps({k: v for k, v in row.items() if k != 'adherence'})}", flush=True)
     return rows
+
+
+def _sr_scores(folder: str, cfg: EvalConfig, cond: CondConfig) -> dict[str, float]:
+    """concat: mean PSNR / SSIM of sample i against its high-resolution reference image (the paper's Tab. 5)."""
+    import numpy as np
+    from PIL import Image
+
+    from eval.reconstruction_metrics import psnr, ssim
+    from ldm_train.checkpoints.export import resolve_step_dir
+
+    _, hr = sr_pairs(cfg, str(resolve_step_dir(cfg.checkpoint)), cond)
+    images = []
+    for i in range(cfg.num_samples):
+        with Image.open(sample_path(folder, i)) as im:
+            images.append(torch.from_numpy(np.asarray(im.convert("RGB")).copy()).permute(2, 0, 1))
+    x = torch.stack(images).double() / 255.0
+    y = ((hr[torch.arange(cfg.num_samples) % len(hr)].double().clamp(-1, 1) + 1) * 127.5).round() / 255.0
+    if x.shape != y.shape:
+        raise ValueError(f"samples of {tuple(x.shape[1:])} against references of {tuple(y.shape[1:])}")
+    return {"psnr": float(psnr(x, y).clamp(max=100).mean()), "ssim": float(ssim(x, y).mean())}
 
 
 def _checkpoint_info(cfg: EvalConfig, sampling: dict[str, Any] | None) -> dict[str, Any]:
@@ -284,7 +346,9 @@ def metrics_stage(cfg: EvalConfig, fid_cfg: FidelityConfig, prompts: list[Any], 
         "num_samples": cfg.num_samples,
         "prompts": {"source": str(cfg.prompts), "count": len(prompts)} if cond.kind == "text" else None,
         "cond": {"kind": cond.kind, **({"classes": [int(c) for c in prompts], "num_classes": cond.num_classes}
-                                       if cond.kind == "class" else {})},
+                                       if cond.kind == "class" else {}),
+                 **({"inputs": str(cfg.reference.path), "count": len(prompts), "lowres_factor": cond.lowres_factor
+                     or None} if cond.kind == "concat" else {})},
         "checkpoint": _checkpoint_info(cfg, sampling),
         "sampling": sampling,  # scale factor, first stage, per-scale counts and images/s, world size
     }
@@ -325,7 +389,7 @@ def run(cfg: EvalConfig) -> dict[str, Any] | None:
     if fid_cfg.cache_dir is None:
         fid_cfg.cache_dir = os.path.join(os.path.dirname(os.path.abspath(output_dir)), "fidelity_cache")
     cond = export_cond(step_dir)
-    prompts = conditions(cfg, cond)  # prompts, class indices or [None], as the export's cond.kind
+    prompts = conditions(cfg, cond, step_dir)  # prompts, class indices, [None] or images, as the export's cond.kind
     init_distributed()
     try:
         device = device_for_rank(cfg.device)

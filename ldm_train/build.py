@@ -30,8 +30,8 @@ def check_cond(cond: CondConfig, unet_cfg: UNetConfig, text_cfg: TextEncoderConf
                trainable: bool = False) -> None:
     """Refuse a ``cond`` / ``unet`` pair that cannot work, naming the keys to set.
 
-    ``trainable``: also what only the trainer refuses (a text model without cross-attention, label-embedding
-    or concat conditioning, which no data path feeds).
+    ``trainable``: also what only the trainer refuses (a text model without cross-attention, a label
+    embedding added to the timestep, which no data path feeds).
     """
     kind = cond.kind
     if kind == "text":
@@ -46,14 +46,17 @@ def check_cond(cond: CondConfig, unet_cfg: UNetConfig, text_cfg: TextEncoderConf
             raise ValueError("cond.kind=class feeds the class embedding through cross-attention: set unet.context_dim "
                              "(the embedding width; 512 in CompVis cin256-v2)")
     elif unet_cfg.context_dim is not None:
-        raise ValueError(f"cond.kind=none (unconditional) but unet.context_dim={unet_cfg.context_dim}: set "
-                         "unet.context_dim=null (no cross-attention)")
+        raise ValueError(f"cond.kind={kind} ({'unconditional' if kind == 'none' else 'concat only'}) but "
+                         f"unet.context_dim={unet_cfg.context_dim}: set unet.context_dim=null (no cross-attention)")
+    if kind == "concat" and unet_cfg.concat_channels != 3:
+        raise ValueError(f"cond.kind=concat feeds the RGB low-resolution image: set unet.concat_channels=3 (got "
+                         f"{unet_cfg.concat_channels}) and unet.in_channels=<latent channels> + 3 (CompVis bsr_sr: 6)")
     if trainable and unet_cfg.num_classes is not None:
         raise ValueError(f"unet.num_classes={unet_cfg.num_classes} (a label embedding added to the timestep) is not fed "
                          "by the trainer: set unet.num_classes=null and use cond.kind=class (cross-attention, CompVis cin256-v2)")
-    if trainable and unet_cfg.concat_channels:
-        raise ValueError(f"unet.concat_channels={unet_cfg.concat_channels}: concat conditioning is not trained yet; "
-                         "set unet.concat_channels=0")
+    if kind != "concat" and unet_cfg.concat_channels:
+        raise ValueError(f"unet.concat_channels={unet_cfg.concat_channels} but cond.kind={kind}: concat conditioning "
+                         "needs cond.kind=concat (a low-resolution image per sample), else set unet.concat_channels=0")
 
 
 def build_ldm(cfg: Any, activation_checkpointing: bool | None = None) -> LatentDiffusion:
@@ -83,4 +86,4 @@ def build_ldm(cfg: Any, activation_checkpointing: bool | None = None) -> LatentD
     elif cond.kind == "text" and unet_cfg.context_dim is not None:
         stage = BERTEmbedder(text_cfg)
     return LatentDiffusion(UNetModel(unet_cfg), stage, schedule, d.parameterization, d.min_snr_gamma,
-                           cond_kind=cond.kind if stage is not None else "none")
+                           cond_kind=cond.kind if stage is not None or cond.kind == "concat" else "none")

@@ -108,7 +108,7 @@ class TextEncoderConfig:
     tokenizer: str | None = None
 
 
-COND_KINDS = ("text", "class", "none")
+COND_KINDS = ("text", "class", "none", "concat")
 
 
 @dataclass
@@ -120,16 +120,23 @@ class CondConfig:
       ``nn.Embedding(num_classes + 1, unet.context_dim)``) -> a [B, 1, context_dim] context; row ``num_classes``
       is the null class, the unconditional input of classifier-free guidance (CompVis cin256-v2: n_classes 1001).
     - ``none``: unconditional (``unet.context_dim: null``, no ``cond_stage_model``, no guidance).
+    - ``concat``: an image-like input concatenated to the noisy latent along the channels (CompVis
+      ``conditioning_key: concat``, super-resolution as in bsr_sr): the low-resolution image that
+      ``data_prep.encode lowres_factor=N`` stored with each sample (``lowres_key``), in [-1, 1], resized to the
+      latent grid when its size differs (bicubic). ``unet.concat_channels: 3``, ``unet.context_dim: null``; no
+      ``cond_stage_model`` (CompVis: ``torch.nn.Identity``), no guidance.
 
     ``train.caption_dropout`` is the share of unconditional training samples for every kind that has one
     (empty caption, or the null class).
     """
 
-    kind: str = "text"  # text | class | none
+    kind: str = "text"  # text | class | none | concat
     num_classes: int = 1000  # class: labels 0..num_classes-1 (the null class is one more embedding row)
     null_class: bool = True  # class: the extra null-class row (needed for label dropout and guidance)
     label_key: str = "label"  # class: the key of the label in each sample's json
     class_names: list[str] = field(default_factory=list)  # class: display names (grid captions, eval)
+    lowres_key: str = "lowres.png"  # concat: the member of each sample holding its low-resolution image
+    lowres_factor: int = 0  # concat: data_prep.encode's lowres_factor (0: the first stage's f); eval makes its inputs so
 
     def embedding_rows(self) -> int:
         return self.num_classes + (1 if self.null_class else 0)
@@ -160,9 +167,12 @@ def _div(a: Any, b: Any) -> int:
 
 
 def register_resolvers() -> None:
-    """OmegaConf resolvers the presets use (``${div:${data.resolution},${first_stage.downsample_factor}}``)."""
+    """OmegaConf resolvers the presets use (``${div:${data.resolution},${first_stage.downsample_factor}}``,
+    ``${add:${first_stage.embed_dim},3}``)."""
     if not OmegaConf.has_resolver("div"):
         OmegaConf.register_new_resolver("div", _div)
+    if not OmegaConf.has_resolver("add"):  # unet.in_channels of concat conditioning: latent + image channels
+        OmegaConf.register_new_resolver("add", lambda a, b: int(a) + int(b))
 
 
 def register_configs() -> None:

@@ -1,8 +1,8 @@
 """The one sampling function: conditions -> latents (DDIM / PLMS / DDPM with classifier-free guidance) -> images.
 
 A condition per sample follows the model's ``cond_kind``: a prompt (text; the empty caption is the unconditional
-input), a class index (class; the null class is the unconditional input) or None (none: unconditional, the
-guidance scale is ignored). Used by the trainer's sample grid and by ``eval``. Sample ``i`` of a call gets its own ``torch.Generator``
+input), a class index (class; the null class is the unconditional input), None (none: unconditional, the
+guidance scale is ignored) or a low-resolution image [3, h, w] in [-1, 1] (concat: super-resolution; no guidance). Used by the trainer's sample grid and by ``eval``. Sample ``i`` of a call gets its own ``torch.Generator``
 seeded ``seeds[i]`` for the initial noise and any sampler noise, so a sample does not depend on the batch
 or the rank that drew it.
 """
@@ -53,6 +53,8 @@ def conditioning(model: LatentDiffusion, tokenizer: Any, conds: Sequence[Any],
         cond = stage(torch.tensor(labels, dtype=torch.long, device=device))
         uncond = stage(stage.unconditional(len(labels), device)) if stage.null_label is not None else cond
         return {"context": cond}, {"context": uncond}
+    if kind == "concat":
+        raise ValueError("concat conditioning needs the latent size: use sample_latents")
     return {}, {}
 
 
@@ -63,11 +65,15 @@ def sample_latents(model: LatentDiffusion, tokenizer: Any, conds: Sequence[Any],
     if len(conds) != len(seeds):
         raise ValueError(f"{len(conds)} conditions but {len(seeds)} seeds: one each per sample")
     scale = float(settings.guidance_scale)
-    if model.cond_kind == "none":
-        scale = 1.0  # unconditional: nothing to guide with
+    if model.cond_kind in ("none", "concat"):
+        scale = 1.0  # unconditional, or a concatenated image (trained without dropout): nothing to guide with
     elif model.cond_kind == "class" and scale != 1 and model.cond_stage_model.null_label is None:
         raise ValueError(f"guidance_scale={scale:g} needs the null class (cond.null_class=true): use guidance_scale=1")
-    cond, uncond = conditioning(model, tokenizer, conds, device)
+    if model.cond_kind == "concat":
+        images = torch.stack([torch.as_tensor(c, dtype=torch.float32) for c in conds]).to(device)
+        cond = uncond = {"concat": model.concat_input(images, tuple(latent_shape[-2:]))}
+    else:
+        cond, uncond = conditioning(model, tokenizer, conds, device)
     model_fn = cfg_model_fn(model.unet, cond, uncond, scale)
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     shape = (len(seeds), *latent_shape)

@@ -5,6 +5,8 @@ Batches (one per micro-step, per rank) are dicts::
     {"moments": float32 [B, 2z, h, w]}   (KL first stage: mean then logvar)  or  {"latents": [B, z, h, w]} (VQ),
     "tokens": LongTensor [B, L] (when a tokenizer is given), "caption": list[str] (after dropout: "" = uncond),
     "label": LongTensor [B] (with ``LabelSpec``: the json's label, the null class where dropped),
+    "lowres": float32 [B, 3, h, w] in [-1, 1] (with ``lowres_key``: each sample's low-resolution image,
+    ``cond.kind=concat``),
     "dropped": BoolTensor [B], "key": list[str], "meta": list[dict]
 
 ``sample_latents(moments, scale_factor, generator)`` turns moments into the diffusion model's z.
@@ -34,6 +36,7 @@ so rank 0's copy in the checkpoint is enough.
 """
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -111,6 +114,62 @@ def check_first_label(shards: list[tuple[str, int]], spec: LabelSpec) -> None:
                 return
 
 
+def downsample_u8(images: torch.Tensor, factor: int) -> np.ndarray:
+    """[-1, 1] images [B, 3, H, W] -> uint8 [B, 3, H/factor, W/factor] (bicubic, antialiased): the low-resolution
+    copy ``data_prep.encode lowres_factor`` stores and eval feeds a super-resolution model."""
+    h, w = images.shape[-2] // factor, images.shape[-1] // factor
+    small = torch.nn.functional.interpolate(images.float().cpu(), size=(h, w), mode="bicubic", align_corners=False,
+                                            antialias=True)
+    return ((small.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
+
+
+def lowres_fix_hint(key: str) -> str:
+    return (f"cond.kind=concat reads each sample's low-resolution image ('{key}'): encode the images with "
+            "data_prep.encode lowres_factor=N (N = the super-resolution factor, e.g. 4 as CompVis bsr_sr), "
+            "or train with cond.kind=text, class or none")
+
+
+def decode_lowres(data: bytes | None, url: str, key: str, member: str) -> np.ndarray:
+    """One sample's low-resolution image as uint8 [3, h, w], or a ValueError naming the shard, sample and fix."""
+    from PIL import Image
+
+    if data is None:
+        raise ValueError(f"shard {url}: sample {key} has no '{member}'. {lowres_fix_hint(member)}")
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return np.asarray(img.convert("RGB")).transpose(2, 0, 1).copy()
+    except Exception as err:
+        raise ValueError(f"shard {url}: sample {key} has an unreadable '{member}' ({err}): re-encode the shard "
+                         "with data_prep.encode verify=true overwrite=true") from err
+
+
+def check_first_lowres(shards: list[tuple[str, int]], member: str) -> tuple[int, int]:
+    """Read the first sample of the first non-empty shard: its low-resolution image's (h, w) (a start-up check)."""
+    for url, n in shards:
+        if n:
+            for sample in iter_samples(url):
+                image = decode_lowres(sample.get(member), url, sample["__key__"].rsplit("/", 1)[-1], member)
+                return int(image.shape[1]), int(image.shape[2])
+    raise ValueError("no shard holds a sample")
+
+
+def first_lowres(shards: list[tuple[str, int]], member: str, n: int) -> tuple[list[torch.Tensor], list[str]]:
+    """The low-resolution images ([3, h, w] in [-1, 1]) and keys of the first ``n`` samples, in shard order (the
+    super-resolution inputs of the training sample grid)."""
+    images: list[torch.Tensor] = []
+    keys: list[str] = []
+    for url, count in shards:
+        if not count:
+            continue
+        for sample in iter_samples(url):
+            key = sample["__key__"].rsplit("/", 1)[-1]
+            images.append(torch.from_numpy(decode_lowres(sample.get(member), url, key, member)).float() / 127.5 - 1)
+            keys.append(key)
+            if len(images) == n:
+                return images, keys
+    return images, keys
+
+
 def sample_latents(
     moments: torch.Tensor, scale_factor: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -179,9 +238,11 @@ class LatentShardDataset(IterableDataset):
         base_block: int = 0,
         start_batches: int = 0,
         labels: LabelSpec | None = None,
+        lowres_key: str | None = None,
     ) -> None:
         super().__init__()
         self.plan = BlockPlan(shards, shards_per_block, seed)
+        self.lowres_key = lowres_key
         self.batch_size = batch_size
         self.latent_key = "moments" if stored == "moments" else "latents"
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
@@ -254,6 +315,15 @@ class LatentShardDataset(IterableDataset):
                       for s, meta, key in zip(samples, batch["meta"], batch["key"], strict=True)]
             batch["label"] = torch.tensor([spec.null_label if s["__dropped__"] else lab
                                            for s, lab in zip(samples, labels, strict=True)], dtype=torch.long)
+        if self.lowres_key is not None:
+            member = self.lowres_key
+            images = [decode_lowres(s.get(member), s.get("__url__", "?"), key, member)
+                      for s, key in zip(samples, batch["key"], strict=True)]
+            sizes = {im.shape for im in images}
+            if len(sizes) > 1:
+                raise ValueError(f"the low-resolution images of one batch differ in size ({sorted(sizes)}): "
+                                 "re-encode the data set with one resolution and lowres_factor")
+            batch["lowres"] = torch.from_numpy(np.stack(images)).float() / 127.5 - 1
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -308,6 +378,7 @@ class LatentLoader:
         world_size: int | None = None,
         manifest: dict[str, Any] | None = None,
         labels: LabelSpec | None = None,
+        lowres_key: str | None = None,
     ) -> None:
         from ldm_train.runtime.distributed import get_rank, get_world_size
 
@@ -321,6 +392,7 @@ class LatentLoader:
         self.world_size = get_world_size() if world_size is None else world_size
         self.manifest = manifest
         self.labels = labels
+        self.lowres_key = lowres_key
         self.batches_yielded = 0
         self.base_block = 0
 
@@ -349,6 +421,7 @@ class LatentLoader:
             base_block=self.base_block,
             start_batches=self.batches_yielded,
             labels=self.labels,
+            lowres_key=self.lowres_key,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -409,6 +482,7 @@ def build_latent_loader(
     rank: int | None = None,
     world_size: int | None = None,
     labels: LabelSpec | None = None,
+    lowres_key: str | None = None,
 ) -> LatentLoader:
     """Read and check the manifest of ``cfg.shards`` against the model config, then build the loader.
 
@@ -416,7 +490,8 @@ def build_latent_loader(
     runs in the loader workers: ``ldm_train.data.tokenizer.BatchTokenizer(tokenizer, max_len)`` (fastest), or
     ``functools.partial(tokenize, tokenizer, max_len=77)`` with ``ldm_train.data.tokenizer.tokenize``.
     ``labels`` adds each batch's class labels (``cond.kind=class``); the first shard's first sample is checked
-    for one here, so data without labels fails at start-up.
+    for one here, so data without labels fails at start-up. ``lowres_key`` adds each batch's low-resolution
+    images (``cond.kind=concat``), checked the same way.
     """
     if not isinstance(cfg, LatentDataConfig):
         from ldm_train.config import to_dataclass
@@ -431,7 +506,9 @@ def build_latent_loader(
     shards = shard_list(manifest, base_url=None if cfg.manifest else cfg.shards)
     if labels is not None:
         check_first_label(shards, labels)
+    if lowres_key is not None:
+        check_first_lowres(shards, lowres_key)
     return LatentLoader(
         cfg, shards, stored=manifest["stored"], tokenize_fn=tokenize_fn, rank=rank, world_size=world_size,
-        manifest=manifest, labels=labels,
+        manifest=manifest, labels=labels, lowres_key=lowres_key,
     )

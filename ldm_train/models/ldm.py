@@ -2,8 +2,8 @@
 
 Attribute names follow CompVis ``LatentDiffusion`` (``model.diffusion_model`` = the UNet through a
 ``DiffusionWrapper``, ``cond_stage_model`` = the text encoder (``cond_kind`` text) or the ``ClassEmbedder``
-(class), absent when unconditional (none)), so ``state_dict()`` keys are the released checkpoint keys and
-export is a plain save.
+(class), absent when unconditional (none) and with concat conditioning (concat: CompVis' ``torch.nn.Identity``
+cond stage has no weights)), so ``state_dict()`` keys are the released checkpoint keys and export is a plain save.
 """
 from __future__ import annotations
 
@@ -28,7 +28,9 @@ class DiffusionWrapper(nn.Module):
 class LatentDiffusion(nn.Module):
     """forward(z0, cond, t, noise) -> per-sample diffusion loss [B] (float32).
 
-    ``cond`` is what ``cond_stage_model`` takes: token ids [B, L] (text), class labels [B] (class), None (none).
+    ``cond`` is what ``cond_stage_model`` takes: token ids [B, L] (text), class labels [B] (class), None (none);
+    with ``cond_kind`` concat it is the low-resolution image [B, 3, h, w] in [-1, 1] that goes beside the noisy
+    latent (``concat_input``).
     """
 
     def __init__(
@@ -65,8 +67,19 @@ class LatentDiffusion(nn.Module):
         """Token ids [B, L] -> context [B, L, n_embed] (the empty caption's tokens are the uncond input)."""
         return self.cond_stage_model(tokens)
 
+    def concat_input(self, image: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """The low-resolution image on the latent grid (bicubic when its size differs), for ``unet(concat=...)``."""
+        if image.ndim != 4 or image.shape[1] != 3:
+            raise ValueError(f"concat conditioning takes RGB images [B, 3, h, w], got {tuple(image.shape)}")
+        if tuple(image.shape[-2:]) != tuple(latent_hw):
+            image = torch.nn.functional.interpolate(image.float(), size=tuple(latent_hw), mode="bicubic",
+                                                    align_corners=False, antialias=image.shape[-1] > latent_hw[-1])
+        return image
+
     def encode_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """The cross-attention context of ``cond`` (tokens or labels); None without a cond stage."""
+        if self.cond_kind == "concat":
+            return None
         if self.cond_stage_model is None:
             if cond is not None:
                 raise ValueError("this model is unconditional (no cond_stage_model) but got a conditioning input")
@@ -79,10 +92,21 @@ class LatentDiffusion(nn.Module):
         return self.model(x, t, context=context)
 
     def forward(self, z0: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        context = self.encode_cond(cond)
+        if self.cond_kind == "concat":
+            if cond is None:
+                raise ValueError("this model is conditioned on a concatenated low-resolution image but got none")
+            concat = self.concat_input(cond, z0.shape[-2:]).to(z0.dtype)
+
+            def model_fn(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+                return self.model.diffusion_model(x_t, tt, concat=concat)
+        else:
+            context = self.encode_cond(cond)
+
+            def model_fn(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
+                return self.model(x_t, tt, context=context)
         schedule = self.schedule_on(z0.device)
         return diffusion_loss(
-            lambda x_t, tt: self.model(x_t, tt, context=context),
+            model_fn,
             z0,
             t,
             noise,

@@ -117,6 +117,8 @@ class Trainer:
         self._setup_tracking(client.get("wandb_run_id") if client else None)
         self.preemption = Preemption(self.device)
         self.grid = SampleGrid(cfg, self.tcfg.sampling, self.tokenizer, self.scale_factor, self.device)
+        if self.cond.kind == "concat" and self.rank == 0 and self.grid.layout.conds:
+            self.grid.use_lowres(self.shards, self.cond.lowres_key)
         self.fid = self._setup_fid()
         self._banner()
 
@@ -152,7 +154,7 @@ class Trainer:
             if self.rank == 0:
                 print(f"[train] first_stage.checkpoint from train.init_from: {self.init_source.weights}", flush=True)
         shards = shard_list(manifest, base_url=None if data_cfg.manifest else data_cfg.shards)
-        self.cond = build.check_conditioning(cfg)  # cond.kind: text (tokens), class (labels) or none
+        self.cond = build.check_conditioning(cfg)  # cond.kind: text (tokens), class (labels), none or concat
         tokenize_fn, labels = None, build.label_spec(self.cond)
         self.tokenizer, self.tokenizer_dir = None, None
         if self.cond.kind == "text":
@@ -160,8 +162,18 @@ class Trainer:
                 cfg.text_encoder, self.run_dir, shards
             )
             tokenize_fn = BatchTokenizer(self.tokenizer, int(cfg.text_encoder.max_seq_len))
+        self.shards = shards
+        if self.cond.kind == "concat":
+            factor = self.cond.lowres_factor or int(cfg.first_stage.downsample_factor)
+            stored = (manifest.get("lowres") or {}).get("factor")
+            if stored is not None and int(stored) != factor:
+                raise ValueError(f"the latents under {data_cfg.shards} hold images downsampled {stored}x "
+                                 f"(data_prep.encode lowres_factor={stored}) but cond.lowres_factor={factor}"
+                                 f"{' (0: the first stage f)' if not self.cond.lowres_factor else ''}: set "
+                                 f"cond.lowres_factor={stored}, which eval uses to make its inputs")
         self.loader = build_latent_loader(
-            data_cfg, cfg.first_stage, cfg.unet, tokenize_fn, self.rank, self.world_size, labels=labels
+            data_cfg, cfg.first_stage, cfg.unet, tokenize_fn, self.rank, self.world_size, labels=labels,
+            lowres_key=self.cond.lowres_key if self.cond.kind == "concat" else None,
         )
         self.scale_factor = self.loader.scale_factor
         self.stored = self.loader.stored
@@ -311,8 +323,9 @@ class Trainer:
         return batch["latents"].to(self.device, non_blocking=True).float() * self.scale_factor
 
     def _cond_input(self, batch: dict[str, Any]) -> torch.Tensor | None:
-        """What the cond stage takes: token ids (text), class labels (class; the null class where dropped), None."""
-        key = {"text": "tokens", "class": "label"}.get(self.cond.kind)
+        """What the cond stage takes: token ids (text), class labels (class; the null class where dropped), the
+        low-resolution images (concat), None (none)."""
+        key = {"text": "tokens", "class": "label", "concat": "lowres"}.get(self.cond.kind)
         return None if key is None else batch[key].to(self.device, non_blocking=True)
 
     def train_step(self, data_iter: Any, timer: Any) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """A grid of samples during training (rank 0; DDIM, few steps, classifier-free guidance), following ``cond.kind``:
 one image per ``train.sampling.prompts`` entry (text), one row of ``samples_per_class`` images per class of
-``train.sampling.classes`` (class; empty: the first classes, at most 16 rows), ``num_samples`` plain samples (none).
+``train.sampling.classes`` (class; empty: the first classes, at most 16 rows), ``num_samples`` plain samples (none),
+the super-resolved images of the first ``num_samples`` training samples' low-resolution images (concat).
 
 The weights come in as a full CompVis-layout state dict (EMA by default), loaded into a plain model built
 once by ``build_ldm`` and kept on the ranks that sample (rank 0 for the grid, every rank for the in-training
@@ -38,7 +39,7 @@ def grid_layout(cfg: Any, sampling: SamplingConfig) -> GridLayout:
         per = max(1, int(sampling.samples_per_class))
         conds = [c for c in classes for _ in range(per)]
         return GridLayout(conds, [cond.class_name(c) for c in conds], per)
-    if cond.kind == "none":
+    if cond.kind in ("none", "concat"):  # concat: the low-resolution inputs come from the data (use_lowres)
         n = max(1, int(sampling.num_samples))
         return GridLayout([None] * n, [""] * n, None)
     prompts = list(sampling.prompts)
@@ -53,6 +54,13 @@ class SampleGrid:
         self.model: torch.nn.Module | None = None
         self.first_stage: torch.nn.Module | None = None
         self.layout = grid_layout(cfg, sampling)
+
+    def use_lowres(self, shards: list[tuple[str, int]], member: str) -> None:
+        """concat: the grid super-resolves the low-resolution images of the first training samples."""
+        from ldm_train.data.latents import first_lowres
+
+        images, keys = first_lowres(shards, member, len(self.layout.conds))
+        self.layout = GridLayout(list(images), [f"SR of {k}" for k in keys], self.layout.cols)
 
     def _build(self) -> None:
         from ldm_train.build import build_ldm

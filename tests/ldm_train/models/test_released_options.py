@@ -184,10 +184,12 @@ RELEASED = {
     "cin-ldm-vq-f8": ("cin_vq_f8", 32, 4),
     "cin256-v2": ("cin256_v2", 64, 3),
     "txt2img-1p4B-eval": ("ldm_1p45b", 32, 4),
+    # models/ldm/bsr_sr/config.yaml: the vq_f4 latent (3) + the low-resolution image (3) in, 3 out
+    "bsr_sr": ("bsr_sr", 64, 3, 6),
 }
 
 
-def _preset(name: str, side: int, channels: int) -> UNetConfig:
+def _preset(name: str, side: int, channels: int, in_channels: int | None = None) -> UNetConfig:
     from pathlib import Path
 
     from omegaconf import OmegaConf
@@ -196,7 +198,7 @@ def _preset(name: str, side: int, channels: int) -> UNetConfig:
 
     raw = OmegaConf.load(Path(__file__).parents[3] / "conf" / "unet" / f"{name}.yaml")
     raw.pop("defaults")
-    raw.image_size, raw.in_channels, raw.out_channels = side, channels, channels
+    raw.image_size, raw.in_channels, raw.out_channels = side, in_channels or channels, channels
     if OmegaConf.is_interpolation(raw, "context_dim"):
         raw.context_dim = 1280  # ldm_1p45b: ${text_encoder.n_embed} of bert_1p45b
     raw.use_checkpoint = False
