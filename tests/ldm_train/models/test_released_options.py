@@ -9,6 +9,7 @@ import torch
 from ldm_train.config import DDConfig, FirstStageConfig, UNetConfig
 from ldm_train.models.autoencoder import VQModel
 from ldm_train.models.unet import ResBlock, UNetModel
+from ldm_train.released import ROWS, layout
 
 pytest.importorskip("diffusers")
 
@@ -256,3 +257,56 @@ def test_released_unet_layouts_have_the_released_parameter_shapes(released: str)
         mapped = {k: tuple(v.shape) for k, v in _unet_to_diffusers(ours).items()}
         assert mapped == {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
     print(f"{released}: {n_ours:,} parameters")
+
+
+def _paper_rounding(n: int, stated: str) -> bool:
+    """``n`` is the paper's stated count ("274M", "1.45B"), which the paper rounds loosely (294,966,916 is its
+    "294M", 401,433,091 its "400M"): within 0.5%."""
+    value = float(stated[:-1]) * {"M": 1e6, "B": 1e9}[stated[-1]]
+    return abs(n / value - 1) < 0.005
+
+
+@pytest.mark.parametrize("row", ROWS, ids=[r.config.split("/")[-1] if r.config.startswith("configs") else
+                                            r.config.split("/")[-2] for r in ROWS])
+def test_released_config_table_row(row) -> None:
+    """Every row of ``python -m ldm_train.released`` builds (meta device) with the paper's parameter count where it
+    states one, the released ClassEmbedder table, and, for the cross-attention UNets, exactly the keys and shapes
+    diffusers' own CompVis converter expects (it maps every key of ours one to one onto its UNet2DConditionModel)."""
+    import dataclasses
+
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils
+
+    from ldm_train.checkpoints.compvis import TEXT_PREFIX, UNET_PREFIX
+    from ldm_train.summary import compose_config
+    from tests.ldm_train.models.test_diffusers_parity import compvis_original_config
+
+    sd = layout(row)
+    unet_n = sum(s.numel() for k, s in sd.items() if k.startswith(UNET_PREFIX))
+    cond = {k: tuple(s) for k, s in sd.items() if k.startswith(TEXT_PREFIX)}
+    if row.paper_params:
+        total = unet_n + sum(s.numel() for k, s in sd.items() if k.startswith(TEXT_PREFIX))
+        assert _paper_rounding(total, row.paper_params), (total, row.paper_params)
+    if "experiment=cin256_ldm4" in row.overrides:  # released: ClassEmbedder(embed_dim=512), 1000 (+1 null) rows
+        rows = 1000 if "cond.null_class=false" in row.overrides else 1001
+        assert cond == {TEXT_PREFIX + "embedding.weight": (rows, 512)}
+    cfg = to_dataclass_unet(compose_config(list(row.overrides)))
+    if cfg.context_dim is None:
+        assert not cond or row.unet_only
+        return
+    with torch.device("meta"):
+        ours = {UNET_PREFIX + k: v for k, v in UNetModel(dataclasses.replace(cfg, use_checkpoint=False))
+                .state_dict().items()}
+    original = compvis_original_config(dataclasses.replace(cfg, num_heads=cfg.num_heads if cfg.num_heads > 0 else 8))
+    config = single_file_utils.create_unet_diffusers_config_from_ldm(original, ours, image_size=cfg.image_size * 8)
+    converted = single_file_utils.convert_ldm_unet_checkpoint(ours, config)
+    assert len(converted) == len(ours)  # no key of ours dropped or merged
+    with torch.device("meta"):
+        theirs = UNet2DConditionModel(**config).state_dict()
+    assert {k: tuple(v.shape) for k, v in converted.items()} == {k: tuple(v.shape) for k, v in theirs.items()}
+
+
+def to_dataclass_unet(cfg) -> UNetConfig:
+    from ldm_train.config import to_dataclass
+
+    return to_dataclass(cfg.unet, UNetConfig)
