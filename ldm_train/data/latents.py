@@ -143,16 +143,6 @@ def decode_lowres(data: bytes | None, url: str, key: str, member: str) -> np.nda
                          "with data_prep.encode verify=true overwrite=true") from err
 
 
-def check_first_lowres(shards: list[tuple[str, int]], member: str) -> tuple[int, int]:
-    """Read the first sample of the first non-empty shard: its low-resolution image's (h, w) (a start-up check)."""
-    for url, n in shards:
-        if n:
-            for sample in iter_samples(url):
-                image = decode_lowres(sample.get(member), url, sample["__key__"].rsplit("/", 1)[-1], member)
-                return int(image.shape[1]), int(image.shape[2])
-    raise ValueError("no shard holds a sample")
-
-
 def first_lowres(shards: list[tuple[str, int]], member: str, n: int) -> tuple[list[torch.Tensor], list[str]]:
     """The low-resolution images ([3, h, w] in [-1, 1]) and keys of the first ``n`` samples, in shard order (the
     super-resolution inputs of the training sample grid)."""
@@ -507,7 +497,8 @@ def build_latent_loader(
     if labels is not None:
         check_first_label(shards, labels)
     if lowres_key is not None:
-        check_first_lowres(shards, lowres_key)
+        if not first_lowres(shards, lowres_key, 1)[0]:  # decodes the first one: a missing member fails here
+            raise ValueError("no shard holds a sample")
     return LatentLoader(
         cfg, shards, stored=manifest["stored"], tokenize_fn=tokenize_fn, rank=rank, world_size=world_size,
         manifest=manifest, labels=labels, lowres_key=lowres_key,
