@@ -112,3 +112,36 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
         load_state_dict_file(str(path))
     with pytest.raises(FileNotFoundError, match="nope.ckpt"):
         load_state_dict_file(str(tmp_path / "nope.ckpt"))
+
+
+def test_a_compvis_class_model_checkpoint_loads_strictly_cond_stage_included(tmp_path: Path) -> None:
+    """A Lightning .ckpt of a class-conditional LDM in the released cin256 layout (UNet, LitEma,
+    ``cond_stage_model.embedding.weight``, first stage, schedule buffers) loads into our class model: the UNet from
+    the EMA weights, the ClassEmbedder's table exactly; an embedding table of another size is refused by name."""
+    from ldm_train.build import build_ldm
+    from ldm_train.summary import compose_config
+    from ldm_train.trainer.init_from import InitSource, load_into
+
+    cfg = compose_config(["experiment=fmnist_class"])
+    torch.manual_seed(0)
+    src, dst = build_ldm(cfg), build_ldm(cfg)
+    assert dst.cond_kind == "class"
+    table = torch.randn_like(src.cond_stage_model.embedding.weight)
+    sd = {"model.diffusion_model." + k: v for k, v in src.unet.state_dict().items()}
+    sd |= {ema_key(k): v + 0.25 for k, v in src.unet.state_dict().items()}
+    sd |= {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(7)}
+    sd |= {"cond_stage_model.embedding.weight": table, "betas": torch.linspace(1e-4, 2e-2, 1000),
+           "first_stage_model.quant_conv.weight": torch.zeros(6, 6, 1, 1), "scale_factor": torch.tensor(1.0)}
+    ckpt = tmp_path / "cin.ckpt"
+    torch.save({"state_dict": sd, "global_step": 5}, ckpt)
+
+    line = load_into(dst, InitSource(str(ckpt), None, True, False), use_ema=True)
+    assert "UNet from EMA weights" in line and "class embedder: 1 tensors" in line
+    assert torch.equal(dst.cond_stage_model.embedding.weight, table)
+    for k, v in src.unet.state_dict().items():
+        assert torch.equal(dst.unet.state_dict()[k], v + 0.25), k
+
+    sd["cond_stage_model.embedding.weight"] = torch.zeros(table.shape[0] - 1, table.shape[1])  # no null-class row
+    torch.save({"state_dict": sd}, ckpt)
+    with pytest.raises(ValueError, match=r"cin\.ckpt: class embedder weights do not match.*embedding\.weight"):
+        load_into(build_ldm(cfg), InitSource(str(ckpt), None, True, False), use_ema=True)
