@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from ldm_train.checkpoints.export import latent_scale_factor
 from ldm_train.config import CondConfig, FirstStageConfig, UNetConfig, cond_config, to_dataclass
 from ldm_train.models.ldm import LatentDiffusion
 
@@ -33,30 +34,6 @@ class SamplingModel:
     weights_sha256: str
     first_stage_file: str
     cond: CondConfig  # the export's cond node (text for runs older than the choice)
-
-
-def _scale_factor(cfg: DictConfig, override: float | None) -> float:
-    if override is not None:
-        return float(override)
-    for key in ("first_stage.scale_factor", "data.scale_factor"):
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None:
-            return float(value)
-    url = OmegaConf.select(cfg, "data.manifest", default=None) or OmegaConf.select(cfg, "data.shards", default=None)
-    if url:
-        from ldm_train.data.manifest import ManifestError, read_manifest
-
-        try:
-            value = read_manifest(str(url)).get("scale_factor")
-        except ManifestError:
-            value = None
-        if value is not None:
-            return float(value)
-    raise ValueError(
-        f"no latent scale factor: the checkpoint config sets neither first_stage.scale_factor nor data.scale_factor "
-        f"and the manifest at {url!r} is not readable: pass scale_factor=VALUE (the manifest's scale_factor, "
-        "0.18215 for the paper's kl-f8)"
-    )
 
 
 def load_sampling_model(
@@ -116,7 +93,7 @@ def load_sampling_model(
         ldm=ldm.to(device).eval().requires_grad_(False),
         tokenizer=tokenizer,
         first_stage=first_stage,
-        scale_factor=_scale_factor(cfg, scale_factor),
+        scale_factor=latent_scale_factor(cfg, scale_factor),
         latent_shape=(channels, unet_cfg.image_size, unet_cfg.image_size),
         resolution=unet_cfg.image_size * fs_cfg.downsample_factor,
         config=cfg,

@@ -11,6 +11,9 @@ CHECKPOINT is a run dir, its ``checkpoints/`` dir or a ``step_*`` dir (the train
 - ``text_encoder/`` (our BERT-style encoder: ``model.safetensors`` with its bare keys + ``config.json`` of
   ``TextEncoderConfig``) and ``tokenizer/`` (the run's WordPiece vocabulary): diffusers has no class for this
   encoder, so read them back with :func:`load_text_encoder`;
+- ``class_embedder/`` (class models, instead of the two above): the label table and its config
+  (:func:`export_class_embedder`); unconditional and super-resolution UNets are refused for ``unet/`` (the
+  CompVis file, the VAE and the scheduler are still written);
 - ``compvis/model.safetensors``: every weight in the CompVis ``LatentDiffusion`` layout
   (``model.diffusion_model.*``, ``cond_stage_model.*``, ``first_stage_model.*``) for the CompVis scripts.
 
@@ -27,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig, to_dataclass
+from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig, cond_config, to_dataclass
 
-SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "compvis")
+SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "class_embedder", "compvis")
 
 
 def _diffusers() -> Any:
@@ -80,15 +82,18 @@ def export_unet(unet_sd: dict[str, torch.Tensor], cfg: UNetConfig, fs: FirstStag
     return model
 
 
+def _attention_levels(dd: Any) -> list[bool]:
+    """Which resolution levels hold attention blocks (CompVis: the level's feature side at ddconfig.resolution
+    is in attn_resolutions; level i has side resolution / 2**i in the encoder and the decoder alike)."""
+    return [dd.resolution // 2 ** i in dd.attn_resolutions and dd.attn_type != "none" for i in range(len(dd.ch_mult))]
+
+
 def _vae_config(fs: FirstStageConfig, scale_factor: float) -> dict:
     dd = fs.ddconfig
-    if dd.attn_resolutions:
-        raise ValueError(f"first stage {fs.name} has attention at ddconfig.attn_resolutions={dd.attn_resolutions}: "
-                         "diffusers' AutoencoderKL/VQModel have attention only in the mid block; use the "
-                         "CompVis-layout file (compvis/model.safetensors) instead")
-    levels = len(dd.ch_mult)
+    attn = _attention_levels(dd)
     config = dict(in_channels=dd.in_channels, out_channels=dd.out_ch,
-                  down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
+                  down_block_types=["AttnDownEncoderBlock2D" if a else "DownEncoderBlock2D" for a in attn],
+                  up_block_types=["AttnUpDecoderBlock2D" if a else "UpDecoderBlock2D" for a in reversed(attn)],
                   block_out_channels=[dd.ch * m for m in dd.ch_mult], layers_per_block=dd.num_res_blocks,
                   norm_num_groups=dd.norm_groups, sample_size=dd.resolution, scaling_factor=float(scale_factor),
                   mid_block_add_attention=dd.attn_type != "none")
@@ -99,6 +104,27 @@ def _vae_config(fs: FirstStageConfig, scale_factor: float) -> dict:
     return config
 
 
+# CompVis AttnBlock -> diffusers Attention (the 1x1 convolutions become linear layers)
+_ATTN_NAMES = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+
+
+def _level_attention(fs_sd: dict[str, torch.Tensor], levels: int) -> dict[str, torch.Tensor]:
+    """The attention blocks outside the mid block, which diffusers' converter leaves out: CompVis
+    ``encoder.down.{i}.attn.{j}`` -> ``encoder.down_blocks.{i}.attentions.{j}``, ``decoder.up.{i}.attn.{j}`` ->
+    ``decoder.up_blocks.{levels-1-i}.attentions.{j}`` (diffusers counts decoder levels from the bottom)."""
+    out = {}
+    for key, value in fs_sd.items():
+        part = key.split(".")
+        if len(part) != 7 or part[3] != "attn" or (part[0], part[1]) not in (("encoder", "down"), ("decoder", "up")):
+            continue
+        level = int(part[2]) if part[0] == "encoder" else levels - 1 - int(part[2])
+        blocks = "down_blocks" if part[0] == "encoder" else "up_blocks"
+        name = _ATTN_NAMES[part[5]]
+        tensor = value[:, :, 0, 0] if name != "group_norm" and value.dim() == 4 else value
+        out[f"{part[0]}.{blocks}.{level}.attentions.{part[4]}.{name}.{part[6]}"] = tensor
+    return out
+
+
 def export_vae(fs_sd: dict[str, torch.Tensor], fs: FirstStageConfig, scale_factor: float, out: Path) -> Any:
     diffusers, sfu = _diffusers()
     if fs.kind == "kl" and fs.embed_dim != fs.ddconfig.z_channels:
@@ -107,6 +133,9 @@ def export_vae(fs_sd: dict[str, torch.Tensor], fs: FirstStageConfig, scale_facto
     config = _vae_config(fs, scale_factor)
     checkpoint = {"first_stage_model." + k: v for k, v in fs_sd.items()}
     converted = sfu.convert_ldm_vae_checkpoint(checkpoint, config)
+    # the converter passes the level attentions through under their CompVis names: rename them
+    converted = {k: v for k, v in converted.items() if not k.startswith(("encoder.down.", "decoder.up."))}
+    converted.update(_level_attention(fs_sd, len(fs.ddconfig.ch_mult)))
     cls = diffusers.AutoencoderKL if fs.kind == "kl" else diffusers.VQModel
     if fs.kind == "vq":
         converted["quantize.embedding.weight"] = fs_sd["quantize.embedding.weight"]
@@ -147,6 +176,22 @@ def export_text_encoder(text_sd: dict[str, torch.Tensor], cfg: TextEncoderConfig
         shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
 
 
+def export_class_embedder(stage_sd: dict[str, torch.Tensor], cond: Any, out: Path) -> None:
+    """A class model's cond stage: ``class_embedder/`` with the label table (row ``null_label`` is the null class
+    of classifier-free guidance) and its config; the context of label y is ``table[y][None, None]``
+    ([1, 1, context_dim]), the ``encoder_hidden_states`` of the exported UNet."""
+    from safetensors.torch import save_file
+
+    folder = out / "class_embedder"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in stage_sd.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "ldm-train-class-embedder"})
+    table = stage_sd["embedding.weight"]
+    config = {"num_classes": cond.num_classes, "null_label": cond.null_label(), "embed_dim": int(table.shape[1]),
+              "class_names": list(cond.class_names), "_class": "ldm_train.models.class_embedder.ClassEmbedder"}
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+
 def load_text_encoder(folder: str | Path) -> tuple[torch.nn.Module, Any]:
     """(text encoder in eval mode, tokenizer) from an export's OUT folder (or its ``text_encoder/``)."""
     from ldm_train.checkpoints.compvis import load_state_dict_file, load_strict
@@ -169,42 +214,44 @@ def export(checkpoint: str, out: str | Path, *, use_ema: bool = True, first_stag
     from safetensors.torch import save_file
 
     from ldm_train.checkpoints.compvis import compvis_state_dict
-    from ldm_train.checkpoints.export import load_export
+    from ldm_train.checkpoints.export import latent_scale_factor, load_export
     from ldm_train.checkpoints.first_stage import first_stage_state_dict, read_first_stage_file
 
     exp = load_export(checkpoint, ema=use_ema)
     cfg = exp.config
     unet_cfg = to_dataclass(cfg.unet, UNetConfig)
     fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
-    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig)
+    cond = cond_config(cfg)
+    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig) if cond.kind == "text" else None
     if first_stage_checkpoint:
         fs_cfg.checkpoint = first_stage_checkpoint
     if fs_cfg.kind != "pixel" and not fs_cfg.checkpoint:
         raise ValueError(f"the config at {exp.step_dir} names no first_stage.checkpoint: pass --first-stage PATH "
                          "(the autoencoder the latents were encoded with)")
-    if scale_factor is None:
-        for key in ("first_stage.scale_factor", "data.scale_factor"):
-            value = OmegaConf.select(cfg, key, default=None)
-            if value is not None:
-                scale_factor = float(value)
-                break
-    if scale_factor is None:
-        raise ValueError(f"the config at {exp.step_dir} sets no latent scale factor: pass --scale-factor X "
-                         "(the latent manifest's scale_factor)")
+    scale_factor = latent_scale_factor(cfg, scale_factor, fix=f"{exp.step_dir}: pass --scale-factor X")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    export_unet(exp.unet, unet_cfg, fs_cfg, out)
     fs_sd: dict[str, torch.Tensor] = {}
     if fs_cfg.kind != "pixel":
         fs_sd = first_stage_state_dict(read_first_stage_file(fs_cfg))
-        export_vae(fs_sd, fs_cfg, scale_factor, out)
-    export_scheduler(cfg, out)
-    export_text_encoder(exp.text_encoder, text_cfg, exp.tokenizer_dir, out)
+    # the CompVis file first: it holds every kind of model, and stays when a diffusers part is refused below
     (out / "compvis").mkdir(exist_ok=True)
     full = compvis_state_dict(exp.unet, exp.text_encoder)
     full.update({"first_stage_model." + k: v for k, v in fs_sd.items()})
     save_file({k: v.contiguous() for k, v in full.items()}, str(out / "compvis" / "model.safetensors"),
               metadata={"format": "compvis-ldm", "scale_factor": str(scale_factor)})
+    if fs_sd:
+        export_vae(fs_sd, fs_cfg, scale_factor, out)
+    export_scheduler(cfg, out)
+    try:
+        export_unet(exp.unet, unet_cfg, fs_cfg, out)
+    except ValueError as err:
+        raise ValueError(f"{err}; written to {out}: compvis/model.safetensors, "
+                         f"{'vae/, ' if fs_sd else ''}scheduler/") from None
+    if cond.kind == "text":
+        export_text_encoder(exp.text_encoder, text_cfg, exp.tokenizer_dir, out)
+    elif cond.kind == "class":
+        export_class_embedder(exp.text_encoder, cond, out)
     summary = {"source": str(exp.weights_file), "sha256": exp.sha256, "ema": exp.ema,
                "first_stage": fs_cfg.checkpoint, "scale_factor": scale_factor,
                "folders": [s for s in SUBFOLDERS if (out / s).exists()]}

@@ -170,3 +170,31 @@ class LazySafetensors(Mapping):
 
     def __len__(self) -> int:
         return len(self._keys)
+
+
+def latent_scale_factor(cfg: Any, override: float | None = None, fix: str = "pass scale_factor=VALUE") -> float:
+    """The run's latent scale factor: ``override``, else the config's (``first_stage.scale_factor``,
+    ``data.scale_factor``), else the latent manifest the run trained on (``data.manifest`` / ``data.shards``)."""
+    from omegaconf import OmegaConf
+
+    if override is not None:
+        return float(override)
+    for key in ("first_stage.scale_factor", "data.scale_factor"):
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None:
+            return float(value)
+    url = OmegaConf.select(cfg, "data.manifest", default=None) or OmegaConf.select(cfg, "data.shards", default=None)
+    if url:
+        from ldm_train.data.manifest import ManifestError, read_manifest
+
+        try:
+            value = read_manifest(str(url)).get("scale_factor")
+        except ManifestError:
+            value = None
+        if value is not None:
+            return float(value)
+    raise ValueError(
+        f"no latent scale factor: the checkpoint config sets neither first_stage.scale_factor nor data.scale_factor "
+        f"and the manifest at {url!r} is not readable: {fix} (the manifest's scale_factor, "
+        "0.18215 for the paper's kl-f8)"
+    )

@@ -6,7 +6,7 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from eval.checkpoint import _scale_factor
+from ldm_train.checkpoints.export import latent_scale_factor as _scale_factor
 
 
 def test_scale_factor_precedence(tmp_path) -> None:

@@ -120,3 +120,41 @@ def test_vq_first_stages_decode_the_same_in_diffusers(tmp_path: Path, preset: st
         dec = float((ours.decode(h) - theirs.decode(h).sample).abs().max())  # both quantize first
     print(json.dumps({"preset": preset, "vq_encode_max_abs_diff": enc, "vq_decode_max_abs_diff": dec}))
     assert enc < 1e-4 and dec < 1e-4
+
+
+@pytest.mark.parametrize("preset", ["kl_f16", "kl_f32", "vq_f8"])
+def test_first_stages_with_attention_in_their_levels_decode_the_same_in_diffusers(tmp_path: Path, preset: str) -> None:
+    """The released layouts with attention outside the mid block (kl-f16 at side 16, kl-f32 at 16 and 8, vq-f8 at
+    32), at a CPU-friendly width: their level attentions go to diffusers' Attn*EncoderBlock2D / AttnUpDecoderBlock2D,
+    loaded back with from_pretrained, and encode and decode as here."""
+    from ldm_train.app import compose
+    from ldm_train.checkpoints.diffusers_export import export_vae
+    from ldm_train.config import FirstStageConfig, to_dataclass
+    from ldm_train.first_stage.config import AutoencoderAppConfig
+    from ldm_train.models.autoencoder import build_first_stage
+
+    overrides = [f"first_stage={preset}", "data.input=unused", "first_stage.ddconfig.ch=32"]
+    if preset.startswith("vq"):
+        overrides.append("first_stage.n_embed=64")
+    fs_cfg = to_dataclass(compose("train_autoencoder", AutoencoderAppConfig, overrides).first_stage, FirstStageConfig)
+    torch.manual_seed(0)
+    ours = build_first_stage(fs_cfg).eval()
+    n_attn = sum(".attn." in k for k in ours.state_dict())
+    assert n_attn > 0  # the case this test is for: attention blocks inside the levels
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    export_vae(ours.state_dict(), fs_cfg, 1.0, tmp_path)
+    cls = diffusers.AutoencoderKL if preset.startswith("kl") else diffusers.VQModel
+    theirs = cls.from_pretrained(str(tmp_path), subfolder="vae").eval()
+    assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        h = ours.encode_moments(x)
+        theirs_h = theirs.encode(x).latents if preset.startswith("vq") else theirs.encode(x).latent_dist.parameters
+        enc = float((h - theirs_h).abs().max())
+        z = h if preset.startswith("vq") else h.chunk(2, dim=1)[0]
+        dec = float((ours.decode(z) - theirs.decode(z).sample).abs().max())
+    print(json.dumps({"preset": preset, "attention_tensors": n_attn, "encode_max_abs_diff": enc,
+                      "decode_max_abs_diff": dec}))
+    assert float(h.abs().max()) > 1e-2 and enc < 1e-4 and dec < 1e-4

@@ -79,6 +79,47 @@ def test_class_kind_trains_resumes_samples_per_class_and_exports_compvis_keys(cl
     assert report["cond"] == {"kind": "class", "classes": [1, 4], "num_classes": 10}
     for scale in ("gs1", "gs3"):
         assert len(list((tmp_path / "eval" / "samples" / scale).glob("*.png"))) == 6
+    _class_run_exports_to_diffusers(run_dir, tmp_path / "hf", _random_first_stage(run_dir, tmp_path))
+
+
+def _random_first_stage(run_dir: Path, tmp_path: Path) -> str:
+    """The run's first stage at its random init as a file (these latents were never encoded by one)."""
+    from omegaconf import OmegaConf
+
+    from ldm_train.checkpoints.first_stage import export_first_stage
+    from ldm_train.config import FirstStageConfig, to_dataclass
+    from ldm_train.models.autoencoder import build_first_stage
+
+    cfg = OmegaConf.load(run_dir / "checkpoints" / "step_0000004" / "config.yaml")
+    path = str(tmp_path / "first_stage.safetensors")
+    export_first_stage(build_first_stage(to_dataclass(cfg.first_stage, FirstStageConfig)), path)
+    return path
+
+
+def _class_run_exports_to_diffusers(run_dir: Path, out: Path, first_stage: str) -> None:
+    """The diffusers export of a class model: the cross-attention UNet through from_pretrained and the label
+    table in class_embedder/ give our prediction for a label and for the null class."""
+    import torch
+
+    diffusers = pytest.importorskip("diffusers")
+    from eval.checkpoint import load_sampling_model
+    from ldm_train.checkpoints.diffusers_export import export
+
+    summary = export(str(run_dir), out, first_stage_checkpoint=first_stage)
+    assert "class_embedder" in summary["folders"] and "text_encoder" not in summary["folders"]
+    config = json.loads((out / "class_embedder" / "config.json").read_text())
+    assert config["num_classes"] == 10 and config["null_label"] == 10
+    table = load_file(str(out / "class_embedder" / "model.safetensors"))["embedding.weight"]
+    unet = diffusers.UNet2DConditionModel.from_pretrained(str(out), subfolder="unet").eval()
+    ours = load_sampling_model(str(run_dir), first_stage_checkpoint=first_stage)
+    labels = torch.tensor([3, config["null_label"]])
+    c, h, w = ours.latent_shape
+    x = torch.randn(2, c, h, w, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([10, 700])
+    with torch.no_grad():
+        a = ours.ldm.unet(x, t, context=ours.ldm.cond_stage_model(labels))
+        b = unet(x, t, encoder_hidden_states=table[labels][:, None]).sample
+    assert float((a - b).abs().max()) < 1e-4
 
 
 def test_none_kind_trains_resumes_samples_and_exports_without_cond_stage(class_latents: Path, tmp_path: Path) -> None:
@@ -95,6 +136,13 @@ def test_none_kind_trains_resumes_samples_and_exports_without_cond_stage(class_l
     assert sorted(p.name for p in (tmp_path / "eval" / "samples").iterdir()) == ["gs1"]
     rows = [json.loads(line) for line in (tmp_path / "eval" / "prompts.jsonl").read_text().splitlines()]
     assert rows == [{"index": i} for i in range(6)]
+    # diffusers has no UNet2DConditionModel for it: refused, naming what was written (the CompVis file first)
+    from ldm_train.checkpoints.diffusers_export import export
+
+    with pytest.raises(ValueError, match=r"unconditional.*written to .*compvis/model\.safetensors, vae/, scheduler/"):
+        export(str(run_dir), tmp_path / "hf", first_stage_checkpoint=_random_first_stage(run_dir, tmp_path))
+    full = load_file(str(tmp_path / "hf" / "compvis" / "model.safetensors"))
+    assert any(k.startswith("first_stage_model.") for k in full) and not any(k.startswith("cond_stage") for k in full)
 
 
 @pytest.fixture(scope="module")
