@@ -8,7 +8,8 @@ checkpointing), and times full training steps (forward + backward + fused AdamW 
 latents / tokens at the given micro-batch, bf16 autocast on CUDA, without DeepSpeed (one device). Reported:
 samples/s on this device, model TFLOP/s from ``ldm_train.flops`` (forward + backward of everything trained, no
 recomputation), MFU against the device's dense bf16 peak (``ldm_train/runtime/devices.py``), peak memory, and the
-same with ``torch.compile`` when ``--compile`` is given. There is no memory planner yet (issue 16): ``planner`` is null.
+same with ``torch.compile`` when ``--compile`` is given, and ``planner``: ``ldm_train.plan``'s estimate of the same run
+(memory, samples/s, MFU) to compare with the measurement.
 """
 from __future__ import annotations
 
@@ -101,6 +102,16 @@ def measure(experiment: str, micro_batch: int, steps: int, warmup: int, compiled
     return out
 
 
+def _planner(experiment: str, micro_batch: int, device: torch.device) -> dict:
+    """ldm_train.plan's estimate for this run (one device, no DeepSpeed) on the device present; on CPU (--dry-run)
+    for a named h100-80g, so the code path is exercised."""
+    from ldm_train.plan import gpu_for, single_device_estimate
+    from ldm_train.summary import compose_config
+
+    gpu = gpu_for(None if device.type == "cuda" else "h100-80g")
+    return single_device_estimate(compose_config([f"experiment={experiment}"]), gpu, micro_batch)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--experiment", default="txt2img_1p45b")
@@ -123,7 +134,7 @@ def main() -> None:
         "bench": "gpu_check", "experiment": a.experiment, "dry_run": a.dry_run,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "peak_tflops_bf16": device_peak_tflops(device), "torch": torch.__version__,
-        "planner": None,  # issue 16: the memory/MFU planner does not exist yet
+        "planner": _planner(a.experiment, a.micro_batch, device),
         "runs": [measure(a.experiment, a.micro_batch, a.steps, a.warmup, False, device)],
     }
     if a.compile:

@@ -312,6 +312,13 @@ class Trainer:
         print(f"[train] run dir {self.run_dir}\n[train] " + describe(self.d).replace("\n", "\n[train] ")
               + f"\n[train] ZeRO stage {self.zero_stage}, {self.tcfg.precision}, scale factor {self.scale_factor:.5g}, "
               f"latents stored as {self.stored}", flush=True)
+        if self.device.type == "cuda":  # the planner's estimate for this plan on this device (ldm_train.plan)
+            try:
+                from ldm_train.plan import startup_line
+
+                print("[train] " + startup_line(self.cfg, self.world_size, self.env.local_world_size), flush=True)
+            except Exception as err:  # an estimate only: never stop a run for it
+                print(f"[train] plan: no estimate ({err})", flush=True)
 
     # ---- one optimizer step -----------------------------------------------------------------------------
     def _latents(self, batch: dict[str, Any]) -> torch.Tensor:

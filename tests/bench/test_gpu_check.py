@@ -17,3 +17,7 @@ def test_gpu_check_dry_run_prints_its_json() -> None:
     (run,) = result["runs"]
     assert run["compiled"] is False and run["samples_per_s"] > 0 and run["step_s"] > 0
     assert result["peak_tflops_bf16"] is None and run["mfu"] is None  # no made-up MFU on a CPU
+    # the planner's estimate of the same run sits beside the measurement (on CPU: for a named h100-80g)
+    plan = result["planner"]
+    assert plan["gpu"] == "h100-80g" and plan["micro_batch"] == 2 and plan["samples_per_s"] > 0
+    assert plan["total_gib"] > plan["activations_gib"] > 0
