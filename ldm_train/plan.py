@@ -22,9 +22,10 @@ configured plan at start on a GPU.
   (0.92) of the device memory.
 
 **Step time** (an estimate, not a measurement): compute = samples per GPU x FLOPs executed per sample (model FLOPs
-from ``ldm_train.flops``; checkpointing adds one more forward) / (peak x ``efficiency``), plus ``launch_us`` per
-dispatched operator per micro-step (the host cost that makes small micro-batches slow), plus the gradient and
-parameter traffic of the ZeRO stage over NVLink (one node) or the inter-node link, not overlapped with compute.
+from ``ldm_train.flops``; checkpointing adds one more forward) / (peak x ``efficiency``), per micro-step at least
+``launch_us`` per dispatched operator (the host launches while the device computes, so it only sets the pace when
+the kernels are shorter: small micro-batches), plus the gradient and parameter traffic of the ZeRO stage over NVLink
+(one node) or the inter-node link, not overlapped with compute.
 MFU = model FLOPs per step / (step time x peak x W). ``efficiency`` (0.55), ``launch_us`` (6) and the link speeds
 are stated assumptions, printed with the plan; the GPU run (``bench/gpu_check.sh``) is what replaces them.
 """
@@ -196,12 +197,13 @@ def evaluate(cfg: Any, prof: ModelProfile, gpu: GPU, nodes: int, per_node: int, 
     total = acts + fixed
     per_gpu_samples = micro_batch * accumulation
     executed = prof.flops_per_sample + (prof.forward_flops_per_sample if checkpointing else 0.0)
-    compute = per_gpu_samples * executed / (gpu.peak_tflops * 1e12 * a.efficiency)
     o0, o1 = prof.ops[checkpointing]
-    launch = accumulation * (o0 + o1 * micro_batch) * a.launch_us * 1e-6
+    # per micro-step the host launches while the device computes: whichever is longer sets the pace
+    micro = max(micro_batch * executed / (gpu.peak_tflops * 1e12 * a.efficiency),
+                (o0 + o1 * micro_batch) * a.launch_us * 1e-6)
     link = gpu.network_gbs if nodes > 1 else gpu.nvlink_gbs
     comm = 0.0 if world == 1 else comm_bytes_per_step(prof, zero, accumulation) * (world - 1) / world / (link * 1e9)
-    step = compute + launch + comm
+    step = accumulation * micro + comm
     return Plan(micro_batch, checkpointing, zero, accumulation, round(acts / GIB, 2), round(fixed / GIB, 2),
                 round(total / GIB, 2), total <= a.headroom * gpu.memory_gib * GIB, round(step, 3),
                 round(per_gpu_samples / step, 2),
@@ -356,8 +358,8 @@ def single_device_estimate(cfg: Any, gpu: GPU, micro_batch: int, a: Assumptions 
     a0, a1 = prof.act_bytes[ckpt]
     executed = prof.flops_per_sample + (prof.forward_flops_per_sample if ckpt else 0.0)
     o0, o1 = prof.ops[ckpt]
-    step = (micro_batch * executed / (gpu.peak_tflops * 1e12 * a.efficiency)
-            + (o0 + o1 * micro_batch) * a.launch_us * 1e-6)
+    step = max(micro_batch * executed / (gpu.peak_tflops * 1e12 * a.efficiency),
+               (o0 + o1 * micro_batch) * a.launch_us * 1e-6)
     acts, fixed = a0 + a1 * micro_batch, 16 * prof.params + a.runtime_gib * GIB
     return {"gpu": gpu.name, "micro_batch": micro_batch, "checkpointing": ckpt,
             "activations_gib": round(acts / GIB, 2), "fixed_gib": round(fixed / GIB, 2),

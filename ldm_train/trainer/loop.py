@@ -205,9 +205,13 @@ class Trainer:
         self.ds_config = compose_ds_config(ds_group, self.tcfg, self.d, load_universal=self.resume_universal)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
         o = self.tcfg.optim
-        # a client torch AdamW: DeepSpeed's config optimizer would JIT-compile FusedAdam (CPU) for nothing
+        # a client torch AdamW: DeepSpeed's config optimizer would JIT-compile FusedAdam (CPU) for nothing; on a
+        # GPU torch's fused kernel (one launch for all parameters), which needs the parameters there first
+        fused = self.device.type == "cuda"
+        if fused:
+            model = model.to(self.device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=self.d.lr, betas=tuple(o.betas), eps=o.eps,
-                                      weight_decay=o.weight_decay)
+                                      weight_decay=o.weight_decay, fused=fused or None)
         self.ds_config.setdefault("zero_allow_untested_optimizer", True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config,
