@@ -135,6 +135,9 @@ class TrainConfig:
     # per-device peak for MFU; null: the device's own (ldm_train/runtime/devices.py: A100 312, H100/H200 989, ...);
     # no MFU is logged on CPU or an unknown GPU unless this is set
     peak_tflops: float | None = None
+    # torch.compile the UNet's and the text encoder's forward in place (state-dict keys unchanged, so checkpoints,
+    # exports and resumes are the same as eager); the first steps pay the compilation
+    compile: bool = False
     seed: int = 0
     optim: OptimConfig = field(default_factory=OptimConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
