@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+# elements per fused EMA update: the fp32 copies of 16-bit weights it needs stay under 256 MB
+UPDATE_CHUNK = 64 * 2**20
+
 
 @dataclass
 class _Partition:
@@ -111,7 +114,7 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """One EMA step after an optimizer step: ``shadow += (1 - decay) * (param - shadow)``."""
         decay = self.current_decay()
-        shadows, sources = [], []
+        shadows, sources, pending = [], [], 0
         for name, p in self._named_params(model):
             if not p.requires_grad:
                 continue
@@ -120,6 +123,10 @@ class EMA:
                 raise ValueError(f"{name}: EMA holds {tuple(self.shadow[name].shape)}, model has {tuple(src.shape)}")
             shadows.append(self.shadow[name])
             sources.append(src.to(device=self.shadow[name].device, dtype=torch.float32))
+            pending += src.numel()
+            if pending >= UPDATE_CHUNK:  # bounded fp32 temporaries: never a second full copy of the model
+                torch._foreach_lerp_(shadows, sources, 1.0 - decay)
+                shadows, sources, pending = [], [], 0
         self.num_updates += 1
         if shadows:
             torch._foreach_lerp_(shadows, sources, 1.0 - decay)  # one fused kernel per device and dtype

@@ -136,3 +136,21 @@ def test_zero3_gathered_ema_equals_plain_ema(tmp_path: Path) -> None:
     assert result["partition_sizes"]["0.weight"] == [18, 35]  # 35 weights over 2 ranks: padded to 2 x 18
     assert result["max_abs_diff_reload"] == 0.0, result
     assert result["ema_moved"] > 1e-3, result  # and the EMA differs from the initial weights
+
+
+def test_chunked_update_of_a_bf16_model_equals_one_fused_update(monkeypatch) -> None:
+    """The update works through the parameters in chunks (bounded fp32 temporaries, no second full copy of the
+    model); chunk boundaries do not change a single value."""
+    import ldm_train.ema as ema_mod
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Linear(16, 4)).to(torch.bfloat16)
+    whole, chunked = EMA(model, decay=0.9), EMA(model, decay=0.9)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    whole.update(model)
+    monkeypatch.setattr(ema_mod, "UPDATE_CHUNK", 20)  # a lerp per ~20 elements: 4 chunks here
+    chunked.update(model)
+    assert all(torch.equal(whole.shadow[k], chunked.shadow[k]) for k in whole.shadow)
+    assert any(not torch.equal(whole.shadow[k], v.float()) for k, v in model.state_dict().items())
