@@ -314,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     if not configured.fits:
         print(f"[plan] the configured plan (micro-batch {mb}, checkpointing {'on' if ck else 'off'}, ZeRO-{z}) needs "
               f"{configured.total_gib} GiB of {gpu.memory_gib:.0f} GiB: it does not fit"
-              + (f"; use train.micro_batch={chosen.micro_batch} "
-                 f"unet.use_checkpoint={str(chosen.checkpointing).lower()} deepspeed=zero{chosen.zero}"
+              + (f"; use train.micro_batch={chosen.micro_batch} unet.use_checkpoint={str(chosen.checkpointing).lower()} "
+                 f"text_encoder.use_checkpoint={str(chosen.checkpointing).lower()} deepspeed=zero{chosen.zero}"
                  if chosen else "; no plan fits: more GPUs, or a smaller model"), file=sys.stderr)
         return 2
     return 0
