@@ -3,7 +3,6 @@ prints the resident-memory growth of the step (COUNT=0) or its live-storage coun
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 import torch
@@ -14,9 +13,23 @@ from ldm_train.plan import _inputs
 from ldm_train.summary import compose_config
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def reset_peak() -> bool:
+    """Linux: the peak resident set (VmHWM) starts again from the current one (``clear_refs`` 5). getrusage's
+    ru_maxrss cannot serve: it keeps the launching process's peak across exec. False where it cannot be reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def main() -> None:
@@ -26,15 +39,18 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_ldm(cfg, activation_checkpointing=ckpt).train()
     args = _inputs(cfg, batch, torch.float32)()
-    base, maxrss_before = rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if not reset_peak():
+        print(json.dumps({"peak_reset": False}))
+        return
+    base, peak_before = _status_kb("VmRSS"), _status_kb("VmHWM")
     if count:
         with LiveStorage() as t:
             model(*args).float().mean().backward()
         print(json.dumps({"counted_peak": t.peak}))
     else:
         model(*args).float().mean().backward()
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        print(json.dumps({"rss_growth": peak - base, "maxrss_before_minus_base": maxrss_before - base}))
+        peak = _status_kb("VmHWM")
+        print(json.dumps({"rss_growth": peak - base, "peak_before_minus_base": peak_before - base}))
 
 
 if __name__ == "__main__":

@@ -47,17 +47,20 @@ def test_meta_count_equals_the_real_tensor_count(checkpointing: bool) -> None:
 
 @pytest.mark.parametrize("checkpointing", ["0", "1"], ids=["eager", "checkpointed"])
 def test_count_matches_the_resident_memory_growth_of_a_real_cpu_step(checkpointing: str) -> None:
-    """Independent of the counter: the kernel's peak resident set of a fresh process running one real fp32 step
+    """Independent of the counter: the kernel's peak resident set (VmHWM, reset before the step) of a fresh process
+    running one real fp32 step
     (glibc returns large blocks to the system at once, so RSS follows the live tensors) against the count of the
     same step on real tensors, gradients included as the process holds them."""
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "OMP_NUM_THREADS": "1"}
     out = {}
     for count in ("1", "0"):
-        proc = subprocess.run([sys.executable, "-m", "tests.ldm_train.plan_rss_step", ",".join(REDUCED), "8",
+        proc = subprocess.run([sys.executable, "-m", "tests.ldm_train.plan_rss_step", ",".join(REDUCED), "16",
                                checkpointing, count], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out |= json.loads(proc.stdout.strip().splitlines()[-1])
-    assert out["maxrss_before_minus_base"] <= 0  # building the model never peaked above the step's baseline
+        if out.get("peak_reset") is False:
+            pytest.skip("/proc/self/clear_refs is not writable here: the peak resident set cannot be reset")
+    assert out["peak_before_minus_base"] < 16 * 2**20  # the peak was reset to the step's baseline
     print(json.dumps(out))
     assert out["counted_peak"] > 200 * 2**20
     assert abs(out["rss_growth"] - out["counted_peak"]) / out["counted_peak"] < 0.10, out
