@@ -47,9 +47,7 @@ def main() -> None:
         return (time.perf_counter() - t0) / a.steps
 
     eager = min(timed() for _ in range(2))
-    model.unet.compile()
-    if model.cond_stage_model is not None and model.cond_kind == "text":
-        model.cond_stage_model.compile()
+    model.compile_in_place()
     t0 = time.perf_counter()
     step()
     first = time.perf_counter() - t0

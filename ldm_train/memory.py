@@ -1,5 +1,5 @@
 """Live-storage accounting of one training micro-step: how many bytes the activations of forward + backward hold
-at their peak, counted on fake tensors (no memory, any model size) or on real ones (the check of the count).
+at their peak, counted on the meta device (no memory, any model size) or on real tensors (the check of the count).
 
 Every tensor an operator returns is backed by a storage; :class:`LiveStorage` (a ``TorchDispatchMode``) adds a
 storage's bytes when an operator first returns it and subtracts them when the storage is freed (a weak reference's

@@ -97,10 +97,12 @@ class ModelProfile:
 
 
 def _inputs(cfg: Any, batch: int, dtype: torch.dtype):
+    from ldm_train.config import cond_config
+
     unet = cfg.unet
     side, concat = int(unet.image_size), int(unet.concat_channels)
     channels = int(unet.in_channels) - concat
-    kind = str(cfg.cond.kind) if "cond" in cfg else "text"
+    kind = cond_config(cfg).kind
 
     def make() -> tuple:
         z0 = torch.randn(batch, channels, side, side, dtype=dtype)
@@ -186,6 +188,15 @@ def comm_bytes_per_step(prof: ModelProfile, zero: int, accumulation: int) -> flo
     return 3 * grads * accumulation  # weights gathered for forward and backward, gradients scattered, per micro-step
 
 
+def micro_step_s(prof: ModelProfile, gpu: GPU, micro_batch: int, checkpointing: bool, a: Assumptions) -> float:
+    """One micro-step's time: the host launches while the device computes, so whichever is longer sets the pace
+    (checkpointing executes one more forward)."""
+    executed = prof.flops_per_sample + (prof.forward_flops_per_sample if checkpointing else 0.0)
+    o0, o1 = prof.ops[checkpointing]
+    return max(micro_batch * executed / (gpu.peak_tflops * 1e12 * a.efficiency),
+               (o0 + o1 * micro_batch) * a.launch_us * 1e-6)
+
+
 def evaluate(cfg: Any, prof: ModelProfile, gpu: GPU, nodes: int, per_node: int, micro_batch: int,
              checkpointing: bool, zero: int, a: Assumptions) -> Plan | None:
     world = nodes * per_node
@@ -199,11 +210,7 @@ def evaluate(cfg: Any, prof: ModelProfile, gpu: GPU, nodes: int, per_node: int, 
     fixed = sum(parts.values()) + a.runtime_gib * GIB
     total = acts + fixed
     per_gpu_samples = micro_batch * accumulation
-    executed = prof.flops_per_sample + (prof.forward_flops_per_sample if checkpointing else 0.0)
-    o0, o1 = prof.ops[checkpointing]
-    # per micro-step the host launches while the device computes: whichever is longer sets the pace
-    micro = max(micro_batch * executed / (gpu.peak_tflops * 1e12 * a.efficiency),
-                (o0 + o1 * micro_batch) * a.launch_us * 1e-6)
+    micro = micro_step_s(prof, gpu, micro_batch, checkpointing, a)
     link = gpu.network_gbs if nodes > 1 else gpu.nvlink_gbs
     comm = 0.0 if world == 1 else comm_bytes_per_step(prof, zero, accumulation) * (world - 1) / world / (link * 1e9)
     step = accumulation * micro + comm
@@ -359,10 +366,7 @@ def single_device_estimate(cfg: Any, gpu: GPU, micro_batch: int, a: Assumptions 
     prof = profile(cfg)
     ckpt = bool(cfg.unet.use_checkpoint)
     a0, a1 = prof.act_bytes[ckpt]
-    executed = prof.flops_per_sample + (prof.forward_flops_per_sample if ckpt else 0.0)
-    o0, o1 = prof.ops[ckpt]
-    step = max(micro_batch * executed / (gpu.peak_tflops * 1e12 * a.efficiency),
-               (o0 + o1 * micro_batch) * a.launch_us * 1e-6)
+    step = micro_step_s(prof, gpu, micro_batch, ckpt, a)
     acts, fixed = a0 + a1 * micro_batch, 16 * prof.params + a.runtime_gib * GIB
     return {"gpu": gpu.name, "micro_batch": micro_batch, "checkpointing": ckpt,
             "activations_gib": round(acts / GIB, 2), "fixed_gib": round(fixed / GIB, 2),

@@ -63,6 +63,16 @@ class LatentDiffusion(nn.Module):
     def unet(self) -> nn.Module:
         return self.model.diffusion_model
 
+    def compile_in_place(self) -> list[str]:
+        """``train.compile``: torch.compile the UNet's and the text encoder's forward in place
+        (``nn.Module.compile``: the parameter names stay the eager ones). Returns what was compiled."""
+        self.unet.compile()
+        done = ["UNet"]
+        if self.cond_stage_model is not None and self.cond_kind == "text":
+            self.cond_stage_model.compile()
+            done.append("text encoder")
+        return done
+
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids [B, L] -> context [B, L, n_embed] (the empty caption's tokens are the uncond input)."""
         return self.cond_stage_model(tokens)

@@ -201,13 +201,10 @@ class Trainer:
             if self.rank == 0:
                 print(f"[train] train.init_from: {self.init_source.weights}: {line}; fresh optimizer, step 0",
                       flush=True)
-        if self.tcfg.compile:  # in place (nn.Module.compile): the parameter names stay those of the eager model
-            model.unet.compile()
-            if model.cond_stage_model is not None and model.cond_kind == "text":
-                model.cond_stage_model.compile()
+        if self.tcfg.compile:
+            compiled = model.compile_in_place()
             if self.rank == 0:
-                print("[train] train.compile: UNet" + (" and text encoder" if model.cond_kind == "text" else "")
-                      + " compiled (torch.compile, in place)", flush=True)
+                print(f"[train] train.compile: {' and '.join(compiled)} compiled (torch.compile, in place)", flush=True)
         ds_group = copy.deepcopy(dict(self.cfg.deepspeed))
         self.ds_config = compose_ds_config(ds_group, self.tcfg, self.d, load_universal=self.resume_universal)
         self.zero_stage = int(self.ds_config.get("zero_optimization", {}).get("stage", 0))
