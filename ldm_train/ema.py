@@ -12,16 +12,23 @@ Usage in the trainer (build it AFTER ``deepspeed.initialize`` so ZeRO-3 has part
     with ema.average_parameters(engine.module):   # evaluate with EMA weights, then the training ones return
         sample(...)
 
-Checkpoints: ``state_dict()`` is cheap and per rank (this rank's partitions under ZeRO-3: resume at the
-same world size). A state dict holding the full tensors (``gathered_state_dict(with_meta=True)``) loads at
-any world size: ``load_state_dict`` slices this rank's partition out of it.
+Checkpoints: ``state_dict()`` is cheap and per rank (this rank's partitions or fragments under ZeRO: resume at
+the same world size). A state dict holding the full tensors (``gathered_state_dict(with_meta=True)``) loads at
+any world size: ``load_state_dict`` slices this rank's part out of it.
 
-Under ZeRO-3 a parameter's ``.data`` is an empty placeholder outside forward/backward; each rank averages
-only its own partition: the optimizer's fp32 master partition when DeepSpeed's ZeRO-3 optimizer holds one
-(``fp32_master=True``, exact under bf16/fp16 training) or else ``param.ds_tensor``. Partition layout is
-DeepSpeed's: rank r holds elements ``[r * p, (r + 1) * p)`` of the flattened, zero-padded parameter.
-Without ZeRO-3 (plain modules, DDP, ZeRO-1/2) the full parameter is averaged. Only parameters are
-averaged (CompVis LitEma); frozen parameters are kept as they were at construction.
+Each rank averages only what it owns wherever DeepSpeed shards the fp32 master (``fp32_master=True``, the
+default; exact under bf16/fp16 training, and no full fp32 copy of the model on any rank):
+
+- ZeRO-1/2 (and DeepSpeed's BF16 optimizer): the fragment of the optimizer's flat fp32 partition that belongs to each
+  parameter (``param._hp_mapping.hp_fragment``; ``None`` where this rank holds none of it). The shadow is that
+  1-D fragment; its offset in the flattened parameter is ``_hp_mapping.lp_fragment_address.start``.
+- ZeRO-3: a parameter's ``.data`` is an empty placeholder outside forward/backward; the EMA averages the optimizer's
+  fp32 master partition, or ``param.ds_tensor`` when there is none. Rank r holds elements ``[r * p, (r + 1) * p)``
+  of the flattened, zero-padded parameter.
+
+The update reads the master in place (``lerp`` of fp32 into fp32: no temporary). Without a sharded master (plain
+modules, DDP, ``fp32_master=False``) the full parameter is averaged, through bounded fp32 temporaries when it is
+16-bit. Only parameters are averaged (CompVis LitEma); frozen parameters are kept as they were at construction.
 """
 from __future__ import annotations
 
@@ -49,8 +56,36 @@ class _Partition:
     group: Any
 
 
+@dataclass
+class _Fragment:
+    """Where this rank's slice of a ZeRO-1/2 fp32 master sits in the flattened parameter (``numel`` 0: none)."""
+
+    shape: torch.Size
+    full_numel: int
+    start: int
+    numel: int
+    world_size: int
+    group: Any
+
+
 def _is_zero3(p: nn.Parameter) -> bool:
     return hasattr(p, "ds_id") and getattr(p, "ds_tensor", None) is not None
+
+
+def _has_master_fragment(p: nn.Parameter) -> bool:
+    """DeepSpeed's ZeRO-1/2 (and BF16) optimizer linked ``p`` to its flat fp32 partition (``_hp_mapping``
+    is set on every trained parameter, ``None`` where this rank holds none of it)."""
+    return not _is_zero3(p) and hasattr(p, "_hp_mapping") and hasattr(p, "_dp_group")
+
+
+def _fragment_of(p: nn.Parameter) -> _Fragment:
+    import torch.distributed as dist
+
+    mapping = p._hp_mapping
+    addr = mapping.lp_fragment_address if mapping is not None else None
+    return _Fragment(shape=p.shape, full_numel=p.numel(), start=addr.start if addr else 0,
+                     numel=addr.numel if addr else 0, world_size=dist.get_world_size(group=p._dp_group),
+                     group=p._dp_group)
 
 
 class EMA:
@@ -66,7 +101,8 @@ class EMA:
         self.fp32_master = fp32_master
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] = {}
-        self.partitions: dict[str, _Partition] = {}
+        self.partitions: dict[str, _Partition] = {}  # ZeRO-3
+        self.fragments: dict[str, _Fragment] = {}  # ZeRO-1/2: this rank's piece of the fp32 master
         for name, p in model.named_parameters():
             if _is_zero3(p):
                 import torch.distributed as dist
@@ -76,11 +112,19 @@ class EMA:
                     shape=torch.Size(p.ds_shape), numel=int(p.ds_numel), size=int(p.ds_tensor.numel()),
                     rank=dist.get_rank(group=group), world_size=dist.get_world_size(group=group), group=group,
                 )
-            self.shadow[name] = self._local(p).detach().to(torch.float32, copy=True)
+            elif fp32_master and p.requires_grad and _has_master_fragment(p):
+                self.fragments[name] = _fragment_of(p)
+            self.shadow[name] = self._local(p, name).detach().to(torch.float32, copy=True)
 
     # -- what this rank averages ------------------------------------------------------------------
-    def _local(self, p: nn.Parameter) -> torch.Tensor:
-        """The tensor this rank averages for ``p`` (full, or its ZeRO-3 partition)."""
+    def _local(self, p: nn.Parameter, name: str) -> torch.Tensor:
+        """The tensor this rank averages for ``p``: full, its ZeRO-1/2 master fragment (read each time: DeepSpeed
+        relinks the fragments when it loads a checkpoint) or its ZeRO-3 partition."""
+        if name in self.fragments:
+            mapping = p._hp_mapping
+            if mapping is None:
+                return p.data.new_empty(0, dtype=torch.float32)
+            return mapping.hp_fragment
         if not _is_zero3(p):
             return p.data
         opt = getattr(p, "_z3_optimizer", None)
@@ -102,6 +146,9 @@ class EMA:
                     f"parameter {name} is {'now' if _is_zero3(p) else 'no longer'} ZeRO-3 partitioned: "
                     "build the EMA after deepspeed.initialize, from engine.module"
                 )
+            if name in self.fragments and not _has_master_fragment(p):
+                raise ValueError(f"parameter {name} is no longer linked to a ZeRO-1/2 fp32 master: pass the module "
+                                 "the EMA was built from (engine.module)")
             yield name, p
 
     def current_decay(self) -> float:
@@ -118,12 +165,14 @@ class EMA:
         for name, p in self._named_params(model):
             if not p.requires_grad:
                 continue
-            src = self._local(p)
+            src = self._local(p, name)
+            if not src.numel():
+                continue  # none of this parameter's master lives on this rank
             if src.shape != self.shadow[name].shape:
                 raise ValueError(f"{name}: EMA holds {tuple(self.shadow[name].shape)}, model has {tuple(src.shape)}")
             shadows.append(self.shadow[name])
             sources.append(src.to(device=self.shadow[name].device, dtype=torch.float32))
-            pending += src.numel()
+            pending += src.numel() if src.dtype != torch.float32 else 0  # fp32 masters are read in place
             if pending >= UPDATE_CHUNK:  # bounded fp32 temporaries: never a second full copy of the model
                 torch._foreach_lerp_(shadows, sources, 1.0 - decay)
                 shadows, sources, pending = [], [], 0
@@ -133,11 +182,13 @@ class EMA:
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
-        """Write the EMA into the model's weights (under ZeRO-3: into each rank's ``ds_tensor``; the
-        optimizer's fp32 master is left alone, so use :meth:`average_parameters` mid-training)."""
+        """Write the EMA into the model's weights (under ZeRO-3: into each rank's ``ds_tensor``; under ZeRO-1/2 a
+        collective: each parameter is gathered from the ranks' fragments). The optimizer's fp32 master is left
+        alone, so use :meth:`average_parameters` mid-training."""
         for name, p in self._named_params(model):
             target = p.ds_tensor if name in self.partitions else p.data
-            target.copy_(self.shadow[name].to(device=target.device, dtype=target.dtype))
+            source = self._gather(name, target.device) if name in self.fragments else self.shadow[name]
+            target.copy_(source.to(device=target.device, dtype=target.dtype))
 
     @contextlib.contextmanager
     def average_parameters(self, model: nn.Module) -> Iterator[None]:
@@ -159,22 +210,51 @@ class EMA:
         return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates}
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: full tensors, or its ZeRO-3 partitions (flagged ``partitioned``)."""
-        ranks = {p.world_size for p in self.partitions.values()}
+        """This rank's state: full tensors, or its ZeRO partitions / fragments (flagged ``partitioned``)."""
+        ranks = {p.world_size for p in [*self.partitions.values(), *self.fragments.values()]}
         return {
             **self._meta(),
-            "partitioned": bool(self.partitions),
+            "partitioned": bool(self.partitions or self.fragments),
             "world_size": ranks.pop() if len(ranks) == 1 else None,
             "shadow": {k: v.detach().clone() for k, v in self.shadow.items()},
         }
+
+    @staticmethod
+    def _comm_buffer(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        """NCCL can only move device tensors: a CPU-offloaded shadow goes through the GPU."""
+        import torch.distributed as dist
+
+        if dist.get_backend(group) == "nccl" and tensor.device.type != "cuda":
+            return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        return tensor
+
+    def _gather(self, name: str, device: torch.device | str) -> torch.Tensor:
+        """The full fp32 EMA of one sharded parameter (a collective over its data-parallel group)."""
+        import torch.distributed as dist
+
+        shadow = self.shadow[name]
+        part = self.partitions.get(name)
+        if part is not None:
+            comm = self._comm_buffer(shadow, part.group)
+            pieces = [torch.empty_like(comm) for _ in range(part.world_size)]
+            dist.all_gather(pieces, comm.contiguous(), group=part.group)
+            return torch.cat(pieces)[: part.numel].view(part.shape).to(device)
+        frag = self.fragments[name]
+        # each element lives on exactly one rank and is zero elsewhere, so the sum is exact (DeepSpeed gathers
+        # its own full fp32 parameters the same way)
+        full = self._comm_buffer(shadow.new_zeros(frag.full_numel), frag.group)
+        if frag.numel:
+            full.narrow(0, frag.start, frag.numel).copy_(shadow)
+        dist.all_reduce(full, group=frag.group)
+        return full.view(frag.shape).to(device)
 
     @torch.no_grad()
     def gathered_state_dict(
         self, device: torch.device | str = "cpu", rank0_only: bool = False, with_meta: bool = False
     ) -> dict[str, Any]:
-        """The full fp32 EMA ``{name: tensor}`` (a collective under ZeRO-3: every rank must call it).
+        """The full fp32 EMA ``{name: tensor}`` (a collective under ZeRO: every rank must call it).
 
-        Parameters are all-gathered one at a time (peak extra memory: one full parameter).
+        Parameters are gathered one at a time (peak extra memory: one full parameter).
         ``rank0_only`` returns ``{}`` on the other ranks; ``with_meta`` wraps the tensors in a loadable
         state dict (``{"decay", "num_updates", ..., "shadow": {...}}``) for world-size-independent resume.
         """
@@ -183,32 +263,36 @@ class EMA:
         keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
         full: dict[str, torch.Tensor] = {}
         for name, shadow in self.shadow.items():
-            part = self.partitions.get(name)
-            if part is None:
-                tensor = shadow.detach().to(device, copy=True)
-            else:
-                # NCCL can only gather device tensors: a CPU-offloaded partition goes through the GPU
-                comm = shadow
-                if dist.get_backend(part.group) == "nccl" and shadow.device.type != "cuda":
-                    comm = shadow.to(torch.device("cuda", torch.cuda.current_device()))
-                pieces = [torch.empty_like(comm) for _ in range(part.world_size)]
-                dist.all_gather(pieces, comm.contiguous(), group=part.group)
-                tensor = torch.cat(pieces)[: part.numel].view(part.shape).to(device)
+            sharded = name in self.partitions or name in self.fragments
+            tensor = self._gather(name, device) if sharded else shadow.detach().to(device, copy=True)
             if keep:
                 full[name] = tensor
         if not keep:
             return {}
         return {**self._meta(), "partitioned": False, "world_size": None, "shadow": full} if with_meta else full
 
+    def _rank_slice(self, name: str, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+        """This rank's part of a full tensor ``src`` for a sharded parameter (``src`` itself otherwise)."""
+        part, frag = self.partitions.get(name), self.fragments.get(name)
+        if part is not None and tuple(src.shape) == tuple(part.shape) and src.shape != dst.shape:
+            flat = src.reshape(-1).to(device=dst.device, dtype=torch.float32)
+            padded = torch.zeros(part.size * part.world_size, dtype=torch.float32, device=dst.device)
+            padded[: part.numel] = flat
+            return padded[part.rank * part.size : (part.rank + 1) * part.size]
+        if frag is not None and tuple(src.shape) == tuple(frag.shape):
+            return src.reshape(-1).narrow(0, frag.start, frag.numel)
+        return src
+
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore from :meth:`state_dict` (same world size when partitioned) or from full tensors
-        (``gathered_state_dict(with_meta=True)``, any world size: this rank's partition is sliced out)."""
+        (``gathered_state_dict(with_meta=True)``, any world size: this rank's part is sliced out)."""
         shadow = state["shadow"]
-        ours = {p.world_size for p in self.partitions.values()}
-        if state.get("partitioned") and state.get("world_size") is not None and ours and state["world_size"] not in ours:
+        ours = {p.world_size for p in [*self.partitions.values(), *self.fragments.values()]}
+        per_rank = bool(state.get("partitioned"))
+        if per_rank and state.get("world_size") is not None and ours and state["world_size"] not in ours:
             raise ValueError(
-                f"EMA state holds ZeRO-3 partitions of world size {state['world_size']} but this run has "
+                f"EMA state holds ZeRO partitions of world size {state['world_size']} but this run has "
                 f"{ours.pop()}: save gathered_state_dict(with_meta=True) to resume at another world size"
             )
         if shadow.keys() != self.shadow.keys():
@@ -216,12 +300,9 @@ class EMA:
             raise ValueError(f"EMA state does not fit this model: missing {sorted(missing)[:5]}, "
                              f"unexpected {sorted(extra)[:5]}")
         for name, src in shadow.items():
-            dst, part = self.shadow[name], self.partitions.get(name)
-            if part is not None and tuple(src.shape) == tuple(part.shape) and src.shape != dst.shape:
-                flat = src.reshape(-1).to(device=dst.device, dtype=torch.float32)
-                padded = torch.zeros(part.size * part.world_size, dtype=torch.float32, device=dst.device)
-                padded[: part.numel] = flat
-                src = padded[part.rank * part.size : (part.rank + 1) * part.size]
+            dst = self.shadow[name]
+            if not per_rank:
+                src = self._rank_slice(name, src, dst)
             if src.shape != dst.shape:
                 raise ValueError(
                     f"EMA state {name} has shape {tuple(src.shape)} but this rank holds {tuple(dst.shape)}: "

@@ -16,8 +16,8 @@ configured plan at start on a GPU.
 - Fixed (P = trained parameters, W = data-parallel ranks; bytes): 16-bit weights 2P (ZeRO-3: 2P/W plus the gathered
   working set, ``stage3_max_live_parameters``), gradients 2P in bf16 (4P with ``grad_accum_dtype: fp32``; ZeRO-2/3:
   that over W), fp32 master 4P/W, Adam moments 8P/W, the fp32 gradient partition 4P/W, DeepSpeed's buckets (reduce +
-  allgather bucket elements x 2 bytes, x 4.5 with ``overlap_comm`` as DeepSpeed documents), the EMA (an fp32 copy of
-  every trained parameter, under ZeRO-3 each rank's partition, plus the update's 256 MB fp32 temporary), and
+  allgather bucket elements x 2 bytes, x 4.5 with ``overlap_comm`` as DeepSpeed documents), the EMA (4P/W: each rank
+  averages its own part of the fp32 master in place, ``ldm_train.ema``), and
   ``runtime_gib`` (CUDA context, cuBLAS/NCCL workspaces: 2 GiB). A plan fits when the sum is at most ``headroom``
   (0.92) of the device memory.
 
@@ -155,8 +155,6 @@ def _ds(cfg: Any, key: str, default: Any) -> Any:
 def fixed_parts(cfg: Any, prof: ModelProfile, zero: int, world: int) -> dict[str, float]:
     from omegaconf import OmegaConf
 
-    from ldm_train.ema import UPDATE_CHUNK
-
     p, w, b = prof.params, world, prof.bytes_per_param
     accum = OmegaConf.select(cfg, "deepspeed.data_types.grad_accum_dtype", default=None)
     grad_b = 4 if accum == "fp32" or b == 4 else 2
@@ -169,9 +167,9 @@ def fixed_parts(cfg: Any, prof: ModelProfile, zero: int, world: int) -> dict[str
         "fp32_grad_partition": (4 * p / w) if b != 4 else 0.0,
         "buckets": 2 * overlap * (min(p, float(_ds(cfg, "reduce_bucket_size", 5e8)))
                                   + (min(p, float(_ds(cfg, "allgather_bucket_size", 5e8))) if zero < 3 else 0.0)),
-        # the EMA: an fp32 copy of every trained parameter per rank (its partition under ZeRO-3) + the update's
-        # bounded fp32 temporary (ldm_train.ema.UPDATE_CHUNK elements) when training in 16 bits
-        "ema": 4 * p / (w if zero == 3 else 1) + (4 * min(p, UPDATE_CHUNK) if b != 4 else 0.0),
+        # the EMA: each rank's part of the fp32 master, averaged in place (ldm_train.ema: ZeRO-1/2 master fragments,
+        # ZeRO-3 partitions; no temporary)
+        "ema": 4 * p / w,
     }
     if zero == 3:
         parts["gathered_params"] = b * min(p, float(_ds(cfg, "stage3_max_live_parameters", 1e9)))

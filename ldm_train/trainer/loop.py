@@ -467,7 +467,7 @@ class Trainer:
 
     # ---- checkpoints and samples ------------------------------------------------------------------------
     def _ema_state(self) -> dict[str, torch.Tensor] | None:
-        return None if self.ema is None else self.ema.gathered_state_dict(rank0_only=True)  # collective (ZeRO-3)
+        return None if self.ema is None else self.ema.gathered_state_dict(rank0_only=True)  # collective (ZeRO: sharded EMA)
 
     def save(self) -> str:
         t0 = time.perf_counter()
