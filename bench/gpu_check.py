@@ -1,11 +1,14 @@
 """One-shot throughput check of the LDM training step on the device present; prints and writes one JSON object.
 
-    python bench/gpu_check.py [--experiment txt2img_1p45b] [--micro-batch 8] [--steps 20] [--compile] [--out F]
+    python bench/gpu_check.py [--experiment txt2img_1p45b] [--micro-batch N] [--steps 20] [--compile] [--out F]
     python bench/gpu_check.py --dry-run            # experiment=tiny on CPU, 3 steps: keeps the script from rotting
 
 It builds the experiment's real model (``ldm_train.build.build_ldm``: UNet + cond stage, the preset's activation
 checkpointing), and times full training steps (forward + backward + fused AdamW step) of the diffusion loss on random
-latents / tokens at the given micro-batch, bf16 autocast on CUDA, without DeepSpeed (one device). Reported:
+latents / tokens at the preset's planned micro-batch (``train.micro_batch``; ``--micro-batch`` to change it), bf16
+autocast on CUDA, without DeepSpeed (one device). ``--compile`` also times the step as ``train.compile`` runs it
+(``LatentDiffusion.compile_in_place``: the UNet and the text encoder). The JSON is written after each run, so a
+timeout or an out-of-memory error (recorded as the run's ``error``) keeps what was measured before it. Reported:
 samples/s on this device, model TFLOP/s from ``ldm_train.flops`` (forward + backward of everything trained, no
 recomputation), MFU against the device's dense bf16 peak (``ldm_train/runtime/devices.py``), peak memory, and the
 same with ``torch.compile`` when ``--compile`` is given, and ``planner``: ``ldm_train.plan``'s estimate of the same run
@@ -70,7 +73,8 @@ def measure(experiment: str, micro_batch: int, steps: int, warmup: int, compiled
 
     model, z0, cond, flops, node = _model_and_batch(experiment, micro_batch, device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    fwd = torch.compile(model) if compiled else model
+    if compiled:
+        model.compile_in_place()  # what train.compile does
     timesteps = int(node.train.diffusion.timesteps)
     gen = torch.Generator(device=device).manual_seed(1)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
@@ -80,23 +84,30 @@ def measure(experiment: str, micro_batch: int, steps: int, warmup: int, compiled
         t = torch.randint(0, timesteps, (z0.shape[0],), device=device, generator=gen)
         noise = torch.randn(z0.shape, device=device, generator=gen)
         with autocast:
-            loss = fwd(z0, cond, t, noise).float().mean()
+            loss = model(z0, cond, t, noise).float().mean()
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    t0 = time.perf_counter()
-    step()  # first step: compilation / allocator warm-up, timed apart
-    first = time.perf_counter() - t0
-    per_step = _time(step, steps, warmup, device)
+    out: dict = {"compiled": compiled, "micro_batch": micro_batch}
+    try:
+        t0 = time.perf_counter()
+        step()  # first step: compilation / allocator warm-up, timed apart
+        first = time.perf_counter() - t0
+        per_step = _time(step, steps, warmup, device)
+    except torch.OutOfMemoryError as err:  # a finding (the planner was wrong), not a reason to lose the JSON
+        out["error"] = f"out of memory: {str(err).splitlines()[0]}"
+        out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        del model, opt
+        torch.cuda.empty_cache()
+        return out
     sps = micro_batch / per_step
     peak = device_peak_tflops(device)
-    out = {"compiled": compiled, "micro_batch": micro_batch, "first_step_s": round(first, 2),
-           "step_s": round(per_step, 4), "samples_per_s": round(sps, 2),
+    out.update({"first_step_s": round(first, 2), "step_s": round(per_step, 4), "samples_per_s": round(sps, 2),
            "model_tflops_per_s": round(flops * sps / 1e12, 3),
-           "mfu": None if peak is None else round(flops * sps / (peak * 1e12), 4)}
+                "mfu": None if peak is None else round(flops * sps / (peak * 1e12), 4)})
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     return out
@@ -115,7 +126,7 @@ def _planner(experiment: str, micro_batch: int, device: torch.device) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--experiment", default="txt2img_1p45b")
-    p.add_argument("--micro-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the experiment's train.micro_batch")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--compile", action="store_true", help="also measure torch.compile(model)")
@@ -130,22 +141,23 @@ def main() -> None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     from ldm_train.runtime.devices import device_peak_tflops
 
+    if a.micro_batch is None:  # the planned micro-batch of the preset
+        from ldm_train.summary import compose_config
+
+        a.micro_batch = int(compose_config([f"experiment={a.experiment}"]).train.micro_batch)
     result = {
         "bench": "gpu_check", "experiment": a.experiment, "dry_run": a.dry_run,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "peak_tflops_bf16": device_peak_tflops(device), "torch": torch.__version__,
-        "planner": _planner(a.experiment, a.micro_batch, device),
-        "runs": [measure(a.experiment, a.micro_batch, a.steps, a.warmup, False, device)],
+        "planner": _planner(a.experiment, a.micro_batch, device), "runs": [],
     }
-    if a.compile:
-        result["runs"].append(measure(a.experiment, a.micro_batch, a.steps, a.warmup, True, device))
-    text = json.dumps(result)
-    print(text)
-    if a.out:
-        os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
-
+    for compiled in (False, True) if a.compile else (False,):
+        result["runs"].append(measure(a.experiment, a.micro_batch, a.steps, a.warmup, compiled, device))
+        if a.out:  # after each run: a timeout during compilation keeps the eager numbers
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:
+                f.write(json.dumps(result) + "\n")
+    print(json.dumps(result))
 
 if __name__ == "__main__":
     main()

@@ -9,5 +9,6 @@ if [ "${1:-}" = "--dry-run" ]; then
   exec "$PY" bench/gpu_check.py --dry-run   # eager only: inductor compiles for minutes on a busy CPU
 fi
 mkdir -p bench/results
-exec timeout 480 "$PY" bench/gpu_check.py --experiment txt2img_1p45b --micro-batch "${MICRO_BATCH:-8}" --compile \
+# the preset's planned micro-batch unless MICRO_BATCH is set; the JSON is rewritten after each of the two runs
+exec timeout 480 "$PY" bench/gpu_check.py --experiment txt2img_1p45b ${MICRO_BATCH:+--micro-batch "$MICRO_BATCH"} --compile \
   --out "bench/results/gpu_check-$(date -u +%Y%m%dT%H%M%SZ).json"

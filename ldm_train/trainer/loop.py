@@ -320,6 +320,12 @@ class Trainer:
         print(f"[train] run dir {self.run_dir}\n[train] " + describe(self.d).replace("\n", "\n[train] ")
               + f"\n[train] ZeRO stage {self.zero_stage}, {self.tcfg.precision}, scale factor {self.scale_factor:.5g}, "
               f"latents stored as {self.stored}", flush=True)
+        if self.tcfg.precision != "fp32" and self.d.accumulation > 1 \
+                and type(self.engine.optimizer).__name__ != "BF16_Optimizer":
+            print(f"[train] note: gradients accumulate in {self.tcfg.precision} over {self.d.accumulation} micro-steps "
+                  f"(ZeRO stage {self.zero_stage}); for fp32 accumulation use deepspeed=zero1 with "
+                  "+deepspeed.data_types.grad_accum_dtype=fp32 (DeepSpeed's BF16 optimizer; ZeRO-2/3 ignore that "
+                  "setting), or fewer micro-steps (python -m ldm_train.plan)", flush=True)
         if self.device.type == "cuda":  # the planner's estimate for this plan on this device (ldm_train.plan)
             try:
                 from ldm_train.plan import startup_line
