@@ -106,7 +106,7 @@ def measure(experiment: str, micro_batch: int, steps: int, warmup: int, compiled
     sps = micro_batch / per_step
     peak = device_peak_tflops(device)
     out.update({"first_step_s": round(first, 2), "step_s": round(per_step, 4), "samples_per_s": round(sps, 2),
-           "model_tflops_per_s": round(flops * sps / 1e12, 3),
+                "model_tflops_per_s": round(flops * sps / 1e12, 3),
                 "mfu": None if peak is None else round(flops * sps / (peak * 1e12), 4)})
     if device.type == "cuda":
         out["peak_memory_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -158,6 +158,7 @@ def main() -> None:
             with open(a.out, "w") as f:
                 f.write(json.dumps(result) + "\n")
     print(json.dumps(result))
+
 
 if __name__ == "__main__":
     main()

@@ -42,6 +42,8 @@ from torch import nn
 
 # elements per fused EMA update: the fp32 copies of 16-bit weights it needs stay under 256 MB
 UPDATE_CHUNK = 64 * 2**20
+# what a rank averages for a parameter whose fp32 master lies wholly on other ranks (one tensor, not one per step)
+_NO_FRAGMENT = torch.empty(0, dtype=torch.float32)
 
 
 @dataclass
@@ -114,7 +116,9 @@ class EMA:
                 )
             elif fp32_master and p.requires_grad and _has_master_fragment(p):
                 self.fragments[name] = _fragment_of(p)
-            self.shadow[name] = self._local(p, name).detach().to(torch.float32, copy=True)
+            local = self._local(p, name)  # an empty shadow sits with the parameter: _gather's buffer goes there
+            device = p.device if local is _NO_FRAGMENT else local.device
+            self.shadow[name] = local.detach().to(device=device, dtype=torch.float32, copy=True)
 
     # -- what this rank averages ------------------------------------------------------------------
     def _local(self, p: nn.Parameter, name: str) -> torch.Tensor:
@@ -122,9 +126,7 @@ class EMA:
         relinks the fragments when it loads a checkpoint) or its ZeRO-3 partition."""
         if name in self.fragments:
             mapping = p._hp_mapping
-            if mapping is None:
-                return p.data.new_empty(0, dtype=torch.float32)
-            return mapping.hp_fragment
+            return _NO_FRAGMENT if mapping is None else mapping.hp_fragment
         if not _is_zero3(p):
             return p.data
         opt = getattr(p, "_z3_optimizer", None)
