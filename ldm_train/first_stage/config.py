@@ -28,6 +28,9 @@ class AEOptimConfig:
     scale_lr: bool = True  # lr = base_lr * batch_size * world_size
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     grad_clip: float | None = None
+    warmup_steps: int = 0  # linear warm-up from 0 to the lr over this many steps
+    decay: str = "constant"  # constant (CompVis) | cosine: lr -> min_lr_ratio * lr at train.max_steps
+    min_lr_ratio: float = 0.0
 
 
 @dataclass

@@ -12,6 +12,7 @@ Run dir ``<runs_root>/<run_group>/<run>/``: ``config.yaml``, ``stats.jsonl`` + W
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -68,6 +69,8 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         perceptual = self._build_models()
         self.global_batch = self.optim.batch_size * self.world
+        if self.optim.decay not in ("constant", "cosine"):
+            raise ValueError(f"optim.decay={self.optim.decay!r}: use constant or cosine")
         self.lr = self.optim.base_lr * self.global_batch if self.optim.scale_lr else self.optim.base_lr
         betas = tuple(self.optim.betas)
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=betas)
@@ -137,8 +140,23 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def lr_at(self, step: int) -> float:
+        """The learning rate of update ``step`` (0-based): linear warm-up, then constant or cosine decay."""
+        o = self.optim
+        if step < o.warmup_steps:
+            return self.lr * (step + 1) / o.warmup_steps
+        if o.decay == "cosine":
+            span = max(self.tcfg.max_steps - o.warmup_steps, 1)
+            frac = min((step - o.warmup_steps) / span, 1.0)
+            return self.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+        return self.lr
+
     def train_step(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """One generator update, then (from disc_start on) one discriminator update on the same batch."""
+        lr = self.lr_at(self.step)
+        for opt in (self.opt_g, self.opt_d):
+            for group in opt.param_groups:
+                group["lr"] = lr
         self.disc.requires_grad_(False)  # the generator's adversarial term must not train the discriminator
         with self._autocast():
             if isinstance(self.model, AutoencoderKL):
@@ -235,7 +253,7 @@ class Trainer:
             scalars["vq/perplexity"] = torch.exp(-(probs * torch.log(probs + 1e-10)).sum())
             scalars["vq/dead_codes"] = (counts == 0).sum()
             self.usage.zero_()
-        scalars.update({"lr": self.lr, "d_steps": self.d_steps,
+        scalars.update({"lr": self.lr_at(self.step - 1), "d_steps": self.d_steps,
                         "samples_per_s": steps * self.global_batch / max(time.perf_counter() - t0, 1e-9)})
         values = self.tracker.log(self.step, scalars)  # the host sync of this interval
         if self.rank == 0:

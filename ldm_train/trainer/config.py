@@ -123,6 +123,10 @@ class TrainConfig:
     precision: str = "fp32"  # fp32 | bf16 | fp16
     caption_dropout: float = 0.1  # share of empty captions (cond.kind=class: null-class labels), so classifier-free guidance works
     log_every_samples: int = 1024
+    # a training-time budget in seconds (0: none): the run ends, as at total_samples, once the time spent in
+    # training steps (sample grids, FID and checkpoints excluded; summed over resumes) reaches it. Checked at
+    # the log interval, so it ends within one interval past the budget. Equal-compute comparisons use it.
+    time_budget_s: float = 0.0
     max_steps: int | None = None  # stop after this many optimizer steps this session (tests, smoke runs)
     # start a NEW run from these weights (fine-tuning): a CompVis .ckpt / safetensors (model.diffusion_model.*,
     # cond_stage_model.*, optionally first_stage_model.*) or our export (a run, checkpoints or step dir); strict;

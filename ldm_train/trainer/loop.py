@@ -108,6 +108,8 @@ class Trainer:
         self.ckpt_dir = self.run_dir / ckpt.CHECKPOINTS
         self.step = 0
         self.samples_seen = 0
+        self.train_wall_s = 0.0  # time in training steps, summed over sessions (train.time_budget_s)
+        self._budget_reached = False  # decided at the log interval, the same on every rank
         self._setup_data()
         self._setup_engine()
         self.guard = NumericalGuard(self.tcfg.guard.max_consecutive_skips, self.device)
@@ -243,6 +245,8 @@ class Trainer:
         client = ckpt.load_checkpoint(self.engine, self.ckpt_dir, self.latest, universal=self.resume_universal)
         state = client["trainer"]
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
+        self.train_wall_s = float(state.get("train_wall_s", 0.0))  # the same on every rank (rank 0's)
+        self._budget_reached = bool(self.tcfg.time_budget_s) and self.train_wall_s >= self.tcfg.time_budget_s
         self.guard.load_state_dict(state.get("guard", {}))
         rank_state = ckpt.load_rank_state(self.ckpt_dir, self.latest, self.rank, not self.resume_universal)
         if rank_state is not None:
@@ -388,18 +392,21 @@ class Trainer:
         loss_acc, steps_acc = torch.zeros((), device=self.device), 0
         exit_code = 0
         try:
-            while self.step < d.total_steps:
+            while self.step < d.total_steps and not self._budget_spent():
                 lr = lr_at(self.step, d)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 if d.sample_every_steps and self.step % d.sample_every_steps == 0 and self.step > start_step:
                     with timer.excluded():
                         self.sample_grid()
+                t_step = time.perf_counter()
                 loss_acc += self.train_step(data_iter, timer)
+                self.train_wall_s += time.perf_counter() - t_step
                 steps_acc += 1
                 if self.step % d.log_every_steps == 0 or self.step == d.total_steps:
                     self.log(loss_acc, steps_acc, lr, timer)
                     loss_acc, steps_acc = torch.zeros((), device=self.device), 0
+                    self._check_budget()
                 if self.fid is not None and (self.step % d.fid_every_steps == 0 or
                                              (self.step == d.total_steps and self.tcfg.fid.at_end)):
                     with timer.excluded():
@@ -415,22 +422,38 @@ class Trainer:
         except NonFiniteAbort as err:
             print(f"[train] rank {self.rank}: {err}", file=sys.stderr, flush=True)
             exit_code = 3
-        if d.sample_every_steps and self.step >= d.total_steps and self.step > start_step and not exit_code:
+        finished = self.step >= d.total_steps or self._budget_spent()
+        if d.sample_every_steps and finished and self.step > start_step and not exit_code:
             self.sample_grid()  # the final weights' grid (the periodic one fires before a step, never after the last)
         if self.step != last_saved or exit_code:
             self.save()  # at exit: preemption, max_steps, the end, or the last good state before an abort
         if self.preemption.received is not None and self.rank == 0:
             requeue_slurm_job()
-        if self.step >= d.total_steps and self.samples_seen > samples_start and not exit_code and self.rank == 0:
+        if finished and self.samples_seen > samples_start and not exit_code and self.rank == 0:
             self._write_summary(time.perf_counter() - t_start, self.samples_seen - samples_start)
         return exit_code
+
+    def _check_budget(self) -> None:
+        """At the log interval: rank 0's training time decides for every rank (one broadcast, no extra sync)."""
+        if not self.tcfg.time_budget_s:
+            return
+        spent = torch.tensor([self.train_wall_s], dtype=torch.float64)
+        if torch.distributed.is_initialized():
+            spent = spent.to(self.device)
+            torch.distributed.broadcast(spent, 0)
+        self.train_wall_s = float(spent.item())
+        self._budget_reached = self.train_wall_s >= self.tcfg.time_budget_s
+
+    def _budget_spent(self) -> bool:
+        return self._budget_reached
 
     def _write_summary(self, wall_s: float, samples: int) -> None:
         """``train_summary.json``: what this session of a finished run cost (the sweep report reads it)."""
         train_s = max(wall_s - self.fid_wall_s, 1e-9)
         summary = {"samples_seen": self.samples_seen, "samples_this_session": samples, "wall_s": round(wall_s, 1),
                    "fid_wall_s": round(self.fid_wall_s, 1), "fid_share": round(self.fid_wall_s / max(wall_s, 1e-9), 4),
-                   "samples_per_s": round(samples / train_s, 2), "world_size": self.world_size}
+                   "samples_per_s": round(samples / train_s, 2), "world_size": self.world_size,
+                   "train_wall_s": round(self.train_wall_s, 1)}
         tmp = self.run_dir / "train_summary.json.tmp"
         tmp.write_text(json.dumps(summary, indent=2) + "\n")
         os.replace(tmp, self.run_dir / "train_summary.json")
@@ -479,11 +502,13 @@ class Trainer:
         t0 = time.perf_counter()
         client = {
             "trainer": {"step": self.step, "samples_seen": self.samples_seen, "guard": self.guard.state_dict(),
+                        "train_wall_s": self.train_wall_s,
                         "ema_updates": self.ema.num_updates if self.ema is not None else 0},
             "wandb_run_id": getattr(self.tracker, "run_id", None),
         }
         rank_state = {"data": self.loader.state_dict(), "rng": rng_state(self.gen)}
-        meta = {"step": self.step, "samples_seen": self.samples_seen, "world_size": self.world_size,
+        meta = {"step": self.step, "samples_seen": self.samples_seen, "train_wall_s": round(self.train_wall_s, 2),
+                "world_size": self.world_size,
                 "zero_stage": self.zero_stage, "precision": self.tcfg.precision, "global_batch": self.d.global_batch}
 
         def exports(tag_dir: Path) -> None:

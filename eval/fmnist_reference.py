@@ -1,0 +1,324 @@
+"""The reference text-to-image run on Fashion-MNIST, against diffusers' pixel-space DDPM at equal training time.
+
+``python -m eval.fmnist_reference [--out data/fmnist] [--budget-s 2400] [--stages prep,train,score,report]``
+
+Each stage runs its commands as separate command lines (logs in ``<out>/logs/``) and skips what is done, so a
+killed run is resumed by running the same command again:
+
+  prep   32 px train / t10k tars (``data_prep.fashion_mnist``), the ``fmnist_kl_f4`` first stage (cosine lr,
+         6,400 steps x batch 8), the latent shards (``data_prep.encode``), the judge (``eval.fmnist_judge``)
+  train  ``ldm_train.train experiment=fmnist_txt2img`` and ``bench/fmnist_pixel_ddpm.py train`` side by side, one
+         thread each, each for ``--budget-s`` seconds of training steps (both resume)
+  score  the first stage's PSNR / SSIM (``eval.reconstruction``) and rFID over 5,000 t10k images; for every LDM checkpoint and baseline snapshot: ``--curve-samples`` images (``--fid-samples`` for the
+         last) with DDIM ``--steps`` steps and guidance ``--guidance-scale``, sample i prompted with class i % 10
+         from seed i; FID with ``python -m eval.fid`` against all t10k images; the real-data floor (the first
+         ``--fid-samples`` train images against t10k); prompt adherence of the final sets by the judge
+  report ``<out>/reference/fmnist_ldm.json``, the FID-against-time plot and the 10 x 8 sample grids (PNG)
+
+``--smoke`` shrinks every number (seconds of training, tens of images) to check the chain, not the models.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from data_prep.fashion_mnist import CLASS_NAMES
+from eval.quickstart import PY, StageError, run_stage
+
+REPO = Path(__file__).resolve().parent.parent
+BASELINE = REPO / "bench" / "fmnist_pixel_ddpm.py"
+PROMPTS = [f"a photo of a {name}" for name in CLASS_NAMES]
+FULL = {"ae_steps": 6400, "budget_s": 2400.0, "fid_samples": 5000, "curve_samples": 500, "baseline_final": 1000, "train_shards": 60,
+        "t10k_shards": 10, "reference_images": 10000, "judge_epochs": 3, "ldm_checkpoint_every": 48000, "baseline_snapshot_every_s": 600.0}
+SMOKE = {"ae_steps": 20, "budget_s": 15.0, "fid_samples": 40, "curve_samples": 20, "baseline_final": 20, "train_shards": 2,
+         "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 640, "baseline_snapshot_every_s": 8.0}
+AE_RECIPE = ["optim.batch_size=8", "optim.base_lr=1e-3", "optim.scale_lr=false", "optim.warmup_steps=100",
+             "optim.decay=cosine"]
+
+
+def _tars(folder: Path, n: int) -> str:
+    last = n - 1
+    return f"'{folder}/{{000000..{last:06d}}}.tar'" if n > 1 else f"'{folder}/000000.tar'"
+
+
+def _json_tail(log: Path) -> dict[str, Any]:
+    for line in reversed(log.read_text().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise StageError(f"no JSON result line in {log}")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+class Reference:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.out = args, Path(args.out)
+        self.n = SMOKE if args.smoke else FULL
+        self.budget = args.budget_s if args.budget_s is not None else self.n["budget_s"]
+        self.logs = self.out / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.raw = self.out / "raw"
+        self.ae_dir = self.out / "runs" / "autoencoder" / "fmnist_kl_f4_ref"
+        self.ae_export = self.ae_dir / "export" / "first_stage.safetensors"
+        self.judge = self.out / "judge.safetensors"
+        self.ldm_dir = self.out / "runs" / "fmnist_txt2img" / "reference"
+        self.base_dir = self.out / "runs" / "pixel_ddpm"
+        self.score_dir = self.out / "scores"
+        self.report_dir = Path(args.report_dir) if args.report_dir else self.out / "reference"
+        self.t10k_stats = self.out / "t10k_fid_stats.npz"
+
+    # ---------------------------------------------------------------------------------------------- prep
+    def prep(self) -> None:
+        from data_prep.fashion_mnist import main as fmnist_main  # noqa: F401  (fails early without the package)
+
+        for split, shards in (("train", self.n["train_shards"]), ("t10k", self.n["t10k_shards"])):
+            if not (self.raw / split / f"{shards - 1:06d}.tar").exists():
+                limit = [] if not self.args.smoke else [f"limit={shards * 1000}"]
+                run_stage(f"data_{split}", [PY, "-m", "data_prep.fashion_mnist", f"output={self.raw / split}",
+                                            f"split={split}", "resolution=32", *limit], self.logs)
+        if not self.ae_export.exists():
+            run_stage("first_stage", [
+                PY, "-m", "ldm_train.train_autoencoder", "first_stage=fmnist_kl_f4",
+                f"data.input={_tars(self.raw / 'train', self.n['train_shards'])}",
+                f"data.heldout={_tars(self.raw / 't10k', 1)}", f"runs_root={self.out / 'runs'}",
+                "run_name=fmnist_kl_f4_ref", *AE_RECIPE, f"train.max_steps={self.n['ae_steps']}",
+                "train.log_every=200", "train.eval_every=1600", "train.image_every=1600",
+                "train.checkpoint_every=800", "train.eval_images=256", "data.num_workers=1", "logger=disabled"],
+                self.logs)
+        latents = self.out / "latents" / "fmnist_kl_f4" / "manifest.json"
+        if not latents.exists():
+            run_stage("encode", [
+                PY, "-m", "data_prep.encode", f"input={_tars(self.raw / 'train', self.n['train_shards'])}",
+                f"output={self.out / 'latents'}", "resolution=32", "first_stage=fmnist_kl_f4",
+                f"first_stage.checkpoint={self.ae_export}", "num_workers=0"], self.logs)
+        if not self.judge.exists():
+            limit = ["--train-images", "2000"] if self.args.smoke else []
+            run_stage("judge", [PY, "-m", "eval.fmnist_judge", "train", "--out", str(self.judge),
+                                "--epochs", str(self.n["judge_epochs"]), *limit], self.logs)
+
+    # ---------------------------------------------------------------------------------------------- train
+    def ldm_cmd(self) -> list[str]:
+        return [PY, "-m", "ldm_train.train", "experiment=fmnist_txt2img", f"data.latents_root={self.out / 'latents'}",
+                f"first_stage.checkpoint={self.ae_export}", f"runs_root={self.out / 'runs'}", "run_name=reference",
+                f"train.time_budget_s={self.budget}",
+                f"train.checkpoint.every_samples={self.n['ldm_checkpoint_every']}"] + (
+                ["train.log_every_samples=128", "train.global_batch=32", "train.micro_batch=32",
+                 "train.optim.warmup_samples=64"] if self.args.smoke else [])
+
+    def baseline_cmd(self) -> list[str]:
+        return [PY, str(BASELINE), "train", "--data", str(self.raw / "train"), "--out", str(self.base_dir),
+                "--budget-s", str(self.budget), "--snapshot-every-s", str(self.n["baseline_snapshot_every_s"]),
+                "--threads", "1", "--batch-size", "32", "--warmup-steps", "100"] + (
+                ["--batch-size", "16", "--warmup-steps", "2"] if self.args.smoke else [])
+
+    def train(self) -> None:
+        """Both trainings at once, one thread each: the same cores, the same wall time, the same load."""
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        procs = []
+        for name, cmd in (("ldm", self.ldm_cmd()), ("baseline", self.baseline_cmd())):
+            print(f"==> [{name}] {' '.join(cmd)}", flush=True)
+            log = open(self.logs / f"train_{name}.log", "a")
+            procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
+        failed = []
+        for name, proc, log in procs:
+            rc = proc.wait()
+            log.close()
+            print(f"<== [{name}] exit {rc}", flush=True)
+            if rc != 0:
+                failed.append(f"{name} (exit {rc}, log {self.logs / f'train_{name}.log'})")
+        if failed:
+            raise StageError("training failed: " + ", ".join(failed) + "; run the same command again to resume")
+
+    # ---------------------------------------------------------------------------------------------- score
+    def ldm_points(self) -> list[dict[str, Any]]:
+        points = []
+        for meta in sorted((self.ldm_dir / "checkpoints").glob("step_*/meta.json")):
+            m = json.loads(meta.read_text())
+            points.append({"name": meta.parent.name, "path": str(meta.parent), "samples": m["samples_seen"],
+                           "train_wall_s": m.get("train_wall_s")})
+        return points
+
+    def baseline_points(self) -> list[dict[str, Any]]:
+        lines = (self.base_dir / "snapshots.jsonl").read_text().splitlines()
+        return [{"name": r["name"], "samples": r["samples"], "train_wall_s": r["train_wall_s"]}
+                for r in map(json.loads, lines)]
+
+    def _fid(self, images: Path, tag: str, limit: int) -> float:
+        """FID of the first ``limit`` images of the folder against the t10k statistics (cached in its log)."""
+        log = self.logs / f"fid_{tag}_n{limit}.log"
+        if log.exists():
+            try:
+                return round(_json_tail(log)["fid"], 3)
+            except StageError:
+                pass
+        run_stage(log.stem, [PY, "-m", "eval.fid", str(images), str(self.t10k_stats), "--limit-a", str(limit)],
+                  self.logs)
+        return round(_json_tail(log)["fid"], 3)
+
+    def _sample_ldm(self, point: dict[str, Any], n: int, folder: Path) -> None:
+        prompts = self.out / "prompts.txt"
+        prompts.write_text("\n".join(PROMPTS) + "\n")
+        run_stage(f"sample_ldm_{point['name']}_{n}", [
+            PY, "-m", "eval.run", f"checkpoint={point['path']}", f"prompts={prompts}", f"num_samples={n}",
+            f"steps={self.args.steps}", f"guidance_scale={self.args.guidance_scale}", "stage=sample",
+            f"output_dir={folder}", "batch_size=250", "wandb.mode=disabled", "progress=false"], self.logs)
+
+    def _sample_baseline(self, point: dict[str, Any], n: int, folder: Path) -> None:
+        run_stage(f"sample_baseline_{point['name']}_{n}", [
+            PY, str(BASELINE), "sample", "--out", str(self.base_dir), "--snapshot", point["name"],
+            "--num-samples", str(n), "--steps", str(self.args.steps), "--guidance-scale", str(self.args.guidance_scale),
+            "--images", str(folder), "--batch-size", "250", "--threads", str(self.args.threads)], self.logs)
+
+    def _images_of(self, folder: Path) -> Path:
+        """eval.run writes <output_dir>/<set>/NNNNNN.png: the folder that holds the PNGs."""
+        if any(folder.glob("*.png")):
+            return folder
+        found = sorted({p.parent for p in folder.rglob("*.png")})
+        if len(found) != 1:
+            raise StageError(f"expected one folder of PNGs under {folder}, found {len(found)}")
+        return found[0]
+
+    def reconstruction(self) -> dict[str, Any]:
+        """PSNR / SSIM of the first stage over the first fid_samples t10k images, and their rFID: the
+        reconstructions against the same t10k statistics the samples are scored with."""
+        recon = self.out / "reconstruction"
+        if not (recon / "metrics.json").exists():
+            run_stage("reconstruction", [
+                PY, "-m", "eval.reconstruction", "first_stage=fmnist_kl_f4", f"first_stage.checkpoint={self.ae_export}",
+                f"images={_tars(self.raw / 't10k', self.n['t10k_shards'])}", f"num_images={self.n['fid_samples']}",
+                f"output_dir={recon}", "lpips.enabled=false", "metrics.fid=false", "batch_size=100"], self.logs)
+        metrics = json.loads((recon / "metrics.json").read_text())
+        n = self.n["fid_samples"]
+        return {"psnr": metrics.get("psnr"), "ssim": metrics.get("ssim"), "num_images": n,
+                "rfid": self._fid(recon / "reconstructions", "first_stage", n)}
+
+    def score(self) -> None:
+        self.score_dir.mkdir(parents=True, exist_ok=True)
+        t10k = _tars(self.raw / "t10k", self.n["t10k_shards"]).strip("'")
+        floor_log = self.logs / "fid_real_floor.log"
+        if not (self.t10k_stats.exists() and floor_log.exists()):
+            run_stage("fid_real_floor", [PY, "-m", "eval.fid", t10k,
+                                         _tars(self.raw / "train", self.n["train_shards"]).strip("'"),
+                                         "--limit-a", str(self.n["reference_images"]), "--limit-b",
+                                         str(self.n["fid_samples"]), "--save-stats", str(self.t10k_stats)],
+                      self.logs)
+        _write_json(self.score_dir / "first_stage.json", self.reconstruction())
+        for model, points, sample in (("ldm", self.ldm_points(), self._sample_ldm),
+                                      ("baseline", self.baseline_points(), self._sample_baseline)):
+            if not points:
+                raise StageError(f"no {model} checkpoints to score: run --stages train first")
+            rows = []
+            curve_n = self.n["curve_samples"]
+            for i, point in enumerate(points):
+                final = i == len(points) - 1
+                n = (self.n["fid_samples"] if model == "ldm" else self.n["baseline_final"]) if final else curve_n
+                folder = self.score_dir / model / f"{point['name']}-n{n}"
+                if not (folder / "done").exists():
+                    sample(point, n, folder)
+                    (folder / "done").write_text("")
+                images = self._images_of(folder)
+                tag = f"{model}_{point['name']}"
+                # every curve point at the same size and seeds (the first curve_n images; biased upwards alike)
+                row = {**point, "fid": self._fid(images, tag, curve_n), "fid_samples": curve_n, "images": str(images)}
+                if final:
+                    row["final_fids"] = {str(k): self._fid(images, tag, k)
+                                         for k in sorted({n, self.n["baseline_final"]}) if k <= n}
+                rows.append(row)
+            _write_json(self.score_dir / f"{model}.json", rows)
+            final = rows[-1]
+            judge_log = self.logs / f"judge_{model}.log"
+            run_stage(f"judge_{model}", [PY, "-m", "eval.fmnist_judge", "score", "--weights", str(self.judge),
+                                         "--images", final["images"]], self.logs)
+            _write_json(self.score_dir / f"{model}_adherence.json", _json_tail(judge_log))
+
+    # ---------------------------------------------------------------------------------------------- report
+    def report(self) -> dict[str, Any]:
+        from eval.fmnist_plots import curves_png, sample_grid_png
+
+        self.report_dir.mkdir(parents=True, exist_ok=True)
+        ldm = json.loads((self.score_dir / "ldm.json").read_text())
+        base = json.loads((self.score_dir / "baseline.json").read_text())
+        floor = _json_tail(self.logs / "fid_real_floor.log")
+        recon = json.loads((self.score_dir / "first_stage.json").read_text())
+        judge = json.loads((self.score_dir / "ldm_adherence.json").read_text())
+        judge_base = json.loads((self.score_dir / "baseline_adherence.json").read_text())
+        ldm_sum = json.loads((self.ldm_dir / "train_summary.json").read_text())
+        curve_n = self.n["curve_samples"]
+        base_final = base[-1]["fid"]  # at curve_n samples, as every curve point
+        # the first LDM point at or below the baseline's final FID, both at curve_n samples (None: not reached)
+        reached = next((r for r in ldm if r["fid"] <= base_final), None)
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                text=True).stdout.strip() or None
+        n_final, n_base = self.n["fid_samples"], self.n["baseline_final"]
+        result = {
+            "fid": ldm[-1]["final_fids"][str(n_final)], "num_samples": n_final,
+            "fid_real_floor": round(floor["fid"], 3),
+            "fid_real_floor_samples": floor["count_b"], "reference_images": floor["count_a"],
+            "train_wall_s": ldm_sum["train_wall_s"], "samples_seen": ldm_sum["samples_seen"],
+            "judge_accuracy_t10k": judge["judge_t10k_accuracy"], "prompt_adherence": judge["prompt_adherence"],
+            "prompt_adherence_per_class": judge["per_class"],
+            "baseline_fid": base[-1]["final_fids"][str(n_base)], "baseline_num_samples": n_base,
+            "fid_at_baseline_num_samples": ldm[-1]["final_fids"][str(n_base)],
+            "baseline_train_wall_s": base[-1]["train_wall_s"], "baseline_samples_seen": base[-1]["samples"],
+            "baseline_prompt_adherence": judge_base["prompt_adherence"],
+            "curve_fid_samples": curve_n,
+            "ldm_wall_s_to_baseline_final_fid": reached["train_wall_s"] if reached else None,
+            "speedup_to_baseline_final_fid": (round(base[-1]["train_wall_s"] / reached["train_wall_s"], 2)
+                                              if reached else None),
+            "first_stage": recon,
+            "sampler": {"kind": "ddim", "steps": self.args.steps, "guidance_scale": self.args.guidance_scale},
+            "curve": {"ldm": ldm, "baseline": base},
+            "commit": commit,
+            "commands": {"all": "python -m eval.fmnist_reference" + (" --smoke" if self.args.smoke else ""),
+                         "ldm": " ".join(self.ldm_cmd()[1:]), "baseline": " ".join(self.baseline_cmd()[1:])},
+        }
+        curves_png(ldm, base, floor["fid"], self.report_dir / "fmnist_fid_vs_time.png")
+        sample_grid_png(ldm[-1]["images"], self.report_dir / "fmnist_ldm_samples.png", rows=10, cols=8)
+        sample_grid_png(base[-1]["images"], self.report_dir / "fmnist_baseline_samples.png", rows=10, cols=8)
+        recon_dir = self.out / "reconstruction"
+        sample_grid_png(str(recon_dir / "originals"), self.report_dir / "fmnist_kl_f4_reconstructions.png", rows=2,
+                        cols=16, second=str(recon_dir / "reconstructions"))
+        _write_json(self.report_dir / "fmnist_ldm.json", result)
+        print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "commands")}), flush=True)
+        return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m eval.fmnist_reference", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="data/fmnist")
+    ap.add_argument("--stages", default="prep,train,score,report")
+    ap.add_argument("--budget-s", type=float, default=None, help="training seconds of each model (default 2400)")
+    ap.add_argument("--steps", type=int, default=20, help="DDIM steps of both models")
+    ap.add_argument("--guidance-scale", type=float, default=2.0)
+    ap.add_argument("--threads", type=int, default=2, help="threads for sampling (training: one each)")
+    ap.add_argument("--report-dir", default=None, help="where the JSON and PNGs go (default <out>/reference)")
+    ap.add_argument("--smoke", action="store_true", help="seconds and tens of images: checks the chain only")
+    args = ap.parse_args(argv)
+    ref = Reference(args)
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    unknown = set(stages) - {"prep", "train", "score", "report"}
+    if unknown:
+        ap.error(f"--stages: unknown {sorted(unknown)}; use prep, train, score, report")
+    t0 = time.time()
+    try:
+        for stage in stages:
+            getattr(ref, stage)()
+    except StageError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"done in {time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
