@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.fashion_mnist import CLASS_NAMES
-from eval.quickstart import PY, StageError, run_stage
+from eval.quickstart import FIRST_STAGE_RECIPE, PY, StageError, run_stage
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "bench" / "fmnist_pixel_ddpm.py"
@@ -38,9 +38,6 @@ FULL = {"ae_steps": 6400, "budget_s": 2400.0, "fid_samples": 5000, "curve_sample
         "t10k_shards": 10, "reference_images": 10000, "judge_epochs": 3, "ldm_checkpoint_every": 48000, "baseline_snapshot_every_s": 600.0}
 SMOKE = {"ae_steps": 20, "budget_s": 15.0, "fid_samples": 40, "curve_samples": 20, "baseline_final": 20, "train_shards": 2,
          "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 640, "baseline_snapshot_every_s": 8.0}
-AE_RECIPE = ["optim.batch_size=8", "optim.base_lr=1e-3", "optim.scale_lr=false", "optim.warmup_steps=100",
-             "optim.decay=cosine"]
-
 
 def _tars(folder: Path, n: int) -> str:
     last = n - 1
@@ -91,7 +88,7 @@ class Reference:
                 PY, "-m", "ldm_train.train_autoencoder", "first_stage=fmnist_kl_f4",
                 f"data.input={_tars(self.raw / 'train', self.n['train_shards'])}",
                 f"data.heldout={_tars(self.raw / 't10k', 1)}", f"runs_root={self.out / 'runs'}",
-                "run_name=fmnist_kl_f4_ref", *AE_RECIPE, f"train.max_steps={self.n['ae_steps']}",
+                "run_name=fmnist_kl_f4_ref", *FIRST_STAGE_RECIPE, f"train.max_steps={self.n['ae_steps']}",
                 "train.log_every=200", "train.eval_every=1600", "train.image_every=1600",
                 "train.checkpoint_every=800", "train.eval_images=256", "data.num_workers=1", "logger=disabled"],
                 self.logs)

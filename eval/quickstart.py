@@ -31,6 +31,11 @@ from pathlib import Path
 from typing import Any
 
 PY = sys.executable
+# The first stage's recipe for a few CPU minutes (the Fashion-MNIST f4 first stage reached 30.6 dB with it): a
+# 27x higher learning rate than CompVis' 4.5e-6 x batch, warmed up and decayed to 0 over the run. With CompVis'
+# constant 3e-4 the quickstart's 200 steps gave 18.7 dB and reconstructions whose shapes were unreadable.
+FIRST_STAGE_RECIPE = ["optim.batch_size=8", "optim.base_lr=1e-3", "optim.scale_lr=false", "optim.warmup_steps=100",
+                      "optim.decay=cosine"]
 
 
 class StageError(RuntimeError):
@@ -94,7 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nproc", type=int, default=2, help="processes for LDM training (torchrun, gloo)")
     p.add_argument("--train-images", type=int, default=4000, help="synthetic training images")
     p.add_argument("--heldout-images", type=int, default=200, help="held-out images (reference set and prompts)")
-    p.add_argument("--ae-steps", type=int, default=200, help="first-stage training steps")
+    p.add_argument("--ae-steps", type=int, default=500, help="first-stage training steps")
     p.add_argument("--train-samples", type=int, default=48000, help="LDM training length in samples seen")
     p.add_argument("--eval-samples", type=int, default=96, help="generated images per model")
     p.add_argument("--eval-steps", type=int, default=25, help="DDIM steps")
@@ -137,7 +142,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             PY, "-m", "ldm_train.train_autoencoder", "first_stage=tiny_kl_f4", f"data.input={train_tars}",
             f"data.heldout={heldout_tars}", f"runs_root={out / 'runs'}", "run_name=tiny_kl_f4",
             f"train.max_steps={a.ae_steps}", "first_stage.lossconfig.perceptual_weight=0",
-            "first_stage.lossconfig.disc_start=1000000000", "optim.batch_size=8", "optim.base_lr=3.75e-5",
+            "first_stage.lossconfig.disc_start=1000000000", *FIRST_STAGE_RECIPE,
             f"train.eval_every={a.ae_steps}", f"train.checkpoint_every={a.ae_steps}",
             f"train.image_every={a.ae_steps}", "train.log_every=50", "data.num_workers=1"], logs, env)
     ae_stats = last_json_line(ae_run / "stats.jsonl", "eval/psnr")

@@ -292,10 +292,12 @@ class Tracker:
         total_samples: int,
         scalars: dict[str, Any],
         samples_per_s: float | None = None,
+        eta_s: float | None = None,
     ) -> str:
         """Print (rank 0) and return one console line: progress, samples/s, ETA, scalars.
 
-        ``samples_per_s`` defaults to the rate since the previous line (unknown on the first one).
+        ``samples_per_s`` defaults to the rate since the previous line (unknown on the first one); ``eta_s``
+        overrides the ETA the rate gives (a run ended by a time budget).
         """
         if not self.enabled:
             return ""
@@ -306,6 +308,8 @@ class Tracker:
             rate = (samples_seen - s0) / max(now - t0, 1e-9)
         self._last_progress = (now, samples_seen)
         eta = (total_samples - samples_seen) / rate if rate and rate > 0 else float("nan")
+        if eta_s is not None:
+            eta = min(eta, eta_s) if eta == eta else eta_s
         parts = [
             f"step {step}",
             f"{samples_seen:,}/{total_samples:,} samples ({100.0 * samples_seen / max(total_samples, 1):.1f}%)",

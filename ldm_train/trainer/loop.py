@@ -491,8 +491,12 @@ class Trainer:
         if mem is not None:
             scalars["gpu_mem_gib"] = mem
         self.tracker.log(self.step, scalars)
+        budget = self.tcfg.time_budget_s
+        # the timer's rate (sample grids, FID and checkpoints excluded), as stats.jsonl has it
         self.tracker.progress(self.step, self.samples_seen, self.d.total_steps * self.d.global_batch,
-                              {"loss": loss, "lr": lr, "grad_norm": scalars["grad_norm"]})
+                              {"loss": loss, "lr": lr, "grad_norm": scalars["grad_norm"]},
+                              samples_per_s=t["samples_per_s"],
+                              eta_s=max(budget - self.train_wall_s, 0.0) if budget else None)
 
     # ---- checkpoints and samples ------------------------------------------------------------------------
     def _ema_state(self) -> dict[str, torch.Tensor] | None:

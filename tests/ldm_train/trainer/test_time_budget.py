@@ -1,0 +1,33 @@
+"""``train.time_budget_s``: the run ends on its budget of training-step seconds, records it, and a resumed run whose
+budget is spent does not train again."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tests.ldm_train.trainer.helpers import only_run_dir, read_stats, run_trainer, tiny_overrides
+
+
+def test_time_budget_ends_the_run_and_is_kept_across_resumes(latents_root: Path, tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    # a budget far below total_samples' worth of steps: the budget, not the sample count, ends the run
+    args = tiny_overrides(latents_root, runs, **{"train.total_samples": 8 * 100000, "train.time_budget_s": 2,
+                                                 "train.checkpoint.every_samples": 16, "run_name": "budget"})
+    run_trainer(args, nproc=1)
+    run_dir = only_run_dir(runs)
+    summary = json.loads((run_dir / "train_summary.json").read_text())
+    assert summary["train_wall_s"] >= 2  # stopped at the first log interval past the budget
+    assert summary["samples_seen"] < 8 * 100000
+    steps = [row["step"] for row in read_stats(run_dir) if "loss" in row]
+    latest = (run_dir / "checkpoints" / "latest").read_text().strip()
+    meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
+    assert meta["step"] == steps[-1]
+    assert abs(meta["train_wall_s"] - summary["train_wall_s"]) < 0.1  # saved at the step the budget ended
+    # every periodic checkpoint records the training seconds it was taken at, increasing
+    walls = [json.loads((d / "meta.json").read_text())["train_wall_s"]
+             for d in sorted((run_dir / "checkpoints").glob("step_*"))]
+    assert walls == sorted(walls) and len(walls) >= 2
+    # the same command again: the budget is spent, nothing trains, the checkpoint stays
+    proc = run_trainer(args, nproc=1)
+    assert [row["step"] for row in read_stats(run_dir) if "loss" in row] == steps, proc.stdout[-2000:]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == latest
