@@ -42,8 +42,12 @@ def _first_side(path: str) -> int:
 
         with fsspec.open(f"{shard.url.rstrip('/')}/{shard.files[0]}", "rb") as f:
             return min(decode_image(f.read()).size)
-    sample = next(iter(_images(path, None, 1, 1)))
-    return int(sample.shape[-1])
+    from ldm_train.data.readers import _tar_groups
+
+    for raw in _tar_groups(shard.url):  # the first image of the first shard, decoded as it is stored
+        if raw.image is not None:
+            return min(decode_image(raw.image).size)
+    raise ValueError(f"{shard.url} holds no image: give --resolution, or image shards with images in them")
 
 
 def _images(path: str, resolution: int | None, batch_size: int, limit: int | None) -> Iterator[torch.Tensor]:

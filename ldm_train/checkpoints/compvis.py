@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import pickle
 import sys
 from collections.abc import Mapping
@@ -230,6 +231,15 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
         raise SystemExit("usage: python -m ldm_train.checkpoints PATH_OR_URL")
-    groups = split_compvis(read_weights(args[0]).tensors)
+    path = args[0]
+    if os.path.isdir(path):  # a run dir, its checkpoints/ dir or a step dir: the export's EMA weights
+        from ldm_train.checkpoints.export import weights_file
+
+        try:
+            path = str(weights_file(path))
+        except (FileNotFoundError, ValueError) as err:
+            raise SystemExit(f"{args[0]} is a folder without an exported checkpoint ({err}); give a .ckpt or "
+                             ".safetensors file, a run dir, its checkpoints/ dir or a checkpoints/step_* dir") from None
+    groups = split_compvis(read_weights(path).tensors)
     print(json.dumps({g: {"tensors": len(sd), "elements": sum(v.numel() for v in sd.values())}
                       for g, sd in groups.items() if sd}, indent=1))

@@ -53,3 +53,23 @@ def test_fid_train_vs_test_small_test_vs_noisy_large(sets, capsys) -> None:
     assert abs(close["kid_mean"]) < 0.02 and far["kid_mean"] > 0.05
     from_stats = main([sets["stats"], sets["noisy"]])  # statistics saved by the first call: same FID, no KID
     assert from_stats["fid"] == pytest.approx(far["fid"], rel=1e-9) and from_stats["kid_mean"] is None
+
+
+def test_first_side_of_image_shards_reads_one_image(tmp_path) -> None:
+    """Image shards without --resolution: the side comes from the first stored image (it used to recurse forever)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from eval.fid import _first_side
+
+    path = tmp_path / "000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i in range(2):
+            buf = io.BytesIO()
+            Image.new("RGB", (40, 32), (i * 100, 0, 0)).save(buf, format="PNG")
+            info = tarfile.TarInfo(f"{i:06d}.png")
+            info.size = len(buf.getvalue())
+            tar.addfile(info, io.BytesIO(buf.getvalue()))
+    assert _first_side(str(path)) == 32

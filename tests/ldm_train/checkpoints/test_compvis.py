@@ -145,3 +145,18 @@ def test_a_compvis_class_model_checkpoint_loads_strictly_cond_stage_included(tmp
     torch.save({"state_dict": sd}, ckpt)
     with pytest.raises(ValueError, match=r"cin\.ckpt: class embedder weights do not match.*embedding\.weight"):
         load_into(build_ldm(cfg), InitSource(str(ckpt), None, True, False), use_ema=True)
+
+
+def test_cli_on_a_folder_reads_its_export_or_names_what_to_pass(tmp_path) -> None:
+    """``python -m ldm_train.checkpoints DIR``: a step dir's weights are read; a folder without an export is refused
+    with what to pass (it used to fail with a bare IsADirectoryError)."""
+    from safetensors.torch import save_file
+
+    from ldm_train.checkpoints.compvis import main
+
+    with pytest.raises(SystemExit, match="folder without an exported checkpoint"):
+        main([str(tmp_path)])
+    step = tmp_path / "step_0000001"
+    step.mkdir()
+    save_file({"model.diffusion_model.out.2.bias": torch.zeros(3)}, str(step / "model_ema.safetensors"))
+    main([str(step)])
