@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "bench" / "fmnist_pixel_ddpm.py"
 PROMPTS = [f"a photo of a {name}" for name in CLASS_NAMES]
 FULL = {"ae_steps": 6400, "budget_s": 2400.0, "fid_samples": 5000, "curve_samples": 500, "baseline_final": 1000, "train_shards": 60,
-        "t10k_shards": 10, "reference_images": 10000, "judge_epochs": 3, "ldm_checkpoint_every": 48000, "baseline_snapshot_every_s": 600.0}
+        "t10k_shards": 10, "reference_images": 10000, "judge_epochs": 3, "ldm_checkpoint_every": 24000, "baseline_snapshot_every_s": 600.0}
 SMOKE = {"ae_steps": 20, "budget_s": 15.0, "fid_samples": 40, "curve_samples": 20, "baseline_final": 20, "train_shards": 2,
          "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 640, "baseline_snapshot_every_s": 8.0}
 
@@ -150,17 +150,36 @@ class Reference:
         return [{"name": r["name"], "samples": r["samples"], "train_wall_s": r["train_wall_s"]}
                 for r in map(json.loads, lines)]
 
-    def _fid(self, images: Path, tag: str, limit: int) -> float:
-        """FID of the first ``limit`` images of the folder against the t10k statistics (cached in its log)."""
-        log = self.logs / f"fid_{tag}_n{limit}.log"
-        if log.exists():
-            try:
-                return round(_json_tail(log)["fid"], 3)
-            except StageError:
-                pass
-        run_stage(log.stem, [PY, "-m", "eval.fid", str(images), str(self.t10k_stats), "--limit-a", str(limit)],
-                  self.logs)
-        return round(_json_tail(log)["fid"], 3)
+    def _features(self, images: Path) -> Any:
+        """Pool3 features of every PNG in the folder (name order), computed once with eval.fid's feature pass and
+        cached beside the images, so FIDs of several prefixes cost one pass."""
+        import numpy as np
+
+        cache = images.parent / f"{images.name}.pool3.npy"
+        if cache.exists():
+            return np.load(cache)
+        from eval.fid import feature_set
+        from ldm_train.metrics.inception import FIDInception
+
+        t0 = time.time()
+        feats = feature_set(str(images), FIDInception(), batch_size=100).features.numpy()
+        np.save(cache.with_suffix(".tmp.npy"), feats)
+        os.replace(cache.with_suffix(".tmp.npy"), cache)
+        print(f"    pool3 features of {len(feats)} images in {images}: {time.time() - t0:.0f} s", flush=True)
+        return feats
+
+    def _fid(self, feats: Any, limit: int) -> float:
+        """FID of the first ``limit`` images against the t10k statistics (eval.fid's Frechet distance)."""
+        import numpy as np
+
+        from ldm_train.metrics.fid import frechet_distance
+
+        if len(feats) < limit:
+            raise StageError(f"{limit} images asked for an FID, {len(feats)} drawn")
+        f = feats[:limit].astype(np.float64)
+        with np.load(self.t10k_stats) as ref:
+            # the full-rank reference first: its Cholesky is the cheap path (the samples' covariance may be singular)
+            return round(float(frechet_distance(ref["mu"], ref["sigma"], f.mean(0), np.cov(f, rowvar=False))), 3)
 
     def _sample_ldm(self, point: dict[str, Any], n: int, folder: Path) -> None:
         prompts = self.out / "prompts.txt"
@@ -168,7 +187,8 @@ class Reference:
         run_stage(f"sample_ldm_{point['name']}_{n}", [
             PY, "-m", "eval.run", f"checkpoint={point['path']}", f"prompts={prompts}", f"num_samples={n}",
             f"steps={self.args.steps}", f"guidance_scale={self.args.guidance_scale}", "stage=sample",
-            f"output_dir={folder}", "batch_size=250", "wandb.mode=disabled", "progress=false"], self.logs)
+            f"output_dir={folder}", "batch_size=250", "wandb.mode=disabled", "progress=false", "metrics.fid=false",
+            "metrics.prc=false", "adherence=false"], self.logs)
 
     def _sample_baseline(self, point: dict[str, Any], n: int, folder: Path) -> None:
         run_stage(f"sample_baseline_{point['name']}_{n}", [
@@ -197,7 +217,7 @@ class Reference:
         metrics = json.loads((recon / "metrics.json").read_text())
         n = self.n["fid_samples"]
         return {"psnr": metrics.get("psnr"), "ssim": metrics.get("ssim"), "num_images": n,
-                "rfid": self._fid(recon / "reconstructions", "first_stage", n)}
+                "rfid": self._fid(self._features(recon / "reconstructions"), n)}
 
     def score(self) -> None:
         self.score_dir.mkdir(parents=True, exist_ok=True)
@@ -209,34 +229,42 @@ class Reference:
                                          "--limit-a", str(self.n["reference_images"]), "--limit-b",
                                          str(self.n["fid_samples"]), "--save-stats", str(self.t10k_stats)],
                       self.logs)
-        _write_json(self.score_dir / "first_stage.json", self.reconstruction())
-        for model, points, sample in (("ldm", self.ldm_points(), self._sample_ldm),
-                                      ("baseline", self.baseline_points(), self._sample_baseline)):
+        models = (("ldm", self.ldm_points(), self._sample_ldm, self.n["fid_samples"]),
+                  ("baseline", self.baseline_points(), self._sample_baseline, self.n["baseline_final"]))
+        for model, points, _, _ in models:
             if not points:
                 raise StageError(f"no {model} checkpoints to score: run --stages train first")
+        curve_n = self.n["curve_samples"]
+        # the final points first (the headline numbers), then the curves, then the first stage
+        for model, points, sample, final_n in models:
+            folder = self._draw(model, points[-1], final_n, sample)
+            judge_log = self.logs / f"judge_{model}.log"
+            if not judge_log.exists() or not judge_log.read_text().strip().startswith("{"):
+                run_stage(f"judge_{model}", [PY, "-m", "eval.fmnist_judge", "score", "--weights", str(self.judge),
+                                             "--images", str(folder)], self.logs)
+            _write_json(self.score_dir / f"{model}_adherence.json", _json_tail(judge_log))
+        for model, points, sample, final_n in models:
             rows = []
-            curve_n = self.n["curve_samples"]
             for i, point in enumerate(points):
                 final = i == len(points) - 1
-                n = (self.n["fid_samples"] if model == "ldm" else self.n["baseline_final"]) if final else curve_n
-                folder = self.score_dir / model / f"{point['name']}-n{n}"
-                if not (folder / "done").exists():
-                    sample(point, n, folder)
-                    (folder / "done").write_text("")
-                images = self._images_of(folder)
-                tag = f"{model}_{point['name']}"
+                folder = self._draw(model, point, final_n if final else curve_n, sample)
+                feats = self._features(folder)
                 # every curve point at the same size and seeds (the first curve_n images; biased upwards alike)
-                row = {**point, "fid": self._fid(images, tag, curve_n), "fid_samples": curve_n, "images": str(images)}
+                row = {**point, "fid": self._fid(feats, curve_n), "fid_samples": curve_n, "images": str(folder)}
                 if final:
-                    row["final_fids"] = {str(k): self._fid(images, tag, k)
-                                         for k in sorted({n, self.n["baseline_final"]}) if k <= n}
+                    row["final_fids"] = {str(k): self._fid(feats, k)
+                                         for k in sorted({final_n, self.n["baseline_final"]}) if k <= final_n}
                 rows.append(row)
-            _write_json(self.score_dir / f"{model}.json", rows)
-            final = rows[-1]
-            judge_log = self.logs / f"judge_{model}.log"
-            run_stage(f"judge_{model}", [PY, "-m", "eval.fmnist_judge", "score", "--weights", str(self.judge),
-                                         "--images", final["images"]], self.logs)
-            _write_json(self.score_dir / f"{model}_adherence.json", _json_tail(judge_log))
+                _write_json(self.score_dir / f"{model}.json", rows)
+        _write_json(self.score_dir / "first_stage.json", self.reconstruction())
+
+    def _draw(self, model: str, point: dict[str, Any], n: int, sample: Any) -> Path:
+        """The folder of PNGs of ``n`` samples of this point (drawn once)."""
+        folder = self.score_dir / model / f"{point['name']}-n{n}"
+        if not (folder / "done").exists():
+            sample(point, n, folder)
+            (folder / "done").write_text("")
+        return self._images_of(folder)
 
     # ---------------------------------------------------------------------------------------------- report
     def report(self) -> dict[str, Any]:
@@ -286,8 +314,42 @@ class Reference:
         sample_grid_png(str(recon_dir / "originals"), self.report_dir / "fmnist_kl_f4_reconstructions.png", rows=2,
                         cols=16, second=str(recon_dir / "reconstructions"))
         _write_json(self.report_dir / "fmnist_ldm.json", result)
+        (self.report_dir / "fmnist_ldm.md").write_text(markdown(result))
         print(json.dumps({k: v for k, v in result.items() if k not in ("curve", "commands")}), flush=True)
         return result
+
+
+def markdown(r: dict[str, Any]) -> str:
+    """The report's tables as markdown (docs/results.md includes them)."""
+    fs = r["first_stage"]
+    lines = [
+        f"Commit `{r['commit']}`, `{r['commands']['all']}`; DDIM {r['sampler']['steps']} steps, guidance "
+        f"{r['sampler']['guidance_scale']}, FID against the {r['reference_images']:,} t10k images.",
+        "",
+        "| model | training (s) | samples seen | FID (samples) | FID at equal N | prompt adherence |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        f"| LDM-4, text (ours) | {r['train_wall_s']:,.0f} | {r['samples_seen']:,} | {r['fid']:.2f} ({r['num_samples']:,}) | "
+        f"{r['fid_at_baseline_num_samples']:.2f} ({r['baseline_num_samples']:,}) | {r['prompt_adherence']:.3f} |",
+        f"| pixel DDPM, class (diffusers) | {r['baseline_train_wall_s']:,.0f} | {r['baseline_samples_seen']:,} | "
+        f"{r['baseline_fid']:.2f} ({r['baseline_num_samples']:,}) | {r['baseline_fid']:.2f} ({r['baseline_num_samples']:,}) | "
+        f"{r['baseline_prompt_adherence']:.3f} |",
+        f"| real data (train vs t10k) | | | {r['fid_real_floor']:.2f} ({r['fid_real_floor_samples']:,}) | | |",
+        "",
+        f"Judge: t10k accuracy {r['judge_accuracy_t10k']:.4f}. First stage fmnist_kl_f4 over {fs['num_images']:,} t10k "
+        f"images: PSNR {fs['psnr']:.2f} dB, SSIM {fs['ssim']:.4f}, rFID {fs['rfid']:.2f}.",
+        "",
+        f"FID of {r['curve_fid_samples']} samples during training (the same seeds at every point):",
+        "",
+        "| model | training (s) | samples seen | FID |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for model, rows in (("LDM", r["curve"]["ldm"]), ("pixel DDPM", r["curve"]["baseline"])):
+        lines += [f"| {model} | {row['train_wall_s']:,.0f} | {row['samples']:,} | {row['fid']:.2f} |" for row in rows]
+    reached = r["ldm_wall_s_to_baseline_final_fid"]
+    lines += ["", (f"The LDM reached the baseline's final FID{r['curve_fid_samples']} after {reached:,.0f} s of its "
+                   f"{r['baseline_train_wall_s']:,.0f} s: {r['speedup_to_baseline_final_fid']}x sooner.") if reached else
+              "The LDM did not reach the baseline's final FID within the budget."]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
