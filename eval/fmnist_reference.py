@@ -13,7 +13,8 @@ killed run is resumed by running the same command again:
          last) with DDIM ``--steps`` steps and guidance ``--guidance-scale``, sample i prompted with class i % 10
          from seed i; FID with ``python -m eval.fid`` against all t10k images; the real-data floor (the first
          ``--fid-samples`` train images against t10k); prompt adherence of the final sets by the judge
-  report ``<out>/reference/fmnist_ldm.json``, the FID-against-time plot and the 10 x 8 sample grids (PNG)
+  report ``docs/results/fmnist_ldm.json`` (``--report-dir``) and ``.md``, the FID-against-time plot, the 10 x 8
+         sample grids and the first stage's reconstructions (PNG)
 
 ``--smoke`` shrinks every number (seconds of training, tens of images) to check the chain, not the models.
 """
@@ -71,7 +72,9 @@ class Reference:
         self.ldm_dir = self.out / "runs" / "fmnist_txt2img" / "reference"
         self.base_dir = self.out / "runs" / "pixel_ddpm"
         self.score_dir = self.out / "scores"
-        self.report_dir = Path(args.report_dir) if args.report_dir else self.out / "reference"
+        # a smoke run never overwrites the committed results
+        default_report = self.out / "reference" if args.smoke else REPO / "docs" / "results"
+        self.report_dir = Path(args.report_dir) if args.report_dir else default_report
         self.t10k_stats = self.out / "t10k_fid_stats.npz"
 
     # ---------------------------------------------------------------------------------------------- prep
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20, help="DDIM steps of both models")
     ap.add_argument("--guidance-scale", type=float, default=2.0)
     ap.add_argument("--threads", type=int, default=2, help="threads for sampling (training: one each)")
-    ap.add_argument("--report-dir", default=None, help="where the JSON and PNGs go (default <out>/reference)")
+    ap.add_argument("--report-dir", default=None, help="where the JSON and PNGs go (default docs/results)")
     ap.add_argument("--smoke", action="store_true", help="seconds and tens of images: checks the chain only")
     args = ap.parse_args(argv)
     ref = Reference(args)
