@@ -120,12 +120,37 @@ class FIDInception(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"expected uint8 images [B, 3, H, W], got {images.dtype} {tuple(images.shape)}")
         x = images.float()
         if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
-            x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
+            x = resize_like_tf1(x)
         x = ((x - 128) / 128).contiguous(memory_format=torch.channels_last)
         return self._run(x).float()
+
+
+@lru_cache(maxsize=16)
+def tf1_resize_matrix(n_in: int, n_out: int = INPUT_SIZE) -> torch.Tensor:
+    """``[n_out, n_in]`` weights of TF1's bilinear resize along one axis (``align_corners=False``: source
+    ``i * n_in / n_out``, two taps, no antialiasing), with torch-fidelity's float32 source positions."""
+    src = torch.arange(n_out, dtype=torch.float32) * torch.tensor(n_in / n_out, dtype=torch.float32)
+    lo = src.long()
+    frac = src - lo.float()
+    rows = torch.arange(n_out)
+    weights = torch.zeros(n_out, n_in)
+    weights[rows, lo] += 1 - frac
+    weights[rows, (lo + 1).clamp_max(n_in - 1)] += frac
+    return weights
+
+
+def resize_like_tf1(x: torch.Tensor) -> torch.Tensor:
+    """float ``[B, C, H, W]`` -> ``[B, C, 299, 299]``, torch-fidelity's ``interpolate_bilinear_2d_like_tensorflow1x``.
+
+    On CPU as two small matrix products, about 9x faster than its gathers (equal to ~5e-5 on the 0-255 scale).
+    Elsewhere torch-fidelity's own: a CUDA matmul may run in TF32 when training allows it, and there the resize
+    costs little anyway."""
+    if x.device.type != "cpu":
+        from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+        return interpolate_bilinear_2d_like_tensorflow1x(x, size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
+    return tf1_resize_matrix(x.shape[-2]) @ x @ tf1_resize_matrix(x.shape[-1]).T

