@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ldm_train.data.manifest import check_manifest, read_manifest, shard_list
 from ldm_train.data.shard_reader import NpyDecoder, damaged_shard_message, iter_samples
+from ldm_train.runtime import preemption
 
 LATENT_EXT = "latent.npy"
 
@@ -424,8 +425,11 @@ class LatentLoader:
             prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
             persistent_workers=False,
             in_order=True,  # round-robin over workers: the resume arithmetic depends on it
+            worker_init_fn=preemption.ignore_in_worker,  # a SIGTERM to the job is the main process's to handle
         )
-        for batch in loader:
+        with preemption.held():
+            batches = iter(loader)  # the workers start here
+        for batch in batches:
             self.batches_yielded += 1
             yield batch
 
