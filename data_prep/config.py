@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from ldm_train.config import FirstStageConfig
+from ldm_train.config_checks import bounded
 
 
 @dataclass
@@ -18,11 +19,11 @@ class FilterConfig:
     """Which input images are dropped before encoding."""
 
     min_size: int | None = None  # shorter side below this is dropped; None: below ``resolution`` (never upscale)
-    max_aspect: float | None = None  # long/short side above this is dropped; None: keep all
+    max_aspect: float | None = bounded(None, ge=1)  # long/short side above this is dropped; None: keep all
     require_caption: bool = True
     # more pixels than this (read from the image header, before decoding) is dropped as too_large; None: no limit
     # of ours (PIL still refuses above 2 * PIL.Image.MAX_IMAGE_PIXELS)
-    max_pixels: int | None = 64_000_000
+    max_pixels: int | None = bounded(64_000_000, ge=1)
     # a caption that is not UTF-8: None drops the sample (caption_not_utf8); a codec name (e.g. cp1252) decodes it
     # with that codec instead (counted as caption_fallback)
     caption_fallback: str | None = None
@@ -41,19 +42,19 @@ class EncodeConfig:
 
     input: Any = MISSING  # str or list[str]: tars, an image folder or ImageNet class folders
     input_format: str = "auto"  # auto | tar | folder | imagenet
-    files_per_shard: int = 1000  # folder inputs: images per input shard
+    files_per_shard: int = bounded(1000, ge=1)  # folder inputs: images per input shard
     caption_template: str = "a photo of a {class_name}"  # imagenet inputs
     output: str = "data/latents"  # latents root; shards go to <output>/<first_stage.name>/
-    resolution: int = 64
+    resolution: int = bounded(64, ge=1)
     # >0: also store each image downsampled by this factor (bicubic, antialiased) as lowres.png, the input of
     # super-resolution training (cond.kind=concat; CompVis bsr_sr: 4, with a vq-f4 first stage the LR image is
     # exactly the latent grid)
-    lowres_factor: int = 0
+    lowres_factor: int = bounded(0, ge=0)
     filter: FilterConfig = field(default_factory=FilterConfig)
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
-    batch_size: int = 32
-    num_workers: int = 2
-    prefetch_factor: int = 4
+    batch_size: int = bounded(32, ge=1)
+    num_workers: int = bounded(2, ge=0)
+    prefetch_factor: int = bounded(4, ge=1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto | fp32 | bf16 | fp16
     allow_random_first_stage: bool = False

@@ -13,6 +13,7 @@ from omegaconf import MISSING
 
 from eval.fidelity import FidelityConfig
 from ldm_train.config import FirstStageConfig
+from ldm_train.config_checks import bounded
 
 
 @dataclass
@@ -21,7 +22,7 @@ class ReferenceConfig:
 
     path: str | None = None  # image folder or raw image shards (img2dataset tars, brace patterns, s3://)
     name: str | None = None  # cache key part; None: the last path component
-    num_images: int = 10000  # images drawn (first N in reader order); 0: all
+    num_images: int = bounded(10000, ge=0)  # images drawn (first N in reader order); 0: all
     resolution: int | None = None  # None: the generated images' side
 
 
@@ -42,17 +43,17 @@ class EvalConfig:
     use_ema: bool = True
     first_stage_checkpoint: str | None = None  # None: the checkpoint config's first_stage.checkpoint
     allow_random_first_stage: bool = False
-    scale_factor: float | None = None  # None: the checkpoint config's, else the latent manifest's
+    scale_factor: float | None = bounded(None, gt=0)  # None: the checkpoint config's, else the latent manifest's
     prompts: Any = None  # text checkpoints (required): a source (str: .json | .txt | shards) or a list of prompts
-    max_prompts: int | None = None
+    max_prompts: int | None = bounded(None, ge=1)
     classes: Any = None  # class checkpoints: the class indices to sample (sample i: classes[i % C]); None: every class
-    num_samples: int = 1000
+    num_samples: int = bounded(1000, ge=1)
     seed: int = 0
     sampler: str = "ddim"  # ddim | plms | ddpm
-    steps: int = 50
-    eta: float = 0.0
+    steps: int = bounded(50, ge=1)
+    eta: float = bounded(0.0, ge=0)
     guidance_scale: Any = 1.5  # a number or a list of numbers: one sample set and metrics row per scale
-    batch_size: int = 16
+    batch_size: int = bounded(16, ge=1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "fp32"  # fp32 | bf16 | fp16
     # None: <run dir>/eval/<step_NNNNNNN>/<sampler>-<steps>steps-n<num_samples>-seed<seed> (outside checkpoints/, so
@@ -78,9 +79,9 @@ class ReconstructionConfig:
     """Root of ``conf/eval_reconstruction.yaml`` (registered as ``eval_reconstruction_schema``)."""
 
     images: str = "???"  # held-out images: image folder or img2dataset tars (brace patterns, s3://)
-    num_images: int = 1000  # 0: all
+    num_images: int = bounded(1000, ge=0)  # 0: all
     resolution: int | None = None  # None: first_stage.ddconfig.resolution
-    batch_size: int = 16
+    batch_size: int = bounded(16, ge=1)
     device: str = "auto"  # ldm_train.runtime.distributed.device_for_rank
     output_dir: str = "eval_reconstruction"
     lpips: ReconLPIPSConfig = field(default_factory=ReconLPIPSConfig)

@@ -5,7 +5,9 @@ Each app (``ldm_train.train``, ``ldm_train.train_autoencoder``, ``data_prep.enco
 ``<config_name>_schema``, which ``conf/<config_name>.yaml`` lists first in its defaults, so the YAML holds
 presets only and a mistyped key or value fails at composition. The composed config is converted to the
 dataclass ONCE, here, and the app's ``run(cfg)`` receives that object. ``run``'s return value is the exit
-status (Hydra drops a task's return value, so a non-zero code is raised as ``SystemExit``).
+status (Hydra drops a task's return value, so a non-zero code is raised as ``SystemExit``). A key given twice on
+the command line, a key no schema field reads and a non-finite or out-of-range number are refused, naming the key
+(``ldm_train.config_checks``).
 """
 from __future__ import annotations
 
@@ -34,11 +36,16 @@ def register_schema(config_name: str, schema: type) -> None:
 
 
 def to_config(cfg: DictConfig, schema: type) -> Any:
-    """The composed config as an instance of ``schema`` (interpolations resolved, unknown keys refused)."""
+    """The composed config as an instance of ``schema`` (interpolations resolved, unknown keys and non-finite or
+    out-of-range values refused: ``ldm_train.config_checks``)."""
+    from ldm_train.config_checks import check_config
+
     if isinstance(cfg, schema):
         return cfg
     merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
-    return OmegaConf.to_object(merged)
+    typed = OmegaConf.to_object(merged)
+    check_config(typed)
+    return typed
 
 
 def config_yaml(cfg: Any) -> str:
@@ -57,7 +64,7 @@ def compose(config_name: str, schema: type, overrides: list[str] | None = None) 
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    register_schema(config_name, schema)
+    register_schema(config_name, schema)  # overrides given twice: the last wins (a caller's defaults, then its own)
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         raise FileNotFoundError(f"no {config_name}.yaml in {CONF_DIR}: set LDM_TRAIN_CONF to a conf/ directory of this layout or unset it to use the packaged ldm_train/conf")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=HYDRA_VERSION_BASE):
@@ -67,7 +74,12 @@ def compose(config_name: str, schema: type, overrides: list[str] | None = None) 
 def hydra_app(config_name: str, schema: type, run: Callable[[Any], Any]) -> None:
     """Parse the command line with Hydra (overrides, ``-m`` sweeps, launchers) and call ``run(typed_cfg)``."""
     import hydra
+    from hydra._internal.utils import get_args_parser
 
+    from ldm_train.config_checks import duplicate_overrides
+
+    if error := duplicate_overrides(get_args_parser().parse_known_args()[0].overrides):
+        raise SystemExit(f"[{config_name}] {error}")
     register_schema(config_name, schema)
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=HYDRA_VERSION_BASE)

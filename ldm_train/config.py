@@ -12,6 +12,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from ldm_train.config_checks import bounded
+
 
 @dataclass
 class DDConfig:
@@ -26,7 +28,7 @@ class DDConfig:
     ch_mult: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
     num_res_blocks: int = 2
     attn_resolutions: list[int] = field(default_factory=list)
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     # GroupNorm groups (not in CompVis' yaml: they always use 32). Tiny presets use fewer: with ch=32, 32 groups
     # normalise each channel alone and wipe out per-image colour, which slows early training a lot.
     norm_groups: int = 32
@@ -39,13 +41,13 @@ class DDConfig:
 class FirstStageLossConfig:
     """LPIPS + patch discriminator objective (CompVis LPIPSWithDiscriminator / VQLPIPSWithDiscriminator)."""
 
-    disc_start: int = 50001
-    kl_weight: float = 1.0e-6
-    codebook_weight: float = 1.0
-    pixelloss_weight: float = 1.0
-    perceptual_weight: float = 1.0
-    disc_weight: float = 0.5
-    disc_factor: float = 1.0
+    disc_start: int = bounded(50001, ge=0)
+    kl_weight: float = bounded(1.0e-6, ge=0)
+    codebook_weight: float = bounded(1.0, ge=0)
+    pixelloss_weight: float = bounded(1.0, ge=0)
+    perceptual_weight: float = bounded(1.0, ge=0)
+    disc_weight: float = bounded(0.5, ge=0)
+    disc_factor: float = bounded(1.0, ge=0)
     disc_num_layers: int = 3
     disc_in_channels: int = 3
     disc_ndf: int = 64
@@ -63,7 +65,7 @@ class FirstStageConfig:
     ddconfig: DDConfig = field(default_factory=DDConfig)
     lossconfig: FirstStageLossConfig = field(default_factory=FirstStageLossConfig)
     checkpoint: str | None = None  # local path or fsspec URL of trained weights (CompVis layout); none for pixel
-    scale_factor: float | None = None  # None: take it from the latent manifest
+    scale_factor: float | None = bounded(None, gt=0)  # None: take it from the latent manifest
 
 
 @dataclass
@@ -83,7 +85,7 @@ class UNetConfig:
     context_dim: int | None = 1280  # None: no cross-attention (unconditional / class-conditional)
     num_classes: int | None = None  # class-conditional (ImageNet) through a label embedding
     concat_channels: int = 0  # extra input channels concatenated to z (super-resolution, inpainting)
-    dropout: float = 0.0
+    dropout: float = bounded(0.0, ge=0, lt=1)
     use_checkpoint: bool = False  # activation (gradient) checkpointing
     use_linear_in_transformer: bool = False  # paper: 1x1-conv proj_in/proj_out
     use_scale_shift_norm: bool = False  # timestep embedding as scale and shift of the second GroupNorm (LSUN-Churches)

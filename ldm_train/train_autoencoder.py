@@ -10,12 +10,15 @@ Every argument is a Hydra override of ``conf/train_autoencoder.yaml`` (typed roo
 """
 from __future__ import annotations
 
-from ldm_train.app import hydra_app
-from ldm_train.first_stage.config import AutoencoderAppConfig
-from ldm_train.first_stage.trainer import train
+from ldm_train.runtime import preemption
 
 
 def main() -> None:
+    preemption.install()  # before the slow imports and start-up: SIGUSR1/SIGTERM then stop after the first step
+    from ldm_train.app import hydra_app
+    from ldm_train.first_stage.config import AutoencoderAppConfig
+    from ldm_train.first_stage.trainer import train
+
     hydra_app("train_autoencoder", AutoencoderAppConfig, train)
 
 

@@ -63,7 +63,9 @@ def read_weights(path: str, missing_hint: str = "check the configured checkpoint
     if path.endswith(".safetensors") or data[8:9] == b"{":
         from safetensors.torch import load
 
-        n = int.from_bytes(data[:8], "little")
+        from ldm_train.checkpoints.safe_load import check_safetensors_header
+
+        n = check_safetensors_header(path, data[:8], len(data))
         metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
         return WeightsFile(path, load(data), dict(metadata), sha)
     try:

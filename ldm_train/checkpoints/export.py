@@ -16,6 +16,7 @@ stage is the configured ``first_stage.checkpoint``). ``load_export(path)`` resol
 """
 from __future__ import annotations
 
+import os
 import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -159,6 +160,10 @@ class LazySafetensors(Mapping):
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
+        from ldm_train.checkpoints.safe_load import check_safetensors_header
+
+        with open(path, "rb") as f:
+            check_safetensors_header(str(path), f.read(8), os.fstat(f.fileno()).st_size)
         self._file = safe_open(str(path), framework="pt")
         self._keys = list(self._file.keys())
 

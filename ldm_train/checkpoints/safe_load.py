@@ -129,3 +129,14 @@ def weights_only_loads(allow: Sequence[Any] = (), hint: str = RESAVE_HINT) -> It
         yield
     finally:
         torch.load = previous
+
+
+def check_safetensors_header(path: str, head: bytes, size: int) -> int:
+    """The header length of a safetensors file from its first bytes ``head`` and its ``size``; a ValueError naming
+    the file when the header cannot be there (a truncated file, or not safetensors at all)."""
+    n = int.from_bytes(head[:8], "little") if len(head) >= 8 else -1
+    if n < 2 or 8 + n > size:
+        raise ValueError(f"{path} is not a readable safetensors file: its {size} bytes cannot hold the "
+                         f"{'8-byte length' if n < 0 else f'{n}-byte header'} it starts with (truncated or "
+                         "damaged): copy or export it again")
+    return n

@@ -48,8 +48,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ldm_train.config_checks import bounded
 from ldm_train.data.manifest import check_manifest, read_manifest, shard_list
 from ldm_train.data.shard_reader import NpyDecoder, damaged_shard_message, iter_samples
+from ldm_train.runtime import preemption
 
 LATENT_EXT = "latent.npy"
 
@@ -58,18 +60,18 @@ LATENT_EXT = "latent.npy"
 class LatentDataConfig:
     """``conf/data/latents.yaml``: where the shards are and how they are streamed."""
 
-    resolution: int = 64  # image side the latents were encoded at (checked against the manifest)
+    resolution: int = bounded(64, ge=1)  # image side the latents were encoded at (checked against the manifest)
     latents_root: str = "data/latents"  # folder/prefix holding one shard folder per first stage
     shards: str = "data/latents/tiny_kl_f4"  # shard folder (manifest.json + shard-*.tar); local or fsspec URL
     manifest: str | None = None  # default <shards>/manifest.json
-    batch_size: int = 8  # micro batch per rank
-    num_workers: int = 2  # loader processes per rank (0: in the training process)
-    shuffle_buffer: int = 1000  # samples held per worker for shuffling within a block
-    shards_per_block: int = 4  # shards interleaved per block (mixing across shards)
-    caption_dropout: float = 0.1  # probability a caption is replaced by "" (the uncond input for CFG)
-    scale_factor: float | None = None  # None: the manifest's (1/std of the latents)
+    batch_size: int = bounded(8, ge=1)  # micro batch per rank
+    num_workers: int = bounded(2, ge=0)  # loader processes per rank (0: in the training process)
+    shuffle_buffer: int = bounded(1000, ge=0)  # samples held per worker for shuffling within a block
+    shards_per_block: int = bounded(4, ge=1)  # shards interleaved per block (mixing across shards)
+    caption_dropout: float = bounded(0.1, ge=0, le=1)  # probability a caption is replaced by "" (the uncond input for CFG)
+    scale_factor: float | None = bounded(None, gt=0)  # None: the manifest's (1/std of the latents)
     seed: int = 0
-    prefetch_factor: int = 4
+    prefetch_factor: int = bounded(4, ge=1)
     pin_memory: bool = True  # only used with CUDA
 
 
@@ -424,8 +426,11 @@ class LatentLoader:
             prefetch_factor=self.cfg.prefetch_factor if workers > 0 else None,
             persistent_workers=False,
             in_order=True,  # round-robin over workers: the resume arithmetic depends on it
+            worker_init_fn=preemption.ignore_in_worker,  # a SIGTERM to the job is the main process's to handle
         )
-        for batch in loader:
+        with preemption.held():
+            batches = iter(loader)  # the workers start here
+        for batch in batches:
             self.batches_yielded += 1
             yield batch
 

@@ -14,7 +14,8 @@ deterministic order; shard ``j`` is the unit of work of the encode job (input sh
 ``image_dataset(...)`` is the torch IterableDataset for the autoencoder trainer and eval reference sets.
 ``iter_shard(...)`` is the lower level the encode job uses: it also yields ``Skip`` records with their reason, and
 each ``Sample`` says which ``CONVERSIONS`` it needed (EXIF orientation applied, 16-bit greyscale scaled to 8 bits, a
-non-UTF-8 caption decoded with ``Filters.caption_fallback``). Images larger than ``Filters.max_pixels`` are refused
+non-UTF-8 caption decoded with ``Filters.caption_fallback``, a tar member name that would leave the output folder
+renamed: ``safe_key``). Images larger than ``Filters.max_pixels`` are refused
 from their header, before decoding (``too_large``).
 """
 from __future__ import annotations
@@ -44,7 +45,7 @@ SKIP_REASONS = ("no_image", "decode_error", "no_caption", "caption_not_utf8", "t
 SOURCE_FIELDS = ("url", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "aesthetic", "LICENSE", "NSFW",
                  "original_width", "original_height", "width", "height", "sha256")
 # what was done to a kept sample to make it usable (counted by the encode job, beside the skip reasons)
-CONVERSIONS = ("exif_transposed", "scaled_16bit", "caption_fallback", "caption_not_utf8_dropped")
+CONVERSIONS = ("exif_transposed", "scaled_16bit", "caption_fallback", "caption_not_utf8_dropped", "unsafe_key_renamed")
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: decoding one image of this size takes ~200 MB as RGB
 
 
@@ -470,7 +471,17 @@ def _decode(raw: _Raw, shard: InputShard, resolution: int, filters: Filters) -> 
         "source": json.dumps({k: raw.meta[k] for k in SOURCE_FIELDS if k in raw.meta and raw.meta[k] is not None},
                              default=str),
     }
-    return Sample(raw.key, to_tensor(resize_center_crop(img, resolution)), caption or "", meta, tuple(notes))
+    key = safe_key(raw.key)
+    if key != raw.key:
+        notes.append("unsafe_key_renamed")  # meta's source_key keeps the name as it was
+    return Sample(key, to_tensor(resize_center_crop(img, resolution)), caption or "", meta, tuple(notes))
+
+
+def safe_key(key: str) -> str:
+    """``key`` as a member name that stays inside the folder an output tar is extracted to: an absolute path
+    (``/abs/x``) loses its leading ``/``, a ``..`` component becomes ``__``, empty and ``.`` components go."""
+    parts = [p for p in key.replace("\\", "/").split("/") if p not in ("", ".")]
+    return "/".join("__" if p == ".." else p for p in parts) or "_"
 
 
 def iter_shard(

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ldm_train.config import FirstStageConfig
+from ldm_train.config_checks import bounded
 from ldm_train.tracking import LoggerConfig
 
 
@@ -17,32 +18,32 @@ class AEDataConfig:
     heldout: str | None = None  # None: the first training images stand in (labelled eval_train/)
     input_format: str = "auto"
     resolution: int = 64
-    num_workers: int = 2  # per rank
-    shuffle_buffer: int = 256  # samples, per worker
+    num_workers: int = bounded(2, ge=0)  # per rank
+    shuffle_buffer: int = bounded(256, ge=0)  # samples, per worker
 
 
 @dataclass
 class AEOptimConfig:
-    batch_size: int = 8  # per rank
-    base_lr: float = 4.5e-6
+    batch_size: int = bounded(8, ge=1)  # per rank
+    base_lr: float = bounded(4.5e-6, gt=0)
     scale_lr: bool = True  # lr = base_lr * batch_size * world_size
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
-    grad_clip: float | None = None
-    warmup_steps: int = 0  # linear warm-up from 0 to the lr over this many steps
+    grad_clip: float | None = bounded(None, ge=0)
+    warmup_steps: int = bounded(0, ge=0)  # linear warm-up from 0 to the lr over this many steps
     decay: str = "constant"  # constant (CompVis) | cosine: lr -> min_lr_ratio * lr at train.max_steps
-    min_lr_ratio: float = 0.0
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)
 
 
 @dataclass
 class AETrainConfig:
-    max_steps: int = 1000
+    max_steps: int = bounded(1000, ge=1)
     precision: str = "fp32"  # fp32 | bf16 (autocast)
-    log_every: int = 50
-    image_every: int = 500
-    eval_every: int = 500
-    eval_images: int = 64
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    log_every: int = bounded(50, ge=1)
+    image_every: int = bounded(500, ge=1)
+    eval_every: int = bounded(500, ge=1)
+    eval_images: int = bounded(64, ge=1)
+    checkpoint_every: int = bounded(500, ge=1)
+    keep_checkpoints: int = bounded(2, ge=0)
     export_every_checkpoint: bool = True
 
 

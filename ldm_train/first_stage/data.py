@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from ldm_train.first_stage.config import AEDataConfig
+from ldm_train.runtime import preemption
 
 
 class ImageStream(torch.utils.data.IterableDataset):
@@ -88,8 +89,10 @@ class ImageStream(torch.utils.data.IterableDataset):
         state = torch.get_rng_state()  # DataLoader draws its worker base seed from the global generator
         dl = torch.utils.data.DataLoader(self, batch_size=None, num_workers=self.num_workers,
                                          persistent_workers=self.num_workers > 0,
-                                         prefetch_factor=4 if self.num_workers > 0 else None)
-        it = iter(dl)
+                                         prefetch_factor=4 if self.num_workers > 0 else None,
+                                         worker_init_fn=preemption.ignore_in_worker)  # SIGTERM: the trainer's
+        with preemption.held():
+            it = iter(dl)  # the workers start here
         torch.set_rng_state(state)
         return it
 

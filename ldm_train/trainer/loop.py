@@ -21,6 +21,7 @@ from ldm_train.app import config_dict, config_yaml, to_config
 from ldm_train.build import build_ldm
 from ldm_train.checkpoints.export import EMA_FILE, LazySafetensors, full_state_dict, write_export
 from ldm_train.diffusion.losses import sample_noise
+from ldm_train.runtime import preemption
 from ldm_train.runtime.distributed import (
     DistEnv,
     barrier,
@@ -30,7 +31,6 @@ from ldm_train.runtime.distributed import (
     rng_state,
     set_rng_state,
 )
-from ldm_train.runtime.preemption import Preemption, requeue_slurm_job
 from ldm_train.trainer import build
 from ldm_train.trainer import checkpoint as ckpt
 from ldm_train.trainer.config import TrainAppConfig, TrainConfig
@@ -97,6 +97,7 @@ def rewind_stats(run_dir: Path, step: int) -> int:
 
 class Trainer:
     def __init__(self, cfg: TrainAppConfig) -> None:
+        self.preemption = preemption.install()  # first: a signal during start-up stops after the first step
         self.cfg = cfg
         self.tcfg: TrainConfig = cfg.train
         self.env = _process_group()
@@ -117,7 +118,6 @@ class Trainer:
         if self.rank == 0:
             rewind_stats(self.run_dir, self.step)  # rows past the resumed step are logged again from here
         self._setup_tracking(client.get("wandb_run_id") if client else None)
-        self.preemption = Preemption(self.device)
         self.grid = SampleGrid(cfg, self.tcfg.sampling, self.tokenizer, self.scale_factor, self.device)
         if self.cond.kind == "concat" and self.rank == 0 and self.grid.layout.conds:
             self.grid.use_lowres(self.shards, self.cond.lowres_key)
@@ -415,7 +415,7 @@ class Trainer:
                     with timer.excluded():
                         self.save()
                     last_saved = self.step
-                if self.preemption.should_stop():
+                if self.preemption.should_stop(self.device):
                     break
                 if self.tcfg.max_steps is not None and self.step - start_step >= self.tcfg.max_steps:
                     break
@@ -428,7 +428,7 @@ class Trainer:
         if self.step != last_saved or exit_code:
             self.save()  # at exit: preemption, max_steps, the end, or the last good state before an abort
         if self.preemption.received is not None and self.rank == 0:
-            requeue_slurm_job()
+            preemption.requeue_slurm_job()
         if finished and self.samples_seen > samples_start and not exit_code and self.rank == 0:
             self._write_summary(time.perf_counter() - t_start, self.samples_seen - samples_start)
         return exit_code
@@ -546,8 +546,12 @@ class Trainer:
 
 def train(cfg: TrainAppConfig | DictConfig) -> int:
     """Build, run, close; returns the exit status (3: aborted by the numerical guard)."""
-    trainer = Trainer(to_config(cfg, TrainAppConfig))
+    signals = preemption.install()
     try:
-        return trainer.run()
+        trainer = Trainer(to_config(cfg, TrainAppConfig))
+        try:
+            return trainer.run()
+        finally:
+            trainer.close()
     finally:
-        trainer.close()
+        signals.restore()  # also when the set-up failed

@@ -143,3 +143,21 @@ def test_truncated_tar_salvages_complete_samples(tmp_path):
     with pytest.raises(InputShardError) as e2:
         list(iter_shard(list_input_shards(str(tmp_path / "missing.tar"))[0], 32))
     assert not e2.value.salvaged
+
+
+def test_tar_member_names_that_leave_the_folder_become_safe_keys_and_are_counted(tmp_path):
+    """``../../x.jpg`` or ``/abs/y.jpg`` in an input tar would be copied into the output shard's member names."""
+    import tarfile
+
+    path = tmp_path / "000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in (("../../x.jpg", _jpeg((1, 2, 3), (64, 64))), ("../../x.txt", b"up"),
+                           ("/abs/y.jpg", _jpeg((1, 2, 3), (64, 64))), ("/abs/y.txt", b"absolute"),
+                           ("ok/z.jpg", _jpeg((1, 2, 3), (64, 64))), ("ok/z.txt", b"fine")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    recs = list(iter_shard(list_input_shards(str(path))[0], 32))
+    assert [(r.key, r.meta["source_key"], r.conversions) for r in recs] == [
+        ("__/__/x", "../../x", ("unsafe_key_renamed",)), ("abs/y", "/abs/y", ("unsafe_key_renamed",)),
+        ("ok/z", "ok/z", ())]

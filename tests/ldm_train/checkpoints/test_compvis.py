@@ -114,6 +114,23 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
         load_state_dict_file(str(tmp_path / "nope.ckpt"))
 
 
+@pytest.mark.parametrize("length", [10**6, 2**63])
+def test_a_safetensors_header_longer_than_the_file_is_named(tmp_path: Path, length: int) -> None:
+    from safetensors.torch import save_file
+
+    from ldm_train.checkpoints.export import LazySafetensors
+
+    path = tmp_path / "model.safetensors"
+    save_file({"model.diffusion_model.x": torch.zeros(3)}, str(path))
+    data = path.read_bytes()
+    path.write_bytes(length.to_bytes(8, "little") + data[8:])
+    message = rf"{path} is not a readable safetensors file: its {len(data)} bytes cannot hold the {length}-byte header"
+    with pytest.raises(ValueError, match=message):
+        load_state_dict_file(str(path))
+    with pytest.raises(ValueError, match=message):
+        LazySafetensors(path)
+
+
 def test_a_compvis_class_model_checkpoint_loads_strictly_cond_stage_included(tmp_path: Path) -> None:
     """A Lightning .ckpt of a class-conditional LDM in the released cin256 layout (UNet, LitEma,
     ``cond_stage_model.embedding.weight``, first stage, schedule buffers) loads into our class model: the UNet from

@@ -166,6 +166,58 @@ def test_manifest_check_names_missing_and_changed_files_and_picks_the_newest_int
     assert ck.select_resume_tag(tmp_path / "nothing") is None
 
 
+def _plain_checkpoints(ckpts: Path, steps: tuple[int, ...]) -> None:
+    for step in steps:
+        tag_dir = ckpts / ck.tag_for(step)
+        tag_dir.mkdir(parents=True)
+        (tag_dir / ck.META).write_text("{}")
+        (tag_dir / "state.pt").write_bytes(b"s" * 100)
+        (tag_dir / ck.MANIFEST).write_text(json.dumps({"version": 1, "files": ck.build_manifest(tag_dir)}))
+    (ckpts / "latest").write_text(ck.tag_for(steps[-1]))
+
+
+def test_a_checkpoint_without_its_manifest_is_unverified_and_the_previous_one_is_used(tmp_path, capsys) -> None:
+    """Deleting files.json used to switch the check off: the damaged state file beside it was then loaded."""
+    ckpts = tmp_path / "checkpoints"
+    _plain_checkpoints(ckpts, (2, 4))
+    (ckpts / "step_0000004" / ck.MANIFEST).unlink()
+    (ckpts / "step_0000004" / "state.pt").write_bytes(b"s" * 10)  # damaged: nothing can tell without the manifest
+    assert ck.verify_checkpoint(ckpts, "step_0000004") == [
+        f"{ckpts / 'step_0000004' / ck.MANIFEST} is missing: the checkpoint cannot be verified"]
+    assert ck.select_resume_tag(ckpts) == "step_0000002"
+    err = capsys.readouterr().err
+    assert "files.json is missing: the checkpoint cannot be verified" in err and "step_0000002, the newest intact" in err
+    assert sorted(p.name for p in ckpts.iterdir()) == ["damaged-step_0000004", "latest", "step_0000002"]
+
+
+class _Engine:
+    """What save_checkpoint needs of a DeepSpeed engine: it writes one file, or fails as a full disk does."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+
+    def save_checkpoint(self, save_dir: str, tag: str, client_state: dict, save_latest: bool) -> None:
+        out = Path(save_dir) / tag
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "mp_rank_00_model_states.pt").write_bytes(b"m" * 50)
+        if self.fail:  # a Python write on a full disk: errno ENOSPC without the file's name
+            raise OSError(28, "No space left on device")
+
+
+def test_a_save_cut_short_by_a_full_disk_says_so_names_the_file_and_leaves_no_checkpoint_folder(tmp_path) -> None:
+    ckpts = tmp_path / "checkpoints"
+    assert ck.save_checkpoint(_Engine(fail=False), ckpts, 2, {}, {"data": 1}, {"step": 2}) == "step_0000002"
+    assert ck.verify_checkpoint(ckpts, "step_0000002") == []
+    with pytest.raises(OSError, match=r"no space left on device writing \S+/\.partial-step_0000004/"
+                                      r"mp_rank_00_model_states\.pt .*`latest` still names step_0000002"):
+        ck.save_checkpoint(_Engine(fail=True), ckpts, 4, {}, {"data": 1}, {"step": 4})
+    assert sorted(p.name for p in ckpts.iterdir()) == [".partial-step_0000004", "latest", "step_0000002"]
+    assert ck.select_resume_tag(ckpts) == "step_0000002"
+    assert ck.save_checkpoint(_Engine(fail=False), ckpts, 4, {}, {"data": 1}, {"step": 4}) == "step_0000004"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000002", "step_0000004"]  # leftover gone
+    assert ck.verify_checkpoint(ckpts, "step_0000004") == []
+
+
 # ---- 3. launchers and stats.jsonl across a resume ----------------------------------------------------------
 def test_resume_after_a_kill_logs_each_step_once(latents_root, base_run, tmp_path) -> None:
     """A kill after step 4 whose last checkpoint is step 2: steps 3 and 4 are retrained and logged once."""

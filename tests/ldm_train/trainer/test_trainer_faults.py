@@ -26,7 +26,11 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | Non
         if proc is not None and proc.poll() is not None:
             raise AssertionError(f"trainer exited ({proc.returncode}) before {what}:\n{proc.stdout.read()[-4000:]}")
         time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    tail = ""
+    if proc is not None:
+        proc.kill()
+        tail = ":\n" + proc.communicate(timeout=60)[0][-4000:]
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}{tail}")
 
 
 def test_sigusr1_checkpoints_exits_cleanly_and_the_next_start_resumes(latents_root: Path, tmp_path: Path):
@@ -58,6 +62,47 @@ def test_sigusr1_checkpoints_exits_cleanly_and_the_next_start_resumes(latents_ro
                           + ["train.allow_changed=[train.total_samples]"], port=29642)
     assert f"at step {stopped}" in resumed.stdout
     assert [row["step"] for row in read_stats(run_dir)][-2:] == [stopped + 1, stopped + 2]
+
+
+def test_sigterm_to_every_process_of_the_job_checkpoints_and_resumes_the_same_curve(
+        latents_root: Path, tokenizer_dir: Path, tmp_path: Path):
+    """scancel and SLURM preemption: SIGTERM to every process of the step, DataLoader workers included.
+
+    Each rank and its loader worker get the signal, as srun's tasks would (torchrun itself is spared: under
+    SLURM srun starts the ranks, and torchrun's own SIGTERM path forwards the signal and exits 1 whatever the
+    ranks do). The job finishes its step, checkpoints and exits 0 like SIGUSR1; the resumed losses equal an
+    uninterrupted run's."""
+    steps = 20
+    args = {"data.num_workers": 1, "train.total_samples": 8 * steps, "text_encoder.tokenizer": str(tokenizer_dir)}
+    run_trainer(tiny_overrides(latents_root, tmp_path / "a", run_name="a", **args), port=29643)
+    runs = tmp_path / "b"
+    overrides = tiny_overrides(latents_root, runs, run_name="b", **args)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29644",
+           "-m", "ldm_train.train", *overrides]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=trainer_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    run_dir = runs / "tiny" / "b"
+    try:
+        _wait_for(lambda: (run_dir / "stats.jsonl").is_file() and len(read_stats(run_dir)) >= 2, 400,
+                  "two logged steps", proc)
+        job = psutil.Process(proc.pid).children(recursive=True)
+        assert len(job) >= 4, job  # two ranks, a loader worker each
+        for p in job:
+            p.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-4000:]
+    assert "got SIGTERM" in out and "killed by signal" not in out, out[-4000:]
+    stopped = int((run_dir / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
+    assert 2 <= stopped < steps
+    resumed = run_trainer(overrides, port=29645)
+    assert f"at step {stopped}" in resumed.stdout
+    a = {row["step"]: row["loss"] for row in read_stats(tmp_path / "a" / "tiny" / "a")}
+    b = {row["step"]: row["loss"] for row in read_stats(run_dir)}
+    assert sorted(b) == sorted(a) == list(range(1, steps + 1))
+    assert [b[s] for s in sorted(b)] == [a[s] for s in sorted(a)]  # bit-identical across the stop
 
 
 def test_nonfinite_steps_are_skipped_counted_and_k_in_a_row_abort(latents_root: Path, tmp_path: Path):

@@ -1,0 +1,104 @@
+"""What a typed root config is checked for at composition, beyond OmegaConf's types (``ldm_train.app``).
+
+- The same key twice on one command line is refused: Hydra keeps the last one silently, and that is what an
+  unquoted brace pattern becomes once the shell has expanded it (``input=raw/{000000..000001}.tar``).
+- A key that no schema field reads is refused: Hydra's ``+key=value`` adds any key, and the typed object keeps
+  it as an attribute nothing reads, so a typo (``+train.totl_samples=16``) would change nothing.
+- Every float is finite, and a field declared with ``bounded(...)`` lies in its range (learning rates,
+  probabilities, counts, intervals), each error naming the key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+
+def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+            lt: float | None = None) -> Any:
+    """A dataclass field with ``default`` whose value (when not None) must satisfy the given bounds."""
+    return dataclasses.field(default=default, metadata={"bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt}})
+
+
+_OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+        "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def duplicate_overrides(overrides: list[str]) -> str | None:
+    """The error for a key given more than once among Hydra ``overrides`` (None: each key once)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed_all = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return None  # malformed: Hydra's own parser reports it
+    seen: dict[str, list[str]] = {}
+    for text, parsed in zip(overrides, parsed_all, strict=True):
+        key = parsed.key_or_group + (f"@{parsed.package}" if parsed.package else "")
+        seen.setdefault(key, []).append(text)
+    twice = {key: texts for key, texts in seen.items() if len(texts) > 1}
+    if not twice:
+        return None
+    listed = "; ".join(f"{key} {len(texts)} times ({', '.join(texts[:3])}{', ...' if len(texts) > 3 else ''})"
+                       for key, texts in twice.items())
+    return (f"the same key is given more than once on the command line: {listed}. Hydra would keep only the last "
+            "one. An unquoted brace pattern is expanded by the shell into one argument per name: quote the "
+            "pattern for Hydra, e.g. \"input='raw/train/{000000..000009}.tar'\"; otherwise give each key once")
+
+
+def _children(obj: Any, path: str) -> Iterator[tuple[str, Any, dataclasses.Field | None]]:
+    if dataclasses.is_dataclass(obj):
+        for f in dataclasses.fields(obj):
+            yield f"{path}{f.name}", getattr(obj, f.name), f
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield f"{path}{k}", v, None
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield f"{path.rstrip('.')}[{i}]", v, None
+
+
+def unknown_keys(obj: Any, path: str = "") -> list[str]:
+    """Errors for attributes of the typed config that are not fields of its schema (keys added with ``+``)."""
+    errors = []
+    if dataclasses.is_dataclass(obj):
+        names = [f.name for f in dataclasses.fields(obj)]
+        for extra in sorted(set(vars(obj)) - set(names)):
+            close = difflib.get_close_matches(extra, names, n=1)
+            hint = f"did you mean {path}{close[0]}?" if close else f"the keys of {path or 'the root'} are: {', '.join(names)}"
+            errors.append(f"{path}{extra}: no setting of {type(obj).__name__} reads this key, so it would change "
+                          f"nothing ({hint})")
+    for key, value, _ in _children(obj, path):
+        if dataclasses.is_dataclass(value):
+            errors += unknown_keys(value, f"{key}.")
+        elif isinstance(value, (list, tuple)):
+            errors += [e for _, v, _ in _children(value, key) if dataclasses.is_dataclass(v)
+                       for e in unknown_keys(v, f"{key}.")]
+    return errors
+
+
+def bad_values(obj: Any, path: str = "") -> list[str]:
+    """Errors for non-finite floats anywhere, and for ``bounded`` fields outside their range."""
+    errors = []
+    for key, value, f in _children(obj, path):
+        if isinstance(value, float) and not math.isfinite(value):
+            errors.append(f"{key}={value}: must be a finite number")
+            continue
+        bounds = f.metadata.get("bounds") if f is not None else None
+        if bounds and isinstance(value, (int, float)) and not isinstance(value, bool):
+            limits = [(sym, ok, bounds[op]) for op, (sym, ok) in _OPS.items() if bounds[op] is not None]
+            if not all(ok(value, b) for _, ok, b in limits):
+                errors.append(f"{key}={value}: must be {' and '.join(f'{sym} {b}' for sym, _, b in limits)}")
+        if dataclasses.is_dataclass(value) or isinstance(value, (dict, list, tuple)):
+            errors += bad_values(value, f"{key}." if not isinstance(value, (list, tuple)) else key)
+    return errors
+
+
+def check_config(cfg: Any) -> None:
+    """Raise a ValueError listing every unknown key and out-of-range value of the typed root ``cfg``."""
+    errors = unknown_keys(cfg) + bad_values(cfg)
+    if errors:
+        raise ValueError("; ".join(errors) + " (fix the override on the command line, or the preset in conf/)")

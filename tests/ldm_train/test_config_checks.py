@@ -1,0 +1,111 @@
+"""What every Hydra app refuses at composition: a key given twice, a key no setting reads, a non-finite or
+out-of-range number (``ldm_train.config_checks``, wired into ``ldm_train.app``)."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ldm_train.app import compose
+
+REPO = Path(__file__).resolve().parents[2]
+
+# the five apps: (module, config name, schema, overrides that compose)
+APPS = {
+    "ldm_train.train": ("train", "ldm_train.trainer.config:TrainAppConfig", ["experiment=tiny"]),
+    "ldm_train.train_autoencoder": ("train_autoencoder", "ldm_train.first_stage.config:AutoencoderAppConfig",
+                                    ["data.input=raw"]),
+    "data_prep.encode": ("encode", "data_prep.config:EncodeConfig", ["input=raw", "first_stage=tiny_kl_f4"]),
+    "eval.run": ("eval", "eval.config:EvalConfig", ["checkpoint=run"]),
+    "eval.reconstruction": ("eval_reconstruction", "eval.config:ReconstructionConfig", ["images=raw"]),
+}
+
+
+def _schema(spec: str) -> type:
+    module, name = spec.split(":")
+    return getattr(__import__(module, fromlist=[name]), name)
+
+
+def _compose(module: str, *extra: str):
+    config_name, schema, base = APPS[module]
+    return compose(config_name, _schema(schema), [*base, *extra])
+
+
+@pytest.mark.parametrize("module", sorted(APPS))
+def test_every_app_composes_its_defaults(module: str) -> None:
+    assert _compose(module) is not None
+
+
+@pytest.mark.parametrize("module", sorted(APPS))
+def test_a_key_no_setting_reads_is_refused(module: str) -> None:
+    key = {"ldm_train.train": "train.totl_samples", "ldm_train.train_autoencoder": "train.max_stesp",
+           "data_prep.encode": "batch_sise", "eval.run": "num_sampels", "eval.reconstruction": "num_imgaes"}[module]
+    with pytest.raises(ValueError, match=re.escape(key) + r": no setting of \w+ reads this key.*did you mean"):
+        _compose(module, f"+{key}=16")
+
+
+def test_the_hint_names_the_key_meant() -> None:
+    with pytest.raises(ValueError, match=r"did you mean train\.total_samples\?"):
+        _compose("ldm_train.train", "+train.totl_samples=16")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.optim.base_lr=inf", r"train\.optim\.base_lr=inf: must be a finite number"),
+    ("train.optim.base_lr=nan", r"train\.optim\.base_lr=nan: must be a finite number"),
+    ("train.optim.base_lr=-1", r"train\.optim\.base_lr=-1\.0: must be > 0"),
+    ("train.total_samples=-5", r"train\.total_samples=-5: must be >= 1"),
+    ("train.caption_dropout=1.5", r"train\.caption_dropout=1\.5: must be >= 0 and <= 1"),
+    ("data.caption_dropout=-0.1", r"data\.caption_dropout=-0\.1: must be >= 0 and <= 1"),
+    ("train.ema.decay=2", r"train\.ema\.decay=2\.0: must be >= 0 and <= 1"),
+    ("train.sampling.guidance_scale=inf", r"train\.sampling\.guidance_scale=inf: must be a finite number"),
+    ("train.optim.betas=[0.9,nan]", r"train\.optim\.betas\[1\]=nan: must be a finite number"),
+])
+def test_non_finite_and_out_of_range_numbers_are_refused_naming_the_key(override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _compose("ldm_train.train", override)
+
+
+@pytest.mark.parametrize("module, override, message", [
+    ("ldm_train.train_autoencoder", "optim.base_lr=nan", r"optim\.base_lr=nan: must be a finite"),
+    ("ldm_train.train_autoencoder", "train.log_every=0", r"train\.log_every=0: must be >= 1"),
+    ("data_prep.encode", "batch_size=0", r"batch_size=0: must be >= 1"),
+    ("eval.run", "guidance_scale=[1.0,inf]", r"guidance_scale\[1\]=inf: must be a finite"),
+    ("eval.reconstruction", "num_images=-1", r"num_images=-1: must be >= 0"),
+])
+def test_the_other_apps_check_their_numbers_too(module: str, override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        _compose(module, override)
+
+
+def test_every_preset_passes_the_checks() -> None:
+    from ldm_train.app import CONF_DIR
+    from ldm_train.trainer.config import TrainAppConfig
+
+    for preset in sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")):
+        assert compose("train", TrainAppConfig, [f"experiment={preset}"]) is not None, preset
+
+
+def test_a_key_given_twice_is_found_whatever_its_prefix() -> None:
+    from ldm_train.config_checks import duplicate_overrides
+
+    assert duplicate_overrides(["input=a", "output=b", "first_stage=kl_f8", "first_stage.name=x"]) is None
+    error = duplicate_overrides(["input=raw/000000.tar", "+input=raw/000001.tar", "x=1", "++x=2", "x=3"])
+    assert error.startswith("the same key is given more than once on the command line: input 2 times "
+                            "(input=raw/000000.tar, +input=raw/000001.tar); x 3 times (x=1, ++x=2, x=3)")
+    assert "quote the pattern" in error
+
+
+@pytest.mark.parametrize("module", sorted(APPS))
+def test_an_unquoted_brace_pattern_is_refused_on_every_command_line(module: str, tmp_path) -> None:
+    """bash turns ``input=raw/{000000..000001}.tar`` into two arguments; Hydra would keep the last one."""
+    key = {"ldm_train.train": "data.shards", "ldm_train.train_autoencoder": "data.input",
+           "data_prep.encode": "input", "eval.run": "reference.path", "eval.reconstruction": "images"}[module]
+    cmd = f"{sys.executable} -m {module} {key}={tmp_path}/raw/{{000000..000001}}.tar hydra.run.dir={tmp_path}/h"
+    proc = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"{key} 2 times ({key}={tmp_path}/raw/000000.tar, {key}={tmp_path}/raw/000001.tar)" in proc.stderr
+    assert "quote the pattern" in proc.stderr
+    assert not (tmp_path / "h").exists()  # refused before Hydra made its output dir or the app started
