@@ -24,14 +24,14 @@ def curves_png(ldm: list[dict[str, Any]], baseline: list[dict[str, Any]], floor:
         axes[1].plot(samples, fid, style, label=label)
     for ax, xlabel in zip(axes, ("training time (minutes, one CPU core)", "samples seen (thousands)"), strict=True):
         if floor is not None:
-            ax.axhline(floor, color="grey", lw=0.8, ls=":", label="real data (train vs t10k)")
+            ax.axhline(floor, color="grey", lw=0.8, ls=":", label="real train images (same count)")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("FID vs t10k")
         ax.set_yscale("log")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    fig.suptitle("Fashion-MNIST 32 px: FID during training (last point of each line: 5,000 samples; others: 1,000)",
-                 fontsize=9)
+    n = ldm[-1].get("fid_samples")
+    fig.suptitle(f"Fashion-MNIST 32 px: FID of {n} samples (fixed seeds) against the 10,000 t10k images", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

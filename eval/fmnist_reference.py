@@ -264,6 +264,14 @@ class Reference:
                 rows.append(row)
                 _write_json(self.score_dir / f"{model}.json", rows)
         _write_json(self.score_dir / "first_stage.json", self.reconstruction())
+        floor_curve = self.score_dir / "real_floor_curve.json"
+        if not floor_curve.exists():  # the real-data floor at the curve's sample count (FID is biased upwards alike)
+            from eval.fid import feature_set
+            from ldm_train.metrics.inception import FIDInception
+
+            train = _tars(self.raw / "train", self.n["train_shards"]).strip("'")
+            feats = feature_set(train, FIDInception(), batch_size=100, limit=curve_n).features.numpy()
+            _write_json(floor_curve, {"fid": self._fid(feats, curve_n), "num_images": curve_n})
 
     def _draw(self, model: str, point: dict[str, Any], n: int, sample: Any) -> Path:
         """The folder of PNGs of ``n`` samples of this point (drawn once)."""
@@ -281,6 +289,7 @@ class Reference:
         ldm = json.loads((self.score_dir / "ldm.json").read_text())
         base = json.loads((self.score_dir / "baseline.json").read_text())
         floor = _json_tail(self.logs / "fid_real_floor.log")
+        floor_curve = json.loads((self.score_dir / "real_floor_curve.json").read_text())
         recon = json.loads((self.score_dir / "first_stage.json").read_text())
         judge = json.loads((self.score_dir / "ldm_adherence.json").read_text())
         judge_base = json.loads((self.score_dir / "baseline_adherence.json").read_text())
@@ -303,7 +312,7 @@ class Reference:
             "fid_at_baseline_num_samples": ldm[-1]["final_fids"][str(n_base)],
             "baseline_train_wall_s": base[-1]["train_wall_s"], "baseline_samples_seen": base[-1]["samples"],
             "baseline_prompt_adherence": judge_base["prompt_adherence"],
-            "curve_fid_samples": curve_n,
+            "curve_fid_samples": curve_n, "fid_real_floor_at_curve_samples": floor_curve["fid"],
             "ldm_wall_s_to_baseline_final_fid": reached["train_wall_s"] if reached else None,
             "speedup_to_baseline_final_fid": (round(base[-1]["train_wall_s"] / reached["train_wall_s"], 2)
                                               if reached else None),
@@ -314,7 +323,7 @@ class Reference:
             "commands": {"all": "python -m eval.fmnist_reference" + (" --smoke" if self.args.smoke else ""),
                          "ldm": " ".join(self.ldm_cmd()[1:]), "baseline": " ".join(self.baseline_cmd()[1:])},
         }
-        curves_png(ldm, base, floor["fid"], self.report_dir / "fmnist_fid_vs_time.png")
+        curves_png(ldm, base, floor_curve["fid"], self.report_dir / "fmnist_fid_vs_time.png")
         sample_grid_png(ldm[-1]["images"], self.report_dir / "fmnist_ldm_samples.png", rows=10, cols=8)
         sample_grid_png(base[-1]["images"], self.report_dir / "fmnist_baseline_samples.png", rows=10, cols=8)
         recon_dir = self.out / "reconstruction"
@@ -345,7 +354,8 @@ def markdown(r: dict[str, Any]) -> str:
         f"Judge: t10k accuracy {r['judge_accuracy_t10k']:.4f}. First stage fmnist_kl_f4 over {fs['num_images']:,} t10k "
         f"images: PSNR {fs['psnr']:.2f} dB, SSIM {fs['ssim']:.4f}, rFID {fs['rfid']:.2f}.",
         "",
-        f"FID of {r['curve_fid_samples']} samples during training (the same seeds at every point):",
+        f"FID of {r['curve_fid_samples']} samples during training (the same seeds at every point; real train images "
+        f"at this count: {r['fid_real_floor_at_curve_samples']:.2f}):",
         "",
         "| model | training (s) | samples seen | FID |",
         "| --- | ---: | ---: | ---: |",
