@@ -5,12 +5,14 @@
 CHECKPOINT is a run dir, its ``checkpoints/`` dir or a ``step_*`` dir (the trainer's export). OUT receives:
 
 - ``unet/``: ``UNet2DConditionModel`` (config + safetensors), converted by diffusers' own CompVis converter;
-- ``vae/``: ``AutoencoderKL`` or ``VQModel`` of the run's first stage (its GroupNorm group count kept, so tiny
+- ``vqvae/``: ``AutoencoderKL`` or ``VQModel`` of the run's first stage (its GroupNorm group count kept, so tiny
   presets with 8 groups decode as here), ``scaling_factor`` = the run's latent scale factor;
 - ``scheduler/``: ``DDIMScheduler`` with the run's noise schedule (beta schedule, start/end, T, eps or v);
-- ``text_encoder/`` (our BERT-style encoder: ``model.safetensors`` with its bare keys + ``config.json`` of
-  ``TextEncoderConfig``) and ``tokenizer/`` (the run's WordPiece vocabulary): diffusers has no class for this
-  encoder, so read them back with :func:`load_text_encoder`;
+- ``bert/`` (our text encoder as diffusers' ``LDMBertModel``, :mod:`ldm_train.checkpoints.ldmbert`) and
+  ``tokenizer/`` (the run's WordPiece vocabulary), and ``model_index.json``: text models with a latent first
+  stage load whole with ``DiffusionPipeline.from_pretrained(OUT)`` (an ``LDMTextToImagePipeline``; it makes
+  latents of side ``height // 8``, so pass ``height``/``width`` from ``ldm_train_export.json``);
+  :func:`load_text_encoder` reads ``bert/`` back into our encoder;
 - ``class_embedder/`` (class models, instead of the two above): the label table and its config
   (:func:`export_class_embedder`); unconditional and super-resolution UNets are refused for ``unet/`` (the
   CompVis file, the VAE and the scheduler are still written);
@@ -24,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,16 @@ import torch
 
 from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig, cond_config, to_dataclass
 
-SUBFOLDERS = ("unet", "vae", "scheduler", "text_encoder", "tokenizer", "class_embedder", "compvis")
+SUBFOLDERS = ("unet", "vqvae", "scheduler", "bert", "tokenizer", "class_embedder", "compvis")
 
 
 def _diffusers() -> Any:
     try:
         import diffusers
         from diffusers.loaders import single_file_utils
-    except ImportError as exc:  # a dev extra: the trainer does not need it
-        raise ImportError("the diffusers export needs diffusers: pip install 'diffusers>=0.30'") from exc
+    except ImportError as exc:  # an extra: the trainer does not need it
+        raise ImportError("the diffusers export and train.init_from=<diffusers folder> need diffusers: "
+                          "pip install 'ldm-train[diffusers]'") from exc
     return diffusers, single_file_utils
 
 
@@ -60,6 +61,13 @@ def unet_original_config(cfg: UNetConfig, ch_mult_first_stage: list[int]) -> dic
     }}}
 
 
+def unet_diffusers_config(cfg: UNetConfig, fs: FirstStageConfig, checkpoint: dict[str, torch.Tensor]) -> dict:
+    """The ``UNet2DConditionModel`` config of our UNet (``checkpoint``: its CompVis-prefixed tensors)."""
+    _, sfu = _diffusers()
+    original = unet_original_config(cfg, fs.ddconfig.ch_mult if fs.kind != "pixel" else [1])
+    return sfu.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=cfg.image_size * fs.downsample_factor)
+
+
 def export_unet(unet_sd: dict[str, torch.Tensor], cfg: UNetConfig, fs: FirstStageConfig, out: Path) -> Any:
     diffusers, sfu = _diffusers()
     unsupported = [name for name, bad in (
@@ -72,9 +80,7 @@ def export_unet(unet_sd: dict[str, torch.Tensor], cfg: UNetConfig, fs: FirstStag
         raise ValueError(f"the diffusers export covers text-conditional UNets; this run has {unsupported[0]}: "
                          "use the CompVis-layout file (compvis/model.safetensors) instead")
     checkpoint = {"model.diffusion_model." + k: v for k, v in unet_sd.items()}
-    f = fs.downsample_factor
-    original = unet_original_config(cfg, fs.ddconfig.ch_mult if fs.kind != "pixel" else [1])
-    config = sfu.create_unet_diffusers_config_from_ldm(original, checkpoint, image_size=cfg.image_size * f)
+    config = unet_diffusers_config(cfg, fs, checkpoint)
     converted = sfu.convert_ldm_unet_checkpoint(checkpoint, config)
     model = diffusers.UNet2DConditionModel(**config)
     model.load_state_dict(converted, strict=True)
@@ -125,23 +131,31 @@ def _level_attention(fs_sd: dict[str, torch.Tensor], levels: int) -> dict[str, t
     return out
 
 
+def vae_state_dict(fs_sd: dict[str, torch.Tensor], fs: FirstStageConfig, config: dict) -> dict[str, torch.Tensor]:
+    """Our first stage's state dict in diffusers' ``AutoencoderKL`` / ``VQModel`` names (``config``: the
+    diffusers config, ``_vae_config``)."""
+    _, sfu = _diffusers()
+    checkpoint = {"first_stage_model." + k: v for k, v in fs_sd.items()}
+    converted = sfu.convert_ldm_vae_checkpoint(checkpoint, config)
+    # the converter passes the level attentions through under their CompVis names: rename them
+    converted = {k: v for k, v in converted.items() if not k.startswith(("encoder.down.", "decoder.up."))}
+    converted.update(_level_attention(fs_sd, len(fs.ddconfig.ch_mult)))
+    if fs.kind == "vq":
+        converted["quantize.embedding.weight"] = fs_sd["quantize.embedding.weight"]
+    return converted
+
+
 def export_vae(fs_sd: dict[str, torch.Tensor], fs: FirstStageConfig, scale_factor: float, out: Path) -> Any:
     diffusers, sfu = _diffusers()
     if fs.kind == "kl" and fs.embed_dim != fs.ddconfig.z_channels:
         raise ValueError(f"first stage {fs.name}: embed_dim {fs.embed_dim} != z_channels {fs.ddconfig.z_channels}; "
                          "diffusers' AutoencoderKL has one latent width")
     config = _vae_config(fs, scale_factor)
-    checkpoint = {"first_stage_model." + k: v for k, v in fs_sd.items()}
-    converted = sfu.convert_ldm_vae_checkpoint(checkpoint, config)
-    # the converter passes the level attentions through under their CompVis names: rename them
-    converted = {k: v for k, v in converted.items() if not k.startswith(("encoder.down.", "decoder.up."))}
-    converted.update(_level_attention(fs_sd, len(fs.ddconfig.ch_mult)))
+    converted = vae_state_dict(fs_sd, fs, config)
     cls = diffusers.AutoencoderKL if fs.kind == "kl" else diffusers.VQModel
-    if fs.kind == "vq":
-        converted["quantize.embedding.weight"] = fs_sd["quantize.embedding.weight"]
     model = cls(**config)
     model.load_state_dict(converted, strict=True)
-    model.save_pretrained(str(out / "vae"))
+    model.save_pretrained(str(out / "vqvae"))
     return model
 
 
@@ -162,18 +176,21 @@ def export_scheduler(cfg: Any, out: Path) -> Any:
 
 
 def export_text_encoder(text_sd: dict[str, torch.Tensor], cfg: TextEncoderConfig, tokenizer_dir: Path,
-                        out: Path) -> None:
-    from safetensors.torch import save_file
+                        out: Path) -> tuple[Any, Any]:
+    """``bert/`` (diffusers' ``LDMBertModel``) and ``tokenizer/`` (saved by transformers, so the pipeline's
+    ``BertTokenizer`` reads it); returns both."""
+    _diffusers()
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion import LDMBertConfig, LDMBertModel
 
-    folder = out / "text_encoder"
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in text_sd.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "ldm-train-bert"})
-    config = {**asdict(cfg), "tokenizer": None, "_class": "ldm_train.models.text_encoder.BERTEmbedder",
-              "_loader": "ldm_train.checkpoints.diffusers_export.load_text_encoder"}
-    (folder / "config.json").write_text(json.dumps(config, indent=2))
-    if tokenizer_dir.is_dir():
-        shutil.copytree(tokenizer_dir, out / "tokenizer", dirs_exist_ok=True)
+    from ldm_train.checkpoints.ldmbert import ldmbert_config, to_ldmbert
+    from ldm_train.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(tokenizer_dir), cfg.max_seq_len)
+    bert = LDMBertModel(LDMBertConfig(**ldmbert_config(cfg, tokenizer.pad_token_id))).eval()
+    bert.load_state_dict(to_ldmbert(text_sd, cfg), strict=True)
+    bert.save_pretrained(str(out / "bert"))
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    return bert, tokenizer
 
 
 def export_class_embedder(stage_sd: dict[str, torch.Tensor], cond: Any, out: Path) -> None:
@@ -193,19 +210,49 @@ def export_class_embedder(stage_sd: dict[str, torch.Tensor], cond: Any, out: Pat
 
 
 def load_text_encoder(folder: str | Path) -> tuple[torch.nn.Module, Any]:
-    """(text encoder in eval mode, tokenizer) from an export's OUT folder (or its ``text_encoder/``)."""
+    """(our text encoder in eval mode, tokenizer) from an export's OUT folder (or its ``bert/``); exports made
+    before ``bert/`` have ``text_encoder/`` with our keys."""
     from ldm_train.checkpoints.compvis import load_state_dict_file, load_strict
+    from ldm_train.checkpoints.ldmbert import from_ldmbert, text_encoder_config
     from ldm_train.data.tokenizer import load_tokenizer
     from ldm_train.models.text_encoder import BERTEmbedder
 
     root = Path(folder)
-    root = root.parent if root.name == "text_encoder" else root
-    raw = json.loads((root / "text_encoder" / "config.json").read_text())
-    cfg = TextEncoderConfig(**{k: v for k, v in raw.items() if not k.startswith("_")})
+    root = root.parent if root.name in ("bert", "text_encoder") else root
+    if (root / "bert" / "config.json").is_file():
+        cfg = text_encoder_config(json.loads((root / "bert" / "config.json").read_text()))
+        file = str(root / "bert" / "model.safetensors")
+        sd = from_ldmbert(load_state_dict_file(file), cfg.n_layer, cfg.max_seq_len)
+    else:
+        raw = json.loads((root / "text_encoder" / "config.json").read_text())
+        cfg = TextEncoderConfig(**{k: v for k, v in raw.items() if not k.startswith("_")})
+        file = str(root / "text_encoder" / "model.safetensors")
+        sd = load_state_dict_file(file)
     model = BERTEmbedder(cfg)
-    load_strict(model, load_state_dict_file(str(root / "text_encoder" / "model.safetensors")), "text encoder",
-                str(root / "text_encoder" / "model.safetensors"))
+    load_strict(model, sd, "text encoder", file)
     return model.eval(), load_tokenizer(str(root / "tokenizer"), cfg.max_seq_len)
+
+
+def write_model_index(parts: dict[str, Any], out: Path) -> None:
+    """``model_index.json`` of an ``LDMTextToImagePipeline`` over the saved parts (diffusers writes it)."""
+    from diffusers import LDMTextToImagePipeline
+
+    LDMTextToImagePipeline(**parts).save_config(str(out))
+
+
+def pipeline_note(unet_cfg: UNetConfig, text_cfg: TextEncoderConfig) -> dict[str, Any]:
+    """How to call the exported pipeline so that it samples as our sampler does."""
+    from ldm_train.checkpoints.ldmbert import PIPELINE_TOKENS
+
+    side = 8 * unet_cfg.image_size  # the pipeline's latents are height // 8 whatever the first stage's f
+    note = {"class": "LDMTextToImagePipeline", "height": side, "width": side,
+            "matches_ldm_train_sampler": text_cfg.max_seq_len == PIPELINE_TOKENS}
+    if text_cfg.max_seq_len != PIPELINE_TOKENS:
+        note["why_not"] = (f"the pipeline pads prompts to {PIPELINE_TOKENS} tokens, this model was trained on "
+                           f"{text_cfg.max_seq_len} and attends to its [PAD] positions (no mask): encode prompts "
+                           f"padded to {text_cfg.max_seq_len} with bert/ and call unet/ + scheduler/ yourself to "
+                           "get our samples")
+    return note
 
 
 def export(checkpoint: str, out: str | Path, *, use_ema: bool = True, first_stage_checkpoint: str | None = None,
@@ -217,6 +264,7 @@ def export(checkpoint: str, out: str | Path, *, use_ema: bool = True, first_stag
     from ldm_train.checkpoints.export import latent_scale_factor, load_export
     from ldm_train.checkpoints.first_stage import first_stage_state_dict, read_first_stage_file
 
+    _diffusers()  # before any work: without it nothing but the CompVis file could be written
     exp = load_export(checkpoint, ema=use_ema)
     cfg = exp.config
     unet_cfg = to_dataclass(cfg.unet, UNetConfig)
@@ -240,21 +288,24 @@ def export(checkpoint: str, out: str | Path, *, use_ema: bool = True, first_stag
     full.update({"first_stage_model." + k: v for k, v in fs_sd.items()})
     save_file({k: v.contiguous() for k, v in full.items()}, str(out / "compvis" / "model.safetensors"),
               metadata={"format": "compvis-ldm", "scale_factor": str(scale_factor)})
-    if fs_sd:
-        export_vae(fs_sd, fs_cfg, scale_factor, out)
-    export_scheduler(cfg, out)
+    vae = export_vae(fs_sd, fs_cfg, scale_factor, out) if fs_sd else None
+    scheduler = export_scheduler(cfg, out)
     try:
-        export_unet(exp.unet, unet_cfg, fs_cfg, out)
+        unet = export_unet(exp.unet, unet_cfg, fs_cfg, out)
     except ValueError as err:
         raise ValueError(f"{err}; written to {out}: compvis/model.safetensors, "
-                         f"{'vae/, ' if fs_sd else ''}scheduler/") from None
+                         f"{'vqvae/, ' if fs_sd else ''}scheduler/") from None
+    pipeline = None
     if cond.kind == "text":
-        export_text_encoder(exp.text_encoder, text_cfg, exp.tokenizer_dir, out)
+        bert, tokenizer = export_text_encoder(exp.text_encoder, text_cfg, exp.tokenizer_dir, out)
+        if vae is not None:
+            write_model_index(dict(vqvae=vae, bert=bert, tokenizer=tokenizer, unet=unet, scheduler=scheduler), out)
+            pipeline = pipeline_note(unet_cfg, text_cfg)
     elif cond.kind == "class":
         export_class_embedder(exp.text_encoder, cond, out)
     summary = {"source": str(exp.weights_file), "sha256": exp.sha256, "ema": exp.ema,
                "first_stage": fs_cfg.checkpoint, "scale_factor": scale_factor,
-               "folders": [s for s in SUBFOLDERS if (out / s).exists()]}
+               "folders": [s for s in SUBFOLDERS if (out / s).exists()], "pipeline": pipeline}
     (out / "ldm_train_export.json").write_text(json.dumps(summary, indent=2))
     return summary
 

@@ -2,14 +2,18 @@
 
 The source is a CompVis checkpoint (``.ckpt`` read weights-only, or safetensors in that layout) or one of our
 exports (a run dir, its ``checkpoints/`` dir or a ``step_*`` dir: ``model_ema.safetensors`` / ``model.safetensors``
-with ``tokenizer/`` beside them). The UNet and the cond stage load strictly (the text encoder's unused ``to_logits``
-may be absent); the first stage and the tokenizer are taken from the same source when it has them and the config
-names none. The optimizer starts fresh at step 0.
+with ``tokenizer/`` beside them) or a diffusers folder (a ``UNet2DConditionModel``, or a pipeline with ``unet/``,
+``vqvae/`` or ``vae/``, ``bert/`` or ``text_encoder/``, ``tokenizer/``): rank 0 converts it once to the CompVis layout
+(``<run dir>/init_from_diffusers.safetensors``, :mod:`ldm_train.checkpoints.diffusers_import`), read as any other file.
+The UNet and the cond stage load strictly (the text encoder's unused ``to_logits`` may be absent; a source without a
+cond stage, such as a bare UNet, leaves it as initialised); the first stage and the tokenizer are taken from the same
+source when it has them and the config names none. The optimizer starts fresh at step 0.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from torch import nn
 
@@ -20,16 +24,43 @@ class InitSource:
     tokenizer_dir: str | None  # our export's tokenizer/, when there is one
     has_first_stage: bool  # first_stage_model.* keys in the file
     ema_file: bool  # our model_ema.safetensors (EMA weights under the plain keys)
+    has_cond_stage: bool = True  # cond_stage_model.* keys in the file
+    converted_from: str | None = None  # the diffusers folder ``weights`` was converted from
 
 
-def resolve(path: str, use_ema: bool = True) -> InitSource:
-    """The weights file (and tokenizer) of ``path``; a clear error when it is neither an export nor a file."""
-    from ldm_train.checkpoints.compvis import FIRST_STAGE_PREFIX, read_weights
+def convert_diffusers(path: str, cfg: Any, run_dir: Path) -> str:
+    """Rank 0 writes the CompVis-layout file of diffusers folder ``path`` under ``run_dir``; every rank gets its path."""
+    from ldm_train.checkpoints.compvis import export_safetensors
+    from ldm_train.checkpoints.diffusers_import import compvis_from_diffusers
+    from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig, cond_config, to_dataclass
+    from ldm_train.runtime.distributed import barrier, get_rank
+
+    target = Path(run_dir) / "init_from_diffusers.safetensors"
+    if get_rank() == 0:
+        text = to_dataclass(cfg.text_encoder, TextEncoderConfig) if cond_config(cfg).kind == "text" else None
+        tensors = compvis_from_diffusers(path, to_dataclass(cfg.unet, UNetConfig),
+                                         to_dataclass(cfg.first_stage, FirstStageConfig), text)
+        export_safetensors(str(target) + ".tmp", {"": tensors}, {"converted_from": path})
+        Path(str(target) + ".tmp").replace(target)
+    barrier()
+    return str(target)
+
+
+def resolve(path: str, use_ema: bool = True, cfg: Any = None, run_dir: Path | None = None) -> InitSource:
+    """The weights file (and tokenizer) of ``path``; a clear error when it is neither an export nor a file.
+    A diffusers folder needs the run's ``cfg`` (the shapes to convert to) and ``run_dir`` (where to write)."""
+    from ldm_train.checkpoints.compvis import FIRST_STAGE_PREFIX, TEXT_PREFIX, read_weights
+    from ldm_train.checkpoints.diffusers_import import is_diffusers_folder
     from ldm_train.checkpoints.export import EMA_FILE, TOKENIZER_DIR, weights_file
 
     p = Path(path)
-    tokenizer = None
-    if p.is_dir():
+    tokenizer, converted_from = None, None
+    if is_diffusers_folder(p):
+        if cfg is None or run_dir is None:
+            raise ValueError(f"train.init_from={path} is a diffusers folder: resolve(path, cfg=..., run_dir=...)")
+        weights, converted_from = convert_diffusers(path, cfg, run_dir), path
+        tokenizer = str(p / TOKENIZER_DIR) if (p / TOKENIZER_DIR).is_dir() else None
+    elif p.is_dir():
         try:
             file = weights_file(p, ema=use_ema)
         except FileNotFoundError as e:
@@ -40,22 +71,26 @@ def resolve(path: str, use_ema: bool = True) -> InitSource:
     elif p.is_file() or "://" in path:
         weights, file = path, p
     else:
-        raise FileNotFoundError(f"train.init_from={path} does not exist: give a CompVis .ckpt / safetensors file or a "
-                                "run / step directory of ours")
+        raise FileNotFoundError(f"train.init_from={path} does not exist: give a CompVis .ckpt / safetensors file, a "
+                                "run / step directory of ours or a diffusers model folder")
     keys = read_weights(weights).tensors.keys()
     return InitSource(weights, tokenizer, any(k.startswith(FIRST_STAGE_PREFIX) for k in keys),
-                      Path(weights).name == EMA_FILE)
+                      Path(weights).name == EMA_FILE, any(k.startswith(TEXT_PREFIX) for k in keys), converted_from)
 
 
 def load_into(model: nn.Module, source: InitSource, use_ema: bool) -> str:
     """Load the UNet and the cond stage of ``model`` (a LatentDiffusion) strictly; returns the report line."""
     from ldm_train.checkpoints.compvis import load_compvis
 
-    stage = getattr(model, "cond_stage_model", None)
+    stage = getattr(model, "cond_stage_model", None) if source.has_cond_stage else None
     kind = getattr(model, "cond_kind", "text")
     report = load_compvis(source.weights, unet=model.unet, text_encoder=stage if kind == "text" else None,
                           use_ema=use_ema and not source.ema_file)
     line = str(report)
+    if source.converted_from:
+        line = f"converted from the diffusers folder {source.converted_from}; {line}"
+    if not source.has_cond_stage and getattr(model, "cond_stage_model", None) is not None:
+        line += "; cond stage: not in the source, kept as initialised"
     if stage is not None and kind != "text":  # a class embedder: plain strict load of its keys
         from ldm_train.checkpoints.compvis import load_strict, read_weights, split_compvis
 

@@ -138,7 +138,7 @@ class Trainer:
         if self.tcfg.init_from and not (self.tcfg.checkpoint.resume and (self.ckpt_dir / ckpt.LATEST).exists()):
             from ldm_train.trainer import init_from
 
-            self.init_source = init_from.resolve(self.tcfg.init_from, self.tcfg.init_use_ema)
+            self.init_source = init_from.resolve(self.tcfg.init_from, self.tcfg.init_use_ema, cfg, self.run_dir)
             if self.init_source.tokenizer_dir and not cfg.text_encoder.tokenizer \
                     and str(getattr(getattr(cfg, "cond", None), "kind", "text")) == "text":
                 cfg.text_encoder.tokenizer = self.init_source.tokenizer_dir  # the ids the encoder was trained on

@@ -53,8 +53,9 @@ def wide_colours() -> np.ndarray:
     return np.random.default_rng(1).uniform(0, 255, (48, 3))
 
 
-def build_tiny_export(root: str, resolution: int = 32) -> str:
-    """A randomly initialised tiny UNet + text encoder + KL-f4 first stage in ldm_train's export layout.
+def build_tiny_export(root: str, resolution: int = 32, overrides: tuple[str, ...] = ()) -> str:
+    """A randomly initialised tiny UNet + text encoder + KL-f4 first stage in ldm_train's export layout
+    (``overrides``: more Hydra overrides of the train config).
 
     Returns the run dir (``checkpoints/latest`` names the step dir). Weights are perturbed from their init
     so the output depends on the prompt (CompVis zero-initialises the UNet's last conv).
@@ -86,7 +87,7 @@ def build_tiny_export(root: str, resolution: int = 32) -> str:
     register_trainer_configs()
     conf = str(Path(__file__).resolve().parents[2] / "conf")
     with initialize_config_dir(conf, version_base=None):
-        cfg = compose("train", overrides=[f"data.resolution={resolution}"])
+        cfg = compose("train", overrides=[f"data.resolution={resolution}", *overrides])
     run = Path(root) / "run"
     step = run / "checkpoints" / "step_0000010"
     step.mkdir(parents=True)

@@ -31,7 +31,7 @@ def test_export_loads_with_from_pretrained_and_matches(exported: tuple[str, Path
     run, out = exported
     ours = load_sampling_model(run)
     unet = diffusers.UNet2DConditionModel.from_pretrained(str(out), subfolder="unet").eval()
-    vae = diffusers.AutoencoderKL.from_pretrained(str(out), subfolder="vae").eval()
+    vae = diffusers.AutoencoderKL.from_pretrained(str(out), subfolder="vqvae").eval()
     scheduler = diffusers.DDIMScheduler.from_pretrained(str(out), subfolder="scheduler")
     text, tokenizer = load_text_encoder(out)
     assert vae.config.norm_num_groups == ours.first_stage.cfg.ddconfig.norm_groups == 8
@@ -58,13 +58,60 @@ def test_export_loads_with_from_pretrained_and_matches(exported: tuple[str, Path
         vae_diff = float((d_ours - d_theirs).abs().max())
         img = torch.rand(1, 3, 32, 32, generator=gen) * 2 - 1
         enc_diff = float((ours.first_stage.encode_moments(img) - vae.quant_conv(vae.encoder(img))).abs().max())
-    print(json.dumps({"unet_max_abs_diff": unet_diff, "vae_decode_max_abs_diff": vae_diff,
+        ours_text = ours.ldm.cond_stage_model.eval()
+        bert = diffusers.DiffusionPipeline.from_pretrained(str(out)).bert.eval()  # LDMBertModel, no mask
+        bert_diff = float((bert(tokens)[0] - ours_text(tokens)).abs().max())
+    print(json.dumps({"unet_max_abs_diff": unet_diff, "ldmbert_max_abs_diff": bert_diff,
+                      "vae_decode_max_abs_diff": vae_diff,
                       "vae_encode_max_abs_diff": enc_diff}))
-    assert unet_diff < 1e-4 and vae_diff < 1e-4 and enc_diff < 1e-4
+    assert unet_diff < 1e-4 and vae_diff < 1e-4 and enc_diff < 1e-4 and bert_diff < 1e-5
     ours_ac = ours.ldm.schedule.alphas_cumprod
     assert torch.allclose(scheduler.alphas_cumprod.float(), ours_ac, atol=1e-6)
     expected = {"eps": "epsilon", "v": "v_prediction"}[ours.ldm.parameterization]
     assert scheduler.config.prediction_type == expected
+
+
+def _uint8(images_pm1: torch.Tensor) -> torch.Tensor:
+    """Our PNG writer's rounding (eval.sampling.save_png)."""
+    return ((images_pm1.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+@pytest.mark.parametrize("max_seq_len", [77, 32])
+def test_pipeline_from_pretrained_samples_our_images(tmp_path: Path, max_seq_len: int) -> None:
+    """DiffusionPipeline.from_pretrained(export) (no custom code) with the same seeds, DDIM steps and guidance
+    gives our eval sampler's uint8 images when the model was trained on 77-token prompts (the pipeline's fixed
+    padding); with 32 the extra [PAD] positions change the context, and the export says so."""
+    from eval.checkpoint import load_sampling_model
+    from eval.sampling import sample_batch
+    from ldm_train.checkpoints.diffusers_export import export
+    from ldm_train.sampling import SamplerSettings
+
+    run = build_tiny_export(str(tmp_path), overrides=(f"text_encoder.max_seq_len={max_seq_len}",))
+    summary = export(run, tmp_path / "out")
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(tmp_path / "out"))
+    assert type(pipe).__name__ == "LDMTextToImagePipeline"
+    assert type(pipe.bert).__name__ == "LDMBertModel" and pipe.bert.config.max_position_embeddings == 77
+    note = summary["pipeline"]
+    assert note["matches_ldm_train_sampler"] is (max_seq_len == 77)
+
+    ours = load_sampling_model(run)
+    prompts = ["a large red circle in the center on a white background", "a small blue square"]
+    settings = SamplerSettings("ddim", steps=8, eta=0.0, guidance_scale=3.0, seed=5)
+    mine = _uint8(sample_batch(ours, prompts, [0, 1], settings, torch.device("cpu")))
+    generators = [torch.Generator().manual_seed(5 + i) for i in range(2)]  # eval: seed + sample index
+    theirs = pipe(prompts, height=note["height"], width=note["width"], num_inference_steps=8, guidance_scale=3.0,
+                  eta=0.0, generator=generators, output_type="pt").images  # [0, 1]
+    theirs = (theirs * 255).round().to(torch.uint8)  # diffusers' numpy_to_pil rounding
+    assert theirs.shape == mine.shape == (2, 3, 32, 32)
+    diff = int((mine.int() - theirs.int()).abs().max())
+    print(json.dumps({"max_seq_len": max_seq_len, "uint8_max_abs_diff": diff,
+                      "uint8_mean_abs_diff": float((mine.float() - theirs.float()).abs().mean()),
+                      "image_std": float(mine.float().std())}))
+    assert float(mine.float().std()) > 5  # not a flat image
+    if max_seq_len == 77:
+        assert diff <= 1
+    else:
+        assert diff > 1 and "pads prompts to 77 tokens" in note["why_not"]
 
 
 def test_export_writes_the_compvis_layout_file(exported: tuple[str, Path]) -> None:
@@ -75,8 +122,8 @@ def test_export_writes_the_compvis_layout_file(exported: tuple[str, Path]) -> No
         prefixes = {k.split(".")[0] for k in f.keys()}
     assert prefixes == {"model", "cond_stage_model", "first_stage_model"}
     summary = json.loads((out / "ldm_train_export.json").read_text())
-    assert summary["ema"] is True and summary["folders"] == ["unet", "vae", "scheduler", "text_encoder",
-                                                              "tokenizer", "compvis"]
+    assert summary["ema"] is True and summary["folders"] == ["unet", "vqvae", "scheduler", "bert", "tokenizer",
+                                                              "compvis"]
 
 
 def test_export_names_the_missing_first_stage(tmp_path: Path) -> None:
@@ -112,7 +159,7 @@ def test_vq_first_stages_decode_the_same_in_diffusers(tmp_path: Path, preset: st
         for p in ours.parameters():
             p.add_(0.02 * torch.randn_like(p))
     export_vae(ours.state_dict(), fs_cfg, 1.0, tmp_path)
-    theirs = diffusers.VQModel.from_pretrained(str(tmp_path), subfolder="vae").eval()
+    theirs = diffusers.VQModel.from_pretrained(str(tmp_path), subfolder="vqvae").eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
         h = ours.encode_moments(x)
@@ -146,7 +193,7 @@ def test_first_stages_with_attention_in_their_levels_decode_the_same_in_diffuser
             p.add_(0.02 * torch.randn_like(p))
     export_vae(ours.state_dict(), fs_cfg, 1.0, tmp_path)
     cls = diffusers.AutoencoderKL if preset.startswith("kl") else diffusers.VQModel
-    theirs = cls.from_pretrained(str(tmp_path), subfolder="vae").eval()
+    theirs = cls.from_pretrained(str(tmp_path), subfolder="vqvae").eval()
     assert sum(p.numel() for p in theirs.parameters()) == sum(p.numel() for p in ours.parameters())
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     with torch.no_grad():
@@ -158,3 +205,14 @@ def test_first_stages_with_attention_in_their_levels_decode_the_same_in_diffuser
     print(json.dumps({"preset": preset, "attention_tensors": n_attn, "encode_max_abs_diff": enc,
                       "decode_max_abs_diff": dec}))
     assert float(h.abs().max()) > 1e-2 and enc < 1e-4 and dec < 1e-4
+
+
+def test_the_export_without_diffusers_names_the_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from ldm_train.checkpoints.diffusers_export import main
+
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # import diffusers -> ImportError
+    with pytest.raises(ImportError, match=r"pip install 'ldm-train\[diffusers\]'"):
+        main([str(tmp_path / "run"), str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()

@@ -75,3 +75,34 @@ def test_init_from_a_pickle_with_code_is_refused_without_running_it(tmp_path) ->
         init_from.resolve(str(bad))
     assert str(bad) in str(err.value)
     assert not marker.exists()
+
+
+def test_init_from_a_diffusers_pipeline_folder(tmp_path, latents_root, tokenizer_dir) -> None:
+    """A pipeline saved by diffusers' own classes starts a run: its UNet, LDMBert text encoder, VAE (the first
+    stage) and tokenizer are converted once to our layout, and a step at learning rate 0 leaves them in place."""
+    import pytest
+    from safetensors.torch import load_file
+
+    pytest.importorskip("diffusers")
+    from ldm_train.app import compose
+    from ldm_train.trainer.config import TrainAppConfig
+    from tests.diffusers_pipeline import save_diffusers_pipeline
+
+    folder = tmp_path / "hf"
+    save_diffusers_pipeline(folder, compose("train", TrainAppConfig, ["experiment=tiny",
+                                                                      f"data.latents_root={latents_root}"]),
+                            tokenizer_dir)
+    runs = tmp_path / "runs"
+    proc = run_trainer(tiny_overrides(latents_root, runs, **{
+        "train.init_from": folder, "train.max_steps": 1, "train.optim.base_lr": 0.0,
+        "train.optim.weight_decay": 0.0}), nproc=1)
+    assert f"converted from the diffusers folder {folder}" in proc.stdout
+    run = only_run_dir(runs)
+    converted = load_file(str(run / "init_from_diffusers.safetensors"))
+    assert {k.split(".")[0] for k in converted} == {"model", "cond_stage_model", "first_stage_model"}
+    step = sorted((run / "checkpoints").glob("step_*"))[-1]
+    exported = load_file(str(step / "model.safetensors"))
+    assert len(exported) > 50 and all(k in converted for k in exported)
+    assert all(torch.equal(exported[k], converted[k].float()) for k in exported)
+    config = (run / "config.yaml").read_text()
+    assert f"tokenizer: {folder}/tokenizer" in config and f"checkpoint: {run}/init_from_diffusers.safetensors" in config

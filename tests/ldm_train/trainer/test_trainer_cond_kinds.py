@@ -139,7 +139,7 @@ def test_none_kind_trains_resumes_samples_and_exports_without_cond_stage(class_l
     # diffusers has no UNet2DConditionModel for it: refused, naming what was written (the CompVis file first)
     from ldm_train.checkpoints.diffusers_export import export
 
-    with pytest.raises(ValueError, match=r"unconditional.*written to .*compvis/model\.safetensors, vae/, scheduler/"):
+    with pytest.raises(ValueError, match=r"unconditional.*written to .*compvis/model\.safetensors, vqvae/, scheduler/"):
         export(str(run_dir), tmp_path / "hf", first_stage_checkpoint=_random_first_stage(run_dir, tmp_path))
     full = load_file(str(tmp_path / "hf" / "compvis" / "model.safetensors"))
     assert any(k.startswith("first_stage_model.") for k in full) and not any(k.startswith("cond_stage") for k in full)
