@@ -9,9 +9,10 @@ Schedule (``schedule.py``)::
     schedule = make_schedule("scaled_linear", 1000, 0.00085, 0.012)   # the paper; .to(device)
     schedule.alphas_cumprod, schedule.snr(t), min_snr_weight(snr, gamma, "eps")
 
-``"scaled_linear"`` is what CompVis configs call ``linear`` (linspace of sqrt(beta), squared); our
-``"linear"`` is plain linspace (DDPM) and ``"cosine"`` is Nichol & Dhariwal. Tables are computed in
-float64 and stored float32, as CompVis does.
+``"scaled_linear"`` is what CompVis configs call ``linear`` (linspace of sqrt(beta), squared, every released
+LDM); ``"sqrt_linear"`` is plain linspace (DDPM; diffusers' ``linear``), ``"sqrt"`` CompVis' ``sqrt`` and
+``"cosine"`` Nichol & Dhariwal. ``"linear"`` alone is refused as ambiguous; ``from_compvis_name`` translates a
+CompVis config's name. Tables are computed in float64 and stored float32, as CompVis does.
 
 Training loss (``losses.py``)::
 
@@ -71,6 +72,7 @@ from ldm_train.diffusion.samplers import (
 from ldm_train.diffusion.schedule import (
     BETA_SCHEDULES,
     DiffusionSchedule,
+    from_compvis_name,
     make_beta_schedule,
     make_schedule,
     min_snr_weight,
@@ -84,6 +86,7 @@ __all__ = [
     "ddpm_sample",
     "diffusion_loss",
     "eps_from_v",
+    "from_compvis_name",
     "make_beta_schedule",
     "make_schedule",
     "make_timesteps",

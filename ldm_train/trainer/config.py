@@ -36,11 +36,16 @@ class OptimConfig:
 class DiffusionConfig:
     """The forward process and the objective (paper: scaled_linear 0.00085..0.012, T=1000, eps)."""
 
+    # scaled_linear: linspace(sqrt(start), sqrt(end), T) ** 2 (CompVis "linear"); sqrt_linear: linspace(start, end,
+    # T) (diffusers "linear"); sqrt; cosine. "linear" is refused as ambiguous (ldm_train/diffusion/schedule.py)
     beta_schedule: str = "scaled_linear"
     timesteps: int = 1000
     linear_start: float = 0.00085
     linear_end: float = 0.012
     parameterization: str = "eps"  # "eps" or "v"
+    # "l2": mean squared error (the paper's L_LDM); "l1": mean absolute error (CompVis loss_type l1: lsun_churches,
+    # inpainting, layout2img, semantic synthesis)
+    loss_type: str = "l2"
     min_snr_gamma: float | None = None
     # offset noise (Guttenberg 2023): noise + offset_noise * N(0, 1) per sample and channel, constant over the
     # image, so the model can learn overall brightness; 0 (the paper) disables it. Typical: 0.05-0.1
