@@ -37,8 +37,9 @@ Sampling (``samplers.py``)::
     z = plms_sample(model_fn, schedule, shape, num_steps=50, generator=gens)
     z = ddpm_sample(model_fn, schedule, shape, generator=gens)      # all 1000 steps, or num_steps=
 
-- Timesteps: ``"leading"`` spacing with ``steps_offset=1`` (CompVis ``make_ddim_timesteps`` uniform, and
-  diffusers DDIM/PNDM as Stable Diffusion configures them: 250 steps visit 997, 993, ..., 1); the final
+- Timesteps: ``"leading"`` spacing with ``steps_offset=1`` (diffusers DDIM/PNDM as Stable Diffusion configures
+  them, and CompVis ``make_ddim_timesteps`` uniform when S divides T: 250 steps visit 997, 993, ..., 1;
+  ``"uniform_compvis"`` is CompVis' for any S, e.g. 31 steps for 30); the final
   DDIM/PLMS step lands on ``alphas_cumprod[0]`` (diffusers ``set_alpha_to_one=False``). ``"trailing"``
   is available. DDPM with ``num_steps=None`` is CompVis ``p_sample_loop``; with ``num_steps`` it is
   respaced and ends on clean data.

