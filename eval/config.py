@@ -52,6 +52,8 @@ class EvalConfig:
     sampler: str = "ddim"  # ddim | plms | ddpm
     steps: int = bounded(50, ge=1)
     eta: float = bounded(0.0, ge=0)
+    # leading (exactly `steps`) | uniform_compvis (CompVis DDIMSampler: range(0, T, T // steps) + 1) | trailing
+    timestep_spacing: str = "leading"
     guidance_scale: Any = 1.5  # a number or a list of numbers: one sample set and metrics row per scale
     batch_size: int = bounded(16, ge=1)
     device: str = "auto"  # auto | cpu | cuda | cuda:N

@@ -213,9 +213,13 @@ def sample_stage(cfg: EvalConfig, prompts: list[str], output_dir: str, device: t
     if model.cond.kind == "concat":  # the inputs are the reference images' low-resolution copies
         extra.update(reference=str(cfg.reference.path), reference_images=cfg.reference.num_images)
     for scale in eval_scales(cfg, model.cond):
-        settings = SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, scale, cfg.seed, cfg.batch_size, cfg.precision)
+        settings = SamplerSettings(cfg.sampler, cfg.steps, cfg.eta, scale, cfg.seed, cfg.batch_size, cfg.precision,
+                                   cfg.timestep_spacing)
         folder = scale_dir(os.path.join(output_dir, "samples"), scale)
-        _check_settings(folder, {**asdict(settings), "checkpoint": str(model.weights_file),
+        recorded = asdict(settings)
+        if settings.spacing == "leading":
+            del recorded["spacing"]  # the default: folders sampled before the setting existed match it
+        _check_settings(folder, {**recorded, "checkpoint": str(model.weights_file),
                                  "first_stage": model.first_stage_file, "scale_factor": model.scale_factor,
                                  "prompts": str(cfg.prompts), "num_samples": cfg.num_samples, **extra})
         barrier()

@@ -19,11 +19,24 @@ from ldm_train.models.ldm import LatentDiffusion
 
 def diffusion_config(cfg: Any) -> Any:
     """The ``train.diffusion`` node of ``cfg`` as a DiffusionConfig (defaults for absent keys)."""
+    from ldm_train.diffusion.losses import LOSS_TYPES
+    from ldm_train.diffusion.schedule import AMBIGUOUS_LINEAR, BETA_SCHEDULES
     from ldm_train.trainer.config import DiffusionConfig
 
     node = OmegaConf.select(cfg, "train.diffusion", default=None) if OmegaConf.is_config(cfg) else \
         getattr(getattr(cfg, "train", None), "diffusion", None)
-    return to_dataclass(node, DiffusionConfig)
+    d = to_dataclass(node, DiffusionConfig)
+    if d.beta_schedule == "linear":
+        raise ValueError(f"train.diffusion.beta_schedule=linear: {AMBIGUOUS_LINEAR}")
+    if d.beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"train.diffusion.beta_schedule={d.beta_schedule!r}: use one of {', '.join(BETA_SCHEDULES)}")
+    if d.loss_type not in LOSS_TYPES:
+        raise ValueError(f"train.diffusion.loss_type={d.loss_type!r}: use l2 (mean squared error, the default) or l1 "
+                         "(mean absolute error, CompVis loss_type l1)")
+    if d.loss_type == "l1" and d.min_snr_gamma is not None:
+        raise ValueError(f"train.diffusion.min_snr_gamma={d.min_snr_gamma} weights a squared error but "
+                         "train.diffusion.loss_type=l1: set train.diffusion.min_snr_gamma=null or loss_type=l2")
+    return d
 
 
 def check_cond(cond: CondConfig, unet_cfg: UNetConfig, text_cfg: TextEncoderConfig | None = None,
@@ -86,4 +99,5 @@ def build_ldm(cfg: Any, activation_checkpointing: bool | None = None) -> LatentD
     elif cond.kind == "text" and unet_cfg.context_dim is not None:
         stage = BERTEmbedder(text_cfg)
     return LatentDiffusion(UNetModel(unet_cfg), stage, schedule, d.parameterization, d.min_snr_gamma,
-                           cond_kind=cond.kind if stage is not None or cond.kind == "concat" else "none")
+                           cond_kind=cond.kind if stage is not None or cond.kind == "concat" else "none",
+                           loss_type=d.loss_type)

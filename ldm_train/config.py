@@ -65,7 +65,11 @@ class FirstStageConfig:
     ddconfig: DDConfig = field(default_factory=DDConfig)
     lossconfig: FirstStageLossConfig = field(default_factory=FirstStageLossConfig)
     checkpoint: str | None = None  # local path or fsspec URL of trained weights (CompVis layout); none for pixel
-    scale_factor: float | None = bounded(None, gt=0)  # None: take it from the latent manifest
+    # z = scale_factor * latent. A number: fixed (released VQ LDMs 1.0, the txt2img model 0.18215). None: by
+    # scale_factor_from: "manifest" (1/std in the latent manifest) or "first_batch" (CompVis scale_by_std: 1/std of
+    # the first training batch, then recorded here in the run's config). ldm_train/trainer/scale_factor.py
+    scale_factor: float | None = bounded(None, gt=0)
+    scale_factor_from: str = "manifest"
 
 
 @dataclass

@@ -33,8 +33,10 @@ ROWS = (
     Released("configs/latent-diffusion/ffhq-ldm-vq-4.yaml", ("experiment=celebahq_ldm4",), "274M"),
     Released("configs/latent-diffusion/lsun_bedrooms-ldm-vq-4.yaml", ("experiment=celebahq_ldm4",), "274M"),
     Released("configs/latent-diffusion/lsun_churches-ldm-kl-8.yaml", ("experiment=lsun_churches_ldm8",), "294M"),
-    # the v1 class model: the cin256-v2 UNet, its ClassEmbedder without the null-class row (1000 rows)
-    Released("configs/latent-diffusion/cin256.yaml", ("experiment=cin256_ldm4", "cond.null_class=false"), "400M"),
+    # the v1 class model: cin-ldm-vq-f8's layout (vq-f8 latents 32x32x4, model_channels 256, heads of 32 channels),
+    # a ClassEmbedder of CompVis' default 1000 rows (no null class)
+    Released("models/ldm/cin256/config.yaml",
+             ("experiment=cin256_ldm4", "unet=cin_vq_f8", "first_stage=vq_f8", "cond.null_class=false"), ""),
     Released("configs/latent-diffusion/cin256-v2.yaml", ("experiment=cin256_ldm4",), "400M"),
     Released("configs/latent-diffusion/cin-ldm-vq-f8.yaml",
              ("experiment=cin256_ldm4", "unet=cin_vq_f8", "first_stage=vq_f8", "cond.null_class=false"), ""),
@@ -42,12 +44,13 @@ ROWS = (
     # the paper's 169M SR model is its ImageNet one (Tab. 5), not the released general-purpose bsr_sr: no count stated
     Released("models/ldm/bsr_sr/config.yaml", ("experiment=bsr_sr_ldm4",), ""),
     Released("models/ldm/inpainting_big/config.yaml",
-             ("experiment=bsr_sr_ldm4", "unet.in_channels=7", "unet.concat_channels=4", "unet.model_channels=256",
+             ("experiment=bsr_sr_ldm4", "first_stage=vq_f4_noattn", "unet.in_channels=7", "unet.concat_channels=4",
+              "unet.model_channels=256",
               "unet.channel_mult=[1,2,3,4]", "unet.attention_resolutions=[8,4,2]", "unet.resblock_updown=true"),
              "387M", loadable=False, unet_only=True,
              why_not="the UNet layout builds (7 input channels: latent + masked image + mask), but there is no "
                      "inpainting data path (mask + masked image as the concat input), so the model cannot be trained "
-                     "or sampled here; its first stage (vq-f4 without attention) is first_stage=vq_f4_noattn"),
+                     "or sampled here"),
 )
 
 

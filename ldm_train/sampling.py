@@ -29,6 +29,9 @@ class SamplerSettings:
     seed: int = 0
     batch_size: int = 16
     precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast of UNet, text encoder and decoder; CUDA)
+    # leading (exactly `steps`; diffusers / SD) | uniform_compvis (CompVis DDIMSampler: range(0, T, T // steps) + 1,
+    # more than `steps` when they do not divide T) | trailing; ldm_train/diffusion/samplers.py make_timesteps
+    spacing: str = "leading"
 
 
 def conditioning(model: LatentDiffusion, tokenizer: Any, conds: Sequence[Any],
@@ -78,7 +81,8 @@ def sample_latents(model: LatentDiffusion, tokenizer: Any, conds: Sequence[Any],
     generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
     shape = (len(seeds), *latent_shape)
     schedule = model.schedule_on(torch.device(device))
-    common = dict(parameterization=model.parameterization, generator=generators, device=device)
+    common = dict(parameterization=model.parameterization, generator=generators, device=device,
+                  spacing=settings.spacing)
     if settings.sampler == "ddim":
         return ddim_sample(model_fn, schedule, shape, num_steps=settings.steps, eta=settings.eta, **common)
     if settings.sampler == "plms":

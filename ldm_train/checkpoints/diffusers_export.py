@@ -164,7 +164,7 @@ def export_scheduler(cfg: Any, out: Path) -> Any:
     from ldm_train.build import diffusion_config
 
     d = diffusion_config(cfg)
-    kinds = {"scaled_linear": "scaled_linear", "linear": "linear", "cosine": "squaredcos_cap_v2"}
+    kinds = {"scaled_linear": "scaled_linear", "sqrt_linear": "linear", "cosine": "squaredcos_cap_v2"}
     if d.beta_schedule not in kinds:
         raise ValueError(f"diffusion.beta_schedule={d.beta_schedule!r} has no diffusers equivalent")
     scheduler = diffusers.DDIMScheduler(

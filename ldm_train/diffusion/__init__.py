@@ -9,9 +9,10 @@ Schedule (``schedule.py``)::
     schedule = make_schedule("scaled_linear", 1000, 0.00085, 0.012)   # the paper; .to(device)
     schedule.alphas_cumprod, schedule.snr(t), min_snr_weight(snr, gamma, "eps")
 
-``"scaled_linear"`` is what CompVis configs call ``linear`` (linspace of sqrt(beta), squared); our
-``"linear"`` is plain linspace (DDPM) and ``"cosine"`` is Nichol & Dhariwal. Tables are computed in
-float64 and stored float32, as CompVis does.
+``"scaled_linear"`` is what CompVis configs call ``linear`` (linspace of sqrt(beta), squared, every released
+LDM); ``"sqrt_linear"`` is plain linspace (DDPM; diffusers' ``linear``), ``"sqrt"`` CompVis' ``sqrt`` and
+``"cosine"`` Nichol & Dhariwal. ``"linear"`` alone is refused as ambiguous; ``from_compvis_name`` translates a
+CompVis config's name. Tables are computed in float64 and stored float32, as CompVis does.
 
 Training loss (``losses.py``)::
 
@@ -36,8 +37,9 @@ Sampling (``samplers.py``)::
     z = plms_sample(model_fn, schedule, shape, num_steps=50, generator=gens)
     z = ddpm_sample(model_fn, schedule, shape, generator=gens)      # all 1000 steps, or num_steps=
 
-- Timesteps: ``"leading"`` spacing with ``steps_offset=1`` (CompVis ``make_ddim_timesteps`` uniform, and
-  diffusers DDIM/PNDM as Stable Diffusion configures them: 250 steps visit 997, 993, ..., 1); the final
+- Timesteps: ``"leading"`` spacing with ``steps_offset=1`` (diffusers DDIM/PNDM as Stable Diffusion configures
+  them, and CompVis ``make_ddim_timesteps`` uniform when S divides T: 250 steps visit 997, 993, ..., 1;
+  ``"uniform_compvis"`` is CompVis' for any S, e.g. 31 steps for 30); the final
   DDIM/PLMS step lands on ``alphas_cumprod[0]`` (diffusers ``set_alpha_to_one=False``). ``"trailing"``
   is available. DDPM with ``num_steps=None`` is CompVis ``p_sample_loop``; with ``num_steps`` it is
   respaced and ends on clean data.
@@ -71,6 +73,7 @@ from ldm_train.diffusion.samplers import (
 from ldm_train.diffusion.schedule import (
     BETA_SCHEDULES,
     DiffusionSchedule,
+    from_compvis_name,
     make_beta_schedule,
     make_schedule,
     min_snr_weight,
@@ -84,6 +87,7 @@ __all__ = [
     "ddpm_sample",
     "diffusion_loss",
     "eps_from_v",
+    "from_compvis_name",
     "make_beta_schedule",
     "make_schedule",
     "make_timesteps",

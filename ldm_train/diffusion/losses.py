@@ -13,6 +13,7 @@ import torch
 from ldm_train.diffusion.schedule import DiffusionSchedule, min_snr_weight
 
 PARAMETERIZATIONS = ("eps", "v")
+LOSS_TYPES = ("l2", "l1")  # CompVis get_loss: mse, or (target - pred).abs(); both averaged over C, H, W
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -103,14 +104,20 @@ def diffusion_loss(
     schedule: DiffusionSchedule,
     parameterization: str = "eps",
     min_snr_gamma: float | None = None,
+    loss_type: str = "l2",
 ) -> torch.Tensor:
-    """Per-sample MSE ([B], float32) between ``model_fn(x_t, t)`` and the eps or v target.
+    """Per-sample loss ([B], float32) between ``model_fn(x_t, t)`` and the eps or v target: the mean squared
+    (``loss_type="l2"``) or absolute (``"l1"``) error.
 
     The trainer wraps the UNet and its conditioning into ``model_fn``; this is the paper's L_LDM
-    (CompVis ``loss_simple``, mean over C, H, W) optionally reweighted by Min-SNR-gamma.
-    Take ``.mean()`` of the result for the batch loss.
+    (CompVis ``loss_simple``, mean over C, H, W) optionally reweighted by Min-SNR-gamma (l2 only: its weights
+    are derived for a squared error). Take ``.mean()`` of the result for the batch loss.
     """
     _check_param(parameterization)
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if loss_type == "l1" and min_snr_gamma is not None:
+        raise ValueError("min_snr_gamma weights a squared error: use loss_type='l2' with it, or min_snr_gamma=None")
     if x0.shape != noise.shape:
         raise ValueError(f"x0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape")
     x_t = q_sample(x0, t, noise, schedule)
@@ -122,7 +129,8 @@ def diffusion_loss(
             "check the UNet's out_channels against the latent channels"
         )
     # float32 reduction: a bf16 model output must not make the loss itself bf16-rounded
-    loss = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    err = pred.float() - target.float()
+    loss = (err.abs() if loss_type == "l1" else err.pow(2)).flatten(1).mean(dim=1)
     if min_snr_gamma is not None:
         loss = loss * min_snr_weight(schedule.snr(t.to(schedule.device)), min_snr_gamma, parameterization).to(
             loss.device

@@ -7,9 +7,10 @@ from ``generator``: one ``torch.Generator`` for the whole batch, or a list with 
 first, then the per-step noise in step order, the same order as diffusers' pipelines; per-step noise can
 instead be given explicitly with ``noise`` (one tensor per step).
 
-Timestep spacing (``make_timesteps``) defaults to ``"leading"`` with ``steps_offset=1``: ``range(0, T, T//S)
-+ 1`` reversed, which is both CompVis ``make_ddim_timesteps(..., "uniform")`` and diffusers' DDIMScheduler /
-PNDMScheduler with ``timestep_spacing="leading", steps_offset=1`` as Stable Diffusion configures them. The
+Timestep spacing (``make_timesteps``) defaults to ``"leading"`` with ``steps_offset=1``: ``arange(S) * (T//S)
++ 1`` reversed, diffusers' DDIMScheduler / PNDMScheduler with ``timestep_spacing="leading", steps_offset=1`` as
+Stable Diffusion configures them. It equals CompVis ``make_ddim_timesteps(..., "uniform")`` when S divides T;
+otherwise CompVis takes all of ``range(0, T, T//S) + 1`` (more than S steps): ``spacing="uniform_compvis"``. The
 step after the last one lands on ``alphas_cumprod[0]`` (diffusers ``set_alpha_to_one=False``, CompVis
 ``alphas_prev[0]``), except DDPM whose last step lands on clean data (a = 1), as in CompVis ``p_sample``.
 """
@@ -53,11 +54,17 @@ def randn(
     )
 
 
+SPACINGS = ("leading", "trailing", "uniform_compvis")
+
+
 def make_timesteps(
     num_train_timesteps: int, num_steps: int, spacing: str = "leading", steps_offset: int = 1
 ) -> list[int]:
-    """Descending sampling timesteps. ``"leading"``: ``arange(S) * (T // S) + steps_offset`` (CompVis / SD);
-    ``"trailing"``: ``round(arange(T, 0, -T / S)) - 1`` (ends at T-1, ignores steps_offset)."""
+    """Descending sampling timesteps. ``"leading"``: ``arange(S) * (T // S) + steps_offset``, exactly S steps
+    (diffusers DDIM / PNDM as Stable Diffusion configures them); ``"trailing"``: ``round(arange(T, 0, -T / S)) - 1``
+    (ends at T-1, ignores steps_offset); ``"uniform_compvis"``: CompVis ``make_ddim_timesteps("uniform", S, T)``,
+    ``range(0, T, T // S) + steps_offset``, which has MORE than S steps when S does not divide T (30 -> 31,
+    150 -> 167). CompVis' DDIMSampler calls the model at these shifted values and takes a_t from them too."""
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_train_timesteps}], got {num_steps}")
     if spacing == "leading":
@@ -65,8 +72,10 @@ def make_timesteps(
     elif spacing == "trailing":
         ratio = num_train_timesteps / num_steps
         ts = [round(num_train_timesteps - i * ratio) - 1 for i in range(num_steps)]
+    elif spacing == "uniform_compvis":
+        ts = [t + steps_offset for t in range(0, num_train_timesteps, num_train_timesteps // num_steps)][::-1]
     else:
-        raise ValueError(f"spacing must be 'leading' or 'trailing', got {spacing!r}")
+        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
     if ts[0] >= num_train_timesteps or ts[-1] < 0:
         raise ValueError(
             f"timesteps {ts[-1]}..{ts[0]} fall outside [0, {num_train_timesteps - 1}]: with {num_steps} steps use "

@@ -1,14 +1,20 @@
 """Noise schedules of the discrete-time diffusion process (DDPM, Ho et al. 2020; LDM, Rombach et al. 2022).
 
 Everything is computed in float64 and stored in float32, as CompVis ``ddpm.py`` does, so our tables equal
-the reference ones to float32 rounding. Kinds:
+the reference ones to float32 rounding. Kinds (CompVis ``make_beta_schedule`` names where they exist):
 
-- ``"scaled_linear"``: the paper's LDM schedule, ``betas = linspace(sqrt(start), sqrt(end), T) ** 2`` with
-  start 0.00085, end 0.012. CompVis configs call this ``linear``; diffusers calls it ``scaled_linear``.
-- ``"linear"``: plain ``linspace(start, end, T)`` (DDPM; use start 1e-4, end 0.02 for Ho et al.).
-  diffusers' ``linear``.
+- ``"scaled_linear"``: the paper's LDM schedule, ``betas = linspace(sqrt(start), sqrt(end), T) ** 2`` (start
+  0.00085, end 0.012 for the text-to-image model). Every released CompVis LDM uses it; CompVis configs call it
+  ``linear``, diffusers ``scaled_linear``.
+- ``"sqrt_linear"``: plain ``linspace(start, end, T)`` (DDPM; start 1e-4, end 0.02 for Ho et al.). CompVis'
+  name; diffusers calls it ``linear``.
+- ``"sqrt"``: ``linspace(start, end, T) ** 0.5`` (CompVis ``sqrt``).
 - ``"cosine"``: Nichol & Dhariwal 2021, ``alpha_bar(t) = cos(((t/T + s) / (1 + s)) * pi/2) ** 2`` with s=0.008,
   betas clipped at 0.999. diffusers' ``squaredcos_cap_v2``.
+
+``"linear"`` alone is refused: CompVis and diffusers give it different formulas (max |delta alphas_cumprod| 0.126
+at 0.0015..0.0195). A CompVis config's ``beta_schedule`` (default ``linear``) is translated by
+:func:`from_compvis_name`.
 """
 from __future__ import annotations
 
@@ -17,7 +23,21 @@ from dataclasses import dataclass, fields
 
 import torch
 
-BETA_SCHEDULES = ("scaled_linear", "linear", "cosine")
+BETA_SCHEDULES = ("scaled_linear", "sqrt_linear", "sqrt", "cosine")
+# CompVis make_beta_schedule's names -> ours (its default, and every released LDM's, is "linear")
+COMPVIS_BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "sqrt_linear", "sqrt": "sqrt", "cosine": "cosine"}
+AMBIGUOUS_LINEAR = (
+    "beta schedule 'linear' is ambiguous: CompVis configs (every released LDM) mean "
+    "linspace(sqrt(start), sqrt(end), T) ** 2, write scaled_linear; diffusers and DDPM mean linspace(start, end, T), "
+    "write sqrt_linear (CompVis' name; an older ldm-train config.yaml with 'linear' meant this one)"
+)
+
+
+def from_compvis_name(name: str) -> str:
+    """Our name of a CompVis config's ``beta_schedule`` (``linear`` -> ``scaled_linear``)."""
+    if name not in COMPVIS_BETA_SCHEDULES:
+        raise ValueError(f"CompVis beta_schedule {name!r} is not one of {', '.join(COMPVIS_BETA_SCHEDULES)}")
+    return COMPVIS_BETA_SCHEDULES[name]
 
 
 def make_beta_schedule(
@@ -32,14 +52,18 @@ def make_beta_schedule(
         raise ValueError(f"num_timesteps must be >= 1, got {num_timesteps}")
     if kind == "scaled_linear":
         return torch.linspace(linear_start**0.5, linear_end**0.5, num_timesteps, dtype=torch.float64) ** 2
-    if kind == "linear":
+    if kind == "sqrt_linear":
         return torch.linspace(linear_start, linear_end, num_timesteps, dtype=torch.float64)
+    if kind == "sqrt":
+        return torch.linspace(linear_start, linear_end, num_timesteps, dtype=torch.float64) ** 0.5
     if kind == "cosine":
         steps = torch.arange(num_timesteps + 1, dtype=torch.float64) / num_timesteps
         alpha_bar = torch.cos((steps + cosine_s) / (1 + cosine_s) * math.pi / 2) ** 2
         betas = 1 - alpha_bar[1:] / alpha_bar[:-1]
         # the cap keeps the last step from being a pure-noise division by ~0 (Nichol & Dhariwal, sec. 3.2)
         return betas.clamp(0, 0.999)
+    if kind == "linear":
+        raise ValueError(AMBIGUOUS_LINEAR)
     raise ValueError(f"unknown beta schedule {kind!r}: pick one of {', '.join(BETA_SCHEDULES)}")
 
 

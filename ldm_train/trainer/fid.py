@@ -160,7 +160,7 @@ class InTrainingFID:
         c = self.cfg
         self.grid.load(state_dict)
         settings = SamplerSettings("ddim", int(c.steps), float(c.eta), float(c.guidance_scale), int(c.seed),
-                                   batch_size=int(c.batch_size))
+                                   batch_size=int(c.batch_size), spacing=str(c.timestep_spacing))
         stats = FeatureStats(2048)
         mine = list(range(self.rank, int(c.num_samples), self.world_size))
         for start in range(0, len(mine), int(c.batch_size)):

@@ -7,7 +7,8 @@ with ``tokenizer/`` beside them) or a diffusers folder (a ``UNet2DConditionModel
 (``<run dir>/init_from_diffusers.safetensors``, :mod:`ldm_train.checkpoints.diffusers_import`), read as any other file.
 The UNet and the cond stage load strictly (the text encoder's unused ``to_logits`` may be absent; a source without a
 cond stage, such as a bare UNet, leaves it as initialised); the first stage and the tokenizer are taken from the same
-source when it has them and the config names none. The optimizer starts fresh at step 0.
+source when it has them and the config names none, and so is a CompVis checkpoint's ``scale_factor`` buffer when
+``first_stage.scale_factor`` is unset (``ldm_train/trainer/scale_factor.py``). The optimizer starts fresh at step 0.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -26,6 +28,8 @@ class InitSource:
     ema_file: bool  # our model_ema.safetensors (EMA weights under the plain keys)
     has_cond_stage: bool = True  # cond_stage_model.* keys in the file
     converted_from: str | None = None  # the diffusers folder ``weights`` was converted from
+    scale_factor: float | None = None  # a CompVis checkpoint's scale_factor buffer
+    betas: Any = None  # a CompVis checkpoint's betas buffer (float tensor [T]): the schedule it was trained with
 
 
 def convert_diffusers(path: str, cfg: Any, run_dir: Path) -> str:
@@ -73,9 +77,28 @@ def resolve(path: str, use_ema: bool = True, cfg: Any = None, run_dir: Path | No
     else:
         raise FileNotFoundError(f"train.init_from={path} does not exist: give a CompVis .ckpt / safetensors file, a "
                                 "run / step directory of ours or a diffusers model folder")
-    keys = read_weights(weights).tensors.keys()
-    return InitSource(weights, tokenizer, any(k.startswith(FIRST_STAGE_PREFIX) for k in keys),
-                      Path(weights).name == EMA_FILE, any(k.startswith(TEXT_PREFIX) for k in keys), converted_from)
+    tensors = read_weights(weights).tensors
+    scale = tensors.get("scale_factor")
+    return InitSource(weights, tokenizer, any(k.startswith(FIRST_STAGE_PREFIX) for k in tensors),
+                      Path(weights).name == EMA_FILE, any(k.startswith(TEXT_PREFIX) for k in tensors), converted_from,
+                      float(scale) if scale is not None and scale.numel() == 1 else None, tensors.get("betas"))
+
+
+def schedule_mismatch(source: InitSource, betas: torch.Tensor) -> str | None:
+    """What differs between the checkpoint's ``betas`` buffer and ours (``train.diffusion``), or None."""
+    theirs = source.betas
+    if theirs is None:
+        return None
+    theirs = theirs.double().flatten()
+    if theirs.shape != betas.shape:
+        return f"its betas have {theirs.numel()} timesteps, train.diffusion.timesteps={betas.numel()}"
+    gap = (torch.cumprod(1 - theirs, 0) - torch.cumprod(1 - betas.double(), 0)).abs()
+    if float(gap.max()) < 1e-4:
+        return None
+    start, end = float(theirs[0]), float(theirs[-1])
+    return (f"its alphas_cumprod differs from train.diffusion's by up to {float(gap.max()):.3g} (t={int(gap.argmax())});"
+            f" its betas run {start:.6g}..{end:.6g} (CompVis 'linear' = our scaled_linear with linear_start={start:.6g}"
+            f" linear_end={end:.6g})")
 
 
 def load_into(model: nn.Module, source: InitSource, use_ema: bool) -> str:

@@ -135,7 +135,8 @@ class Trainer:
         data_cfg = cfg.data
         manifest = read_manifest(data_cfg.manifest or data_cfg.shards)
         self.init_source = None  # train.init_from: a new run starts from these weights (not on a resume)
-        if self.tcfg.init_from and not (self.tcfg.checkpoint.resume and (self.ckpt_dir / ckpt.LATEST).exists()):
+        self.resuming = self.tcfg.checkpoint.resume and (self.ckpt_dir / ckpt.LATEST).exists()
+        if self.tcfg.init_from and not self.resuming:
             from ldm_train.trainer import init_from
 
             self.init_source = init_from.resolve(self.tcfg.init_from, self.tcfg.init_use_ema, cfg, self.run_dir)
@@ -177,8 +178,45 @@ class Trainer:
             data_cfg, cfg.first_stage, cfg.unet, tokenize_fn, self.rank, self.world_size, labels=labels,
             lowres_key=self.cond.lowres_key if self.cond.kind == "concat" else None,
         )
-        self.scale_factor = self.loader.scale_factor
         self.stored = self.loader.stored
+        self._setup_scale_factor()
+
+    def _setup_scale_factor(self) -> None:
+        """The latent scale factor (ldm_train/trainer/scale_factor.py); a measured or inherited value is written into
+        the config, so config.yaml, exports, a resume and eval use it."""
+        from ldm_train.trainer.scale_factor import recorded_scale_factor, resolve_scale_factor
+
+        cfg, init = self.cfg, self.init_source
+        fixed = cfg.data.scale_factor if cfg.data.scale_factor is not None else cfg.first_stage.scale_factor
+        self._first_batches = None
+        scale = resolve_scale_factor(
+            fixed, cfg.first_stage.scale_factor_from, (self.loader.manifest or {}).get("scale_factor"),
+            init.scale_factor if init is not None else None,
+            recorded_scale_factor(self.run_dir) if self.resuming else None, self.resuming, self._measure_first_batch)
+        self.scale_factor, self.scale_source = scale.value, scale.source
+        if scale.record:
+            cfg.first_stage.scale_factor = cfg.data.scale_factor = scale.value
+        if init is not None and init.scale_factor is not None and init.scale_factor != scale.value and self.rank == 0:
+            print(f"[train] note: train.init_from's scale_factor buffer is {init.scale_factor:.6g} but "
+                  f"{scale.value:.6g} ({scale.source}) is used: set first_stage.scale_factor=null to take the "
+                  "checkpoint's", flush=True)
+
+    def _measure_first_batch(self) -> float:
+        """CompVis scale_by_std: 1/std of the first batch's unscaled latents; that batch is still trained on first."""
+        import itertools
+
+        from ldm_train.data.latents import sample_latents
+        from ldm_train.trainer.scale_factor import first_batch_scale_factor
+
+        stream = iter(self.loader)
+        first = next(stream)
+        self._first_batches = itertools.chain([first], stream)
+        if self.stored == "moments":
+            gen = torch.Generator(device=self.device).manual_seed(self.tcfg.seed * 1000 + self.rank)
+            z = sample_latents(first["moments"].to(self.device), 1.0, gen)
+        else:
+            z = first["latents"].to(self.device)
+        return first_batch_scale_factor(z)
 
     def _setup_engine(self) -> None:
         if not torch.cuda.is_available():
@@ -200,9 +238,13 @@ class Trainer:
             from ldm_train.trainer import init_from
 
             line = init_from.load_into(model, self.init_source, self.tcfg.init_use_ema)
+            mismatch = init_from.schedule_mismatch(self.init_source, model.schedule.betas)
             if self.rank == 0:
                 print(f"[train] train.init_from: {self.init_source.weights}: {line}; fresh optimizer, step 0",
                       flush=True)
+                if mismatch:
+                    print(f"[train] warning: train.init_from was trained with another noise schedule: {mismatch}",
+                          flush=True)
         if self.tcfg.compile:
             compiled = model.compile_in_place()
             if self.rank == 0:
@@ -322,7 +364,7 @@ class Trainer:
         if self.rank != 0:
             return
         print(f"[train] run dir {self.run_dir}\n[train] " + describe(self.d).replace("\n", "\n[train] ")
-              + f"\n[train] ZeRO stage {self.zero_stage}, {self.tcfg.precision}, scale factor {self.scale_factor:.5g}, "
+              + f"\n[train] ZeRO stage {self.zero_stage}, {self.tcfg.precision}, scale factor {self.scale_factor:.5g} ({self.scale_source}), "
               f"latents stored as {self.stored}", flush=True)
         if self.tcfg.precision != "fp32" and self.d.accumulation > 1 \
                 and type(self.engine.optimizer).__name__ != "BF16_Optimizer":
@@ -387,7 +429,7 @@ class Trainer:
         d, timer = self.d, StepTimer()
         t_start, samples_start = time.perf_counter(), self.samples_seen
         self.fid_wall_s = 0.0
-        data_iter = iter(self.loader)
+        data_iter = self._first_batches if self._first_batches is not None else iter(self.loader)
         start_step, last_saved = self.step, self.step
         loss_acc, steps_acc = torch.zeros((), device=self.device), 0
         exit_code = 0

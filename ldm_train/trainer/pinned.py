@@ -15,15 +15,35 @@ PINNED = (
 )
 
 
+def _fill_absent(prev: Any, cur: Any, default: Any) -> Any:
+    """``prev`` with each key that only ``cur`` has set to its schema default: a setting added to the schema after
+    the previous session wrote its config.yaml had its default value then."""
+    if not (isinstance(prev, dict) and isinstance(cur, dict) and isinstance(default, dict)):
+        return prev
+    out = dict(prev)
+    for k, v in cur.items():
+        if k in prev:
+            out[k] = _fill_absent(prev[k], v, default.get(k))
+        elif k in default:
+            out[k] = default[k]
+    return out
+
+
 def changed_settings(previous: Any, current: Any) -> dict[str, tuple[Any, Any]]:
-    """{key: (previous, current)} for the pinned keys whose resolved values differ."""
+    """{key: (previous, current)} for the pinned keys whose resolved values differ (a key the previous config lacks
+    counts as its schema default)."""
+    from ldm_train.trainer.config import TrainAppConfig
+
     prev = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(previous), resolve=True))
     cur = OmegaConf.create(OmegaConf.to_container(OmegaConf.create(current), resolve=True))
+    defaults = OmegaConf.create(OmegaConf.to_container(OmegaConf.structured(TrainAppConfig)))
     out: dict[str, tuple[Any, Any]] = {}
     for key in PINNED:
         a, b = OmegaConf.select(prev, key, default=None), OmegaConf.select(cur, key, default=None)
         a = OmegaConf.to_container(a) if OmegaConf.is_config(a) else a
         b = OmegaConf.to_container(b) if OmegaConf.is_config(b) else b
+        d = OmegaConf.select(defaults, key, default=None)
+        a = _fill_absent(a, b, OmegaConf.to_container(d) if OmegaConf.is_config(d) else d)
         if a != b:
             out[key] = (a, b)
     return out

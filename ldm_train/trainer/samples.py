@@ -95,5 +95,6 @@ class SampleGrid:
         self.load(state_dict)
         s = self.sampling
         conds = self.layout.conds
-        settings = SamplerSettings("ddim", int(s.steps), float(s.eta), float(s.guidance_scale), int(s.seed))
+        settings = SamplerSettings("ddim", int(s.steps), float(s.eta), float(s.guidance_scale), int(s.seed),
+                                   spacing=str(s.timestep_spacing))
         return self.images(conds, [settings.seed + i for i in range(len(conds))], settings)

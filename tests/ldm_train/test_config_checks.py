@@ -55,7 +55,7 @@ def test_the_hint_names_the_key_meant() -> None:
 @pytest.mark.parametrize("override, message", [
     ("train.optim.base_lr=inf", r"train\.optim\.base_lr=inf: must be a finite number"),
     ("train.optim.base_lr=nan", r"train\.optim\.base_lr=nan: must be a finite number"),
-    ("train.optim.base_lr=-1", r"train\.optim\.base_lr=-1\.0: must be > 0"),
+    ("train.optim.base_lr=-1", r"train\.optim\.base_lr=-1\.0: must be >= 0"),
     ("train.total_samples=-5", r"train\.total_samples=-5: must be >= 1"),
     ("train.caption_dropout=1.5", r"train\.caption_dropout=1\.5: must be >= 0 and <= 1"),
     ("data.caption_dropout=-0.1", r"data\.caption_dropout=-0\.1: must be >= 0 and <= 1"),

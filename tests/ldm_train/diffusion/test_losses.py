@@ -79,6 +79,24 @@ def test_loss_is_zero_for_the_oracle_and_per_sample(schedule: DiffusionSchedule,
     assert torch.equal(seen["t"], t)
 
 
+def test_l1_loss_is_the_compvis_mean_absolute_error(schedule: DiffusionSchedule, batch) -> None:
+    """CompVis get_loss(pred, target, mean=False) with loss_type l1: (target - pred).abs(), then mean over C, H, W."""
+    x0, noise, t = batch
+    g = torch.Generator().manual_seed(3)
+    eps_hat = noise + 0.5 * torch.randn(noise.shape, generator=g)
+    l1 = diffusion_loss(lambda *_: eps_hat, x0, t, noise, schedule, loss_type="l1")
+    torch.testing.assert_close(l1, (noise - eps_hat).abs().mean(dim=[1, 2, 3]))
+    l2 = diffusion_loss(lambda *_: eps_hat, x0, t, noise, schedule, loss_type="l2")
+    torch.testing.assert_close(l2, torch.nn.functional.mse_loss(eps_hat, noise, reduction="none").mean(dim=[1, 2, 3]))
+    assert not torch.allclose(l1, l2)
+    v_oracle = lambda x_t, tt: v_target(x0, tt, noise, schedule)  # noqa: E731
+    assert diffusion_loss(v_oracle, x0, t, noise, schedule, "v", loss_type="l1").abs().max() == 0
+    with pytest.raises(ValueError, match="loss_type"):
+        diffusion_loss(lambda *_: eps_hat, x0, t, noise, schedule, loss_type="huber")
+    with pytest.raises(ValueError, match="min_snr_gamma"):
+        diffusion_loss(lambda *_: eps_hat, x0, t, noise, schedule, min_snr_gamma=5.0, loss_type="l1")
+
+
 def test_min_snr_weighting(schedule: DiffusionSchedule, batch) -> None:
     x0, noise, t = batch
     x_t = q_sample(x0, t, noise, schedule)

@@ -136,3 +136,61 @@ def test_randn_and_bad_arguments() -> None:
     assert make_timesteps(1000, 4, "trailing") == [999, 749, 499, 249]
     with pytest.raises(ValueError, match="shape or x_T"):
         ddim_sample(lambda x, t: x, DiffusionSchedule.from_betas(torch.full((10,), 0.1)), num_steps=2)
+
+
+def _compvis_ddim_timesteps(num_ddim: int, num_ddpm: int = 1000) -> list[int]:
+    """CompVis make_ddim_timesteps("uniform", S, T), written out: range(0, T, T // S) + 1 (ascending)."""
+    c = num_ddpm // num_ddim
+    return [t + 1 for t in range(0, num_ddpm, c)]
+
+
+@pytest.mark.parametrize(("steps", "count", "first", "last"), [(30, 31, 991, 1), (150, 167, 997, 1), (50, 50, 981, 1),
+                                                               (250, 250, 997, 1)])
+def test_uniform_compvis_spacing_is_compvis_make_ddim_timesteps(steps: int, count: int, first: int, last: int) -> None:
+    ts = make_timesteps(1000, steps, "uniform_compvis")
+    assert ts == _compvis_ddim_timesteps(steps)[::-1]  # DDIMSampler walks np.flip(ddim_timesteps)
+    assert (len(ts), ts[0], ts[-1]) == (count, first, last)
+    if 1000 % steps == 0:  # the default "leading" is the same where S divides T, S steps otherwise
+        assert ts == make_timesteps(1000, steps)
+    else:
+        assert len(make_timesteps(1000, steps)) == steps
+
+
+def test_uniform_compvis_spacing_past_the_schedule_is_refused() -> None:
+    # 300 steps: c = 3, range(0, 1000, 3) has 334 entries, the last 999 + 1 = 1000: CompVis indexes alphas_cumprod[1000]
+    assert len(range(0, 1000, 3)) == 334
+    with pytest.raises(ValueError, match=r"outside \[0, 999\]"):
+        make_timesteps(1000, 300, "uniform_compvis")
+    assert make_timesteps(1000, 300, "uniform_compvis", steps_offset=0)[0] == 999
+    with pytest.raises(ValueError, match="uniform_compvis"):
+        make_timesteps(1000, 30, "uniform")
+
+
+def test_ddim_with_uniform_compvis_is_the_compvis_ddim_sampler(schedule: DiffusionSchedule) -> None:
+    """CompVis DDIMSampler: alphas = ac[ddim_timesteps], alphas_prev = [ac[0]] + ac[ddim_timesteps[:-1]], the model
+    called at the same (shifted) timesteps, walked in reverse; eta 0."""
+    ac = schedule.alphas_cumprod.double()
+    ts = _compvis_ddim_timesteps(30)
+    alphas, alphas_prev = ac[ts], torch.cat([ac[:1], ac[ts[:-1]]])
+    x_T = torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.3 * x + 1e-3 * t.double().reshape(-1, 1, 1, 1)
+
+    x, called = x_T.clone(), []
+    for index in reversed(range(len(ts))):
+        t = torch.full((2,), ts[index], dtype=torch.long)
+        e = eps_model(x, t)
+        a_t, a_prev = alphas[index], alphas_prev[index]
+        x0 = (x - (1 - a_t).sqrt() * e) / a_t.sqrt()
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+        called.append(ts[index])
+    seen: list[int] = []
+
+    def spy(x_: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        seen.append(int(t[0]))
+        return eps_model(x_, t)
+
+    ours = ddim_sample(spy, schedule, x_T=x_T, num_steps=30, spacing="uniform_compvis")
+    assert seen == called and len(seen) == 31
+    torch.testing.assert_close(ours, x, rtol=1e-10, atol=1e-10)

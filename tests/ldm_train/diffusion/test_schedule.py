@@ -29,7 +29,8 @@ def test_paper_schedule_equals_compvis_formula() -> None:
 
 @pytest.mark.parametrize(
     ("kind", "diffusers_kind", "start", "end"),
-    [("scaled_linear", "scaled_linear", 0.00085, 0.012), ("linear", "linear", 1e-4, 0.02), ("cosine", "squaredcos_cap_v2", 0, 0)],
+    [("scaled_linear", "scaled_linear", 0.00085, 0.012), ("sqrt_linear", "linear", 1e-4, 0.02),
+     ("cosine", "squaredcos_cap_v2", 0, 0)],
 )
 def test_schedules_equal_diffusers(kind: str, diffusers_kind: str, start: float, end: float) -> None:
     ref = diffusers.DDIMScheduler(
@@ -41,8 +42,15 @@ def test_schedules_equal_diffusers(kind: str, diffusers_kind: str, start: float,
     torch.testing.assert_close(s.alphas_cumprod, ref.alphas_cumprod, rtol=2e-5, atol=1e-7)
 
 
+def test_compvis_sqrt_and_sqrt_linear_formulas() -> None:
+    # CompVis make_beta_schedule: "sqrt_linear" = linspace(start, end), "sqrt" = linspace(start, end) ** 0.5
+    lin = np.linspace(1e-4, 0.02, 50, dtype=np.float64)
+    np.testing.assert_allclose(make_beta_schedule("sqrt_linear", 50, 1e-4, 0.02).numpy(), lin, rtol=1e-12)
+    np.testing.assert_allclose(make_beta_schedule("sqrt", 50, 1e-4, 0.02).numpy(), lin**0.5, rtol=1e-12)
+
+
 def test_posterior_tables_are_the_ddpm_posterior() -> None:
-    s = make_schedule("linear", 100, 1e-4, 0.02)
+    s = make_schedule("sqrt_linear", 100, 1e-4, 0.02)
     a, a_prev, b = s.alphas_cumprod.double(), s.alphas_cumprod_prev.double(), s.betas.double()
     # q(x_{t-1}|x_t,x0) mean coefficients must reproduce x_{t-1}'s marginal: for x_t built from x0 and
     # eps, E[x_{t-1}] = c1 x0 + c2 E[x_t | x0] = sqrt(a_prev) x0

@@ -310,3 +310,23 @@ def to_dataclass_unet(cfg) -> UNetConfig:
     from ldm_train.config import to_dataclass
 
     return to_dataclass(cfg.unet, UNetConfig)
+
+
+def test_cin256_v1_is_the_vq_f8_class_model_and_inpainting_big_has_the_noattn_first_stage() -> None:
+    """models/ldm/cin256/config.yaml: cin-ldm-vq-f8's UNet on vq-f8 latents, ClassEmbedder(1000, 512) (not the v2
+    UNet); models/ldm/inpainting_big/config.yaml: the vq-f4-noattn first stage (no attention weights)."""
+    from ldm_train.checkpoints.compvis import FIRST_STAGE_PREFIX, TEXT_PREFIX, UNET_PREFIX
+
+    rows = {r.config: r for r in ROWS}
+
+    def count(sd: dict, prefix: str) -> int:
+        return sum(s.numel() for k, s in sd.items() if k.startswith(prefix))
+
+    v1 = layout(rows["models/ldm/cin256/config.yaml"])
+    assert count(v1, UNET_PREFIX) == 394_984_196
+    assert {k: tuple(s) for k, s in v1.items() if k.startswith(TEXT_PREFIX)} == {
+        TEXT_PREFIX + "embedding.weight": (1000, 512)}
+    assert v1[UNET_PREFIX + "input_blocks.0.0.weight"][1] == 4  # vq-f8 latents: 4 channels
+    inpainting = layout(rows["models/ldm/inpainting_big/config.yaml"])
+    assert count(inpainting, FIRST_STAGE_PREFIX) == 53_219_486
+    assert not any(".attn" in k for k in inpainting if k.startswith(FIRST_STAGE_PREFIX))

@@ -1,6 +1,6 @@
 """train.init_from (issue 14 item 3): a new run starts from a CompVis-layout checkpoint with all three prefixes; the
-loaded weights equal the file's (a step at learning rate 0 leaves them in place), the first stage comes from the
-same file, and a file that does not fit is refused naming it."""
+loaded weights equal the file's (a step at learning rate 0 leaves them in place), the first stage and the latent
+scale factor come from the same file, and a file that does not fit is refused naming it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,8 +25,9 @@ def _compvis_file(latents_root: Path, path: Path) -> dict[str, torch.Tensor]:
         for p in ldm.parameters():
             p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     first_stage = build_first_stage(cfg.first_stage)
+    # a released checkpoint also carries LatentDiffusion's buffers, scale_factor among them
     return export_safetensors(str(path), {"unet": ldm.unet, "text_encoder": ldm.cond_stage_model,
-                                          "first_stage": first_stage})
+                                          "first_stage": first_stage, "": {"scale_factor": torch.tensor(0.25)}})
 
 
 def test_init_from_a_compvis_checkpoint_loads_every_weight(tmp_path, latents_root, tokenizer_dir) -> None:
@@ -43,6 +44,8 @@ def test_init_from_a_compvis_checkpoint_loads_every_weight(tmp_path, latents_roo
     run = only_run_dir(runs)
     step = sorted((run / "checkpoints").glob("step_*"))[-1]
     exported = load_file(str(step / "model.safetensors"))
+    assert "scale factor 0.25 (the scale_factor buffer of train.init_from)" in proc.stdout
+    assert "scale_factor: 0.25" in (run / "config.yaml").read_text()  # recorded: exports, resume and eval use it
     compared = [k for k in exported if k in tensors]
     assert len(compared) == len(exported) and len(exported) > 50
     assert all(torch.equal(exported[k], tensors[k].float()) for k in compared)
@@ -106,3 +109,18 @@ def test_init_from_a_diffusers_pipeline_folder(tmp_path, latents_root, tokenizer
     assert all(torch.equal(exported[k], converted[k].float()) for k in exported)
     config = (run / "config.yaml").read_text()
     assert f"tokenizer: {folder}/tokenizer" in config and f"checkpoint: {run}/init_from_diffusers.safetensors" in config
+
+
+def test_a_checkpoint_trained_with_another_schedule_is_named() -> None:
+    """A CompVis checkpoint carries its betas: fine-tuning it under another schedule is warned about, with the
+    checkpoint's own start and end (the presets' old plain-linspace reading differs by up to 0.126)."""
+    from ldm_train.diffusion.schedule import make_beta_schedule
+    from ldm_train.trainer.init_from import InitSource, schedule_mismatch
+
+    ours = make_beta_schedule("scaled_linear", 1000, 0.0015, 0.0195).float()
+    assert schedule_mismatch(InitSource("x", None, False, False, betas=ours.clone()), ours) is None
+    assert schedule_mismatch(InitSource("x", None, False, False), ours) is None  # our exports carry no betas
+    plain = make_beta_schedule("sqrt_linear", 1000, 0.0015, 0.0195).float()
+    msg = schedule_mismatch(InitSource("x", None, False, False, betas=plain), ours)
+    assert "up to 0.126" in msg and "0.0015..0.0195" in msg and "scaled_linear" in msg
+    assert "500 timesteps" in schedule_mismatch(InitSource("x", None, False, False, betas=plain[:500]), ours)

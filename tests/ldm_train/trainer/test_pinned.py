@@ -40,3 +40,10 @@ def test_resume_refuses_then_accepts_with_allow_changed(tmp_path) -> None:
     assert check_resume_settings(tmp_path, changed, ["train.total_samples", "first_stage.checkpoint"]) == [
         "first_stage.checkpoint", "train.total_samples"]
     assert check_resume_settings(tmp_path, changed, ["*"])
+
+
+def test_a_setting_added_since_the_previous_session_counts_as_its_default() -> None:
+    """A run started before train.diffusion.loss_type existed trained with l2: resuming with l2 is no change, l1 is."""
+    assert changed_settings(BASE, _with(train__diffusion__loss_type="l2")) == {}
+    assert changed_settings(BASE, _with(train__diffusion__loss_type="l1")) == {
+        "train.diffusion": ({"parameterization": "v", "loss_type": "l2"}, {"parameterization": "v", "loss_type": "l1"})}
