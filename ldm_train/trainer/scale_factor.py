@@ -63,7 +63,7 @@ def resolve_scale_factor(fixed: float | None, rule: str, manifest_value: float |
     if init_value is not None:
         return ScaleFactor(init_value, "the scale_factor buffer of train.init_from", True)
     if recorded is not None:
-        return ScaleFactor(recorded, "recorded in the run's config.yaml", False)
+        return ScaleFactor(recorded, "recorded in the run's config.yaml", True)  # kept in the config: a resume pins it
     if rule == "first_batch":
         if resuming:
             raise ValueError("first_stage.scale_factor_from=first_batch, but the run being resumed recorded no "

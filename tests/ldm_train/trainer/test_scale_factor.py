@@ -26,7 +26,7 @@ def test_precedence_fixed_then_checkpoint_then_recorded_then_rule() -> None:
     got = resolve_scale_factor(None, "manifest", 0.2, 0.18215, None, False, _never)
     assert (got.value, got.record) == (0.18215, True) and "init_from" in got.source
     got = resolve_scale_factor(None, "first_batch", 0.2, None, 0.4, True, _never)
-    assert (got.value, got.record) == (0.4, False)
+    assert (got.value, got.record) == (0.4, True)  # written back: the resumed config pins the same value
     got = resolve_scale_factor(None, "first_batch", 0.2, None, None, False, lambda: 0.5)
     assert (got.value, got.record) == (0.5, True) and "first batch" in got.source
     got = resolve_scale_factor(None, "manifest", 0.2, None, None, False, _never)
