@@ -38,7 +38,7 @@ PROMPTS = [f"a photo of a {name}" for name in CLASS_NAMES]
 FULL = {"ae_steps": 6400, "budget_s": 2400.0, "fid_samples": 5000, "curve_samples": 500, "baseline_final": 1000, "train_shards": 60,
         "t10k_shards": 10, "reference_images": 10000, "judge_epochs": 3, "ldm_checkpoint_every": 24000, "baseline_snapshot_every_s": 600.0, "baseline_curve_stride": 2}
 SMOKE = {"ae_steps": 20, "budget_s": 15.0, "fid_samples": 40, "curve_samples": 20, "baseline_final": 20, "train_shards": 2,
-         "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 640, "baseline_snapshot_every_s": 8.0, "baseline_curve_stride": 1}
+         "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 256, "baseline_snapshot_every_s": 8.0, "baseline_curve_stride": 1}
 
 def _tars(folder: Path, n: int) -> str:
     last = n - 1
@@ -324,8 +324,9 @@ class Reference:
                          "ldm": " ".join(self.ldm_cmd()[1:]), "baseline": " ".join(self.baseline_cmd()[1:])},
         }
         curves_png(ldm, base, floor_curve["fid"], self.report_dir / "fmnist_fid_vs_time.png")
-        sample_grid_png(ldm[-1]["images"], self.report_dir / "fmnist_ldm_samples.png", rows=10, cols=8)
-        sample_grid_png(base[-1]["images"], self.report_dir / "fmnist_baseline_samples.png", rows=10, cols=8)
+        cols = min(8, n_base // 10)  # 10 prompts x 8 seeds (fewer in a smoke run)
+        sample_grid_png(ldm[-1]["images"], self.report_dir / "fmnist_ldm_samples.png", rows=10, cols=cols)
+        sample_grid_png(base[-1]["images"], self.report_dir / "fmnist_baseline_samples.png", rows=10, cols=cols)
         recon_dir = self.out / "reconstruction"
         sample_grid_png(str(recon_dir / "originals"), self.report_dir / "fmnist_kl_f4_reconstructions.png", rows=2,
                         cols=16, second=str(recon_dir / "reconstructions"))
