@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 3. LDM: the baseline is the same initialisation after one optimizer step at the first warm-up lr
     #    (lr/warmup_steps ~ 3e-6: indistinguishable from the initial weights), then the trained run
     common = ["experiment=tiny", f"data.latents_root={latents}", f"runs_root={out / 'runs'}",
-              f"first_stage.checkpoint={export}", "logger.mode=offline"]
+              f"first_stage.checkpoint={export}"]
     torchrun = [PY, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={a.nproc}", "-m",
                 "ldm_train.train"]
     untrained = out / "runs" / "tiny" / "untrained"
@@ -166,20 +166,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                    "train.max_steps=1", "logger.mode=disabled"], logs, env)
     trained = out / "runs" / "tiny" / "trained"
     t0 = time.time()
-    times["train_ldm"] = run_stage("train_ldm", [*torchrun, *common, "run_name=trained",
+    times["train_ldm"] = run_stage("train_ldm", [*torchrun, *common, "logger.mode=offline", "run_name=trained",
                                                  f"train.total_samples={a.train_samples}"], logs, env_ranks)
     ldm_stats = _ldm_throughput(trained / "stats.jsonl", a.train_samples, time.time() - t0)
 
     # 4. eval: trained (metrics + adherence) and untrained (adherence)
     eval_common = [f"prompts={heldout_tars}", f"num_samples={a.eval_samples}", "sampler=ddim",
                    f"steps={a.eval_steps}", f"guidance_scale={a.guidance_scale}", "batch_size=16", "device=cpu",
-                   "wandb.mode=offline", "progress=false"]
+                   "progress=false"]
     # the real FID network; both evals share the reference features (one cache), IS is off (no logits)
     reference = [f"reference.path={heldout_tars}", f"reference.num_images={a.heldout_images}", "metrics.isc=false",
                  f"metrics.cache_dir={out / 'eval' / 'fidelity_cache'}", "metrics.save_cpu_ram=true"]
     times["eval_trained"] = run_stage("eval_trained", [
         PY, "-m", "eval.run", f"checkpoint={trained}", *eval_common, f"output_dir={out / 'eval' / 'trained'}",
-        *reference, "adherence=true"], logs, env)
+        *reference, "adherence=true", "wandb.mode=offline"], logs, env)
     times["eval_untrained"] = run_stage("eval_untrained", [
         PY, "-m", "eval.run", f"checkpoint={untrained}", *eval_common, f"output_dir={out / 'eval' / 'untrained'}",
         *reference, "metrics.prc=false", "adherence=true", "wandb.mode=disabled"], logs, env)

@@ -38,6 +38,10 @@ class Point:
     kind: str | None = None
     run_dir: Path | None = None
     fid_curves: dict[int, list[tuple[int, float]]] = field(default_factory=dict)  # K -> [(samples_seen, fid)]
+    # K -> [(samples_seen, train_wall_s or None, fid, fid_std or None)]: the equal-compute view of the same rows
+    fid_rows: dict[int, list[tuple[int, float | None, float, float | None]]] = field(default_factory=dict)
+    seed: int | None = None  # train.seed
+    train_budget_s: float | None = None  # train.time_budget_s (None: a sample budget)
     train_rates: list[float] = field(default_factory=list)  # samples_per_s of the (deduplicated) training rows
     time_span: float | None = None  # last row's time minus first row's
     summary: dict[str, Any] | None = None  # train_summary.json
@@ -55,6 +59,7 @@ def _num(v: Any) -> float | None:
 
 def _read_stats(path: Path, point: Point) -> None:
     fid: dict[int, dict[int, float]] = {}
+    extra: dict[int, dict[int, tuple[float | None, float | None]]] = {}  # K -> samples -> (train_wall_s, std)
     train: dict[int, float] = {}
     times: list[float] = []
     for line in path.read_text().splitlines():
@@ -72,9 +77,13 @@ def _read_stats(path: Path, point: Point) -> None:
         for key, value in row.items():
             if (m := FID_KEY.match(key)) and (v := _num(value)) is not None:
                 fid.setdefault(int(m.group(1)), {})[seen] = v  # a resumed run repeats steps: the last row wins
+                extra.setdefault(int(m.group(1)), {})[seen] = (_num(row.get("train_wall_s")),
+                                                               _num(row.get(f"{key}_std")))
         if "loss" in row and (rate := _num(row.get("samples_per_s"))) is not None:
             train[seen] = rate
     point.fid_curves = {k: sorted(rows.items()) for k, rows in fid.items()}
+    point.fid_rows = {k: [(n, *extra[k][n][:1], v, extra[k][n][1]) for n, v in curve]
+                      for k, curve in point.fid_curves.items()}
     point.train_rates = [r for r in train.values() if math.isfinite(r)]
     point.time_span = times[-1] - times[0] if len(times) > 1 else None
 
@@ -84,6 +93,9 @@ def _read_run(point: Point, run_dir: Path) -> None:
     cfg_path = run_dir / "config.yaml"
     cfg = (yaml.safe_load(cfg_path.read_text()) or {}) if cfg_path.exists() else {}
     fs = cfg.get("first_stage") or {}
+    train_cfg = cfg.get("train") or {}
+    point.seed = train_cfg.get("seed")
+    point.train_budget_s = _num(train_cfg.get("time_budget_s")) or None
     point.first_stage = point.first_stage or fs.get("name")
     point.downsample_factor = point.downsample_factor or fs.get("downsample_factor")
     point.kind = fs.get("kind") or ("pixel" if point.downsample_factor == 1 else None)
@@ -121,9 +133,12 @@ def _load_point(point_json: Path) -> Point:
 
 
 def load_points(sweep_dir: str | os.PathLike) -> list[Point]:
-    """Every ``<sweep_dir>/*/point.json``, sorted by f (unknown last), then job number."""
-    points = [_load_point(p) for p in Path(sweep_dir).glob("*/point.json")]
-    return sorted(points, key=lambda p: (p.downsample_factor is None, p.downsample_factor or 0, p.job_num or 0))
+    """Every ``<sweep_dir>/*/point.json`` (and ``<sweep_dir>/*/*/point.json``: several multiruns of one sweep
+    side by side), sorted by f (unknown last), then seed, then job number."""
+    root = Path(sweep_dir)
+    points = [_load_point(p) for p in [*root.glob("*/point.json"), *root.glob("*/*/point.json")]]
+    return sorted(points, key=lambda p: (p.downsample_factor is None, p.downsample_factor or 0, p.seed or 0,
+                                         p.job_num or 0))
 
 
 def _json_float(v: float | None) -> float | str | None:
@@ -176,6 +191,8 @@ def _row(point: Point, budgets: list[int]) -> dict[str, Any]:
     if rate is None and point.train_rates:
         rate = sum(point.train_rates) / len(point.train_rates)
     wall = _num(summary.get("wall_s"))
+    final_k, final = _final(point)
+    rows = point.fid_rows.get(k, []) if k is not None else []
     return {
         "job_num": point.job_num, "downsample_factor": point.downsample_factor, "first_stage": point.first_stage,
         "kind": point.kind, "latent_shape": point.latent_shape,
@@ -187,7 +204,44 @@ def _row(point: Point, budgets: list[int]) -> dict[str, Any]:
         "samples_per_s": _json_float(rate), "wall_s": _json_float(wall if wall is not None else point.time_span),
         "status": _status(point, k),
         "curve": [[s, _json_float(v)] for s, v in curve],
+        "seed": point.seed, "train_budget_s": point.train_budget_s,
+        "train_wall_s": _json_float(_num(summary.get("train_wall_s"))),
+        "rows": [{"wall_s": w, "samples": n, "fid": _json_float(v), "fid_std": sd} for n, w, v, sd in rows],
+        "fid_samples": final_k, "fid": _json_float(final[2]) if final else None,
+        "fid_std": final[3] if final else None,
     }
+
+
+def _final(point: Point) -> tuple[int | None, tuple | None]:
+    """The largest K measured at the run's last FID step, and that row: the run's final FID."""
+    last = max((rows[-1][0] for rows in point.fid_rows.values() if rows), default=None)
+    if last is None:
+        return None, None
+    ks = [k for k, rows in point.fid_rows.items() if rows and rows[-1][0] == last]
+    k = max(ks)
+    return k, point.fid_rows[k][-1]
+
+
+def by_f(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per f over its seeds: the final FIDs, their mean, the FID's own noise (the mean bootstrap std)
+    and, with two or more seeds, the spread between training seeds (sample std)."""
+    import statistics
+
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        if isinstance(r.get("fid"), (int, float)):
+            groups.setdefault(r["downsample_factor"], []).append(r)
+    out = []
+    for f, runs in groups.items():
+        fids = [r["fid"] for r in runs]
+        stds = [r["fid_std"] for r in runs if isinstance(r.get("fid_std"), (int, float))]
+        out.append({"f": f, "first_stage": runs[0]["first_stage"], "seeds": [r["seed"] for r in runs],
+                    "fids": fids, "fid": statistics.fmean(fids), "fid_samples": runs[0]["fid_samples"],
+                    "fid_std": statistics.fmean(stds) if stds else None,
+                    "seed_std": statistics.stdev(fids) if len(fids) > 1 else None,
+                    "train_wall_s": [r["train_wall_s"] for r in runs], "rfid": runs[0]["rfid"],
+                    "psnr": runs[0]["psnr"]})
+    return out
 
 
 def build_report(points: list[Point], budgets: list[int] | None = None) -> dict[str, Any]:
@@ -197,8 +251,9 @@ def build_report(points: list[Point], budgets: list[int] | None = None) -> dict[
     budgets = sorted(set(budgets)) if budgets else default_budgets(curves)
     groups = sorted({p.wandb_group for p in points if p.wandb_group})
     ks = sorted({k for p in points if (k := _main_k(p)) is not None})
+    rows = [_row(p, budgets) for p in points]
     return {"budgets": budgets, "budgets_source": source, "fid_k": ks,
-            "wandb_group": groups[0] if len(groups) == 1 else None, "rows": [_row(p, budgets) for p in points]}
+            "wandb_group": groups[0] if len(groups) == 1 else None, "rows": rows, "by_f": by_f(rows)}
 
 
 def _fmt(v: Any, spec: str = ".2f") -> str:
@@ -238,30 +293,69 @@ def markdown_table(report: dict[str, Any]) -> str:
     lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
     ks = "/".join(map(str, report["fid_k"])) or "?"
     note = f"FID over K={ks} generated samples; \"~\": the last FID row before the budget."
-    return "\n".join(lines) + "\n\n" + note + "\n"
+    text = "\n".join(lines) + "\n\n" + note + "\n"
+    if any(r.get("train_budget_s") for r in report["rows"]):
+        text += "\n" + equal_compute_table(report)
+    return text
+
+
+def equal_compute_table(report: dict[str, Any]) -> str:
+    """Per f (over its training seeds): the final FID +- the FID's own noise, the seed spread, the budget."""
+    lines = ["| f | first stage | rFID | seeds | final FID (each seed) | mean | +- FID noise | +- seed spread | "
+             "train wall (s) |", "|---:|---|---:|---|---|---:|---:|---:|---|"]
+    for g in report["by_f"]:
+        each = ", ".join(_fmt(v) for v in g["fids"])
+        walls = ", ".join(_fmt(w, ".0f") for w in g["train_wall_s"])
+        lines.append(f"| {g['f']} | {g['first_stage']} | {_fmt(g['rfid'])} | {','.join(map(str, g['seeds']))} | "
+                     f"{each} | {_fmt(g['fid'])} | {_fmt(g['fid_std'])} | {_fmt(g['seed_std'])} | {walls} |")
+    k = report["by_f"][0]["fid_samples"] if report["by_f"] else "?"
+    budgets = sorted({r["train_budget_s"] for r in report["rows"] if r.get("train_budget_s")})
+    return ("\n".join(lines) + f"\n\nEqual compute: every point trained for train.time_budget_s = "
+            f"{', '.join(_fmt(b, '.0f') for b in budgets)} s of training steps. Final FID over {k} samples; FID noise: "
+            "the standard deviation of bootstrap resamples of those samples; seed spread: the sample standard "
+            "deviation of the final FIDs of the training seeds.\n")
 
 
 def plot_curves(report: dict[str, Any], path: Path, log_y: bool = False) -> None:
-    """FID against samples seen, one line per f (Agg canvas: no display, no pyplot state)."""
+    """FID against samples seen, one line per point; with training-time rows (equal-compute sweeps) a second
+    panel against training wall time, and +- the FID's bootstrap std as bands (Agg canvas: no pyplot state)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), dpi=120)
+    timed = any(isinstance(row.get("wall_s"), (int, float)) for r in report["rows"] for row in r.get("rows", []))
+    fig = Figure(figsize=(12 if timed else 7, 4.5), dpi=120)
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    for r in report["rows"]:
-        pts = [(s, v) for s, v in r["curve"] if isinstance(v, (int, float))]  # non-finite FIDs are not drawn
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", label=f"f={r['downsample_factor']} ({r['first_stage']})")
+    axes = fig.subplots(1, 2 if timed else 1, squeeze=False)[0]
     ks = "/".join(map(str, report["fid_k"])) or "?"
-    ax.set(xlabel="training samples seen", ylabel=f"FID (K={ks} samples)", title="FID vs samples seen per f")
-    if log_y:
-        ax.set_yscale("log")
-    if ax.lines:
-        ax.legend()
-    else:
-        ax.text(0.5, 0.5, "no FID rows", ha="center", va="center", transform=ax.transAxes)
-    ax.grid(alpha=0.3)
+    colours: dict[Any, str] = {}
+    for r in report["rows"]:
+        rows = [row for row in r.get("rows", []) if isinstance(row["fid"], (int, float))]
+        if not rows:  # non-finite FIDs are not drawn
+            continue
+        f = r["downsample_factor"]
+        colour = colours.setdefault(f, f"C{len(colours)}")
+        label = f"f={f} ({r['first_stage']})" + (f" seed {r['seed']}" if r.get("seed") else "")
+        style = "--" if r.get("seed") else "-"
+        for ax, x_key in zip(axes, ("samples", "wall_s"), strict=False):
+            pts = [row for row in rows if isinstance(row[x_key], (int, float))]
+            if not pts:
+                continue
+            x, y = [row[x_key] for row in pts], [row["fid"] for row in pts]
+            ax.plot(x, y, style, marker="o", color=colour, label=label)
+            sd = [row["fid_std"] if isinstance(row["fid_std"], (int, float)) else 0.0 for row in pts]
+            if any(sd):
+                ax.fill_between(x, [v - e for v, e in zip(y, sd, strict=True)],
+                                [v + e for v, e in zip(y, sd, strict=True)], color=colour, alpha=0.2)
+    titles = ("FID vs samples seen per f", "FID vs training time per f (equal compute)")
+    for ax, xlabel, title in zip(axes, ("training samples seen", "training wall time (s)"), titles, strict=False):
+        ax.set(xlabel=xlabel, ylabel=f"FID (K={ks} samples)", title=title)
+        if log_y:
+            ax.set_yscale("log")
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no FID rows", ha="center", va="center", transform=ax.transAxes)
+        ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)
 

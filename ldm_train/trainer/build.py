@@ -33,7 +33,7 @@ def check_conditioning(cfg: Any) -> CondConfig:
         if float(cfg.train.caption_dropout) > 0:
             raise ValueError(f"train.caption_dropout={cfg.train.caption_dropout} drops labels to the null class, but "
                              "cond.null_class=false: set cond.null_class=true or train.caption_dropout=0")
-        if float(cfg.train.sampling.guidance_scale) != 1 or (cfg.train.fid.every_samples and
+        if float(cfg.train.sampling.guidance_scale) != 1 or ((cfg.train.fid.every_samples or cfg.train.fid.every_s) and
                                                               float(cfg.train.fid.guidance_scale) != 1):
             raise ValueError("classifier-free guidance needs the null class: set cond.null_class=true, or "
                              "train.sampling.guidance_scale=1 and train.fid.guidance_scale=1")

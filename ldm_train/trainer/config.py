@@ -98,7 +98,13 @@ class FIDConfig:
     """
 
     every_samples: int = bounded(0, ge=0)  # 0: off
+    # also (or instead) each time the training time (train_wall_s, as train.time_budget_s counts it) passes a
+    # multiple of every_s seconds: equal-compute curves (0: off)
+    every_s: float = bounded(0.0, ge=0)
     num_samples: int = bounded(256, ge=1)  # K generated images per measurement
+    final_num_samples: int = bounded(0, ge=0)  # more images at the run's end (fid<K> of its first K too); 0: K
+    # bootstrap resamples of the K generated features: fid<K>_std, the FID's own sampling noise (0: off)
+    bootstrap: int = bounded(0, ge=0)
     reference: str | None = None  # held-out images: folder, img2dataset tars (brace pattern) or s3://
     reference_images: int = bounded(1000, ge=0)  # the first N reference images (0: all)
     at_end: bool = True  # also measure after the last step (the run's final FID)

@@ -149,8 +149,12 @@ class InTrainingFID:
 
     # ---- one measurement --------------------------------------------------------------------------------
     @torch.no_grad()
-    def measure(self, state_dict: dict[str, torch.Tensor]) -> dict[str, float]:
-        """FID of K samples of ``state_dict`` (the full weights, on every rank); the numbers on rank 0, {} elsewhere."""
+    def measure(self, state_dict: dict[str, torch.Tensor], final: bool = False) -> dict[str, float]:
+        """FID of K samples of ``state_dict`` (the full weights, on every rank); the numbers on rank 0, {} elsewhere.
+
+        ``final`` with ``final_num_samples`` > K draws that many instead and logs both ``fid<K>`` (its first K
+        samples: the same seeds as every other measurement) and ``fid<final K>``.
+        """
         from ldm_train.metrics.fid import FeatureStats, fid_from_stats, to_uint8
         from ldm_train.sampling import SamplerSettings
 
@@ -158,16 +162,43 @@ class InTrainingFID:
             self.prepare()
         t0 = time.perf_counter()
         c = self.cfg
+        k = int(c.num_samples)
+        total = max(k, int(c.final_num_samples)) if final else k
         self.grid.load(state_dict)
         settings = SamplerSettings("ddim", int(c.steps), float(c.eta), float(c.guidance_scale), int(c.seed),
                                    batch_size=int(c.batch_size), spacing=str(c.timestep_spacing))
-        stats = FeatureStats(2048)
-        mine = list(range(self.rank, int(c.num_samples), self.world_size))
+        kept: list[torch.Tensor] = []
+        mine = list(range(self.rank, total, self.world_size))
         for start in range(0, len(mine), int(c.batch_size)):
             idx = mine[start:start + int(c.batch_size)]
             images = self.grid.images(self.conditions(idx), [int(c.seed) + i for i in idx], settings)
-            stats.update(self._network()(to_uint8(images).to(self.device)))
-        stats.all_reduce()
+            kept.append(self._network()(to_uint8(images).to(self.device)).detach().double().cpu())
+        features = self._gather(torch.cat(kept) if kept else torch.zeros(0, 2048, dtype=torch.float64), total)
         if self.rank != 0:
             return {}
-        return {self.key: fid_from_stats(stats, self.reference), "fid_seconds": time.perf_counter() - t0}
+        values: dict[str, float] = {}
+        for n in sorted({k, total}):
+            stats = FeatureStats(2048)
+            stats.update(features[:n])
+            key = f"fid{n}"
+            values[key] = fid_from_stats(stats, self.reference)
+            if c.bootstrap:
+                from ldm_train.metrics.fid import bootstrap_fid
+
+                fids = bootstrap_fid(features[:n].numpy(), self.reference, int(c.bootstrap), seed=int(c.seed))
+                values[f"{key}_std"] = float(fids.std(ddof=1)) if len(fids) > 1 else 0.0
+        values["fid_seconds"] = time.perf_counter() - t0
+        return values
+
+    def _gather(self, mine: torch.Tensor, total: int) -> torch.Tensor:
+        """Every rank's features on rank 0 in sample order (rank r drew samples r, r + world, ...)."""
+        if not (torch.distributed.is_available() and torch.distributed.is_initialized()) or self.world_size == 1:
+            return mine
+        gathered: list | None = [None] * self.world_size if self.rank == 0 else None
+        torch.distributed.gather_object(mine, gathered, dst=0)
+        if self.rank != 0:
+            return mine
+        out = torch.empty(total, mine.shape[1], dtype=mine.dtype)
+        for r, part in enumerate(gathered):
+            out[r::self.world_size] = part
+        return out

@@ -111,6 +111,7 @@ class Trainer:
         self.samples_seen = 0
         self.train_wall_s = 0.0  # time in training steps, summed over sessions (train.time_budget_s)
         self._budget_reached = False  # decided at the log interval, the same on every rank
+        self._fid_moment = 0  # training-time moments (train.fid.every_s) whose FID has been measured
         self._setup_data()
         self._setup_engine()
         self.guard = NumericalGuard(self.tcfg.guard.max_consecutive_skips, self.device)
@@ -289,6 +290,8 @@ class Trainer:
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.train_wall_s = float(state.get("train_wall_s", 0.0))  # the same on every rank (rank 0's)
         self._budget_reached = bool(self.tcfg.time_budget_s) and self.train_wall_s >= self.tcfg.time_budget_s
+        if self.tcfg.fid.every_s:
+            self._fid_moment = int(self.train_wall_s // float(self.tcfg.fid.every_s))
         self.guard.load_state_dict(state.get("guard", {}))
         rank_state = ckpt.load_rank_state(self.ckpt_dir, self.latest, self.rank, not self.resume_universal)
         if rank_state is not None:
@@ -335,7 +338,7 @@ class Trainer:
 
     def _setup_fid(self) -> Any:
         """The in-training FID (``train.fid``), its reference statistics ready (computed once, then cached)."""
-        if not self.d.fid_every_steps:
+        if not (self.d.fid_every_steps or self.tcfg.fid.every_s):
             return None
         from ldm_train.trainer.fid import InTrainingFID
 
@@ -347,18 +350,20 @@ class Trainer:
         fid.prepare()
         return fid
 
-    def measure_fid(self) -> None:
+    def measure_fid(self, final: bool = False) -> None:
         """K-sample FID of the EMA weights (the raw ones without EMA), split across ranks; logged by rank 0."""
         if self.ema is not None:
             state = self.ema.gathered_state_dict(rank0_only=False)  # every rank samples its share
         else:
             state = {k: v.detach().float().cpu() for k, v in self.engine.module.state_dict().items()}
-        values = self.fid.measure(state)
+        values = self.fid.measure(state, final=final)
         if self.rank == 0:
             self.fid_wall_s += values["fid_seconds"]
-            self.tracker.log(self.step, {**values, "samples_seen": self.samples_seen})
-            print(f"[train] step {self.step}: {self.fid.key} {values[self.fid.key]:.2f} "
-                  f"({values['fid_seconds']:.0f} s)", flush=True)
+            self.tracker.log(self.step, {**values, "samples_seen": self.samples_seen,
+                                         "train_wall_s": round(self.train_wall_s, 2)})
+            shown = ", ".join(f"{k} {v:.2f}" + (f" +- {values[k + '_std']:.2f}" if k + "_std" in values else "")
+                              for k, v in values.items() if k.startswith("fid") and k[3:].isdigit())
+            print(f"[train] step {self.step}: {shown} ({values['fid_seconds']:.0f} s)", flush=True)
 
     def _banner(self) -> None:
         if self.rank != 0:
@@ -448,11 +453,12 @@ class Trainer:
                 if self.step % d.log_every_steps == 0 or self.step == d.total_steps:
                     self.log(loss_acc, steps_acc, lr, timer)
                     loss_acc, steps_acc = torch.zeros((), device=self.device), 0
-                    self._check_budget()
-                if self.fid is not None and (self.step % d.fid_every_steps == 0 or
-                                             (self.step == d.total_steps and self.tcfg.fid.at_end)):
+                    fid_due_by_time = self._check_budget()
+                else:
+                    fid_due_by_time = False
+                if self.fid is not None and self._fid_due(fid_due_by_time):
                     with timer.excluded():
-                        self.measure_fid()
+                        self.measure_fid(final=self.step == d.total_steps or self._budget_reached)
                 if d.checkpoint_every_steps and self.step % d.checkpoint_every_steps == 0:
                     with timer.excluded():
                         self.save()
@@ -475,16 +481,30 @@ class Trainer:
             self._write_summary(time.perf_counter() - t_start, self.samples_seen - samples_start)
         return exit_code
 
-    def _check_budget(self) -> None:
-        """At the log interval: rank 0's training time decides for every rank (one broadcast, no extra sync)."""
-        if not self.tcfg.time_budget_s:
-            return
+    def _check_budget(self) -> bool:
+        """At the log interval: rank 0's training time decides for every rank (one broadcast, no extra sync).
+        Returns whether the training time passed the next multiple of ``train.fid.every_s``."""
+        every_s = float(self.tcfg.fid.every_s) if self.fid is not None else 0.0
+        if not (self.tcfg.time_budget_s or every_s):
+            return False
         spent = torch.tensor([self.train_wall_s], dtype=torch.float64)
         if torch.distributed.is_initialized():
             spent = spent.to(self.device)
             torch.distributed.broadcast(spent, 0)
         self.train_wall_s = float(spent.item())
-        self._budget_reached = self.train_wall_s >= self.tcfg.time_budget_s
+        self._budget_reached = bool(self.tcfg.time_budget_s) and self.train_wall_s >= self.tcfg.time_budget_s
+        if not every_s:
+            return False
+        moment = int(self.train_wall_s // every_s)
+        due, self._fid_moment = moment > self._fid_moment, max(moment, self._fid_moment)
+        return due
+
+    def _fid_due(self, by_time: bool) -> bool:
+        """FID after this step: every ``every_samples``, at a training-time moment, or at the end (``at_end``)."""
+        d = self.d
+        if by_time or (d.fid_every_steps and self.step % d.fid_every_steps == 0):
+            return True
+        return bool(self.tcfg.fid.at_end) and (self.step == d.total_steps or self._budget_reached)
 
     def _budget_spent(self) -> bool:
         return self._budget_reached

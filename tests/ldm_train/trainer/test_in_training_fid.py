@@ -168,3 +168,26 @@ def test_class_fid_without_reference_labels_cycles_the_classes_and_none_is_plain
     assert hook.conditions([0, 1, 2]) == [0, 1, 2]
     hook.cond = CondConfig(kind="none")
     assert hook.conditions([0, 1, 2]) == [None, None, None]
+
+
+def test_bootstrap_logs_the_fids_sampling_noise(reference, tmp_path, network) -> None:
+    folder, _ = reference
+    noise = ImageSource([np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(8)])
+    cfg = FIDConfig(every_samples=1, num_samples=8, reference=str(folder), reference_images=0, batch_size=3,
+                    bootstrap=4)
+    out = _hook(cfg, noise, tmp_path, network).measure({})
+    assert set(out) == {"fid8", "fid8_std", "fid_seconds"}
+    assert out["fid8_std"] > 0 and np.isfinite(out["fid8_std"]), out
+
+
+def test_the_final_measurement_draws_more_and_keeps_the_first_k(reference, tmp_path, network) -> None:
+    folder, images = reference
+    noise = ImageSource([np.random.default_rng(i).integers(0, 256, (32, 32, 3), dtype=np.uint8) for i in range(12)])
+    cfg = FIDConfig(every_samples=1, num_samples=6, final_num_samples=12, reference=str(folder),
+                    reference_images=0, batch_size=5)
+    hook = _hook(cfg, noise, tmp_path, network)
+    periodic = hook.measure({})
+    final = hook.measure({}, final=True)
+    assert set(periodic) == {"fid6", "fid_seconds"} and set(final) == {"fid6", "fid12", "fid_seconds"}
+    assert abs(final["fid6"] - periodic["fid6"]) < 1e-6  # the same seeds, the same first six images
+    assert final["fid12"] != final["fid6"]

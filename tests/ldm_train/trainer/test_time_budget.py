@@ -31,3 +31,28 @@ def test_time_budget_ends_the_run_and_is_kept_across_resumes(latents_root: Path,
     proc = run_trainer(args, nproc=1)
     assert [row["step"] for row in read_stats(run_dir) if "loss" in row] == steps, proc.stdout[-2000:]
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == latest
+
+
+def test_fid_at_training_time_moments_and_at_the_budgets_end(latents_root: Path, tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    folder = tmp_path / "heldout"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text("a red square")
+    runs = tmp_path / "runs"
+    args = tiny_overrides(latents_root, runs, **{"train.total_samples": 8 * 100000, "train.time_budget_s": 3,
+                                                 "train.fid.every_s": 1, "train.fid.num_samples": 4,
+                                                 "train.fid.reference": str(folder), "train.fid.reference_images": 0,
+                                                 "train.fid.steps": 2, "train.fid.bootstrap": 2,
+                                                 "train.fid.batch_size": 4, "run_name": "moments"})
+    proc = run_trainer(args, nproc=1)
+    rows = [r for r in read_stats(only_run_dir(runs)) if "fid4" in r]
+    walls = [r["train_wall_s"] for r in rows]
+    # one FID per second of training time (decided at the log interval, so at or just past each second)
+    assert len(rows) == 3, proc.stdout[-3000:]
+    assert [int(w) for w in walls] == [1, 2, 3], walls
+    assert all(r["fid4_std"] >= 0 for r in rows)
