@@ -1,4 +1,4 @@
-"""bench/gpu_check.sh --dry-run (the tiny config on CPU) runs, so the one-shot GPU check cannot rot (issue 16)."""
+"""bench/gpu_check.sh --dry-run (the tiny config on CPU) runs, so the one-shot GPU check cannot rot."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Hardening of the encode job (issue 15): what a fault-injection campaign found, each case with its exact outcome.
+"""Hardening of the encode job: what a fault-injection campaign found, each case with its exact outcome.
 
 Huge-by-header images refused before decoding; a run whose every input is skipped fails; 16-bit PNGs scaled,
 EXIF orientation applied, non-UTF-8 captions decided, all counted; a latent shard damaged after encoding is

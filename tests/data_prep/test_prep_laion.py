@@ -1,4 +1,4 @@
-"""img2dataset / LAION metadata (issue 14 item 5): the source json's fields are kept in each latent sample's json,
+"""img2dataset / LAION metadata: the source json's fields are kept in each latent sample's json,
 filters on similarity, punsafe, pwatermark, aesthetic score and original size skip and count by reason, the
 shard's parquet is used when a sample has no json, and an orientation-6 JPEG is stored upright."""
 from __future__ import annotations

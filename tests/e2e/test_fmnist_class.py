@@ -1,4 +1,4 @@
-"""Issue 13's must-show, end to end at CPU scale: a tiny class-conditional LDM (``experiment=fmnist_class``) trained
+"""The class-conditional demonstration, end to end at CPU scale: a tiny class-conditional LDM (``experiment=fmnist_class``) trained
 on Fashion-MNIST for a few minutes generates the requested class clearly more often than the same model untrained,
 and its in-training FID (the real FID Inception) falls.
 
@@ -258,7 +258,7 @@ def run_pipeline(tmp: Path, **sizes: int) -> dict[str, Any]:
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("LDM_RUN_DEMOS") != "1",
-                    reason="11-minute demonstration (issue 13); run with LDM_RUN_DEMOS=1 -m slow (kept out of CI's time budget)")
+                    reason="11-minute demonstration; run with LDM_RUN_DEMOS=1 -m slow (kept out of CI's time budget)")
 @pytest.mark.timeout(2400)
 @pytest.mark.skipif(not HAVE_FMNIST, reason=f"needs Fashion-MNIST in {FMNIST} (Debian: apt-get install dataset-fashion-mnist)")
 def test_class_conditional_ldm_learns_the_classes(tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ def test_missing_metric_weights_stop_before_sampling(tiny_export, tmp_path, eval
 
 
 def test_default_output_dir_is_outside_checkpoint_rotation(eval_config, tiny_export) -> None:
-    """Rotation of checkpoints/ deleted metrics.json written inside a step dir (issue 14)."""
+    """Rotation of checkpoints/ deleted metrics.json written inside a step dir."""
     import os
 
     from eval.pipeline import default_output_dir
@@ -90,7 +90,7 @@ def test_default_output_dir_is_outside_checkpoint_rotation(eval_config, tiny_exp
 
 
 def test_eval_wandb_run_joins_the_training_runs_group(tmp_path) -> None:
-    """The eval W&B run is in the training run's group, with the training run's id in its config (issue 14)."""
+    """The eval W&B run is in the training run's group, with the training run's id in its config."""
     import glob
     import json as _json
 

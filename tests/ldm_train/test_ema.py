@@ -148,7 +148,7 @@ def test_zero3_gathered_ema_equals_plain_ema(tmp_path: Path) -> None:
     (1, "bf16-accum-fp32", "BF16_Optimizer"),
 ])
 def test_zero12_ema_is_sharded_from_the_fp32_master(tmp_path: Path, stage: int, precision: str, optimizer: str) -> None:
-    """ZeRO-1/2 (issue 16): each rank keeps only its fragment of the optimizer's fp32 master partition (no full
+    """ZeRO-1/2: each rank keeps only its fragment of the optimizer's fp32 master partition (no full
     fp32 copy per rank); the gathered EMA equals a plain EMA of the full fp32 master (bf16: gathered each step
     with DeepSpeed's safe_get_full_fp32_param), or of a plain fp32 model trained on the same batches."""
     result = _run_worker(tmp_path, stage, precision)

@@ -1,5 +1,5 @@
 """A wheel built from the repo carries the Hydra configs, and its installed commands compose them from any
-directory (issue 14: they stopped with "Primary config module 'conf' not found")."""
+directory."""
 from __future__ import annotations
 
 import subprocess

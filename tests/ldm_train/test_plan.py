@@ -1,4 +1,4 @@
-"""The memory / throughput planner (issue 16 item 1): the live-storage count on the meta device equals the same step
+"""The memory / throughput planner: the live-storage count on the meta device equals the same step
 on real tensors and the resident-memory growth of a real CPU step (reduced width); the 1.45B plan tables; a plan that
 does not fit is refused before anything runs."""
 from __future__ import annotations

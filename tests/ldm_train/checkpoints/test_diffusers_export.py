@@ -1,4 +1,4 @@
-"""The diffusers export (issue 14 item 2): a tiny run's export loads with diffusers' own from_pretrained and gives
+"""The diffusers export: a tiny run's export loads with diffusers' own from_pretrained and gives
 our numbers: UNet, the tiny 8-group VAE, the noise schedule, and our text encoder through its documented loader."""
 from __future__ import annotations
 

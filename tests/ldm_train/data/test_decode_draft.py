@@ -1,4 +1,4 @@
-"""DCT-domain JPEG decoding for the shared transform (issue 16 item 5): a large JPEG is decoded at a reduced scale
+"""DCT-domain JPEG decoding for the shared transform: a large JPEG is decoded at a reduced scale
 that keeps at least twice the target side, reports its full stored size, and gives the full-decode path's pixels
 within a small error (real photo: skimage's astronaut)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""gs:// goes through gcsfs like s3:// through s3fs (issue 14 item 7). No GCS server is reachable here: this
+"""gs:// goes through gcsfs like s3:// through s3fs. No GCS server is reachable here: this
 checks the wiring (filesystem class, WebDataset opener), not transfers."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The first-stage trainer's log lines carry throughput and an ETA (issue 14 item 7)."""
+"""The first-stage trainer's log lines carry throughput and an ETA."""
 from __future__ import annotations
 
 import re

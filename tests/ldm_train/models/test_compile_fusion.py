@@ -1,4 +1,4 @@
-"""train.compile fuses GroupNorm+SiLU and GEGLU (issue 16 item 3): no hand-written kernels are needed for them.
+"""train.compile fuses GroupNorm+SiLU and GEGLU: no hand-written kernels are needed for them.
 
 Inductor names each generated kernel after the ops it fused (``cpp_fused_native_group_norm_silu_0``), so the
 kernel list of one compiled forward + backward of our own blocks says whether an op got a pass over memory of its

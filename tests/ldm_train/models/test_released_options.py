@@ -1,4 +1,4 @@
-"""The released configs' UNet and first-stage options (issue 13 item 3), checked against diffusers as an
+"""The released configs' UNet and first-stage options, checked against diffusers as an
 independent implementation: ``use_scale_shift_norm`` + ``resblock_updown`` (LSUN-Churches, inpainting),
 ``num_head_channels``, and first stages with ``attn_type: none`` (vq-f4-noattn)."""
 from __future__ import annotations

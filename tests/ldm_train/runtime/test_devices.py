@@ -1,4 +1,4 @@
-"""Peak FLOP/s for MFU come from the device (issue 16: a constant 312 overstated H100 MFU 3.2x)."""
+"""Peak FLOP/s for MFU come from the device (a constant 312 TFLOP/s overstated H100 MFU 3.2x)."""
 from __future__ import annotations
 
 import pytest

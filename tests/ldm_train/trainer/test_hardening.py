@@ -1,4 +1,4 @@
-"""Hardening of the trainer (issue 15): resume only ever loads weights (a pickle with code in a DeepSpeed
+"""Hardening of the trainer: resume only ever loads weights (a pickle with code in a DeepSpeed
 checkpoint is refused, naming the file), checks the checkpoint against the file manifest written at save time and
 falls back to the previous intact one, works under torchrun at world size 1, keeps one stats.jsonl row per step
 across a resume, and two runs of the same command train the same bytes.

@@ -1,4 +1,4 @@
-"""train.init_from (issue 14 item 3): a new run starts from a CompVis-layout checkpoint with all three prefixes; the
+"""train.init_from: a new run starts from a CompVis-layout checkpoint with all three prefixes; the
 loaded weights equal the file's (a step at learning rate 0 leaves them in place), the first stage and the latent
 scale factor come from the same file, and a file that does not fit is refused naming it."""
 from __future__ import annotations
@@ -65,7 +65,7 @@ def test_init_from_a_file_that_does_not_fit_is_refused(tmp_path, latents_root, t
 
 
 def test_init_from_a_pickle_with_code_is_refused_without_running_it(tmp_path) -> None:
-    """train.init_from is a user file too: read weights-only (issue 15), the payload never runs."""
+    """train.init_from is a user file too: read weights-only, the payload never runs."""
     import pytest
 
     from ldm_train.trainer import init_from

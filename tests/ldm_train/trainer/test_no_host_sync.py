@@ -1,4 +1,4 @@
-"""No host sync in the training step (issue 16 item 2), checked without a GPU: the step runs with the meta device
+"""No host sync in the training step, checked without a GPU: the step runs with the meta device
 standing in for the GPU (the autograd engine will not run fake CUDA tensors without a CUDA driver) under a dispatch
 mode that records every operator that makes the host wait for the device (``.item()``, ``bool()``, data-dependent
 shapes, on a device tensor) and every copy between host and device. After the first step (which moves the noise schedule

@@ -1,5 +1,4 @@
-"""A resume that changes what the run means is refused unless accepted (issue 14 item 6: a resume silently took a
-changed total_samples or first_stage.checkpoint)."""
+"""A resume that changes what the run means is refused unless accepted."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""``train.compile`` (issue 16 item 3): the UNet and the text encoder compiled in place train through the real
+"""``train.compile``: the UNet and the text encoder compiled in place train through the real
 DeepSpeed engine under ZeRO 1, 2 and 3 (CPU, gloo, one process) with the eager losses to fp32 tolerance, and write
 checkpoints with the eager model's keys. Inductor compiles for a minute or more per run on these cores: slow."""
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_zero2_two_processes_learn_export_and_log(latents_root: Path, tmp_path: 
     for name in grid["samples/filenames"]:
         assert (wandb_log.parent / "files" / name).is_file()
     assert (run_dir / "samples" / "samples-000000008.png").is_file()
-    assert (run_dir / "samples" / "samples-000000016.png").is_file()  # the final weights' grid (issue 14)
+    assert (run_dir / "samples" / "samples-000000016.png").is_file()  # the final weights' grid
 
 
 @pytest.mark.slow
