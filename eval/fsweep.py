@@ -187,8 +187,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
          for name, seed in tasks], logs, env, a.jobs)
     times["report"] = run_stage("report", [PY, "-m", "eval.sweep_report", str(sweep_dir)], logs, env)
 
-    report = json.loads((sweep_dir / "report" / "report.json").read_text())
-    summary = {"command": "python -m eval.fsweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+    report_path = sweep_dir / "report" / "report.json"
+    report = json.loads(report_path.read_text())
+    command = "python -m eval.fsweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    # one file with everything the answer rests on: the points, per f over seeds, and the first-stage table
+    report.update(command=command, first_stages=list(family.values()), train_budget_s=a.budget_s or None,
+                  fid_reference={"images": a.heldout_images, "split": "t10k", "resolution": 32})
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    (sweep_dir / "report" / "first_stages.md").write_text((out / "first_stages" / "family.md").read_text())
+    summary = {"command": command,
                "points": points, "first_stages": family, "report": str(sweep_dir / "report"),
                "report_rows": report.get("rows"), "stage_wall_s": {k: round(v, 1) for k, v in times.items()},
                "wall_s": round(time.time() - t_start, 1)}
