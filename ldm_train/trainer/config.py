@@ -138,8 +138,9 @@ class TrainConfig:
     caption_dropout: float = bounded(0.1, ge=0, le=1)  # share of empty captions (cond.kind=class: null-class labels), so classifier-free guidance works
     log_every_samples: int = bounded(1024, ge=0)
     # a training-time budget in seconds (0: none): the run ends, as at total_samples, once the time spent in
-    # training steps (sample grids, FID and checkpoints excluded; summed over resumes) reaches it. Checked at
-    # the log interval, so it ends within one interval past the budget. Equal-compute comparisons use it.
+    # training steps (sample grids, FID and checkpoints excluded; summed over resumes) reaches it. Checked after
+    # every step in a single process, at the log interval across ranks (one broadcast, so it ends within one
+    # interval past the budget). Equal-compute comparisons use it.
     time_budget_s: float = bounded(0.0, ge=0)
     max_steps: int | None = bounded(None, ge=1)  # stop after this many optimizer steps this session (tests, smoke runs)
     # start a NEW run from these weights (fine-tuning): a CompVis .ckpt / safetensors (model.diffusion_model.*,

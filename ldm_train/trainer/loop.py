@@ -450,12 +450,13 @@ class Trainer:
                 loss_acc += self.train_step(data_iter, timer)
                 self.train_wall_s += time.perf_counter() - t_step
                 steps_acc += 1
+                fid_due_by_time = False
                 if self.step % d.log_every_steps == 0 or self.step == d.total_steps:
                     self.log(loss_acc, steps_acc, lr, timer)
                     loss_acc, steps_acc = torch.zeros((), device=self.device), 0
                     fid_due_by_time = self._check_budget()
-                else:
-                    fid_due_by_time = False
+                elif self.world_size == 1:  # no ranks to agree with: the budget and FID moments to the step
+                    fid_due_by_time = self._check_budget()
                 if self.fid is not None and self._fid_due(fid_due_by_time):
                     with timer.excluded():
                         self.measure_fid(final=self.step == d.total_steps or self._budget_reached)
