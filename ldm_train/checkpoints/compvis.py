@@ -135,10 +135,42 @@ class LoadReport:
         return "; ".join(parts)
 
 
+def checked_dtypes(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], what: str, source: str,
+                   setting: str | None = None) -> dict[str, torch.Tensor]:
+    """``sd`` ready for ``load_state_dict`` into floating-point ``own``: float16 / bfloat16 / float32 pass,
+    float64 is cast here to the model's dtype (said once on stdout), integer and bool tensors are refused.
+
+    ``load_state_dict`` would cast an int8 or bool tensor silently: a quantized or damaged file would load as
+    garbage weights that only show up as a diverging loss or black samples much later.
+    """
+    where = f"{setting}={source}" if setting else source
+    out, cast = dict(sd), []
+    for key, value in sd.items():
+        mine = own.get(key)
+        if mine is None or not (mine.is_floating_point() or mine.is_complex()):
+            continue  # integer buffers (position ids, counters) keep their own rules
+        if not (value.is_floating_point() or value.is_complex()):
+            raise ValueError(
+                f"{where}: {what} tensor {key} is {str(value.dtype).replace('torch.', '')} but the model's is "
+                f"{str(mine.dtype).replace('torch.', '')}; loading would cast it into meaningless weights. This is "
+                "not a float checkpoint of these weights (quantized or damaged?): export the float16 / bfloat16 / "
+                f"float32 weights and point {setting or 'the config'} at that file")
+        if value.dtype == torch.float64 and mine.dtype != torch.float64:
+            out[key] = value.to(mine.dtype)
+            cast.append(key)
+    from ldm_train.runtime.distributed import get_rank
+
+    if cast and get_rank() == 0:
+        print(f"[weights] {where}: {len(cast)} {what} tensors are float64 (e.g. {cast[0]}); cast to "
+              f"{str(own[cast[0]].dtype).replace('torch.', '')}", flush=True)
+    return out
+
+
 def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, source: str,
-                allowed_missing: tuple[str, ...] = ()) -> list[str]:
-    """``module.load_state_dict(sd)`` with one error naming every missing, unexpected and misshapen key;
-    returns the ``allowed_missing`` keys that were absent (kept as initialised)."""
+                allowed_missing: tuple[str, ...] = (), setting: str | None = None) -> list[str]:
+    """``module.load_state_dict(sd)`` with one error naming every missing, unexpected and misshapen key, and
+    dtypes checked (``checked_dtypes``; ``setting`` names where the file came from); returns the
+    ``allowed_missing`` keys that were absent (kept as initialised)."""
     own = module.state_dict()
     missing = [k for k in own if k not in sd and k not in allowed_missing]
     unexpected = [k for k in sd if k not in own]
@@ -150,7 +182,7 @@ def load_strict(module: nn.Module, sd: Mapping[str, torch.Tensor], what: str, so
             f"{len(shape)} shape mismatches (e.g. {shape[:2]}). Check that the unet / text_encoder / first_stage "
             "config matches the checkpoint's"
         )
-    module.load_state_dict(dict(sd), strict=False)
+    module.load_state_dict(checked_dtypes(own, sd, what, source, setting), strict=False)
     return [k for k in allowed_missing if k in own and k not in sd]
 
 
@@ -160,11 +192,13 @@ def load_compvis(
     text_encoder: nn.Module | None = None,
     first_stage: nn.Module | None = None,
     use_ema: bool = False,
+    setting: str | None = None,
 ) -> LoadReport:
     """Load a CompVis-layout checkpoint (path, URL or state dict) into the given modules, strictly.
 
     ``use_ema`` takes the UNet from LitEma's ``model_ema.*`` (or, for our ``model_ema.safetensors``
-    exports, the plain keys of that file). The text encoder's unused ``to_logits`` may be absent.
+    exports, the plain keys of that file). The text encoder's unused ``to_logits`` may be absent. ``setting``
+    (e.g. ``train.init_from``) is named in a dtype refusal.
     """
     name = source if isinstance(source, str) else "state dict"
     sd = read_weights(source).tensors if isinstance(source, str) else source
@@ -177,18 +211,19 @@ def load_compvis(
             report.ema = True
         if not unet_sd:
             raise ValueError(f"{name} has no {UNET_PREFIX}* keys: not a CompVis LDM checkpoint")
-        load_strict(unet, unet_sd, "UNet", name)
+        load_strict(unet, unet_sd, "UNet", name, setting=setting)
         report.loaded["unet"] = len(unet_sd)
     if text_encoder is not None:
         if not groups["text_encoder"]:
             raise ValueError(f"{name} has no {TEXT_PREFIX}* keys: no text encoder in this checkpoint")
-        report.unused_missing = load_strict(text_encoder, groups["text_encoder"], "text encoder", name, UNUSED_KEYS)
+        report.unused_missing = load_strict(text_encoder, groups["text_encoder"], "text encoder", name, UNUSED_KEYS,
+                                            setting)
         report.loaded["text_encoder"] = len(groups["text_encoder"])
     if first_stage is not None:
         fs_sd = {k: v for k, v in groups["first_stage"].items() if not k.startswith("loss.")}
         if not fs_sd:
             raise ValueError(f"{name} has no {FIRST_STAGE_PREFIX}* keys: load the first stage from its own file")
-        load_strict(first_stage, fs_sd, "first stage", name)
+        load_strict(first_stage, fs_sd, "first stage", name, setting=setting)
         report.loaded["first_stage"] = len(fs_sd)
     asked = {"unet": unet, "text_encoder": text_encoder, "first_stage": first_stage, "ema": unet if use_ema else None}
     report.ignored = [g for g, v in groups.items() if v and g != "other" and asked.get(g) is None]

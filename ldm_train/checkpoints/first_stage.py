@@ -16,7 +16,7 @@ import fsspec
 import torch
 from torch import nn
 
-from ldm_train.checkpoints.compvis import FIRST_STAGE_PREFIX, WeightsFile, read_weights
+from ldm_train.checkpoints.compvis import FIRST_STAGE_PREFIX, WeightsFile, checked_dtypes, read_weights
 from ldm_train.config import FirstStageConfig
 
 # fields that change what the weights compute without changing any tensor shape
@@ -105,7 +105,8 @@ def load_first_stage(cfg: FirstStageConfig | Any, map_location: str | torch.devi
         k = bad[0]
         raise ValueError(f"first_stage checkpoint {weights.path}: {k} has shape {tuple(state[k].shape)} but "
                          f"preset {cfg.name} expects {tuple(ours[k].shape)}: pick the matching first_stage preset")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(checked_dtypes(ours, state, "first stage", weights.path, "first_stage.checkpoint"),
+                          strict=True)
     return model.to(map_location).eval().requires_grad_(False)
 
 

@@ -231,9 +231,11 @@ class LatentShardDataset(IterableDataset):
         start_batches: int = 0,
         labels: LabelSpec | None = None,
         lowres_key: str | None = None,
+        latent_shape: tuple[int, ...] | None = None,
     ) -> None:
         super().__init__()
         self.plan = BlockPlan(shards, shards_per_block, seed)
+        self.latent_shape = tuple(latent_shape) if latent_shape else None  # the manifest's; None: unchecked
         self.lowres_key = lowres_key
         self.batch_size = batch_size
         self.latent_key = "moments" if stored == "moments" else "latents"
@@ -287,8 +289,27 @@ class LatentShardDataset(IterableDataset):
                 yield s
 
     # ---- decode + collate ------------------------------------------------------------------------------
+    def _latent(self, sample: dict[str, Any]) -> np.ndarray:
+        """One sample's ``latent.npy``: float16 / float32 of the manifest's shape, or an error naming the shard and
+        the sample key (``.float()`` would turn an integer or float64 array into plausible-looking numbers)."""
+        url, key = sample.get("__url__", "?"), sample["__key__"]
+        blob = sample.get(LATENT_EXT)
+        if blob is None:
+            raise ValueError(damaged_shard_message(url, f"sample {key} has no {LATENT_EXT}"))
+        try:  # never unpickles: an object array is refused here
+            array = self._decode(blob)
+        except (ValueError, EOFError, OSError) as e:  # not .npy, cut short, an object array
+            raise ValueError(damaged_shard_message(url, f"sample {key}: {LATENT_EXT} does not decode ({e})")) from None
+        if array.dtype not in (np.float16, np.float32):
+            raise ValueError(damaged_shard_message(url, f"sample {key}: {LATENT_EXT} is {array.dtype}, expected "
+                                                        "float16 (what data_prep.encode writes) or float32"))
+        if self.latent_shape is not None and array.shape != self.latent_shape:
+            raise ValueError(damaged_shard_message(url, f"sample {key}: {LATENT_EXT} has shape {list(array.shape)} "
+                                                        f"but the manifest's latent_shape is {list(self.latent_shape)}"))
+        return array
+
     def _collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
-        arrays = [self._decode(s[LATENT_EXT]) for s in samples]
+        arrays = [self._latent(s) for s in samples]
         captions = [
             "" if s["__dropped__"] else (s["txt"].decode("utf-8") if "txt" in s else "") for s in samples
         ]
@@ -414,6 +435,7 @@ class LatentLoader:
             start_batches=self.batches_yielded,
             labels=self.labels,
             lowres_key=self.lowres_key,
+            latent_shape=tuple((self.manifest or {}).get("latent_shape") or ()) or None,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:

@@ -13,8 +13,8 @@ deterministic order; shard ``j`` is the unit of work of the encode job (input sh
 
 ``image_dataset(...)`` is the torch IterableDataset for the autoencoder trainer and eval reference sets.
 ``iter_shard(...)`` is the lower level the encode job uses: it also yields ``Skip`` records with their reason, and
-each ``Sample`` says which ``CONVERSIONS`` it needed (EXIF orientation applied, 16-bit greyscale scaled to 8 bits, a
-non-UTF-8 caption decoded with ``Filters.caption_fallback``, a tar member name that would leave the output folder
+each ``Sample`` says which ``CONVERSIONS`` it needed (EXIF orientation applied, a 16-bit image brought to 8 bits
+per channel, transparency composited on white, a non-UTF-8 caption decoded with ``Filters.caption_fallback``, a tar member name that would leave the output folder
 renamed: ``safe_key``). Images larger than ``Filters.max_pixels`` are refused
 from their header, before decoding (``too_large``).
 """
@@ -45,7 +45,8 @@ SKIP_REASONS = ("no_image", "decode_error", "no_caption", "caption_not_utf8", "t
 SOURCE_FIELDS = ("url", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE", "aesthetic", "LICENSE", "NSFW",
                  "original_width", "original_height", "width", "height", "sha256")
 # what was done to a kept sample to make it usable (counted by the encode job, beside the skip reasons)
-CONVERSIONS = ("exif_transposed", "scaled_16bit", "caption_fallback", "caption_not_utf8_dropped", "unsafe_key_renamed")
+CONVERSIONS = ("exif_transposed", "scaled_16bit", "alpha_flattened", "caption_fallback", "caption_not_utf8_dropped",
+               "unsafe_key_renamed")
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: decoding one image of this size takes ~200 MB as RGB
 
 
@@ -357,7 +358,7 @@ _16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
 
 
 def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
-    """A decoded image as 8-bit RGB: 16-bit greyscale scaled (not clipped), alpha composited on white."""
+    """A decoded image as 8-bit RGB: 16-bit greyscale scaled (not clipped), transparency composited on white."""
     if img.mode in _16BIT_MODES:
         # PIL's convert("L") clips these at 255 (a 16-bit PNG came out ~all white): scale 0..65535 -> 0..255,
         # rounding to nearest (v * 255 / 65535 = v / 257). Mode "I" holds 16-bit samples too (PGM, TIFF, old PIL)
@@ -366,12 +367,26 @@ def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
         arr = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
         img = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
         notes.append("scaled_16bit")
-    # 48/64-bit RGB(A) and 16-bit grey+alpha PNGs: PIL already reduces them to 8 bits per channel on decode
     if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
         img = img.convert("RGBA")
+        if img.getchannel("A").getextrema()[0] < 255:  # an opaque alpha channel changes nothing: not counted
+            notes.append("alpha_flattened")
         bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
         img = Image.alpha_composite(bg, img)
     return img.convert("RGB")
+
+
+def _reduced_16bit(img: Image.Image) -> bool:
+    """True when PIL will read 16-bit samples into 8-bit channels itself (48/64-bit RGB(A), 16-bit grey+alpha):
+    its raw mode says so before ``load``; the 16-bit greyscale modes are scaled by ``_to_rgb`` instead."""
+    if img.mode in _16BIT_MODES:
+        return False
+    for tile in getattr(img, "tile", None) or []:
+        args = tile[3]
+        raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
+        if isinstance(raw, str) and ";16" in raw:
+            return True
+    return False
 
 
 def decode_image_checked(data: bytes, max_pixels: int | None = None) -> tuple[Image.Image, list[str]]:
@@ -398,6 +413,8 @@ def decode_for_side(data: bytes, min_side: int | None, max_pixels: int | None = 
     if min_side is not None and img.format == "JPEG" and min(w, h) >= 4 * min_side:
         keep = 2 * min_side / min(w, h)
         img.draft(img.mode, (max(1, int(w * keep + 0.999)), max(1, int(h * keep + 0.999))))
+    if _reduced_16bit(img):
+        notes.append("scaled_16bit")
     img.load()
     orientation = img.getexif().get(0x0112, 1)
     if orientation in (2, 3, 4, 5, 6, 7, 8):

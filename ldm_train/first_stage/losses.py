@@ -20,12 +20,14 @@ from ldm_train.config import FirstStageLossConfig
 TORCHVISION_VGG16 = "vgg16-397923af.pth"
 
 
-def build_lpips(backbone: str | None, random_backbone: bool = False) -> nn.Module:
+def build_lpips(backbone: str | None, random_backbone: bool = False,
+                setting: str = "loss.lpips_backbone") -> nn.Module:
     """Frozen LPIPS(vgg) with the ImageNet VGG16 backbone read from ``backbone`` (torchvision's file).
 
     The linear heads ship inside the ``lpips`` package; only the backbone is a separate file, which this
     never downloads. ``random_backbone=True`` builds a randomly initialised VGG instead (plumbing tests only:
-    its distances are not perceptual).
+    its distances are not perceptual). The file is read weights-only: a pickle that needs more, or a file that is
+    not VGG16's weights, is refused naming the file and ``setting`` (the config key it came from).
     """
     import lpips
 
@@ -37,13 +39,22 @@ def build_lpips(backbone: str | None, random_backbone: bool = False) -> nn.Modul
         if not backbone or not Path(backbone).is_file():
             raise FileNotFoundError(
                 f"LPIPS backbone {backbone!r} not found: put torchvision's ImageNet VGG16 weights "
-                f"({TORCHVISION_VGG16}) there and set loss.lpips_backbone=PATH, or set "
+                f"({TORCHVISION_VGG16}) there and set {setting}=PATH, or set "
                 f"first_stage.lossconfig.perceptual_weight=0 to train without the perceptual term "
                 f"(loss.lpips_random_backbone=true builds a random backbone, for tests only)")
         import torchvision
 
+        from ldm_train.checkpoints.safe_load import load_weights_only
+
+        hint = (f"Point {setting} at torchvision's own {TORCHVISION_VGG16} (download.pytorch.org/models/"
+                f"{TORCHVISION_VGG16}), which holds tensors only")
+        state = load_weights_only(backbone, setting, hint=hint)
         vgg = torchvision.models.vgg16()
-        vgg.load_state_dict(torch.load(backbone, map_location="cpu", weights_only=True))
+        try:
+            vgg.load_state_dict(state)
+        except (RuntimeError, TypeError, AttributeError) as e:  # another network's weights, or not a state dict
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{setting}: {backbone} is not torchvision's VGG16 weights ({first}). {hint}") from None
         model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
         # LPIPS splits vgg.features into slice1..5 whose children keep the feature indices as names
         for slice_ in (model.net.slice1, model.net.slice2, model.net.slice3, model.net.slice4, model.net.slice5):

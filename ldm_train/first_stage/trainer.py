@@ -31,7 +31,6 @@ from ldm_train.models.discriminator import NLayerDiscriminator
 from ldm_train.runtime import preemption
 from ldm_train.runtime.distributed import (
     all_reduce_,
-    broadcast_str,
     cleanup,
     device_for_rank,
     get_rank,
@@ -114,15 +113,15 @@ class Trainer:
             print(f"[train_autoencoder] {msg}", flush=True)
 
     def _run_dir(self) -> Path:
-        from ldm_train.runtime.rundir import resolve_run_dir, slurm_job_id
+        from ldm_train.runtime.rundir import resolve_run_dir, shared_run_dir, slurm_job_id
 
-        path = None
-        if self.rank == 0:
+        def make() -> Path:  # rank 0: found or created and locked before anything is written to it
             desc = f"{self.fs.name}-gpus{self.world}-batch{self.global_batch}"
             run_dir = resolve_run_dir(self.cfg.runs_root, self.cfg.run_group, desc, self.cfg.run_name, slurm_job_id())
             (run_dir / "config.yaml").write_text(config_yaml(self.cfg))
-            path = str(run_dir)
-        return Path(broadcast_str(path))
+            return run_dir
+
+        return shared_run_dir(make)
 
     def _maybe_resume(self) -> bool:
         path = latest_checkpoint(self.ckpt_dir)
@@ -321,8 +320,11 @@ class Trainer:
         return {"export": str(export_path), "run_dir": str(self.run_dir), **extra}
 
     def close(self) -> None:
+        from ldm_train.runtime.rundir import release_run_dir
+
         self.preemption.restore()
         self.tracker.close()
+        release_run_dir(self.run_dir)
 
 
 def train(cfg: AutoencoderAppConfig) -> dict[str, Any]:

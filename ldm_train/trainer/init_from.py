@@ -108,7 +108,7 @@ def load_into(model: nn.Module, source: InitSource, use_ema: bool) -> str:
     stage = getattr(model, "cond_stage_model", None) if source.has_cond_stage else None
     kind = getattr(model, "cond_kind", "text")
     report = load_compvis(source.weights, unet=model.unet, text_encoder=stage if kind == "text" else None,
-                          use_ema=use_ema and not source.ema_file)
+                          use_ema=use_ema and not source.ema_file, setting="train.init_from")
     line = str(report)
     if source.converted_from:
         line = f"converted from the diffusers folder {source.converted_from}; {line}"
@@ -118,7 +118,7 @@ def load_into(model: nn.Module, source: InitSource, use_ema: bool) -> str:
         from ldm_train.checkpoints.compvis import load_strict, read_weights, split_compvis
 
         groups = split_compvis(read_weights(source.weights).tensors)
-        load_strict(stage, groups["text_encoder"], "class embedder", source.weights)
+        load_strict(stage, groups["text_encoder"], "class embedder", source.weights, setting="train.init_from")
         line += f"; class embedder: {len(groups['text_encoder'])} tensors"
     return line
 

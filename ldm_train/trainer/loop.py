@@ -602,9 +602,12 @@ class Trainer:
         barrier()
 
     def close(self) -> None:
+        from ldm_train.runtime.rundir import release_run_dir
+
         self.preemption.restore()
         self.tracker.close()
         cleanup()
+        release_run_dir(self.run_dir)
 
 
 def train(cfg: TrainAppConfig | DictConfig) -> int:

@@ -146,11 +146,25 @@ def test_16bit_png_is_scaled_not_clipped():
                   Image.fromarray(values.astype(np.int32), "I")):
         notes16: list[str] = []
         assert np.array_equal(np.asarray(_to_rgb(img16, notes16))[..., 0], want) and notes16 == ["scaled_16bit"]
-    # 48-bit RGB: PIL reduces it to 8 bits itself (the high byte), nothing clipped
+    # 48-bit RGB: PIL reduces it to 8 bits itself (the high byte), nothing clipped; counted as the grey one is
     rgb48 = np.zeros((4, 4, 3), dtype=">u2")
     rgb48[..., 0], rgb48[..., 1], rgb48[..., 2] = 1000, 40000, 65535
     img48, notes48 = decode_image_checked(_png(4, 4, 16, 2, [r.tobytes() for r in rgb48]))
-    assert notes48 == [] and np.asarray(img48)[0, 0].tolist() == [3, 156, 255]
+    assert notes48 == ["scaled_16bit"] and np.asarray(img48)[0, 0].tolist() == [3, 156, 255]
+    rgba64 = np.full((4, 4, 4), 65535, dtype=">u2")
+    assert decode_image_checked(_png(4, 4, 16, 6, [r.tobytes() for r in rgba64]))[1] == ["scaled_16bit"]
+
+
+def test_transparency_flattened_on_white_is_counted():
+    """A kept sample whose transparent pixels were composited on white says so (the encode job counts it); an
+    alpha channel that is opaque everywhere changed nothing and is not counted."""
+    rgba = np.zeros((4, 4, 4), dtype=np.uint8)
+    rgba[..., 0], rgba[..., 3] = 255, 255
+    assert decode_image_checked(_png(4, 4, 8, 6, [r.tobytes() for r in rgba]))[1] == []
+    rgba[0, 0, 3] = 0
+    img, notes = decode_image_checked(_png(4, 4, 8, 6, [r.tobytes() for r in rgba]))
+    assert notes == ["alpha_flattened"] and np.asarray(img)[0, 0].tolist() == [255, 255, 255]
+    assert np.asarray(img)[1, 1].tolist() == [255, 0, 0]
 
 
 def test_exif_orientation_is_applied_and_counted():

@@ -74,3 +74,30 @@ def test_pretrained_metrics_say_which_network_and_leave_is_null_without_logits(t
     assert other["feature_extractor"] == "pretrained"
     assert other["extractors"]["fid"].startswith("inception-v3-tf-2015-12-05 pool3 (sha256 ")
     assert other["extractors"]["prc"] == other["extractors"]["fid"] and other["extractors"]["isc"] is None
+
+
+def test_a_wrong_fid_weights_file_is_refused_before_any_work(tmp_path, eval_config) -> None:
+    """metrics.fid_weights is opened before sampling: a cut copy, a plain torch file or another TorchScript network
+    fails in seconds, naming the setting, the file and the fix (it used to fail after the sampling)."""
+    import torch
+
+    from eval.pipeline import run
+    from ldm_train.metrics.inception import default_weights_path
+
+    good = open(default_weights_path(), "rb").read()
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good[: len(good) // 2])
+    plain = tmp_path / "state_dict.pt"
+    torch.save({"w": torch.zeros(2)}, plain)
+    other = tmp_path / "other_net.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))), other)
+    for path, problem in ((cut, "is not a TorchScript archive"), (plain, "does not load as TorchScript"),
+                          (other, "holds 0 convolutions")):
+        with pytest.raises(ValueError, match=rf"metrics\.fid_weights: {path} .*{problem}.*default_1\.pt"):
+            check_weights(FidelityConfig(fid_weights=str(path)))
+    out = tmp_path / "out"
+    cfg = eval_config(checkpoint=tmp_path / "run", prompts=tmp_path / "none.txt", output_dir=out,
+                      **{"metrics.fid_weights": cut, "reference.path": tmp_path})
+    with pytest.raises(ValueError, match=f"metrics.fid_weights: {cut}"):
+        run(cfg)
+    assert not out.exists()

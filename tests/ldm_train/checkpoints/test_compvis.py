@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from ldm_train.checkpoints.compvis import (
+    UNET_PREFIX,
     ema_key,
     export_safetensors,
     load_compvis,
@@ -177,3 +179,32 @@ def test_cli_on_a_folder_reads_its_export_or_names_what_to_pass(tmp_path) -> Non
     step.mkdir()
     save_file({"model.diffusion_model.out.2.bias": torch.zeros(3)}, str(step / "model_ema.safetensors"))
     main([str(step)])
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.int64])
+def test_init_from_integer_or_bool_weights_are_refused_naming_the_file_and_the_key(small_unet_cfg, tmp_path: Path,
+                                                                                   dtype) -> None:
+    """``train.init_from`` with a quantized or damaged file: refused by file, setting and key, not cast silently."""
+    from types import SimpleNamespace
+
+    from ldm_train.trainer.init_from import InitSource, load_into
+
+    sd = {UNET_PREFIX + k: v for k, v in UNetModel(small_unet_cfg).state_dict().items()}
+    sd[UNET_PREFIX + "out.2.weight"] = sd[UNET_PREFIX + "out.2.weight"].to(dtype)
+    path = tmp_path / "int.safetensors"
+    save_file(sd, str(path))
+    model = SimpleNamespace(unet=UNetModel(small_unet_cfg), cond_stage_model=None)
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"train\.init_from={path}: UNet tensor out\.2\.weight is {name} but the "
+                                         r"model's is float32"):
+        load_into(model, InitSource(str(path), None, False, False, has_cond_stage=False), use_ema=False)
+
+
+def test_float64_weights_load_cast_and_said(small_unet_cfg, randomize, tmp_path: Path, capsys) -> None:
+    src = randomize(UNetModel(small_unet_cfg), seed=3)
+    path = tmp_path / "double.safetensors"
+    save_file({UNET_PREFIX + k: v.double() for k, v in src.state_dict().items()}, str(path))
+    dst = UNetModel(small_unet_cfg)
+    load_compvis(str(path), unet=dst, setting="train.init_from")
+    assert all(v.dtype == torch.float32 and torch.equal(v, src.state_dict()[k]) for k, v in dst.state_dict().items())
+    assert f"train.init_from={path}: {len(src.state_dict())} UNet tensors are float64" in capsys.readouterr().out

@@ -97,3 +97,38 @@ def test_load_reads_the_file_once_and_hashes_the_same_bytes(tmp_path):
         assert weights.sha256 == hashlib.sha256(f.read()).hexdigest()
     assert weights.metadata["format"] == "pt" and "first_stage" in weights.metadata
     assert torch.equal(model.encoder.conv_in.weight, weights.tensors["encoder.conv_in.weight"])
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool])
+def test_integer_or_bool_weights_are_refused_naming_the_file_and_the_key(tmp_path, dtype):
+    """load_state_dict would cast them silently: the encode job would write latents of garbage weights."""
+    import re
+
+    from safetensors.torch import save_file
+
+    cfg = preset("tiny_kl_f4")
+    state = build_first_stage(cfg).state_dict()
+    state["encoder.conv_in.weight"] = state["encoder.conv_in.weight"].to(dtype)
+    path = str(tmp_path / "quantized.safetensors")
+    save_file(state, path)
+    cfg.checkpoint = path
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(ValueError, match=rf"first_stage\.checkpoint={re.escape(path)}: first stage tensor "
+                                         rf"encoder\.conv_in\.weight is {name} but the model's is float32.*float32"):
+        load_first_stage(cfg)
+
+
+def test_float64_weights_are_cast_to_the_models_dtype_and_said(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    cfg = preset("tiny_kl_f4")
+    state = build_first_stage(cfg).state_dict()
+    path = str(tmp_path / "double.safetensors")
+    save_file({k: v.double() for k, v in state.items()}, path)
+    cfg.checkpoint = path
+    loaded = load_first_stage(cfg)
+    assert loaded.encoder.conv_in.weight.dtype == torch.float32
+    assert torch.equal(loaded.encoder.conv_in.weight, state["encoder.conv_in.weight"])
+    out = capsys.readouterr().out
+    assert f"first_stage.checkpoint={path}: {len(state)} first stage tensors are float64" in out
+    assert "cast to float32" in out

@@ -224,3 +224,56 @@ def test_batch_tokenizer_gives_the_ids_of_tokenize(tmp_path: Path) -> None:
     assert ids.dtype == torch.int64 and ids.shape == (5, 12)
     assert torch.equal(ids, tokenize(tok, captions, 12))
     assert torch.equal(tokenize(tok, ["blue"], 12), tokenize(tok, ["blue"], 12))  # the original is untouched
+
+
+def _object_npy() -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    return buf.getvalue()
+
+
+def _npy(array) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("latent, problem", [
+    (lambda np: _npy(np.zeros((6, 8, 8), np.float16)), r"has shape \[6, 8, 8\] but the manifest's latent_shape is "
+                                                       r"\[6, 16, 16\]"),
+    (lambda np: _npy(np.zeros((6, 16, 16), np.int8)), "is int8, expected float16"),
+    (lambda np: _npy(np.zeros((6, 16, 16), np.float64)), "is float64, expected float16"),
+    (lambda np: _object_npy(), "does not decode .*allow_pickle"),
+    (lambda np: None, "has no latent.npy"),
+])
+def test_a_bad_latent_names_the_shard_and_the_sample(tmp_path: Path, latent, problem: str) -> None:
+    """A latent.npy of the wrong shape or dtype, an object array (never unpickled) or none at all: the error names
+    the shard, the sample key and the repair, instead of a cast or a stack error without a name."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    root = tmp_path / "latents"
+    write_latent_shards(root, [4])
+    shard = root / "shard-000000.tar"
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    bad = latent(np)
+    with tarfile.open(shard, "w") as tar:
+        for m, data in members:
+            if m.name == "00000002.latent.npy":
+                if bad is None:
+                    continue
+                m.size, data = len(bad), bad
+            tar.addfile(m, io.BytesIO(data))
+    with pytest.raises(ValueError, match=rf"{shard}: sample 00000002.*{problem}.*repair it with"):
+        take(make_loader(root, batch_size=4), 1)

@@ -81,3 +81,24 @@ def test_lpips_random_backbone_only_when_asked(capsys):
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert model(x, x).abs().max() < 1e-6 and model(x, -x).item() > 0
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_lpips_backbone_with_code_is_refused_naming_the_file_and_setting(tmp_path):
+    """torch's own refusal names no file and advises weights_only=False (running the file's code); ours names the
+    file and the setting and points at torchvision's tensors-only file."""
+    from tests.malicious_pickle import write_malicious
+
+    marker = tmp_path / "ran"
+    evil = write_malicious(tmp_path / "vgg16.pth", marker)
+    with pytest.raises(ValueError) as err:
+        build_lpips(str(evil))
+    msg = str(err.value)
+    assert f"refusing to load {evil} (loss.lpips_backbone)" in msg
+    assert "builtins.exec" in msg or "GLOBAL exec" in msg  # the global it asked for
+    assert "vgg16-397923af.pth" in msg
+    assert "weights_only=False" not in msg and "`weights_only` set to `False`" not in msg
+    assert not marker.exists()
+    other = tmp_path / "resnet.pth"
+    torch.save({"fc.weight": torch.zeros(2, 2)}, other)
+    with pytest.raises(ValueError, match=rf"loss\.lpips_backbone: {other} is not torchvision's VGG16 weights"):
+        build_lpips(str(other))

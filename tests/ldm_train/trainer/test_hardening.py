@@ -300,3 +300,20 @@ def test_two_runs_of_the_same_command_log_identical_losses(latents_root, base_ru
     a, b = (load_file(str(d / "checkpoints" / "step_0000004" / "model.safetensors")) for d in (first, second))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+def test_latest_naming_a_missing_step_says_so_and_which_step_is_used(tmp_path, capsys) -> None:
+    """``latest`` left naming a step that is gone: the message says that step does not exist and which one the run
+    resumes from (it used to read "damaged checkpoint(s) moved to -")."""
+    ckpts = tmp_path / "checkpoints"
+    _plain_checkpoints(ckpts, (2, 4))
+    (ckpts / "latest").write_text("step_0000006")
+    assert ck.verify_checkpoint(ckpts, "step_0000006") == [f"{ckpts / 'step_0000006'} does not exist"]
+    assert ck.select_resume_tag(ckpts) == "step_0000004"
+    err = capsys.readouterr().err
+    assert f"latest names step_0000006, but {ckpts / 'step_0000006'} does not exist" in err
+    assert (f"resuming from {ckpts / 'step_0000004'}, the newest intact checkpoint, instead of step_0000006: "
+            "step_0000006 does not exist; latest now names step_0000004") in err
+    assert "moved to -" not in err
+    assert (ckpts / "latest").read_text() == "step_0000004"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000002", "step_0000004"]
