@@ -22,6 +22,8 @@ import torch
 from ldm_train.config import CondConfig
 from ldm_train.trainer.config import FIDConfig
 
+PROGRESS_EVERY = 500  # reference images between progress lines: the first pass over them can take minutes
+
 
 def fid_key(cfg: FIDConfig) -> str:
     """The name a measurement is logged under: ``fid<K>`` (a K-sample FID)."""
@@ -113,9 +115,17 @@ class InTrainingFID:
         captions: list[str] = []
         labels: list[int] = []
         mine: list[torch.Tensor] = []
+        t0, total = time.perf_counter(), f"/{limit}" if limit else ""
+        if self.rank == 0:
+            print(f"[train] in-training FID: computing reference statistics of {limit or 'all'} images of "
+                  f"{self.cfg.reference} (once: cached in {self.cache_dir})", flush=True)
         for i, rec in enumerate(image_dataset(self.cfg.reference, self.resolution)):
             if limit and i >= limit:
                 break
+            if self.rank == 0 and i and i % PROGRESS_EVERY == 0:
+                seconds = time.perf_counter() - t0
+                print(f"[train] in-training FID reference: {i}{total} images ({seconds:.0f} s, "
+                      f"{i / seconds:.1f} images/s)", flush=True)
             captions.append(rec["caption"] or "")
             label = (rec.get("meta") or {}).get(self.cond.label_key)
             labels.append(int(label) if isinstance(label, int) and not isinstance(label, bool) else -1)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from ldm_train.trainer import fid
 from ldm_train.trainer.config import FIDConfig
 from ldm_train.trainer.fid import InTrainingFID
 
@@ -102,6 +103,20 @@ def test_reference_statistics_are_cached_by_content(reference, tmp_path, capsys,
     other.prepare()
     assert len(list((tmp_path / "runs" / "_fid_reference").glob("*.npz"))) == 2
     assert not torch.equal(other.reference.sum, first.reference.sum)
+
+
+@pytest.mark.parametrize(("limit", "lines"), [(6, ["3/6 images"]), (0, ["3 images", "6 images"])])
+def test_reference_statistics_print_progress_with_the_total(reference, tmp_path, capsys, monkeypatch, limit,
+                                                             lines) -> None:
+    monkeypatch.setattr(fid, "PROGRESS_EVERY", 3)
+    folder, _ = reference  # 8 images
+    cfg = FIDConfig(every_samples=1, num_samples=8, reference=str(folder), reference_images=limit, batch_size=5)
+    hook = _hook(cfg, ImageSource([]), tmp_path, network=lambda x: torch.zeros(len(x), 2048))
+    stats, _, _ = hook._reference_stats()
+    assert stats.count == (limit or 8)
+    progress = [line.split(": ", 1)[1].split(" (")[0] for line in capsys.readouterr().out.splitlines()
+                if line.startswith("[train] in-training FID reference:")]
+    assert progress == lines
 
 
 def test_missing_reference_is_a_clear_error(tmp_path) -> None:
