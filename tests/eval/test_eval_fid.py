@@ -39,6 +39,7 @@ def sets(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             "noisy": _folder(root / "noisy", noisy), "stats": str(root / "test.npz")}
 
 
+@pytest.mark.slow  # ~170 s of Inception passes: in CI's end-to-end suite, not the default one
 def test_fid_train_vs_test_small_test_vs_noisy_large(sets, capsys) -> None:
     close = main([sets["test"], sets["train"], "--batch-size", "40", "--save-stats", sets["stats"]])
     far = main([sets["test"], sets["noisy"], "--batch-size", "40"])
