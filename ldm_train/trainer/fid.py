@@ -165,7 +165,7 @@ class InTrainingFID:
         ``final`` with ``final_num_samples`` > K draws that many instead and logs both ``fid<K>`` (its first K
         samples: the same seeds as every other measurement) and ``fid<final K>``.
         """
-        from ldm_train.metrics.fid import FeatureStats, fid_from_stats, to_uint8
+        from ldm_train.metrics.fid import FeatureStats, bootstrap_fid, fid_from_stats, to_uint8
         from ldm_train.sampling import SamplerSettings
 
         if self.reference is None:
@@ -193,8 +193,6 @@ class InTrainingFID:
             key = f"fid{n}"
             values[key] = fid_from_stats(stats, self.reference)
             if c.bootstrap:
-                from ldm_train.metrics.fid import bootstrap_fid
-
                 fids = bootstrap_fid(features[:n].numpy(), self.reference, int(c.bootstrap), seed=int(c.seed))
                 values[f"{key}_std"] = float(fids.std(ddof=1)) if len(fids) > 1 else 0.0
         values["fid_seconds"] = time.perf_counter() - t0

@@ -483,8 +483,9 @@ class Trainer:
         return exit_code
 
     def _check_budget(self) -> bool:
-        """At the log interval: rank 0's training time decides for every rank (one broadcast, no extra sync).
-        Returns whether the training time passed the next multiple of ``train.fid.every_s``."""
+        """At the log interval (after every step in a single process): rank 0's training time decides for every
+        rank (one broadcast, no extra sync). Returns whether the training time passed the next multiple of
+        ``train.fid.every_s``."""
         every_s = float(self.tcfg.fid.every_s) if self.fid is not None else 0.0
         if not (self.tcfg.time_budget_s or every_s):
             return False
