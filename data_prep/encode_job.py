@@ -13,6 +13,11 @@ Failing loudly: a run whose shards hold no sample at all (every image skipped) e
 reason and the fix, and no manifest of 0 samples is written. Two processes running the same task at once
 both finish: temporaries are per process and only those of dead writers are cleaned, and the shards are
 byte-reproducible.
+
+Preemption (scancel, SLURM preemption: SIGTERM to every process of the step; SIGUSR1/SIGUSR2 too): the
+DataLoader workers ignore the signal, this process stops after the batch in hand, drops the shards it had
+open (finished shards stay), prints the report with ``preempted`` and, under SLURM, requeues the task; a
+re-run continues with the shards not finished. Exit status 0 when requeued, else 1.
 """
 from __future__ import annotations
 
@@ -34,6 +39,7 @@ from ldm_train.checkpoints.compvis import WeightsFile
 from ldm_train.checkpoints.first_stage import read_first_stage_file
 from ldm_train.data import fsspec_io
 from ldm_train.data.readers import Filters, InputShard, list_input_shards
+from ldm_train.runtime import preemption
 
 
 @dataclass
@@ -55,10 +61,12 @@ class EncodeResult:
     wait_s: float = 0.0  # time the encoder waited for the next batch from the workers
     encode_s: float = 0.0
     manifest: str | None = None
+    preempted: str | None = None  # the signal that stopped the run (SIGTERM, SIGUSR1, ...)
+    requeued: bool = False
 
     @property
     def ok(self) -> bool:
-        return not self.failed and not self.input_errors and self.error is None
+        return not self.failed and not self.input_errors and self.error is None and self.preempted is None
 
 
 def resolve_tasks(task_index: int | None, num_tasks: int | None) -> tuple[int, int]:
@@ -155,12 +163,14 @@ def run_encode(cfg: EncodeConfig) -> EncodeResult:
     print(f"[encode] task {task}/{ntasks}: {len(mine)} of {len(shards)} input shards, {len(res.already_done)} "
           f"already done, {len(todo)} to encode{damaged} -> {output}", flush=True)
     if todo:
-        _encode_shards(cfg, output, todo, res, weights)
+        with preemption.installed():  # restored after: run_encode is also called in-process
+            _encode_shards(cfg, output, todo, res, weights)
         if res.done and res.num_samples == 0 and res.already_done_samples == 0:
             res.error = _no_samples_message(res, todo)
             print(f"[encode] ERROR: {res.error}", file=sys.stderr, flush=True)
     res.wall_s = time.perf_counter() - t_start
-    _maybe_finalize(cfg.finalize, output, res)
+    if res.preempted is None:
+        _maybe_finalize(cfg.finalize, output, res)
     return res
 
 
@@ -286,7 +296,18 @@ def _loader(cfg: EncodeConfig, todo: list[InputShard], device: torch.device) -> 
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, num_workers=nw, prefetch_factor=cfg.prefetch_factor if nw else None,
         pin_memory=device.type == "cuda", persistent_workers=False,
+        worker_init_fn=preemption.ignore_in_worker,  # a SIGTERM to the job is this process's to handle
     )
+
+
+class Preempted(Exception):
+    """A preemption signal arrived: stop after the batch in hand."""
+
+    def __init__(self, signum: int) -> None:
+        import signal
+
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
 
 
 def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: EncodeResult,
@@ -317,9 +338,13 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
             out["eta"] = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
         return out
 
-    it = iter(loader)
+    signals = preemption.install()  # the handlers run_encode installed
+    with preemption.held():
+        it = iter(loader)  # the workers start here
     try:
         while True:
+            if signals.received is not None:
+                raise Preempted(signals.received)
             t0 = time.perf_counter()
             item = next(it, None)
             t1 = time.perf_counter()
@@ -342,6 +367,13 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
             converted.update(item.get("converted", {}))
             finished_here += 1
             bar.set_postfix(postfix(), refresh=finished_here == len(todo))
+    except Preempted as e:
+        for cur in open_shards.values():
+            cur.discard(e)
+        res.preempted = e.name
+        res.requeued = preemption.requeue_slurm_job()
+        print(f"[encode] stopped by {e.name}: {finished_here} of {len(todo)} input shards finished in this run, "
+              f"{len(open_shards)} unfinished dropped; run the same command again to continue", flush=True)
     except BaseException as e:
         for cur in open_shards.values():
             cur.discard(e)
@@ -385,13 +417,13 @@ def report(res: EncodeResult) -> None:
         "already_done": len(res.already_done), "failed": res.failed, "input_errors": res.input_errors,
         "damaged": res.damaged, "samples": imgs, "skipped": res.skipped, "converted": res.converted, "images_per_s": round(imgs / res.wall_s, 2) if res.wall_s else None,
         "encoder_wait_share": round(res.wait_s / max(res.wait_s + res.encode_s, 1e-9), 4),
-        "manifest": res.manifest, "error": res.error,
+        "manifest": res.manifest, "error": res.error, "preempted": res.preempted,
     }), flush=True)
 
 
 def run(cfg: EncodeConfig) -> int:
-    """The app: encode, print the report; exit status 1 when any shard failed or had a damaged input, or when
-    the run wrote no sample at all."""
+    """The app: encode, print the report; exit status 1 when any shard failed or had a damaged input, when
+    the run wrote no sample at all, or when a signal stopped it (0 when it stopped and SLURM requeued it)."""
     res = run_encode(cfg)
     report(res)
-    return 0 if res.ok else 1
+    return 0 if res.ok or res.requeued else 1

@@ -71,6 +71,19 @@ def install() -> Preemption:
     return _active
 
 
+@contextlib.contextmanager
+def installed() -> Iterator[Preemption]:
+    """``install()`` for a block: handlers this call installed are restored at its end (an in-process caller,
+    e.g. a test, keeps its own); ones an entry point installed earlier stay."""
+    owner = _active is None
+    handlers = install()
+    try:
+        yield handlers
+    finally:
+        if owner:
+            handlers.restore()
+
+
 def ignore_in_worker(worker_id: int) -> None:
     """DataLoader ``worker_init_fn``: the preemption signals are for the main process, which stops the workers."""
     for sig in SIGNALS:

@@ -1,4 +1,4 @@
-"""Faults: SIGKILL mid-run then resume, damaged inputs skipped and counted, a missing input shard retried."""
+"""Faults: SIGKILL / SIGTERM mid-run then resume, damaged inputs skipped and counted, a missing input shard retried."""
 from __future__ import annotations
 
 import io
@@ -20,25 +20,39 @@ from ldm_train.data.readers import InputShardError, iter_shard, list_input_shard
 from tests.data_prep.helpers import REPO, encode_args, encode_cfg, read_all_shards, run_encode
 
 
-def test_sigkill_mid_run_then_resume(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_signal_to_the_group_mid_run_then_resume(tmp_path, sig):
+    """SIGKILL: a node failure. SIGTERM: scancel / preemption, sent to every process of the step (the DataLoader
+    worker too): the job stops after the batch in hand, drops its open shard and says so, exit status 1."""
     inp, out = tmp_path / "in", tmp_path / "out"
     write_synthetic(str(inp), num_samples=32, resolution=32, shard_size=4)  # 8 input shards
     args = encode_args(input=inp, output=out, resolution=32, allow_random_first_stage="true", batch_size=4)
     stats = out / "tiny_kl_f4" / "_stats"
-    proc = subprocess.Popen([sys.executable, "-m", "data_prep.encode", *args], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 300
-        while not (stats / "part-000000.json").exists():
-            assert proc.poll() is None, "encode exited before the first shard was done"
-            assert time.monotonic() < deadline, "no shard finished within 300 s"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the job and its DataLoader worker, as a node failure would
-        proc.wait(timeout=30)
+    log = tmp_path / "encode.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}  # not a SLURM job: no requeue
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "data_prep.encode", *args], cwd=REPO, start_new_session=True,
+                                stdout=log_file, stderr=subprocess.STDOUT, env=env)
+        try:
+            deadline = time.monotonic() + 300
+            while not (stats / "part-000000.json").exists():
+                assert proc.poll() is None, "encode exited before the first shard was done"
+                assert time.monotonic() < deadline, "no shard finished within 300 s"
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, sig)  # the job and its DataLoader worker
+            rc = proc.wait(timeout=60)
+    text = log.read_text()
     done_at_kill = sorted(p.name for p in stats.glob("part-*.json"))
-    assert 1 <= len(done_at_kill) < 8, f"kill was not mid-run: {done_at_kill}"
+    assert 1 <= len(done_at_kill) < 8, f"the signal was not mid-run: {done_at_kill}"
     assert not (out / "tiny_kl_f4" / "manifest.json").exists()
+    if sig == signal.SIGTERM:
+        assert rc == 1, text
+        assert "stopped by SIGTERM" in text and "run the same command again" in text, text
+        assert json.loads(text.strip().splitlines()[-1])["preempted"] == "SIGTERM"
+        assert "DataLoader worker" not in text, text
+        # the open shard was dropped, not left behind
+        assert not [n for n in os.listdir(out / "tiny_kl_f4") if ".tmp-" in n]
 
     p = run_encode(args)
     report = json.loads(p.stdout.strip().splitlines()[-1])
@@ -46,7 +60,7 @@ def test_sigkill_mid_run_then_resume(tmp_path):
     keys = [s["key"] for s in read_all_shards(out / "tiny_kl_f4")]
     assert sorted(keys) == [f"{i:09d}" for i in range(32)]  # every sample exactly once
     assert read_manifest(str(out / "tiny_kl_f4"))["num_samples"] == 32
-    assert not [n for n in os.listdir(out / "tiny_kl_f4") if ".tmp-" in n]  # the killed run's temporaries are gone
+    assert not [n for n in os.listdir(out / "tiny_kl_f4") if ".tmp-" in n]  # the stopped run's temporaries are gone
 
 
 def _jpeg(size, colour=(200, 30, 30)) -> bytes:
