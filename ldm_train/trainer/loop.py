@@ -227,6 +227,9 @@ class Trainer:
                                  "use train.precision=bf16 or fp32 on CPU")
         import deepspeed
 
+        from ldm_train.runtime.ds_ops import skip_unused_ops
+
+        skip_unused_ops()  # nothing compiled that training does not call
         torch.manual_seed(self.tcfg.seed)  # identical init on every rank (DeepSpeed also broadcasts rank 0's)
         model = build_ldm(self.cfg)
         # the newest intact checkpoint (checked against its file manifest; a damaged one is moved aside)

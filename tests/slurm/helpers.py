@@ -1,8 +1,8 @@
 """Helpers for the cluster-path tests: stage scripts submitted to the local SLURM cluster (see test_*.py).
 
 Each stage test skips, naming the missing file, until its owner's script has landed. Jobs inherit the test's
-environment (sbatch --export=ALL): `job_env` adds offline W&B, a stable DeepSpeed extension cache (the first
-DeepSpeed init compiles a comm op for ~40 s) and one thread per task (2 shared cores).
+environment (sbatch --export=ALL): `job_env` adds offline W&B, the user's DeepSpeed extension cache (training compiles no
+op: ldm_train.runtime.ds_ops) and one thread per task (2 shared cores).
 """
 
 from __future__ import annotations
