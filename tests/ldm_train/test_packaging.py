@@ -1,5 +1,5 @@
-"""A wheel built from the repo carries the Hydra configs, and its installed commands compose them from any
-directory."""
+"""A wheel built from the repo carries the Hydra configs and the sbatch scripts, and its installed commands
+compose them from any directory."""
 from __future__ import annotations
 
 import subprocess
@@ -18,6 +18,7 @@ COMMANDS = {
     "ldm-eval": ["--cfg", "job"],
     "ldm-summary": ["experiment=tiny"],
     "ldm-export-diffusers": ["--help"],
+    "ldm-slurm": ["path"],
 }
 
 
@@ -31,6 +32,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
     wheel = next((tmp / "dist").glob("ldm_train-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
     assert "ldm_train/conf/train.yaml" in names and "ldm_train/conf/experiment/tiny.yaml" in names
+    assert "ldm_train/slurm/train_txt2img.sh" in names and "ldm_train/slurm/common.sh" in names
     venv = tmp / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     subprocess.run([sys.executable, "-m", "pip", "--python", str(venv / "bin" / "python"), "install", "--no-deps",
@@ -52,6 +54,11 @@ def test_wheel_commands_compose_their_configs_from_any_directory(installed: Path
     train = subprocess.run([str(installed / "bin" / "ldm-train"), "experiment=tiny", "--cfg", "job"],
                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert "experiment_name: tiny" in train.stdout
+    slurm = subprocess.run([str(installed / "bin" / "ldm-slurm"), "path"], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path, check=True)
+    folder = Path(slurm.stdout.strip())
+    assert folder.is_relative_to(installed) and (folder / "common.sh").is_file()
+    assert (folder / "train_txt2img.sh").stat().st_mode & 0o111  # still executable
 
 
 def test_wheel_commands_help_and_a_tiny_job_outside_the_checkout(installed: Path, tmp_path: Path) -> None:

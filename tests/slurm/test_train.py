@@ -1,4 +1,5 @@
-"""slurm/train_txt2img.sh on the local cluster: 2 nodes x 1 task over gloo, and preemption -> requeue -> resume."""
+"""slurm/train_txt2img.sh on the local cluster: 2 nodes x 1 task over gloo, preemption -> requeue -> resume, and
+a submission from outside the checkout."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from tests.slurm_cluster import LocalSlurmCluster
 
 from .conftest import TINY_TRAIN_ARGS, Latents, TrainRun
-from .helpers import job_logs, require, submit
+from .helpers import REPO, job_logs, require, submit, submit_and_wait
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -74,3 +75,20 @@ def test_usr1_checkpoints_requeues_and_resumes_same_wandb_run(
     assert (run_dir / "wandb_run_id").read_text().strip() == run_id
     sessions = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(sessions) >= 2 and all(s.name.endswith(f"-{run_id}") for s in sessions), sessions
+
+
+def test_submitted_from_an_empty_directory_writes_the_run_there(
+        slurm_cluster: LocalSlurmCluster, slurm_latents: Latents, tmp_path: Path) -> None:
+    require("slurm/train_txt2img.sh", "ldm_train/train.py")
+    submit_dir = tmp_path / "elsewhere"  # empty; the job log goes beside it, not into it
+    submit_dir.mkdir()
+    args = [*TINY_TRAIN_ARGS, f"data.latents_root={slurm_latents.root}", "runs_root=runs", "run_name=elsewhere",
+            "train.total_samples=8", f"first_stage.checkpoint={slurm_latents.checkpoint}"]
+    submit_and_wait(slurm_cluster, REPO / "slurm" / "train_txt2img.sh", args, tmp_path, cwd=submit_dir,
+                    timeout=420, sbatch_args=["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1",
+                                              "--cpus-per-task=1", "--time=10"])
+    run_dir = submit_dir / "runs" / "tiny" / "elsewhere"
+    tag = (run_dir / "checkpoints" / "latest").read_text().strip()
+    assert json.loads((run_dir / "checkpoints" / tag / "meta.json").read_text())["step"] == 1
+    assert sorted(p.name for p in submit_dir.iterdir()) == ["runs"]
+    assert not (REPO / "runs" / "tiny" / "elsewhere").exists()

@@ -22,7 +22,8 @@ out = os.environ["PROBE_OUT"]
 env = DistEnv.from_env()
 rec = {{"argv": sys.argv[1:], "rank": env.rank, "world": env.world_size, "local_rank": env.local_rank,
        "addr": env.master_addr, "port": env.master_port, "launcher": env.launcher,
-       "omp": os.environ.get("OMP_NUM_THREADS"), "signals": []}}
+       "omp": os.environ.get("OMP_NUM_THREADS"), "signals": [], "cwd": os.getcwd(),
+       "code": sys.modules["ldm_train"].__file__, "pythonpath": os.environ.get("PYTHONPATH", "")}}
 signal.signal(signal.SIGUSR1, lambda *_: rec["signals"].append("USR1"))
 open(os.path.join(out, f"ready{{env.rank}}"), "w").close()
 deadline = time.time() + 120
@@ -90,3 +91,35 @@ def test_sbatch_runs_one_rank_per_task_and_usr1_reaches_them(slurm_cluster, tmp_
         assert rec["omp"] == "2"  # the task's CPUs
         assert rec["signals"] == ["USR1"]  # the Python rank itself got the signal
     assert f"[train_txt2img.sh] job {job} (restart 0): 2 task(s) on 2 node(s)" in log.read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("origin", ["checkout", "copy"])
+def test_sbatch_from_another_directory_runs_there(slurm_cluster, tmp_path: Path, origin: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Submitted from an empty directory without LDM_REPO, the job (a copy in slurmd's spool dir) finds common.sh
+    through SLURM's record of the submitted script, and runs in the submit directory. From the checkout it runs
+    the checkout's code; from `ldm-slurm copy` (a folder with a space) whatever the environment has installed."""
+    monkeypatch.delenv("LDM_REPO", raising=False)
+    script = SCRIPT
+    if origin == "copy":
+        from ldm_train.slurm_scripts import copy_scripts
+
+        copy_scripts(tmp_path / "my scripts")
+        script = tmp_path / "my scripts" / "train_txt2img.sh"
+    submit_dir, out, log = tmp_path / "submit", tmp_path / "out", tmp_path / "job.out"
+    submit_dir.mkdir()
+    env = {k: v for k, v in clean_env(PYTHON=str(probe(tmp_path)), PROBE_OUT=str(out)).items() if k != "LDM_REPO"}
+    job = slurm_cluster.sbatch(script, args=["experiment=tiny", "runs_root=runs"], env=env, cwd=submit_dir,
+                               sbatch_args=["--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=1",
+                                            "--cpus-per-task=1", "--time=5", f"--output={log}", f"--error={log}"])
+    assert slurm_cluster.wait(job, timeout=120) == "COMPLETED", log.read_text() if log.exists() else "no job log"
+    rec = json.loads((out / "rank0.json").read_text())
+    assert rec["argv"] == ["-u", "-m", "ldm_train.train", "experiment=tiny", "runs_root=runs"]
+    assert rec["cwd"] == str(submit_dir)  # relative overrides (runs_root=runs) resolve here
+    assert list(submit_dir.iterdir()) == []
+    if origin == "checkout":
+        assert rec["pythonpath"].split(":")[0] == str(REPO)
+        assert Path(rec["code"]).resolve().parent == REPO / "ldm_train"
+    else:
+        assert str(REPO) not in rec["pythonpath"].split(":")

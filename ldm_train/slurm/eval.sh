@@ -12,21 +12,31 @@
 # Arguments are Hydra overrides of conf/eval.yaml. Sample i is seeded seed + i and every task takes a
 # contiguous run of global batches, so the set is the same at any task count, and a requeued or re-submitted
 # job skips the PNGs that exist. The output dir defaults to <run dir>/eval/<step>/<sampler>-<steps>steps-n<N>-seed<S>
-# (the same in both steps: no timestamps).
+# (the same in both steps: no timestamps). One task per GPU: keep --ntasks-per-node equal to --gpus-per-node.
 #SBATCH --job-name=ldm-eval
 #SBATCH --nodes=1
 #SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=1
 #SBATCH --time=04:00:00
 #SBATCH --requeue
 #SBATCH --open-mode=append
 set -euo pipefail
 
-# sbatch runs a copy of this file from the spool dir: find the checkout via LDM_REPO / the submit dir.
-repo=${LDM_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
-# shellcheck source=slurm/common.sh
-. "$repo/slurm/common.sh"
-cd "$(ldm_repo_root)"
-ldm_activate_venv
+# Find this script's folder and source common.sh from it: sbatch runs a copy of this file from slurmd's spool
+# dir, so the folder comes from LDM_REPO, plain bash's path, SLURM's record of the submitted script (its
+# Command= ends with the arguments), or the installed package. The same lines open every stage script.
+ldm_slurm_dir() {
+  local cmd
+  if [ -n "${LDM_REPO:-}" ]; then echo "$LDM_REPO/slurm"; return; fi
+  if [ -f "$(dirname "${BASH_SOURCE[0]}")/common.sh" ]; then dirname "${BASH_SOURCE[0]}"; return; fi
+  cmd=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n '/^ *Command=/{s///p;q}') || true
+  while [ -n "$cmd" ] && [ ! -f "$cmd" ] && [ "${cmd% *}" != "$cmd" ]; do cmd=${cmd% *}; done
+  if [ -n "$cmd" ] && [ -f "$(dirname "$cmd")/common.sh" ]; then dirname "$cmd"; return; fi
+  ldm-slurm path || echo "$0: no common.sh found: set LDM_REPO=<checkout> or install ldm-train" >&2
+}
+# shellcheck source=ldm_train/slurm/common.sh
+. "$(ldm_slurm_dir)/common.sh"
+ldm_setup_python  # the checkout's code and .venv, or the installed package (see common.sh); no cd
 export WANDB_MODE=${WANDB_MODE:-offline}
 
 if [ -n "${SLURM_JOB_ID:-}" ]; then

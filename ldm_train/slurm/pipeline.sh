@@ -4,7 +4,8 @@
 #   [synthetic data] -> [first-stage training] -> prep_latents array -> finalize -> train_txt2img -> eval
 #    (if no INPUT)      (if TRAIN_FIRST_STAGE=1)   (PREP_TASKS tasks)    (manifest)  (TRAIN_NODES nodes)
 #
-# Run it on the login node from the checkout:  bash slurm/pipeline.sh
+# Run it on the login node from any directory (the jobs run there; relative paths resolve there):
+#   bash slurm/pipeline.sh   or   bash "$(ldm-slurm path)/pipeline.sh"
 # Everything is set by environment variables (defaults in brackets):
 #   WORK               output root on the shared filesystem [runs/pipeline-<date>]: raw/, latents/, runs/,
 #                      eval/, logs/ (every job's output, <stage>-<job id>.out)
@@ -29,14 +30,12 @@
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-# shellcheck source=slurm/common.sh
+# shellcheck source=ldm_train/slurm/common.sh
 . "$here/common.sh"
-repo=$(cd "$here/.." && pwd)
-cd "$repo"  # jobs start in (and find the code through) the submit directory
-ldm_activate_venv  # jobs inherit this environment: `python` in them is the checkout's
+ldm_setup_python  # jobs inherit this environment: `python` in them runs this checkout's (or package's) code
 
 WORK=${WORK:-runs/pipeline-$(date +%Y%m%d-%H%M%S)}
-case "$WORK" in /*) ;; *) WORK="$repo/$WORK" ;; esac
+case "$WORK" in /*) ;; *) WORK="$PWD/$WORK" ;; esac
 INPUT=${INPUT:-}
 RESOLUTION=${RESOLUTION:-64}
 SYNTH_SAMPLES=${SYNTH_SAMPLES:-512}
@@ -77,7 +76,7 @@ submit() {
   local var="${upper}_SBATCH_ARGS"
   read -r -a stage_args <<<"${!var:-}"
   case " ${opts[*]} " in *" --array="*) log="$logs/%x-%A_%a.out" ;; esac
-  # --error too: the scripts' own `#SBATCH --error=logs/...` would point into the checkout
+  # --error too: the scripts' own `#SBATCH --error=logs/...` would point into the submit directory
   local all=(--job-name="ldm-$name" --kill-on-invalid-dep=yes --output="$log" --error="$log"
     "${opts[@]}" "${sbatch_args[@]}" "${stage_args[@]}" "$@")
   if [ "${DRY_RUN:-0}" = 1 ]; then
@@ -109,7 +108,7 @@ first_stage_args=()  # for prep_latents (and train, which decodes sample grids w
 if [ -n "$FIRST_STAGE_CKPT" ]; then
   first_stage_args=("first_stage.checkpoint=$FIRST_STAGE_CKPT")
 elif [ "$TRAIN_FIRST_STAGE" = 1 ]; then
-  submit first_stage $(ldm_afterok "$synth_id") -- slurm/train_autoencoder.sh \
+  submit first_stage $(ldm_afterok "$synth_id") -- "$here/train_autoencoder.sh" \
     "first_stage=$FIRST_STAGE" "data.input='$INPUT'" "runs_root=$WORK/runs" \
     "run_name=$FIRST_STAGE" "${ae_args[@]}"
   ae_id=$last_id
@@ -124,7 +123,7 @@ fi
 # 2. Latents: an array job, task i encodes input shards j with j % PREP_TASKS == i; then one finalize job
 #    merges the per-shard stats into manifest.json and checks nothing is missing.
 latents="$WORK/latents"
-submit prep_latents --array="0-$((PREP_TASKS - 1))" $(ldm_afterok "$synth_id" "$ae_id") -- slurm/prep_latents.sh \
+submit prep_latents --array="0-$((PREP_TASKS - 1))" $(ldm_afterok "$synth_id" "$ae_id") -- "$here/prep_latents.sh" \
   "input='$INPUT'" "output=$latents" "first_stage=$FIRST_STAGE" "resolution=$RESOLUTION" \
   "${first_stage_args[@]:-allow_random_first_stage=true}" "${prep_args[@]}"
 prep_id=$last_id
@@ -138,13 +137,13 @@ train_opts=()
 [ -n "$TRAIN_NODES" ] && train_opts+=(--nodes="$TRAIN_NODES")
 [ -n "$TRAIN_TASKS_PER_NODE" ] && train_opts+=(--ntasks-per-node="$TRAIN_TASKS_PER_NODE")
 submit train "${train_opts[@]}" $(ldm_afterok "$finalize_id") -- \
-  slurm/train_txt2img.sh "experiment=$EXPERIMENT" "first_stage=$FIRST_STAGE" "data.latents_root=$latents" \
+  "$here/train_txt2img.sh" "experiment=$EXPERIMENT" "first_stage=$FIRST_STAGE" "data.latents_root=$latents" \
   "runs_root=$WORK/runs" "run_name=$RUN_NAME" "${first_stage_args[@]}" "${train_args[@]}"
 train_id=$last_id
 
 # 4. Evaluate the run's latest export against the raw images; metrics.json lands in $WORK/eval.
 prompts=${EVAL_PROMPTS:-$latents/$FIRST_STAGE}
-submit eval $(ldm_afterok "$train_id") -- slurm/eval.sh \
+submit eval $(ldm_afterok "$train_id") -- "$here/eval.sh" \
   "checkpoint=$run_dir" "prompts='$prompts'" "num_samples=$EVAL_SAMPLES" "reference.path='$INPUT'" \
   "output_dir=$WORK/eval" "${eval_args[@]}"
 

@@ -27,12 +27,21 @@
 #SBATCH --error=logs/%x-%j.out
 set -euo pipefail
 
-# sbatch runs a copy of this file from the spool dir: find the checkout via LDM_REPO / the submit dir.
-repo=${LDM_REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}
-# shellcheck source=slurm/common.sh
-. "$repo/slurm/common.sh"
-cd "$(ldm_repo_root)"
-ldm_activate_venv
+# Find this script's folder and source common.sh from it: sbatch runs a copy of this file from slurmd's spool
+# dir, so the folder comes from LDM_REPO, plain bash's path, SLURM's record of the submitted script (its
+# Command= ends with the arguments), or the installed package. The same lines open every stage script.
+ldm_slurm_dir() {
+  local cmd
+  if [ -n "${LDM_REPO:-}" ]; then echo "$LDM_REPO/slurm"; return; fi
+  if [ -f "$(dirname "${BASH_SOURCE[0]}")/common.sh" ]; then dirname "${BASH_SOURCE[0]}"; return; fi
+  cmd=$(scontrol show job "${SLURM_JOB_ID:-none}" 2>/dev/null | sed -n '/^ *Command=/{s///p;q}') || true
+  while [ -n "$cmd" ] && [ ! -f "$cmd" ] && [ "${cmd% *}" != "$cmd" ]; do cmd=${cmd% *}; done
+  if [ -n "$cmd" ] && [ -f "$(dirname "$cmd")/common.sh" ]; then dirname "$cmd"; return; fi
+  ldm-slurm path || echo "$0: no common.sh found: set LDM_REPO=<checkout> or install ldm-train" >&2
+}
+# shellcheck source=ldm_train/slurm/common.sh
+. "$(ldm_slurm_dir)/common.sh"
+ldm_setup_python  # the checkout's code and .venv, or the installed package (see common.sh); no cd
 PYTHON=${PYTHON:-python}
 
 # Threads per rank: the CPUs SLURM gave the task (the image loader workers are separate processes).
