@@ -300,16 +300,6 @@ def _loader(cfg: EncodeConfig, todo: list[InputShard], device: torch.device) -> 
     )
 
 
-class Preempted(Exception):
-    """A preemption signal arrived: stop after the batch in hand."""
-
-    def __init__(self, signum: int) -> None:
-        import signal
-
-        self.name = signal.Signals(signum).name
-        super().__init__(f"stopped by {self.name}")
-
-
 def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: EncodeResult,
                    weights: WeightsFile | None) -> None:
     from tqdm import tqdm
@@ -344,7 +334,7 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
     try:
         while True:
             if signals.received is not None:
-                raise Preempted(signals.received)
+                raise preemption.Preempted(signals.received)
             t0 = time.perf_counter()
             item = next(it, None)
             t1 = time.perf_counter()
@@ -367,7 +357,7 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
             converted.update(item.get("converted", {}))
             finished_here += 1
             bar.set_postfix(postfix(), refresh=finished_here == len(todo))
-    except Preempted as e:
+    except preemption.Preempted as e:
         for cur in open_shards.values():
             cur.discard(e)
         res.preempted = e.name

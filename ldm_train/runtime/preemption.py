@@ -63,6 +63,14 @@ class Preemption:
             _active = None
 
 
+class Preempted(Exception):
+    """Raised by a job's own loop when a preemption signal arrived: stop after the work in hand."""
+
+    def __init__(self, signum: int) -> None:
+        self.name = signal.Signals(signum).name
+        super().__init__(f"stopped by {self.name}")
+
+
 def install() -> Preemption:
     """The process's handlers: installed on the first call, the same object after (until ``restore()``)."""
     global _active
