@@ -163,8 +163,8 @@ def run_encode(cfg: EncodeConfig) -> EncodeResult:
     print(f"[encode] task {task}/{ntasks}: {len(mine)} of {len(shards)} input shards, {len(res.already_done)} "
           f"already done, {len(todo)} to encode{damaged} -> {output}", flush=True)
     if todo:
-        with preemption.installed():  # restored after: run_encode is also called in-process
-            _encode_shards(cfg, output, todo, res, weights)
+        with preemption.installed() as signals:  # restored after: run_encode is also called in-process
+            _encode_shards(cfg, output, todo, res, weights, signals)
         if res.done and res.num_samples == 0 and res.already_done_samples == 0:
             res.error = _no_samples_message(res, todo)
             print(f"[encode] ERROR: {res.error}", file=sys.stderr, flush=True)
@@ -301,7 +301,7 @@ def _loader(cfg: EncodeConfig, todo: list[InputShard], device: torch.device) -> 
 
 
 def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: EncodeResult,
-                   weights: WeightsFile | None) -> None:
+                   weights: WeightsFile | None, signals: preemption.Preemption) -> None:
     from tqdm import tqdm
 
     fs_cfg = cfg.first_stage
@@ -328,7 +328,6 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
             out["eta"] = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
         return out
 
-    signals = preemption.install()  # the handlers run_encode installed
     with preemption.held():
         it = iter(loader)  # the workers start here
     try:
@@ -357,17 +356,15 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
             converted.update(item.get("converted", {}))
             finished_here += 1
             bar.set_postfix(postfix(), refresh=finished_here == len(todo))
-    except preemption.Preempted as e:
+    except BaseException as e:
         for cur in open_shards.values():
             cur.discard(e)
+        if not isinstance(e, preemption.Preempted):
+            raise
         res.preempted = e.name
         res.requeued = preemption.requeue_slurm_job()
         print(f"[encode] stopped by {e.name}: {finished_here} of {len(todo)} input shards finished in this run, "
               f"{len(open_shards)} unfinished dropped; run the same command again to continue", flush=True)
-    except BaseException as e:
-        for cur in open_shards.values():
-            cur.discard(e)
-        raise
     finally:
         bar.close()
     res.skipped = dict(skipped)

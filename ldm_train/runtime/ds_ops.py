@@ -52,7 +52,8 @@ def clear_stale_locks(root: Path | None = None, stale_s: float = STALE_S) -> lis
 
 
 def skip_unused_ops() -> None:
-    """Before ``deepspeed.initialize``: mark the ops training never calls unavailable, so none is compiled."""
+    """Before ``deepspeed.initialize``: mark the ops training never calls unavailable, so none is compiled, and
+    clear stale build locks for the ops a configuration does compile."""
     import deepspeed.ops
 
     compatible = deepspeed.ops.__compatible_ops__
