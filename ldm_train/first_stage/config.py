@@ -15,10 +15,11 @@ from ldm_train.tracking import LoggerConfig
 @dataclass
 class AEDataConfig:
     input: str = "???"  # tars (brace patterns, s3://), an image folder or ImageNet class folders
-    heldout: str | None = None  # None: the first training images stand in (labelled eval_train/)
+    # held-out images for PSNR, grids and latent stats; None: the first training images stand in (eval_train/)
+    heldout: str | None = None
     input_format: str = "auto"
     resolution: int = 64
-    num_workers: int = bounded(2, ge=0)  # per rank
+    num_workers: int = bounded(2, ge=0)  # per rank; at most the number of input shards per rank
     shuffle_buffer: int = bounded(256, ge=0)  # samples, per worker
 
 
@@ -27,7 +28,7 @@ class AEOptimConfig:
     batch_size: int = bounded(8, ge=1)  # per rank
     base_lr: float = bounded(4.5e-6, ge=0)
     scale_lr: bool = True  # lr = base_lr * batch_size * world_size
-    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam, both optimizers (VQGAN / LDM)
     grad_clip: float | None = bounded(None, ge=0)
     warmup_steps: int = bounded(0, ge=0)  # linear warm-up from 0 to the lr over this many steps
     decay: str = "constant"  # constant (CompVis) | cosine: lr -> min_lr_ratio * lr at train.max_steps
@@ -40,7 +41,7 @@ class AETrainConfig:
     precision: str = "fp32"  # fp32 | bf16 (autocast)
     log_every: int = bounded(50, ge=1)
     image_every: int = bounded(500, ge=1)
-    eval_every: int = bounded(500, ge=1)
+    eval_every: int = bounded(500, ge=1)  # steps: held-out PSNR vs the mean-image baseline, latent stats
     eval_images: int = bounded(64, ge=1)
     checkpoint_every: int = bounded(500, ge=1)
     keep_checkpoints: int = bounded(2, ge=0)
@@ -49,7 +50,8 @@ class AETrainConfig:
 
 @dataclass
 class AELossConfig:
-    lpips_backbone: str | None = None  # torchvision's vgg16-397923af.pth
+    # torchvision's vgg16-397923af.pth (never downloaded); needed when perceptual_weight > 0
+    lpips_backbone: str | None = None
     lpips_random_backbone: bool = False  # plumbing tests only
 
 
@@ -60,7 +62,7 @@ class AutoencoderAppConfig:
     seed: int = 0
     runs_root: str = "runs"
     run_group: str = "autoencoder"  # run dirs <runs_root>/<run_group>/<run>; also the W&B group
-    run_name: str | None = None  # None: <index>-<first_stage>-gpus<N>-batch<B>
+    run_name: str | None = None  # None: <index>-<first_stage>-gpus<N>-batch<B>; set it to resume a named run
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     data: AEDataConfig = field(default_factory=AEDataConfig)
