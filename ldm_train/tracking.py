@@ -21,10 +21,12 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 RUN_ID_FILE = "wandb_run_id"
 STATS_FILE = "stats.jsonl"
@@ -76,6 +78,8 @@ def mfu(flops_per_sample: float, samples_per_s_per_gpu: float, peak_flops: float
 
 def gpu_memory_gib(reset: bool = True) -> float | None:
     """Peak GPU memory allocated since the last call (GiB), None without CUDA."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -136,7 +140,8 @@ class StepTimer:
 
 
 def _to_float(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor implies torch is loaded: a config's import does not load it
+    if torch is not None and isinstance(v, torch.Tensor):
         return v.detach().float().item()
     if isinstance(v, np.generic):
         return v.item()
@@ -145,6 +150,8 @@ def _to_float(v: Any) -> Any:
 
 def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] float in [-1, 1] (the model's range) or uint8 -> HWC uint8."""
+    import torch
+
     image = image.detach().cpu()
     if image.dtype != torch.uint8:
         image = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -258,6 +265,7 @@ class Tracker:
         """
         if not self.enabled:
             return None
+        import torch
         from PIL import Image
 
         if isinstance(images, torch.Tensor):
