@@ -9,12 +9,18 @@ shard writer). The exit status is 1 when an input shard failed or was damaged, e
 from __future__ import annotations
 
 from data_prep.config import EncodeConfig
-from data_prep.encode_job import run
 from ldm_train.app import hydra_app
 
 
+def _run(cfg: EncodeConfig) -> int:
+    # torch loads here, after parsing: --help stays fast
+    from data_prep.encode_job import run
+
+    return run(cfg)
+
+
 def main() -> None:
-    hydra_app("encode", EncodeConfig, run)
+    hydra_app("encode", EncodeConfig, _run)
 
 
 if __name__ == "__main__":

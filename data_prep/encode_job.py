@@ -35,6 +35,7 @@ import torch
 from data_prep import manifest as mf
 from data_prep.config import EncodeConfig
 from data_prep.encoding import OpenShard, ShardBatches, device_and_autocast, encode_into, load_encoder
+from data_prep.progress import EncodeProgress
 from ldm_train.checkpoints.compvis import WeightsFile
 from ldm_train.checkpoints.first_stage import read_first_stage_file
 from ldm_train.data import fsspec_io
@@ -302,8 +303,6 @@ def _loader(cfg: EncodeConfig, todo: list[InputShard], device: torch.device) -> 
 
 def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: EncodeResult,
                    weights: WeightsFile | None, signals: preemption.Preemption) -> None:
-    from tqdm import tqdm
-
     fs_cfg = cfg.first_stage
     device, autocast = device_and_autocast(cfg.device, cfg.precision)
     model = load_encoder(fs_cfg, cfg.allow_random_first_stage, weights).to(device)
@@ -314,20 +313,7 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
     skipped: Counter[str] = Counter()
     converted: Counter[str] = Counter()
     open_shards: dict[int, OpenShard] = {}
-    # in a batch log (no tty) a redraw every 30 s keeps the file readable
-    # the image total is known for folder inputs; for tars the ETA comes from the finished input shards
-    total = sum(len(s.files) for s in todo) if todo and all(s.kind != "tar" for s in todo) else None
-    bar = tqdm(desc=f"encode task {res.task_index}", unit="img", disable=not cfg.progress, total=total,
-               mininterval=2.0 if sys.stdout.isatty() else 30.0, smoothing=0.05, file=sys.stdout)
-    started, finished_here = time.perf_counter(), 0
-
-    def postfix() -> dict[str, Any]:
-        out: dict[str, Any] = {"skipped": sum(skipped.values()), "shards": f"{finished_here}/{len(todo)}"}
-        if total is None and finished_here:
-            left = (time.perf_counter() - started) / finished_here * (len(todo) - finished_here)
-            out["eta"] = f"{int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}"
-        return out
-
+    progress = EncodeProgress(todo, res.task_index, enabled=cfg.progress)
     with preemption.held():
         it = iter(loader)  # the workers start here
     try:
@@ -347,15 +333,14 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
                 res.wait_s += t1 - t0
                 encode_into(model, item, cur, fs_cfg.kind, autocast, device, cfg.lowres_factor)
                 res.encode_s += time.perf_counter() - t1
-                bar.update(len(item["keys"]))
-                bar.set_postfix(postfix(), refresh=False)
+                progress.batch(len(item["keys"]))
                 continue
             # end of an input shard
             del open_shards[j]
-            skipped.update(_finish_shard(output, item, cur, res))
+            shard_skipped = _finish_shard(output, item, cur, res)
+            skipped.update(shard_skipped)
             converted.update(item.get("converted", {}))
-            finished_here += 1
-            bar.set_postfix(postfix(), refresh=finished_here == len(todo))
+            progress.shard_done(sum(shard_skipped.values()), sum(item["skipped"].values()))
     except BaseException as e:
         for cur in open_shards.values():
             cur.discard(e)
@@ -363,10 +348,10 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
             raise
         res.preempted = e.name
         res.requeued = preemption.requeue_slurm_job()
-        print(f"[encode] stopped by {e.name}: {finished_here} of {len(todo)} input shards finished in this run, "
+        print(f"[encode] stopped by {e.name}: {progress.shards_done} of {len(todo)} input shards finished in this run, "
               f"{len(open_shards)} unfinished dropped; run the same command again to continue", flush=True)
     finally:
-        bar.close()
+        progress.close()
     res.skipped = dict(skipped)
     res.converted = dict(converted)
 

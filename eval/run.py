@@ -6,13 +6,21 @@ every rank, metrics + ``metrics.json`` + W&B on rank 0; ``stage=all|sample|metri
 """
 from __future__ import annotations
 
+from typing import Any
+
 from eval.config import EvalConfig
-from eval.pipeline import run
 from ldm_train.app import hydra_app
 
 
+def _run(cfg: EvalConfig) -> dict[str, Any] | None:
+    # torch and torch-fidelity load here, after parsing: --help stays fast
+    from eval.pipeline import run
+
+    return run(cfg)
+
+
 def main() -> None:
-    hydra_app("eval", EvalConfig, run)
+    hydra_app("eval", EvalConfig, _run)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ presets only and a mistyped key or value fails at composition. The composed conf
 dataclass ONCE, here, and the app's ``run(cfg)`` receives that object. ``run``'s return value is the exit
 status (Hydra drops a task's return value, so a non-zero code is raised as ``SystemExit``). A key given twice on
 the command line, a key no schema field reads and a non-finite or out-of-range number are refused, naming the key
-(``ldm_train.config_checks``).
+(``ldm_train.config_checks``). ``--help`` composes the config and fills the app's help template without Hydra's
+listing of every config group; the apps import torch only inside ``run``, so help answers in about a second.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 # the configs ship inside the package (ldm_train/conf; the repo's conf/ is a link to it), so installed commands
 # find them from any directory; LDM_TRAIN_CONF points at another tree of the same layout
@@ -59,8 +60,7 @@ def config_dict(cfg: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True)  # type: ignore[return-value]
 
 
-def compose(config_name: str, schema: type, overrides: list[str] | None = None) -> Any:
-    """The typed root config of an app without running it (Hydra's compose API: no output dir, no logging)."""
+def _compose(config_name: str, schema: type, overrides: list[str], with_hydra: bool = False) -> DictConfig:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -68,7 +68,35 @@ def compose(config_name: str, schema: type, overrides: list[str] | None = None) 
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         raise FileNotFoundError(f"no {config_name}.yaml in {CONF_DIR}: set LDM_TRAIN_CONF to a conf/ directory of this layout or unset it to use the packaged ldm_train/conf")
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=HYDRA_VERSION_BASE):
-        return to_config(hydra_compose(config_name=config_name, overrides=overrides or []), schema)
+        return hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=with_hydra)
+
+
+def compose(config_name: str, schema: type, overrides: list[str] | None = None) -> Any:
+    """The typed root config of an app without running it (Hydra's compose API: no output dir, no logging)."""
+    return to_config(_compose(config_name, schema, overrides or []), schema)
+
+
+def app_help(config_name: str, schema: type, overrides: list[str], resolve: bool = False) -> str | None:
+    """What Hydra's ``--help`` prints: the app's ``hydra.help.template`` with ``$CONFIG`` (the composed config, the
+    ``hydra`` node removed). Hydra lists every config group first, whether the template shows them or not: ~2 s of
+    copies for conf/train.yaml. None when the template asks for more than ``$CONFIG`` (Hydra's own help then)."""
+    import string
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        cfg = _compose(config_name, schema, overrides, with_hydra=True)
+        template = string.Template(cfg.hydra.help.template)
+        HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves under --resolve, as in Hydra's help
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return template.substitute(CONFIG=OmegaConf.to_yaml(cfg, resolve=resolve))
+    except KeyError:
+        return None  # the template shows the config groups or flags: Hydra's help builds them
+    except (HydraException, OmegaConfBaseException):
+        return None  # Hydra's help reports the error in its own words
 
 
 def hydra_app(config_name: str, schema: type, run: Callable[[Any], Any]) -> None:
@@ -78,8 +106,13 @@ def hydra_app(config_name: str, schema: type, run: Callable[[Any], Any]) -> None
 
     from ldm_train.config_checks import duplicate_overrides
 
-    if error := duplicate_overrides(get_args_parser().parse_known_args()[0].overrides):
+    args = get_args_parser().parse_known_args()[0]
+    if error := duplicate_overrides(args.overrides):
         raise SystemExit(f"[{config_name}] {error}")
+    if args.help and not (args.config_path or args.config_name or args.config_dir):
+        if (text := app_help(config_name, schema, args.overrides, args.resolve)) is not None:
+            print(text)
+            return
     register_schema(config_name, schema)
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=HYDRA_VERSION_BASE)

@@ -17,7 +17,6 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from ldm_train.config import register_configs
-from ldm_train.flops import summarize
 from ldm_train.trainer.config import register_trainer_configs
 
 # the configs ship inside the package (ldm_train/conf; the repo's conf/ is a link to it), so installed commands
@@ -42,6 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in args):
         print(__doc__)
         return
+    from ldm_train.flops import summarize  # torch loads here: --help stays fast
+
     print(json.dumps(summarize(compose_config(args))))
 
 

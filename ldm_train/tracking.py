@@ -21,10 +21,12 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 RUN_ID_FILE = "wandb_run_id"
 STATS_FILE = "stats.jsonl"
@@ -76,6 +78,8 @@ def mfu(flops_per_sample: float, samples_per_s_per_gpu: float, peak_flops: float
 
 def gpu_memory_gib(reset: bool = True) -> float | None:
     """Peak GPU memory allocated since the last call (GiB), None without CUDA."""
+    import torch
+
     if not torch.cuda.is_available():
         return None
     peak = torch.cuda.max_memory_allocated() / 2**30
@@ -136,7 +140,8 @@ class StepTimer:
 
 
 def _to_float(v: Any) -> Any:
-    if isinstance(v, torch.Tensor):
+    torch = sys.modules.get("torch")  # a tensor implies torch is loaded: a config's import does not load it
+    if torch is not None and isinstance(v, torch.Tensor):
         return v.detach().float().item()
     if isinstance(v, np.generic):
         return v.item()
@@ -145,6 +150,8 @@ def _to_float(v: Any) -> Any:
 
 def _to_uint8_hwc(image: torch.Tensor) -> np.ndarray:
     """[3, H, W] float in [-1, 1] (the model's range) or uint8 -> HWC uint8."""
+    import torch
+
     image = image.detach().cpu()
     if image.dtype != torch.uint8:
         image = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -184,7 +191,6 @@ class Tracker:
         self.enabled = self.rank == 0
         self.run = None
         self.run_id: str | None = resume_run_id
-        self._last_progress: tuple[float, int] | None = None
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -254,10 +260,12 @@ class Tracker:
         """Log a grid ([3, H, W]) or a batch ([N, 3, H, W], one caption each) in [-1, 1], or a PNG path.
 
         A tensor is also saved as ``samples/<name>-<step>.png`` (a batch as one row-major grid, ``cols`` images
-        a row; None: a square-ish grid).
+        a row; None: a square-ish grid). W&B gets a batch twice: one image per sample under ``name`` and that grid
+        under ``<name>_grid``.
         """
         if not self.enabled:
             return None
+        import torch
         from PIL import Image
 
         if isinstance(images, torch.Tensor):
@@ -277,12 +285,15 @@ class Tracker:
         if self.run is not None:
             import wandb
 
+            grid_image = wandb.Image(str(path), caption=" | ".join(captions or []) or None)
             if arrays is not None and len(arrays) > 1:
                 caps = captions or [""] * len(arrays)
-                media = [wandb.Image(a, caption=cap) for a, cap in zip(arrays, caps, strict=False)]
+                # one panel per sample, and the whole grid at a glance (as diffusers' validation logging)
+                media = {name: [wandb.Image(a, caption=cap) for a, cap in zip(arrays, caps, strict=False)],
+                         f"{name}_grid": grid_image}
             else:
-                media = wandb.Image(str(path), caption=" | ".join(captions or []) or None)
-            self.run.log({name: media}, step=int(step))
+                media = {name: grid_image}
+            self.run.log(media, step=int(step))
         return path
 
     def progress(
@@ -291,23 +302,19 @@ class Tracker:
         samples_seen: int,
         total_samples: int,
         scalars: dict[str, Any],
-        samples_per_s: float | None = None,
+        samples_per_s: float,
         eta_s: float | None = None,
     ) -> str:
         """Print (rank 0) and return one console line: progress, samples/s, ETA, scalars.
 
-        ``samples_per_s`` defaults to the rate since the previous line (unknown on the first one); ``eta_s``
-        overrides the ETA the rate gives (a run ended by a time budget).
+        ``samples_per_s`` is the interval's rate as stats.jsonl records it (``StepTimer.summary``: measured over the
+        interval itself, so the first line has one too); ``eta_s`` overrides the ETA the rate gives (a run ended by
+        a time budget).
         """
         if not self.enabled:
             return ""
-        now = time.perf_counter()
-        rate = float("nan") if samples_per_s is None else float(samples_per_s)
-        if samples_per_s is None and self._last_progress is not None:
-            t0, s0 = self._last_progress
-            rate = (samples_seen - s0) / max(now - t0, 1e-9)
-        self._last_progress = (now, samples_seen)
-        eta = (total_samples - samples_seen) / rate if rate and rate > 0 else float("nan")
+        rate = float(samples_per_s)
+        eta = (total_samples - samples_seen) / rate if rate > 0 else float("nan")
         if eta_s is not None:
             eta = min(eta, eta_s) if eta == eta else eta_s
         parts = [

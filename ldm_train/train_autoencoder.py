@@ -10,16 +10,23 @@ Every argument is a Hydra override of ``conf/train_autoencoder.yaml`` (typed roo
 """
 from __future__ import annotations
 
+from typing import Any
+
+from ldm_train.app import hydra_app
+from ldm_train.first_stage.config import AutoencoderAppConfig
 from ldm_train.runtime import preemption
+
+
+def _train(cfg: AutoencoderAppConfig) -> dict[str, Any]:
+    # torch loads here, after parsing: --help stays fast
+    from ldm_train.first_stage.trainer import train
+
+    return train(cfg)
 
 
 def main() -> None:
     preemption.install()  # before the slow imports and start-up: SIGUSR1/SIGTERM then stop after the first step
-    from ldm_train.app import hydra_app
-    from ldm_train.first_stage.config import AutoencoderAppConfig
-    from ldm_train.first_stage.trainer import train
-
-    hydra_app("train_autoencoder", AutoencoderAppConfig, train)
+    hydra_app("train_autoencoder", AutoencoderAppConfig, _train)
 
 
 if __name__ == "__main__":

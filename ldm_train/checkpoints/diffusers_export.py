@@ -27,11 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ldm_train.config import FirstStageConfig, TextEncoderConfig, UNetConfig, cond_config, to_dataclass
+
+if TYPE_CHECKING:  # the functions load torch (through the model modules) when called: --help stays fast
+    import torch
 
 SUBFOLDERS = ("unet", "vqvae", "scheduler", "bert", "tokenizer", "class_embedder", "compvis")
 

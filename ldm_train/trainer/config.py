@@ -12,7 +12,7 @@ from omegaconf import MISSING
 
 from ldm_train.config import CondConfig, FirstStageConfig, TextEncoderConfig, UNetConfig
 from ldm_train.config_checks import bounded
-from ldm_train.data.latents import LatentDataConfig
+from ldm_train.data.config import LatentDataConfig
 from ldm_train.tracking import LoggerConfig
 
 

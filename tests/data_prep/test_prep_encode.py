@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from data_prep.encoding import load_encoder
 from data_prep.finalize import FinalizeError, finalize
 from data_prep.synthetic import write_synthetic
 from ldm_train.data.manifest import check_manifest, read_manifest
-from ldm_train.data.readers import iter_shard, list_input_shards
+from ldm_train.data.readers import InputShard, iter_shard, list_input_shards
 from tests.data_prep.helpers import encode_args, encode_cfg, read_all_shards, run_encode
 
 
@@ -144,3 +145,34 @@ def test_cli_runs_and_reports_json(six_shards, tmp_path):
     # a second run finds every shard complete and redoes nothing
     r2 = _encode_inproc(f"{six_shards}/{{000000..000002}}.tar", tmp_path)
     assert r2.already_done == [0, 1, 2] and r2.done == [] and r2.manifest
+
+
+def test_progress_shows_images_of_the_known_total(six_shards, tmp_path, capsys):
+    # the synthetic tars carry img2dataset's <shard>_stats.json: the total (6 x 8 images) is known up front
+    _encode_inproc(f"{six_shards}/{{000000..000005}}.tar", tmp_path, progress="true")
+    final = capsys.readouterr().out.split("\r")[-1]
+    assert "100%" in final and "48/48 images" in final and "shards=6/6" in final, final
+
+
+def test_progress_total_comes_from_stats_files_or_folder_listings(six_shards, tmp_path):
+    from data_prep.progress import EncodeProgress, known_total
+
+    tars = list_input_shards(str(six_shards))
+    assert known_total(tars) == 48
+    bare = tmp_path / "bare"  # tars without stats files (not from img2dataset): images only, ETA from shards
+    bare.mkdir()
+    for shard in tars:
+        shutil.copy(shard.url, bare)
+    bare_shards = list_input_shards(str(bare))
+    assert known_total(bare_shards) is None
+    folder = [InputShard(j, "/images", "folder", tuple(f"{j}/{i}.png" for i in range(1000))) for j in range(60)]
+    progress = EncodeProgress(folder, task_index=0)
+    progress.batch(1000)
+    progress.shard_done(skipped=24, filtered=24)
+    assert "1,024/60,000 images" in str(progress.bar) and "shards=1/60" in str(progress.bar)
+    progress.close()
+    progress = EncodeProgress(bare_shards, task_index=0)
+    progress.batch(8)
+    progress.shard_done(skipped=0, filtered=0)
+    assert "8 images" in str(progress.bar) and "shards=1/6" in str(progress.bar) and "eta=" in str(progress.bar)
+    progress.close()

@@ -6,7 +6,8 @@ import json
 import subprocess
 import sys
 
-from ldm_train.summary import compose_config, summarize
+from ldm_train.flops import summarize
+from ldm_train.summary import compose_config
 
 
 def test_1p45b_summary_cli() -> None:

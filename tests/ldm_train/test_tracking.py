@@ -5,8 +5,10 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm_train.tracking import LoggerConfig, StepTimer, Tracker, mfu, strip_secrets
 from tests.ldm_train import wandb_reader
@@ -52,6 +54,14 @@ def test_wandb_offline_run_agrees_with_stats_jsonl(tmp_path: Path, run_config: d
     assert images["samples/grid/captions"] == ["a red circle", "a blue square", "", "x"]
     for name in images["samples/grid/filenames"]:  # the media files sit in the offline run
         assert (wandb_file(run_dir, tracker.run_id).parent / "files" / name).is_file()
+    # and the whole grid as one image: 2 x 2 tiles of 8 x 8, sample i at row i // 2, column i % 2
+    assert (images["samples/grid_grid/width"], images["samples/grid_grid/height"]) == (16, 16)
+    assert images["samples/grid_grid/caption"] == "a red circle | a blue square |  | x"
+    tiles = np.asarray(Image.open(wandb_file(run_dir, tracker.run_id).parent / "files"
+                                  / images["samples/grid_grid/path"]))
+    expected = ((grid.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    for i in range(4):
+        assert np.array_equal(tiles[i // 2 * 8:(i // 2 + 1) * 8, i % 2 * 8:(i % 2 + 1) * 8], expected[i]), i
     assert png is not None and png.name == "samples_grid-000000030.png" and png.stat().st_size > 0
     assert "step 30" in line and "240/1,000 samples (24.0%)" in line and "loss 0.0333" in line
     assert "8.0 samples/s" in line and "ETA 0:01:35" in line  # 760 samples left at 8/s

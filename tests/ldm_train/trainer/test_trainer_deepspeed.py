@@ -7,6 +7,7 @@ torchrun start costs ~30-60 s on a shared 2-core machine).
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -60,7 +61,7 @@ def _check_learned_and_exported(run_dir: Path, steps: int) -> None:
 def test_zero2_two_processes_learn_export_and_log(latents_root: Path, tmp_path: Path):
     steps = 16
     runs = tmp_path / "runs"
-    run_trainer(tiny_overrides(latents_root, runs, **{
+    proc = run_trainer(tiny_overrides(latents_root, runs, **{
         "deepspeed": "zero2", "train.total_samples": 8 * steps, "logger.mode": "offline",
         "train.sampling.every_samples": 8 * 8, "train.sampling.steps": 4, "train.checkpoint.every_samples": 8 * 8,
     }), port=29631)
@@ -74,6 +75,14 @@ def test_zero2_two_processes_learn_export_and_log(latents_root: Path, tmp_path: 
                 "samples_seen", "skipped_steps"):
         assert key in stats[-1], key
     assert stats[-1]["samples_seen"] == 8 * steps and stats[-1]["skipped_steps"] == 0
+    # the console's rate is stats.jsonl's, from the first interval on (no "nan samples/s | ETA ?")
+    line = re.compile(r"^step (\d+) \|.* \| (\S+) samples/s \| ETA (\S+)$", re.M)
+    console = {int(step): (rate, eta) for step, rate, eta in line.findall(proc.stdout)}
+    logged = [row for row in stats if "samples_per_s" in row]
+    assert sorted(console) == [row["step"] for row in logged], proc.stdout[-3000:]
+    for row in logged:
+        rate, eta = console[row["step"]]
+        assert rate == f"{row['samples_per_s']:.1f}" and row["samples_per_s"] > 0 and eta != "?", (row, rate, eta)
     reader = wandb_reader
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     (wandb_log,) = (run_dir / "wandb").glob(f"offline-run-*/run-{run_id}.wandb")
@@ -85,6 +94,10 @@ def test_zero2_two_processes_learn_export_and_log(latents_root: Path, tmp_path: 
     assert grid["samples/count"] == 4
     for name in grid["samples/filenames"]:
         assert (wandb_log.parent / "files" / name).is_file()
+    # the same 4 samples as one grid image of 2 x 2 tiles
+    assert (grid["samples_grid/width"], grid["samples_grid/height"]) == (2 * grid["samples/width"],
+                                                                        2 * grid["samples/height"])
+    assert (wandb_log.parent / "files" / grid["samples_grid/path"]).is_file()
     assert (run_dir / "samples" / "samples-000000008.png").is_file()
     assert (run_dir / "samples" / "samples-000000016.png").is_file()  # the final weights' grid
 
