@@ -123,7 +123,9 @@ class LatentDiffusion(nn.Module):
     def forward(self, z0: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         if self.cond_kind in SPATIAL_KINDS:
             if cond is None:
-                raise ValueError(f"this model is conditioned on a concatenated input (cond.kind={self.cond_kind}) but got none")
+                what = {"concat": "low-resolution image", "inpaint": "masked image and mask"}.get(self.cond_kind, "map")
+                raise ValueError(f"this model is conditioned on a concatenated {what} (cond.kind={self.cond_kind}) but "
+                                 "got none")
             concat = self.spatial_input(cond, z0.shape[-2:]).to(z0.dtype)
 
             def model_fn(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
