@@ -50,6 +50,9 @@ class EncodeConfig:
     # super-resolution training (cond.kind=concat; CompVis bsr_sr: 4, with a vq-f4 first stage the LR image is
     # exactly the latent grid)
     lowres_factor: int = bounded(0, ge=0)
+    # true: also store each image's inpainting mask (mask.png, the paper's large masks from seed and key) and the
+    # latent of the image with the hole set to grey (masked.npy): the inputs of cond.kind=inpaint
+    inpaint_masks: bool = False
     filter: FilterConfig = field(default_factory=FilterConfig)
     first_stage: FirstStageConfig = field(default_factory=FirstStageConfig)
     batch_size: int = bounded(32, ge=1)  # images per first-stage forward

@@ -107,6 +107,7 @@ def _job_description(cfg: EncodeConfig, shards: list[InputShard], sha: str | Non
         "latent_shape": [2 * z if kl else z, h, h],
         "lowres": ({"factor": cfg.lowres_factor, "size": cfg.resolution // cfg.lowres_factor, "member": "lowres.png"}
                    if cfg.lowres_factor else None),
+        "inpaint": {"masks": "large", "seed": cfg.seed} if cfg.inpaint_masks else None,
         "stored": "moments" if kl else "prequant",
         "stats_of": "sampled_z" if kl else "prequant",
         "stats_channels": z,
@@ -125,7 +126,7 @@ def _check_same_job(output: str, job: dict, overwrite: bool) -> None:
     if overwrite or not fsspec_io.exists(url):
         return
     old = mf.read_json(url)
-    for key in ("first_stage", "resolution", "latent_shape", "input", "lowres"):
+    for key in ("first_stage", "resolution", "latent_shape", "input", "lowres", "inpaint"):
         if old.get(key) != job.get(key):
             if not _has_finished_shards(output):  # e.g. a run that failed to load its first stage
                 print(f"[encode] {url} describes another encode job ({key}: {old.get(key)} != {job.get(key)}) "
@@ -331,7 +332,8 @@ def _encode_shards(cfg: EncodeConfig, output: str, todo: list[InputShard], res: 
                 cur = open_shards[j] = OpenShard(output, j, by_index[j].url, fs_cfg.embed_dim, cfg.seed)
             if item["kind"] == "batch":
                 res.wait_s += t1 - t0
-                encode_into(model, item, cur, fs_cfg.kind, autocast, device, cfg.lowres_factor)
+                encode_into(model, item, cur, fs_cfg.kind, autocast, device, cfg.lowres_factor,
+                            cfg.seed if cfg.inpaint_masks else None)
                 res.encode_s += time.perf_counter() - t1
                 progress.batch(len(item["keys"]))
                 continue

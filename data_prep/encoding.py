@@ -3,8 +3,10 @@
 
 Per sample: ``__key__`` = the source key, ``latent.npy`` float16 ``[2z, h, w]`` (KL: mean then logvar) or
 ``[z, h, w]`` (VQ: pre-quantization latent), ``txt`` caption, ``json`` {source_key, source_shard,
-original_width, original_height, label (when there is one)}; with ``lowres_factor`` N > 0 also ``lowres.png``,
-the encoded image downsampled N times (bicubic, antialiased; 8-bit RGB), for super-resolution training.
+original_width, original_height, label (when there is one), objects (when the input had boxes)}; with
+``lowres_factor`` N > 0 also ``lowres.png``, the encoded image downsampled N times (bicubic, antialiased; 8-bit RGB),
+for super-resolution training; ``seg.png`` when the input had a segmentation map; with ``inpaint_masks`` also
+``mask.png`` and ``masked.npy`` (``ldm_train.data.cond_inputs``).
 """
 from __future__ import annotations
 
@@ -74,7 +76,7 @@ class ShardBatches(torch.utils.data.IterableDataset):
 def _batch(index: int, samples: list[Sample]) -> dict[str, Any]:
     return {"kind": "batch", "shard": index, "keys": [s.key for s in samples],
             "images": torch.stack([s.image for s in samples]), "captions": [s.caption for s in samples],
-            "metas": [s.meta for s in samples]}
+            "metas": [s.meta for s in samples], "annotations": [s.annotations for s in samples]}
 
 
 # ---------------------------------------------------------------- first stage
@@ -164,20 +166,20 @@ class OpenShard:
         self.generator = torch.Generator().manual_seed(seed * 1_000_003 + index)
 
     def write(self, keys: list[str], latents: np.ndarray, captions: list[str], metas: list[dict],
-              lowres: list[bytes] | None = None) -> None:
+              extras: list[dict[str, Any]] | None = None) -> None:
+        """``extras[i]``: sample i's further members (name -> bytes) and its json ``objects``."""
         for i, (key, lat, cap, meta) in enumerate(zip(keys, latents, captions, metas, strict=True)):
-            buf = io.BytesIO()
-            np.save(buf, lat, allow_pickle=False)
             info = {k: meta[k] for k in ("source_key", "source_shard", "original_width", "original_height")}
             if meta.get("label", -1) >= 0:
                 info["label"] = meta["label"]
             source = json.loads(meta.get("source") or "{}")
             if source:  # img2dataset / LAION fields of the input sample (url, similarity, punsafe, ...)
                 info["source"] = source
-            sample = {"__key__": key, "latent.npy": buf.getvalue(), "txt": cap.encode("utf-8"),
-                      "json": json.dumps(info).encode()}
-            if lowres is not None:
-                sample["lowres.png"] = lowres[i]
+            members = dict(extras[i]) if extras is not None else {}
+            if "objects" in members:  # the boxes of cond.kind=layout
+                info["objects"] = members.pop("objects")
+            sample = {"__key__": key, "latent.npy": _npy(lat), "txt": cap.encode("utf-8"),
+                      "json": json.dumps(info).encode(), **members}
             self._tar.write(sample)
             self.count += 1
 
@@ -205,16 +207,49 @@ def lowres_pngs(images: torch.Tensor, factor: int) -> list[bytes]:
     return out
 
 
+def _png(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
 def encode_into(model: torch.nn.Module, item: dict[str, Any], shard: OpenShard, kind: str,
-                autocast: torch.dtype | None, device: torch.device, lowres_factor: int = 0) -> None:
+                autocast: torch.dtype | None, device: torch.device, lowres_factor: int = 0,
+                inpaint_seed: int | None = None) -> None:
     """Encode one ``ShardBatches`` batch and write its finite latents to ``shard`` (statistics included), with
-    each image's low-resolution copy when ``lowres_factor`` > 0."""
-    stored, z = encode_batch(model, item["images"].to(device, non_blocking=True), kind, autocast, shard.generator)
+    each image's low-resolution copy when ``lowres_factor`` > 0, its annotations (``seg.png``, ``objects``), and
+    with ``inpaint_seed`` its inpainting mask and the latent of the image with the hole set to 0 (grey)."""
+    from ldm_train.data.cond_inputs import MASK_MEMBER, MASKED_MEMBER
+    from ldm_train.data.masks import sample_mask
+
+    images = item["images"]
+    stored, z = encode_batch(model, images.to(device, non_blocking=True), kind, autocast, shard.generator)
     finite = torch.isfinite(stored).flatten(1).all(1)
+    if inpaint_seed is not None:
+        masks = np.stack([sample_mask(inpaint_seed, k, images.shape[-1]) for k in item["keys"]])
+        hole = torch.from_numpy(masks)[:, None].to(images.dtype)
+        masked, _ = encode_batch(model, (images * (1 - hole)).to(device, non_blocking=True), kind, autocast,
+                                 shard.generator)
+        finite &= torch.isfinite(masked).flatten(1).all(1)
     keep = finite.nonzero().flatten().tolist()
     shard.nonfinite += len(finite) - len(keep)  # fp16 overflow: such a latent would poison training
     shard.stats.update(z[finite])
     lat = stored[finite].cpu().numpy()
-    lowres = lowres_pngs(item["images"][keep], lowres_factor) if lowres_factor else None
+    extras: list[dict[str, Any]] = [dict(item.get("annotations", [{}] * len(item["keys"]))[i]) for i in keep]
+    if lowres_factor:
+        for extra, png in zip(extras, lowres_pngs(images[keep], lowres_factor), strict=True):
+            extra["lowres.png"] = png
+    if inpaint_seed is not None:
+        for extra, i in zip(extras, keep, strict=True):
+            extra[MASK_MEMBER] = _png(masks[i].astype(np.uint8) * 255)
+            extra[MASKED_MEMBER] = _npy(masked[i].cpu().numpy())
     shard.write([item["keys"][i] for i in keep], lat, [item["captions"][i] for i in keep],
-                [item["metas"][i] for i in keep], lowres)
+                [item["metas"][i] for i in keep], extras)

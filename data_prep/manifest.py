@@ -145,6 +145,7 @@ def build_manifest(job: dict[str, Any], parts: list[dict[str, Any]]) -> dict[str
         "resolution": job["resolution"],
         "latent_shape": job["latent_shape"],
         "lowres": job.get("lowres"),
+        "inpaint": job.get("inpaint"),  # inpainting masks: mask.png + masked.npy per sample
         "stored": job["stored"],
         "dtype": "float16",
         "num_samples": sum(int(p["num_samples"]) for p in parts),

@@ -38,6 +38,7 @@ from ldm_train.data.shapes_captions import (  # the caption grammar, shared with
 )
 
 SPLITS = ("train", "heldout")
+SEG_CLASSES = ("white", *COLOURS)  # the segmentation classes of annotate=true: white, then the object colours
 
 # Geometry as fractions of the image side. At 64 px a small object spans ~24 px, a large one ~41 px.
 _RADIUS = {"small": 0.19, "large": 0.32}
@@ -88,9 +89,15 @@ def _polygon(shape: str, cx: float, cy: float, r: float, rot: float) -> list[tup
 
 def render(scene: Scene, resolution: int, rng: np.random.Generator) -> Image.Image:
     """Draw ``scene`` with small random jitter (position, size, rotation, colour) from ``rng``."""
+    return render_with_mask(scene, resolution, rng)[0]
+
+
+def render_with_mask(scene: Scene, resolution: int, rng: np.random.Generator) -> tuple[Image.Image, np.ndarray]:
+    """``render``'s image and the object's mask (bool [R, R]: at least half of the pixel covered)."""
     side = resolution * _SUPERSAMPLE
     img = Image.new("RGB", (side, side), background_rgb(scene.background))
-    draw = ImageDraw.Draw(img)
+    mask = Image.new("L", (side, side), 0)
+    draws = (ImageDraw.Draw(img), ImageDraw.Draw(mask))
     cx, cy = _nominal_centre(scene)
     cx = (cx + rng.uniform(-_JITTER_POS, _JITTER_POS)) * side
     cy = (cy + rng.uniform(-_JITTER_POS, _JITTER_POS)) * side
@@ -98,11 +105,25 @@ def render(scene: Scene, resolution: int, rng: np.random.Generator) -> Image.Ima
     rot = rng.uniform(-_JITTER_ROT, _JITTER_ROT)
     base = np.array(COLOURS[scene.colour])
     fill = tuple(int(v) for v in np.clip(base + rng.integers(-_JITTER_COLOUR, _JITTER_COLOUR + 1, 3), 0, 255))
-    if scene.shape == "circle":
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    else:
-        draw.polygon(_polygon(scene.shape, cx, cy, r, rot), fill=fill)
-    return img.resize((resolution, resolution), resample=Image.LANCZOS)
+    for draw, colour in zip(draws, (fill, 255), strict=True):
+        if scene.shape == "circle":
+            draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
+        else:
+            draw.polygon(_polygon(scene.shape, cx, cy, r, rot), fill=colour)
+    small = mask.resize((resolution, resolution), resample=Image.BOX)
+    return img.resize((resolution, resolution), resample=Image.LANCZOS), np.asarray(small) >= 128
+
+
+def annotations(scene: Scene, mask: np.ndarray) -> tuple[bytes, list[dict]]:
+    """The segmentation map (``seg.png``: the colour class of every pixel, ``SEG_CLASSES``) and the object's box
+    (``objects``: class = the shape's index in ``SHAPES``, box in fractions of the side) of a rendered scene."""
+    seg = np.where(mask, SEG_CLASSES.index(scene.colour), SEG_CLASSES.index(scene.background)).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(seg).save(buf, format="PNG")
+    ys, xs = np.nonzero(mask)
+    side = mask.shape[0]
+    box = [xs.min() / side, ys.min() / side, (xs.max() + 1) / side, (ys.max() + 1) / side] if len(xs) else [0, 0, 0, 0]
+    return buf.getvalue(), [{"class": SHAPES.index(scene.shape), "name": scene.shape, "box": [float(v) for v in box]}]
 
 
 def allowed_combos(split: str) -> list[tuple[str, str]]:
@@ -135,6 +156,7 @@ class SyntheticConfig:
     seed: int = 0
     split: str = "train"
     quality: int = 95  # JPEG quality
+    annotate: bool = False  # also seg.png (colour classes) and json objects (shape class + box)
 
 
 def write_synthetic(
@@ -145,8 +167,12 @@ def write_synthetic(
     seed: int = 0,
     split: str = "train",
     quality: int = 95,
+    annotate: bool = False,
 ) -> list[str]:
-    """Write the dataset as img2dataset-style tars under ``output`` (path or URL); returns the shard URLs."""
+    """Write the dataset as img2dataset-style tars under ``output`` (path or URL); returns the shard URLs.
+
+    ``annotate``: each sample also carries ``seg.png`` and its json ``objects`` (``annotations``): the inputs of
+    semantic synthesis and layout-to-image."""
     if num_samples <= 0 or shard_size <= 0:
         raise ValueError(f"num_samples ({num_samples}) and shard_size ({shard_size}) must be positive")
 
@@ -154,12 +180,16 @@ def write_synthetic(
         for index in range(num_samples):
             scene, rng = sample_scene(seed, split, index)
             buf = io.BytesIO()
-            render(scene, resolution, rng).save(buf, format="JPEG", quality=quality)
+            image, mask = render_with_mask(scene, resolution, rng)
+            image.save(buf, format="PNG" if annotate else "JPEG", **({} if annotate else {"quality": quality}))
             key = f"{index:09d}"
             meta = {"key": key, "caption": scene.caption, "status": "success", "width": resolution,
                     "height": resolution, "original_width": resolution, "original_height": resolution,
                     "split": split, "scene": asdict(scene)}
-            yield {"__key__": key, "jpg": buf.getvalue(), "txt": scene.caption, "json": meta}
+            record = {"__key__": key, "png" if annotate else "jpg": buf.getvalue(), "txt": scene.caption, "json": meta}
+            if annotate:  # lossless: the colours of a segment are exact
+                record["seg.png"], meta["objects"] = annotations(scene, mask)
+            yield record
 
     return write_image_shards(output, records(), shard_size)
 
@@ -169,7 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg: SyntheticConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SyntheticConfig), args))
     if cfg.output == "???":
         raise SystemExit("usage: python -m data_prep.synthetic output=DIR num_samples=N resolution=R [split=train]")
-    urls = write_synthetic(cfg.output, cfg.num_samples, cfg.resolution, cfg.shard_size, cfg.seed, cfg.split, cfg.quality)
+    urls = write_synthetic(cfg.output, cfg.num_samples, cfg.resolution, cfg.shard_size, cfg.seed, cfg.split, cfg.quality,
+                           cfg.annotate)
     print(json.dumps({"output": cfg.output, "split": cfg.split, "num_samples": cfg.num_samples, "shards": len(urls)}))
 
 

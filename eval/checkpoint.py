@@ -24,7 +24,7 @@ from ldm_train.models.ldm import LatentDiffusion
 @dataclass
 class SamplingModel:
     ldm: LatentDiffusion  # UNet + cond stage + schedule, from build_ldm and the export's weights
-    tokenizer: Any  # None unless cond.kind is text
+    tokenizer: Any  # the WordPiece tokenizer (text), the LayoutTokenizer (layout), else None
     first_stage: torch.nn.Module
     scale_factor: float
     latent_shape: tuple[int, int, int]  # (C, h, w) of the diffusion model's z
@@ -50,6 +50,7 @@ def load_sampling_model(
     from ldm_train.checkpoints.compvis import load_strict
     from ldm_train.checkpoints.export import load_export
     from ldm_train.checkpoints.first_stage import is_loadable, load_first_stage
+    from ldm_train.data.cond_inputs import layout_tokenizer
     from ldm_train.data.tokenizer import load_tokenizer
 
     exp = load_export(checkpoint, ema=use_ema)
@@ -70,7 +71,8 @@ def load_sampling_model(
     cond = cond_config(cfg)
     load_strict(ldm.unet, exp.unet, "UNet", str(exp.weights_file))
     if ldm.cond_stage_model is not None:
-        what = "text encoder" if ldm.cond_kind == "text" else "class embedder"
+        what = {"text": "text encoder", "layout": "layout encoder", "semantic": "SpatialRescaler"}.get(
+            ldm.cond_kind, "class embedder")
         load_strict(ldm.cond_stage_model, exp.text_encoder, what, str(exp.weights_file))
     elif exp.text_encoder:
         raise ValueError(f"{exp.weights_file} holds cond_stage_model.* weights but its config builds an unconditional "
@@ -87,7 +89,7 @@ def load_sampling_model(
             torch.manual_seed(0)
             first_stage = build_first_stage(fs_cfg).to(device).eval().requires_grad_(False)
     tokenizer = load_tokenizer(str(exp.tokenizer_dir), ldm.cond_stage_model.cfg.max_seq_len) \
-        if ldm.cond_kind == "text" else None
+        if ldm.cond_kind == "text" else layout_tokenizer(cond) if cond.kind == "layout" else None
     channels = unet_cfg.in_channels - unet_cfg.concat_channels
     return SamplingModel(
         ldm=ldm.to(device).eval().requires_grad_(False),

@@ -114,7 +114,8 @@ class TextEncoderConfig:
     tokenizer: str | None = None
 
 
-COND_KINDS = ("text", "class", "none", "concat")
+COND_KINDS = ("text", "class", "none", "concat", "inpaint", "semantic", "layout")
+SPATIAL_KINDS = ("concat", "inpaint", "semantic")  # an image-like input concatenated to the noisy latent
 
 
 @dataclass
@@ -131,18 +132,29 @@ class CondConfig:
       ``data_prep.encode lowres_factor=N`` stored with each sample (``lowres_key``), in [-1, 1], resized to the
       latent grid when its size differs (bicubic). ``unet.concat_channels: 3``, ``unet.context_dim: null``; no
       ``cond_stage_model`` (CompVis: ``torch.nn.Identity``), no guidance.
+    - ``inpaint`` (the paper's Sec. 4.5, CompVis inpainting_big): the masked image's latent and the mask on the latent
+      grid (``data_prep.encode inpaint_masks=true`` stores both) concatenated to the noisy latent:
+      ``unet.concat_channels: z + 1``, ``unet.in_channels: 2z + 1``; no cond stage, no guidance.
+    - ``semantic`` (Sec. 4.3, CompVis semantic_synthesis): a one-hot segmentation map of ``num_classes`` classes (the
+      shards' ``seg.png``) through the ``SpatialRescaler`` (``cond_stage_model.channel_mapper``) to the latent grid,
+      concatenated: ``unet.concat_channels`` = the rescaler's output channels (3 as released); no guidance.
+    - ``layout`` (Sec. 4.3, CompVis layout2img): the boxes of each sample's json ``objects`` as tokens (a class token
+      and two quantised corner tokens per box, ``ldm_train.data.layout``) through the BERT encoder without tokenizer
+      (``text_encoder.vocab_size`` >= ``layout_vocab_size``), cross-attention; the empty layout is the uncond input.
 
     ``train.caption_dropout`` is the share of unconditional training samples for every kind that has one
     (empty caption, or the null class).
     """
 
-    kind: str = "text"  # text | class | none | concat
+    kind: str = "text"  # text | class | none | concat | inpaint | semantic | layout
     num_classes: int = 1000  # class: labels 0..num_classes-1 (the null class is one more embedding row)
     null_class: bool = True  # class: the extra null-class row (needed for label dropout and guidance)
     label_key: str = "label"  # class: the key of the label in each sample's json
     class_names: list[str] = field(default_factory=list)  # class: display names (grid captions, eval)
     lowres_key: str = "lowres.png"  # concat: the member of each sample holding its low-resolution image
     lowres_factor: int = 0  # concat: data_prep.encode's lowres_factor (0: the first stage's f); eval makes its inputs so
+    layout_bins: int = 16  # layout: box corners quantised on a layout_bins x layout_bins grid (one token per corner)
+    layout_max_objects: int = 8  # layout: boxes kept per image (the token sequence is 1 + 3 * this long)
 
     def embedding_rows(self) -> int:
         return self.num_classes + (1 if self.null_class else 0)
@@ -160,8 +172,8 @@ def cond_config(cfg: Any) -> CondConfig:
     cond = to_dataclass(node, CondConfig)
     if cond.kind not in COND_KINDS:
         raise ValueError(f"cond.kind={cond.kind!r}: use one of {COND_KINDS}")
-    if cond.kind == "class" and cond.num_classes < 1:
-        raise ValueError(f"cond.num_classes={cond.num_classes}: a class-conditional model needs at least one class")
+    if cond.kind in ("class", "semantic", "layout") and cond.num_classes < 1:
+        raise ValueError(f"cond.num_classes={cond.num_classes}: cond.kind={cond.kind} needs at least one class")
     return cond
 
 

@@ -66,14 +66,16 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
         x = torch.empty(1, z_channels, side, side)
         t = torch.zeros(1, dtype=torch.long)
         # the cond stage's input: token ids [1, L] (text) or a label [1] (class)
-        ids = torch.zeros(1, text_cfg.max_seq_len, dtype=torch.long) if kind == "text" else \
+        ids = torch.zeros(1, text_cfg.max_seq_len, dtype=torch.long) if kind in ("text", "layout") else \
             torch.zeros(1, dtype=torch.long)
+        if kind == "semantic":  # the SpatialRescaler's 1x1 map is part of the concat input, not a context
+            stage_params_only, stage = stage, None
         kwargs: dict[str, torch.Tensor] = {}
         if unet_cfg.num_classes is not None:
             kwargs["y"] = torch.zeros(1, dtype=torch.long)
         if unet_cfg.concat_channels:
             kwargs["concat"] = torch.empty(1, unet_cfg.concat_channels, side, side)
-        if kind == "text":
+        if kind in ("text", "layout"):
             context = torch.empty(1, text_cfg.max_seq_len, text_cfg.n_embed)
         elif kind == "class":
             context = torch.empty(1, 1, int(unet_cfg.context_dim))
@@ -93,8 +95,8 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
             stage.train()
         train = _flops(train_step)
 
-    stage_params = _count(stage) if stage is not None else 0
-    text = stage if kind == "text" else None
+    stage_params = _count(stage) if stage is not None else _count(stage_params_only) if kind == "semantic" else 0
+    text = stage if kind in ("text", "layout") else None
     unused = sum(p.numel() for n, p in text.named_parameters() if n in text.unused_parameter_names()) if text else 0
     out: dict[str, Any] = {
         "first_stage": fs_cfg.name,

@@ -2,7 +2,9 @@
 
 A condition per sample follows the model's ``cond_kind``: a prompt (text; the empty caption is the unconditional
 input), a class index (class; the null class is the unconditional input), None (none: unconditional, the
-guidance scale is ignored) or a low-resolution image [3, h, w] in [-1, 1] (concat: super-resolution; no guidance). Used by the trainer's sample grid and by ``eval``. Sample ``i`` of a call gets its own ``torch.Generator``
+guidance scale is ignored), a low-resolution image [3, h, w] in [-1, 1] (concat: super-resolution; no guidance), the
+[masked latent, mask] [z + 1, h, w] (inpaint), a one-hot segmentation [K, H, W] (semantic) or a list of objects
+(layout; the tokenizer is the ``LayoutTokenizer``). Used by the trainer's sample grid and by ``eval``. Sample ``i`` of a call gets its own ``torch.Generator``
 seeded ``seeds[i]`` for the initial noise and any sampler noise, so a sample does not depend on the batch
 or the rank that drew it.
 """
@@ -14,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ldm_train.config import SPATIAL_KINDS
 from ldm_train.diffusion.samplers import cfg_model_fn, ddim_sample, ddpm_sample, plms_sample
 from ldm_train.models.ldm import LatentDiffusion
 
@@ -56,8 +59,13 @@ def conditioning(model: LatentDiffusion, tokenizer: Any, conds: Sequence[Any],
         cond = stage(torch.tensor(labels, dtype=torch.long, device=device))
         uncond = stage(stage.unconditional(len(labels), device)) if stage.null_label is not None else cond
         return {"context": cond}, {"context": uncond}
-    if kind == "concat":
-        raise ValueError("concat conditioning needs the latent size: use sample_latents")
+    if kind == "layout":  # ``tokenizer``: the model's LayoutTokenizer; the empty layout is the unconditional input
+        layouts = [list(c) for c in conds]
+        cond = model.encode_cond(tokenizer.batch(layouts).to(device))
+        uncond = model.encode_cond(tokenizer.batch([[] for _ in layouts]).to(device))
+        return {"context": cond}, {"context": uncond}
+    if kind in SPATIAL_KINDS:
+        raise ValueError(f"cond.kind={kind} conditioning needs the latent size: use sample_latents")
     return {}, {}
 
 
@@ -68,13 +76,13 @@ def sample_latents(model: LatentDiffusion, tokenizer: Any, conds: Sequence[Any],
     if len(conds) != len(seeds):
         raise ValueError(f"{len(conds)} conditions but {len(seeds)} seeds: one each per sample")
     scale = float(settings.guidance_scale)
-    if model.cond_kind in ("none", "concat"):
+    if model.cond_kind == "none" or model.cond_kind in SPATIAL_KINDS:
         scale = 1.0  # unconditional, or a concatenated image (trained without dropout): nothing to guide with
     elif model.cond_kind == "class" and scale != 1 and model.cond_stage_model.null_label is None:
         raise ValueError(f"guidance_scale={scale:g} needs the null class (cond.null_class=true): use guidance_scale=1")
-    if model.cond_kind == "concat":
+    if model.cond_kind in SPATIAL_KINDS:
         images = torch.stack([torch.as_tensor(c, dtype=torch.float32) for c in conds]).to(device)
-        cond = uncond = {"concat": model.concat_input(images, tuple(latent_shape[-2:]))}
+        cond = uncond = {"concat": model.spatial_input(images, tuple(latent_shape[-2:]))}
     else:
         cond, uncond = conditioning(model, tokenizer, conds, device)
     model_fn = cfg_model_fn(model.unet, cond, uncond, scale)

@@ -213,8 +213,10 @@ class LatentShardDataset(IterableDataset):
         labels: LabelSpec | None = None,
         lowres_key: str | None = None,
         latent_shape: tuple[int, ...] | None = None,
+        extra: Callable[[list[dict[str, Any]], list[bool]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
+        self.extra = extra  # cond.kind inpaint / semantic / layout: ldm_train.data.cond_inputs.CondInputs
         self.plan = BlockPlan(shards, shards_per_block, seed)
         self.latent_shape = tuple(latent_shape) if latent_shape else None  # the manifest's; None: unchecked
         self.lowres_key = lowres_key
@@ -318,6 +320,8 @@ class LatentShardDataset(IterableDataset):
                 raise ValueError(f"the low-resolution images of one batch differ in size ({sorted(sizes)}): "
                                  "re-encode the data set with one resolution and lowres_factor")
             batch["lowres"] = torch.from_numpy(np.stack(images)).float() / 127.5 - 1
+        if self.extra is not None:
+            batch.update(self.extra(samples, [s["__dropped__"] for s in samples]))
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -373,6 +377,7 @@ class LatentLoader:
         manifest: dict[str, Any] | None = None,
         labels: LabelSpec | None = None,
         lowres_key: str | None = None,
+        extra: Callable[[list[dict[str, Any]], list[bool]], dict[str, torch.Tensor]] | None = None,
     ) -> None:
         from ldm_train.runtime.distributed import get_rank, get_world_size
 
@@ -386,7 +391,7 @@ class LatentLoader:
         self.world_size = get_world_size() if world_size is None else world_size
         self.manifest = manifest
         self.labels = labels
-        self.lowres_key = lowres_key
+        self.lowres_key, self.extra = lowres_key, extra
         self.batches_yielded = 0
         self.base_block = 0
 
@@ -417,6 +422,7 @@ class LatentLoader:
             labels=self.labels,
             lowres_key=self.lowres_key,
             latent_shape=tuple((self.manifest or {}).get("latent_shape") or ()) or None,
+            extra=self.extra,
         )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -481,6 +487,7 @@ def build_latent_loader(
     world_size: int | None = None,
     labels: LabelSpec | None = None,
     lowres_key: str | None = None,
+    extra: Callable[[list[dict[str, Any]], list[bool]], dict[str, torch.Tensor]] | None = None,
 ) -> LatentLoader:
     """Read and check the manifest of ``cfg.shards`` against the model config, then build the loader.
 
@@ -489,7 +496,8 @@ def build_latent_loader(
     ``functools.partial(tokenize, tokenizer, max_len=77)`` with ``ldm_train.data.tokenizer.tokenize``.
     ``labels`` adds each batch's class labels (``cond.kind=class``); the first shard's first sample is checked
     for one here, so data without labels fails at start-up. ``lowres_key`` adds each batch's low-resolution
-    images (``cond.kind=concat``), checked the same way.
+    images (``cond.kind=concat``), checked the same way. ``extra(samples, dropped)`` adds what the other kinds read
+    (``ldm_train.data.cond_inputs``).
     """
     if not isinstance(cfg, LatentDataConfig):
         from ldm_train.config import to_dataclass
@@ -509,5 +517,5 @@ def build_latent_loader(
             raise ValueError("no shard holds a sample")
     return LatentLoader(
         cfg, shards, stored=manifest["stored"], tokenize_fn=tokenize_fn, rank=rank, world_size=world_size,
-        manifest=manifest, labels=labels, lowres_key=lowres_key,
+        manifest=manifest, labels=labels, lowres_key=lowres_key, extra=extra,
     )

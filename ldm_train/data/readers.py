@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageOps
 
 from ldm_train.data import fsspec_io
+from ldm_train.data.annotations import fit_annotations, read_annotations
 from ldm_train.data.transforms import resize_center_crop, to_tensor
 
 fsspec_io.register_fsspec_schemes()  # workers import this module: they can open s3:// through webdataset too
@@ -133,6 +134,7 @@ class Sample:
     # source_key, source_shard, original_width, original_height, label (class index, -1 if none)
     meta: dict[str, Any] = field(default_factory=dict)
     conversions: tuple[str, ...] = ()  # of CONVERSIONS: what decoding had to do to this sample
+    annotations: dict[str, Any] = field(default_factory=dict)  # fitted to the crop (ldm_train.data.annotations)
 
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "image": self.image, "caption": self.caption, "meta": self.meta}
@@ -230,6 +232,7 @@ class _Raw:
     image: bytes | None
     caption: str | bytes | None  # bytes: a caption file, decoded (and checked) in ``_decode``
     meta: dict[str, Any]  # the json sidecar (tars) or label/path (folders)
+    annotations: dict[str, Any] = field(default_factory=dict)  # seg.png / objects (ldm_train.data.annotations)
 
 
 def _tar_groups(url: str) -> Iterator[_Raw]:
@@ -315,7 +318,8 @@ def _group_to_raw(key: str, files: dict[str, bytes]) -> _Raw:
             meta = {}
         if caption is None and isinstance(meta, dict) and isinstance(meta.get("caption"), str):
             caption = meta["caption"]
-    return _Raw(key, image, caption, meta if isinstance(meta, dict) else {})
+    meta = meta if isinstance(meta, dict) else {}
+    return _Raw(key, image, caption, meta, read_annotations(files, meta))
 
 
 def _folder_raws(shard: InputShard, caption_template: str) -> Iterator[_Raw]:
@@ -491,7 +495,11 @@ def _decode(raw: _Raw, shard: InputShard, resolution: int, filters: Filters) -> 
     key = safe_key(raw.key)
     if key != raw.key:
         notes.append("unsafe_key_renamed")  # meta's source_key keeps the name as it was
-    return Sample(key, to_tensor(resize_center_crop(img, resolution)), caption or "", meta, tuple(notes))
+    try:
+        annotations = fit_annotations(raw.annotations, w, h, resolution, raw.key) if raw.annotations else {}
+    except (ValueError, OSError) as e:
+        return Skip(raw.key, "decode_error", str(e)[:200])
+    return Sample(key, to_tensor(resize_center_crop(img, resolution)), caption or "", meta, tuple(notes), annotations)
 
 
 def safe_key(key: str) -> str:

@@ -2,14 +2,15 @@
 
 Attribute names follow CompVis ``LatentDiffusion`` (``model.diffusion_model`` = the UNet through a
 ``DiffusionWrapper``, ``cond_stage_model`` = the text encoder (``cond_kind`` text) or the ``ClassEmbedder``
-(class), absent when unconditional (none) and with concat conditioning (concat: CompVis' ``torch.nn.Identity``
-cond stage has no weights)), so ``state_dict()`` keys are the released checkpoint keys and export is a plain save.
+(class) or the layout tokens (layout), the ``SpatialRescaler`` (semantic), absent when unconditional (none) and with
+concat conditioning (concat, inpaint: CompVis' ``torch.nn.Identity`` cond stage has no weights)), so ``state_dict()`` keys are the released checkpoint keys and export is a plain save.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from ldm_train.config import SPATIAL_KINDS
 from ldm_train.diffusion.losses import diffusion_loss
 from ldm_train.diffusion.schedule import DiffusionSchedule
 
@@ -30,7 +31,8 @@ class LatentDiffusion(nn.Module):
 
     ``cond`` is what ``cond_stage_model`` takes: token ids [B, L] (text), class labels [B] (class), None (none);
     with ``cond_kind`` concat it is the low-resolution image [B, 3, h, w] in [-1, 1] that goes beside the noisy
-    latent (``concat_input``).
+    latent (``concat_input``); inpaint: [masked image latent, mask] [B, z + 1, h, w] on the latent grid; semantic:
+    a one-hot segmentation [B, K, H, W]; layout: layout token ids [B, L].
     """
 
     def __init__(
@@ -88,9 +90,24 @@ class LatentDiffusion(nn.Module):
                                                     align_corners=False, antialias=image.shape[-1] > latent_hw[-1])
         return image
 
+    def spatial_input(self, cond: torch.Tensor, latent_hw: tuple[int, int]) -> torch.Tensor:
+        """What goes beside the noisy latent (``unet(concat=...)``): the low-resolution image on the latent grid
+        (concat), the ready [masked latent, mask] (inpaint), the SpatialRescaler's map of a one-hot segmentation
+        (semantic; resized to the latent grid when its stages do not land on it)."""
+        if self.cond_kind == "concat":
+            return self.concat_input(cond, latent_hw)
+        if self.cond_kind == "semantic":
+            cond = self.cond_stage_model(cond)
+            if tuple(cond.shape[-2:]) != tuple(latent_hw):
+                cond = torch.nn.functional.interpolate(cond, size=tuple(latent_hw), mode="bilinear", align_corners=False)
+        if cond.ndim != 4 or tuple(cond.shape[-2:]) != tuple(latent_hw):
+            raise ValueError(f"cond.kind={self.cond_kind}: the conditioning must be [B, C, {latent_hw[0]}, "
+                             f"{latent_hw[1]}] on the latent grid, got {tuple(cond.shape)}")
+        return cond
+
     def encode_cond(self, cond: torch.Tensor | None) -> torch.Tensor | None:
         """The cross-attention context of ``cond`` (tokens or labels); None without a cond stage."""
-        if self.cond_kind == "concat":
+        if self.cond_kind in SPATIAL_KINDS:
             return None
         if self.cond_stage_model is None:
             if cond is not None:
@@ -104,10 +121,12 @@ class LatentDiffusion(nn.Module):
         return self.model(x, t, context=context)
 
     def forward(self, z0: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if self.cond_kind == "concat":
+        if self.cond_kind in SPATIAL_KINDS:
             if cond is None:
-                raise ValueError("this model is conditioned on a concatenated low-resolution image but got none")
-            concat = self.concat_input(cond, z0.shape[-2:]).to(z0.dtype)
+                what = {"concat": "low-resolution image", "inpaint": "masked image and mask"}.get(self.cond_kind, "map")
+                raise ValueError(f"this model is conditioned on a concatenated {what} (cond.kind={self.cond_kind}) but "
+                                 "got none")
+            concat = self.spatial_input(cond, z0.shape[-2:]).to(z0.dtype)
 
             def model_fn(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
                 return self.model.diffusion_model(x_t, tt, concat=concat)

@@ -28,7 +28,7 @@ def check_conditioning(cfg: Any) -> CondConfig:
     from ldm_train.config import UNetConfig, cond_config, to_dataclass
 
     cond = cond_config(cfg)
-    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig) if cond.kind == "text" else None
+    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig) if cond.kind in ("text", "layout") else None
     check_cond(cond, to_dataclass(cfg.unet, UNetConfig), text_cfg, trainable=True)
     if cond.kind == "class" and not cond.null_class:
         if float(cfg.train.caption_dropout) > 0:

@@ -39,9 +39,9 @@ class InTrainingFID:
                              "or set train.fid.every_samples=0")
         if cfg.num_samples < 2:
             raise ValueError(f"train.fid.num_samples={cfg.num_samples}: a covariance needs at least 2 samples")
-        if cond is not None and cond.kind == "concat":
-            raise ValueError("train.fid does not measure super-resolution (cond.kind=concat) yet: set "
-                             "train.fid.every_samples=0 and sample the checkpoints with eval.run")
+        if cond is not None and cond.kind in ("concat", "inpaint", "semantic", "layout"):
+            raise ValueError(f"train.fid does not measure cond.kind={cond.kind} yet: set train.fid.every_samples=0 and "
+                             "score the checkpoints with eval.run (concat) or eval.kinds (inpaint, semantic, layout)")
         self.cfg, self.grid, self.resolution = cfg, grid, int(resolution)
         self.rank, self.world_size, self.device = rank, world_size, device
         self.cache_dir = cfg.cache_dir or os.path.join(runs_root, "_fid_reference")

@@ -128,6 +128,7 @@ class Trainer:
     # ---- set-up -----------------------------------------------------------------------------------------
     def _setup_data(self) -> None:
         from ldm_train.data import fsspec_io
+        from ldm_train.data.cond_inputs import cond_inputs
         from ldm_train.data.latents import build_latent_loader
         from ldm_train.data.manifest import read_manifest, shard_list
         from ldm_train.data.tokenizer import BatchTokenizer
@@ -177,7 +178,7 @@ class Trainer:
                                  f"cond.lowres_factor={stored}, which eval uses to make its inputs")
         self.loader = build_latent_loader(
             data_cfg, cfg.first_stage, cfg.unet, tokenize_fn, self.rank, self.world_size, labels=labels,
-            lowres_key=self.cond.lowres_key if self.cond.kind == "concat" else None,
+            lowres_key=self.cond.lowres_key if self.cond.kind == "concat" else None, extra=cond_inputs(self.cond),
         )
         self.stored = self.loader.stored
         self._setup_scale_factor()
@@ -399,7 +400,11 @@ class Trainer:
 
     def _cond_input(self, batch: dict[str, Any]) -> torch.Tensor | None:
         """What the cond stage takes: token ids (text), class labels (class; the null class where dropped), the
-        low-resolution images (concat), None (none)."""
+        low-resolution images (concat), ``model_cond``'s input of inpaint / semantic / layout, None (none)."""
+        if self.cond.kind in ("inpaint", "semantic", "layout"):
+            from ldm_train.data.cond_inputs import model_cond
+
+            return model_cond(self.cond.kind, batch, self.stored, self.scale_factor, self.cond.num_classes, self.device)
         key = {"text": "tokens", "class": "label", "concat": "lowres"}.get(self.cond.kind)
         return None if key is None else batch[key].to(self.device, non_blocking=True)
 

@@ -39,6 +39,8 @@ def grid_layout(cfg: Any, sampling: SamplingConfig) -> GridLayout:
         per = max(1, int(sampling.samples_per_class))
         conds = [c for c in classes for _ in range(per)]
         return GridLayout(conds, [cond.class_name(c) for c in conds], per)
+    if cond.kind in ("inpaint", "semantic", "layout"):  # scored by eval.kinds on held-out inputs, no grid
+        return GridLayout([], [], None)
     if cond.kind in ("none", "concat"):  # concat: the low-resolution inputs come from the data (use_lowres)
         n = max(1, int(sampling.num_samples))
         return GridLayout([None] * n, [""] * n, None)
