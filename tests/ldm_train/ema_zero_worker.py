@@ -49,6 +49,9 @@ def ds_config(stage: int, precision: str) -> dict:
 
 
 def main(stage: int, precision: str, out: str) -> None:
+    from ldm_train.runtime.ds_ops import skip_unused_ops
+
+    skip_unused_ops()  # as the trainer does: no JIT build of DeepSpeed's shared-memory op (minutes on a fresh machine)
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model = build()
