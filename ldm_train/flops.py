@@ -115,3 +115,29 @@ def summarize(cfg: DictConfig) -> dict[str, Any]:
     }
     out.update(_first_stage_summary(fs_cfg, resolution))
     return out
+
+
+def frozen_encoder_flops(cfg: DictConfig) -> dict[str, float]:
+    """Per-sample FLOPs of a step in which only the UNet trains (the published Stable Diffusion recipes): the UNet's
+    forward + backward given a text context, the frozen text encoder's forward, and the first stage's encode of the
+    image (what a recipe that does not precompute latents runs every step). Meta device; no cond stage is trained."""
+    from ldm_train.models.text_encoder import BERTEmbedder
+    from ldm_train.models.unet import UNetModel
+
+    unet_cfg = to_dataclass(cfg.unet, UNetConfig)
+    text_cfg = to_dataclass(cfg.text_encoder, TextEncoderConfig)
+    fs_cfg = to_dataclass(cfg.first_stage, FirstStageConfig)
+    resolution, side = int(cfg.data.resolution), unet_cfg.image_size
+    with torch.device("meta"):
+        unet, text, first_stage = UNetModel(unet_cfg).train(), BERTEmbedder(text_cfg).eval(), build_first_stage(fs_cfg)
+        x = torch.empty(1, unet_cfg.in_channels, side, side)
+        t = torch.zeros(1, dtype=torch.long)
+        context = torch.empty(1, text_cfg.max_seq_len, text_cfg.n_embed)
+        ids = torch.zeros(1, text_cfg.max_seq_len, dtype=torch.long)
+        image = torch.empty(1, fs_cfg.ddconfig.in_channels, resolution, resolution)
+        unet_train = _flops(lambda: unet(x, t, context).float().square().mean().backward())
+        with torch.no_grad():
+            text_forward = _flops(lambda: text(ids))
+            encode = _flops(lambda: first_stage.eval().encode_moments(image))
+    return {"unet_params": _count(unet), "unet_train_flops": float(unet_train),
+            "text_encoder_forward_flops": float(text_forward), "first_stage_encode_flops": float(encode)}

@@ -1,5 +1,7 @@
 """Memory and throughput planner: ``python -m ldm_train.plan experiment=txt2img_1p45b gpu=a100-80g nodes=1
-gpus_per_node=8 [micro_batch=5 checkpointing=true zero=2] [--json]``.
+gpus_per_node=8 [micro_batch=5 checkpointing=true zero=2] [--json]``; ``--published``: the step-time model against
+published Stable Diffusion 2 training runs (``ldm_train.calibration``); ``--scaling``: the preset's weak scaling from 8
+to 512 GPUs on InfiniBand- and Ethernet-class networks.
 
 For every candidate (micro-batch that divides the global batch x activation checkpointing on/off x ZeRO stage 1/2/3)
 it estimates the per-GPU memory and the optimizer-step time, prints them as a table, and names the fastest plan
@@ -25,9 +27,14 @@ configured plan at start on a GPU.
 from ``ldm_train.flops``; checkpointing adds one more forward) / (peak x ``efficiency``), per micro-step at least
 ``launch_us`` per dispatched operator (the host launches while the device computes, so it only sets the pace when
 the kernels are shorter: small micro-batches), plus the gradient and parameter traffic of the ZeRO stage over NVLink
-(one node) or the inter-node link, not overlapped with compute.
-MFU = model FLOPs per step / (step time x peak x W). ``efficiency`` (0.55), ``launch_us`` (6) and the link speeds
-are stated assumptions, printed with the plan; the GPU run (``bench/gpu_check.sh``) is what replaces them.
+(one node) or the inter-node link, not overlapped with compute. Ring collectives on a rail-optimised fabric (one NIC
+per GPU, each carrying one ring) use all of a node's NICs: the inter-node bus bandwidth is the NIC bandwidth per GPU x
+GPUs per node, at most NVLink's; the collectives reach ``network_efficiency`` of it.
+MFU = model FLOPs per step / (step time x peak x W). ``efficiency`` and ``network_efficiency`` are fitted to published
+runs (``python -m ldm_train.plan --published``: efficiency on MosaicML's 8 x A100 Stable Diffusion 2 run at 256 px,
+network efficiency on NVIDIA's 512 x H100 MLPerf run; the other published runs are the validation, predicted within
+``VALIDATION_BAND``). ``launch_us`` (6) and the link speeds are stated assumptions, printed with the plan; the GPU
+run (``bench/gpu_check.sh``) is what checks them on our own model.
 """
 from __future__ import annotations
 
@@ -57,12 +64,17 @@ GPUS = {
     "a100-80g": GPU("a100-80g", 80.0, 312.0, 300.0, 25.0),
     "h100-80g": GPU("h100-80g", 80.0, 989.0, 450.0, 50.0),  # NVLink4; 8 x 400 Gb/s NDR per node
     "h200": GPU("h200", 141.0, 989.0, 450.0, 50.0),
+    "b200": GPU("b200", 180.0, 2250.0, 900.0, 50.0),  # NVLink5; 8 x 400 Gb/s ConnectX-7 per node
 }
+# the worst relative error of the calibrated step-time model over the published validation runs
+# (ldm_train.calibration; tests/ldm_train/test_calibration.py recomputes it)
+VALIDATION_BAND = 0.26
 
 
 @dataclass
 class Assumptions:
-    efficiency: float = 0.55  # achieved share of peak on the model's GEMMs and convolutions
+    efficiency: float = 0.2397  # achieved share of peak on the model's FLOPs: fitted (ldm_train.calibration)
+    network_efficiency: float = 0.6267  # achieved share of the link's bandwidth by the collectives: fitted
     launch_us: float = 6.0  # host + launch cost per dispatched operator
     runtime_gib: float = 2.0  # CUDA context, cuBLAS / NCCL workspaces
     headroom: float = 0.92  # share of device memory a plan may use (allocator fragmentation)
@@ -186,6 +198,17 @@ def comm_bytes_per_step(prof: ModelProfile, zero: int, accumulation: int) -> flo
     return 3 * grads * accumulation  # weights gathered for forward and backward, gradients scattered, per micro-step
 
 
+def comm_s(prof: ModelProfile, gpu: GPU, nodes: int, per_node: int, zero: int, accumulation: int,
+           a: Assumptions) -> float:
+    """Seconds of ZeRO traffic per optimizer step: NVLink within a node; across nodes the ring crosses each node's
+    NICs in parallel (rail-optimised), so the bus bandwidth is NIC per GPU x GPUs per node, capped by NVLink."""
+    world = nodes * per_node
+    if world == 1:
+        return 0.0
+    link = gpu.nvlink_gbs if nodes == 1 else min(gpu.nvlink_gbs, gpu.network_gbs * per_node)
+    return comm_bytes_per_step(prof, zero, accumulation) * (world - 1) / world / (link * 1e9 * a.network_efficiency)
+
+
 def micro_step_s(prof: ModelProfile, gpu: GPU, micro_batch: int, checkpointing: bool, a: Assumptions) -> float:
     """One micro-step's time: the host launches while the device computes, so whichever is longer sets the pace
     (checkpointing executes one more forward)."""
@@ -208,10 +231,8 @@ def evaluate(cfg: Any, prof: ModelProfile, gpu: GPU, nodes: int, per_node: int, 
     fixed = sum(parts.values()) + a.runtime_gib * GIB
     total = acts + fixed
     per_gpu_samples = micro_batch * accumulation
-    micro = micro_step_s(prof, gpu, micro_batch, checkpointing, a)
-    link = gpu.network_gbs if nodes > 1 else gpu.nvlink_gbs
-    comm = 0.0 if world == 1 else comm_bytes_per_step(prof, zero, accumulation) * (world - 1) / world / (link * 1e9)
-    step = accumulation * micro + comm
+    step = accumulation * micro_step_s(prof, gpu, micro_batch, checkpointing, a) + comm_s(
+        prof, gpu, nodes, per_node, zero, accumulation, a)
     return Plan(micro_batch, checkpointing, zero, accumulation, round(acts / GIB, 2), round(fixed / GIB, 2),
                 round(total / GIB, 2), total <= a.headroom * gpu.memory_gib * GIB, round(step, 3),
                 round(per_gpu_samples / step, 2),
@@ -272,17 +293,27 @@ def main(argv: list[str] | None = None) -> int:
         print(__doc__)
         return 0
     as_json = "--json" in args
+    if "--published" in args:
+        from ldm_train.calibration import main as published
+
+        return published(as_json)
     opts = {k: v for k, _, v in (x.partition("=") for x in args if x.split("=", 1)[0] in (
         "gpu", "nodes", "gpus_per_node", "micro_batch", "checkpointing", "zero",
-        "efficiency", "launch_us", "runtime_gib", "headroom"))}
-    overrides = [x for x in args if x != "--json" and x.split("=", 1)[0] not in opts]
+        "efficiency", "network_efficiency", "launch_us", "runtime_gib", "headroom"))}
+    overrides = [x for x in args if x not in ("--json", "--scaling") and x.split("=", 1)[0] not in opts]
     from ldm_train.summary import compose_config
 
     cfg = compose_config(overrides)
     gpu = gpu_for(opts.get("gpu"))
     nodes, per_node = int(opts.get("nodes", 1)), int(opts.get("gpus_per_node", 8))
-    a = Assumptions(**{k: float(opts[k]) for k in ("efficiency", "launch_us", "runtime_gib", "headroom") if k in opts})
+    a = Assumptions(**{k: float(opts[k]) for k in (
+        "efficiency", "network_efficiency", "launch_us", "runtime_gib", "headroom") if k in opts})
     prof = profile(cfg)
+    if "--scaling" in args:
+        from ldm_train.calibration import scaling_report
+
+        print(scaling_report(cfg, prof, gpu, per_node, a))
+        return 0
     candidates = plans(cfg, prof, gpu, nodes, per_node, a)
     if not candidates:
         print(f"[plan] train.global_batch={cfg.train.global_batch} is not a multiple of {nodes * per_node} GPUs",
@@ -307,11 +338,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[plan] {nodes} x {per_node} x {gpu.name} ({gpu.memory_gib:.0f} GiB, {gpu.peak_tflops:.0f} TFLOP/s "
               f"bf16), global batch {cfg.train.global_batch}, {prof.params:,} trained parameters, "
               f"{prof.flops_per_sample / 1e9:.1f} GFLOP per sample; assumptions {dataclasses.asdict(a)}")
+        print(f"[plan] step times are estimates: with these constants the model predicts published Stable Diffusion 2"
+              f" training runs within +-{VALIDATION_BAND:.0%} (python -m ldm_train.plan --published)")
         print(table(candidates, chosen, configured))
         if chosen:
             print(f"[plan] best: train.micro_batch={chosen.micro_batch} checkpointing="
                   f"{'on' if chosen.checkpointing else 'off'} deepspeed=zero{chosen.zero}: {chosen.total_gib} GiB, "
-                  f"{chosen.samples_per_s_per_gpu} samples/s/GPU, MFU {chosen.mfu} (estimated)")
+                  f"{chosen.samples_per_s_per_gpu} samples/s/GPU, MFU {chosen.mfu} (estimated, "
+                  f"+-{VALIDATION_BAND:.0%})")
     if configured is None:
         print(f"[plan] the configured micro-batch {mb} does not divide the global batch over {nodes * per_node} GPUs",
               file=sys.stderr)

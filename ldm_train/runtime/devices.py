@@ -11,6 +11,8 @@ import torch
 # (substring of the device name, lower case) -> (preset name, dense bf16 TFLOP/s); first match wins, so the
 # specific variants come before the generic names
 PEAKS: tuple[tuple[str, str, float], ...] = (
+    ("gb200", "gb200", 2500.0),
+    ("b200", "b200", 2250.0),  # HGX / DGX B200
     ("h100 pcie", "h100-pcie", 756.0),
     ("h100 nvl", "h100-nvl", 835.0),
     ("h100", "h100-80g", 989.0),  # SXM5
