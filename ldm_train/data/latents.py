@@ -10,6 +10,7 @@ Batches (one per micro-step, per rank) are dicts::
     "dropped": BoolTensor [B], "key": list[str], "meta": list[dict]
 
 ``sample_latents(moments, scale_factor, generator)`` turns moments into the diffusion model's z.
+Labels and low-resolution images are read by ``latent_conds.py``; the block order below is ``block_plan.py``'s.
 
 Stream order and resume guarantee
 ---------------------------------

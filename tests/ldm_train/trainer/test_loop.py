@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -25,9 +26,9 @@ BATCH = 4  # global batch: 2 micro-batches of 2
 
 @pytest.fixture
 def in_process(monkeypatch: pytest.MonkeyPatch):
-    """What ``trainer_env`` gives a trainer subprocess, for this one; one intra-op thread (a shared CI core)."""
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    """What ``trainer_env`` gives a trainer subprocess, for this one; one intra-op thread (a shared CI core). The
+    launch variables the trainer's 1-process group sets (MASTER_ADDR, MASTER_PORT) are taken out again after."""
+    launch = {var: os.environ.pop(var) for var in LAUNCH_VARS if var in os.environ}
     for var, value in {"DS_ACCELERATOR": "cpu", "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR,
                        "TOKENIZERS_PARALLELISM": "false", "WANDB_SILENT": "true", "HF_HUB_OFFLINE": "1"}.items():
         monkeypatch.setenv(var, value)
@@ -35,6 +36,9 @@ def in_process(monkeypatch: pytest.MonkeyPatch):
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+    for var in LAUNCH_VARS:
+        os.environ.pop(var, None)
+    os.environ.update(launch)
 
 
 def _first_step_loss(cfg, trainer) -> float:
