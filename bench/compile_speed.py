@@ -21,6 +21,7 @@ def main() -> None:
     a = p.parse_args()
     torch.set_num_threads(a.threads)
     from ldm_train.build import build_ldm
+    from ldm_train.diffusion.step import training_loss
     from ldm_train.plan import _inputs
     from ldm_train.summary import compose_config
 
@@ -33,8 +34,8 @@ def main() -> None:
         cond = torch.randint(0, 100, cond.shape)
     t = torch.randint(0, int(cfg.train.diffusion.timesteps), (a.batch,))
 
-    def step() -> None:
-        model(z0, cond, t, noise).float().mean().backward()
+    def step() -> None:  # the trainer's micro-step loss (ldm_train/diffusion/step.py), backward, AdamW
+        training_loss(model, z0, cond, t, noise).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

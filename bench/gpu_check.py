@@ -4,7 +4,7 @@
     python bench/gpu_check.py --dry-run            # experiment=tiny on CPU, 3 steps: keeps the script from rotting
 
 It builds the experiment's real model (``ldm_train.build.build_ldm``: UNet + cond stage, the preset's activation
-checkpointing), and times full training steps (forward + backward + fused AdamW step) of the diffusion loss on random
+checkpointing), and times full training steps (``ldm_train.diffusion.step.training_loss``, backward, fused AdamW step) on random
 latents / tokens at the preset's planned micro-batch (``train.micro_batch``; ``--micro-batch`` to change it), bf16
 autocast on CUDA, without DeepSpeed (one device). ``--compile`` also times the step as ``train.compile`` runs it
 (``LatentDiffusion.compile_in_place``: the UNet and the text encoder). The JSON is written after each run, so a
@@ -69,6 +69,7 @@ def _time(step, steps: int, warmup: int, device: torch.device) -> float:
 
 def measure(experiment: str, micro_batch: int, steps: int, warmup: int, compiled: bool,
             device: torch.device) -> dict:
+    from ldm_train.diffusion.step import draw_t_and_noise, training_loss
     from ldm_train.runtime.devices import device_peak_tflops
 
     model, z0, cond, flops, node = _model_and_batch(experiment, micro_batch, device)
@@ -80,11 +81,10 @@ def measure(experiment: str, micro_batch: int, steps: int, warmup: int, compiled
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
 
-    def step() -> None:
-        t = torch.randint(0, timesteps, (z0.shape[0],), device=device, generator=gen)
-        noise = torch.randn(z0.shape, device=device, generator=gen)
+    def step() -> None:  # the trainer's micro-step (ldm_train/diffusion/step.py), then a plain AdamW step
+        t, noise = draw_t_and_noise(z0, timesteps, 0.0, gen)
         with autocast:
-            loss = model(z0, cond, t, noise).float().mean()
+            loss = training_loss(model, z0, cond, t, noise)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

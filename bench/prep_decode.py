@@ -6,7 +6,7 @@ Real photographs (scikit-image's skimage/data colour photos) are saved as JPEG (
 and 2048x1536 (resized with PIL's Lanczos; the larger sizes are upsampled from photos of at most ~1000 px, so
 they carry less fine detail than a camera image of that size). For each size it times, on one thread:
 - ``pil``: full decode + PIL bicubic resize (reducing_gap 3) + centre crop, the path before this change;
-- ``project``: ``ldm_train.data.readers.decode_for_side`` (PIL ``draft`` to >= 2x the target side when the image is
+- ``project``: ``ldm_train.data.image_decode.decode_for_side`` (PIL ``draft`` to >= 2x the target side when the image is
   at least 4x larger) + ``resize_center_crop`` (torch antialiased bicubic on uint8), the path the encode job uses;
 and the PSNR of ``project``'s output against ``pil``'s (same crop).
 """
@@ -48,7 +48,7 @@ def pil_path(data: bytes, resolution: int) -> np.ndarray:
 
 
 def project_path(data: bytes, resolution: int) -> np.ndarray:
-    from ldm_train.data.readers import decode_for_side
+    from ldm_train.data.image_decode import decode_for_side
     from ldm_train.data.transforms import resize_center_crop
 
     img, _, _ = decode_for_side(data, resolution)

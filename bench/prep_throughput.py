@@ -35,7 +35,8 @@ def main() -> None:
     from data_prep.encode_job import run_encode
     from data_prep.encoding import ShardBatches, device_and_autocast, encode_batch, load_encoder
     from data_prep.synthetic import write_synthetic
-    from ldm_train.data.readers import Filters, list_input_shards
+    from ldm_train.data.input_shards import list_input_shards
+    from ldm_train.data.readers import Filters
 
     work = Path(args["workdir"])
     shutil.rmtree(work, ignore_errors=True)

@@ -4,8 +4,10 @@ Both models have the identical architecture and the SAME weights (ours is export
 and converted with diffusers' own ``convert_ldm_unet_checkpoint``), and the outputs are checked to agree
 before timing. Prints one JSON object.
 
-- time: median (and min / max) seconds of ``loss = mse(model(x, t, ctx)); loss.backward()`` over --iters
-  steps after --warmup, ours and theirs interleaved step by step so machine load hits both alike.
+- time: median (and min / max) seconds of the trainer's micro-step, ``training_loss(ldm, x, ctx, t, noise)``
+  (``ldm_train/diffusion/step.py``: q_sample, the UNet, the eps MSE) and its backward, over --iters steps after
+  --warmup, with each UNet inside a ``LatentDiffusion`` whose cond stage is the identity on a precomputed context;
+  ours and theirs interleaved step by step so machine load hits both alike.
 - memory: peak bytes allocated during one step beyond what existed before it (activations, gradients,
   temporaries; the parameters excluded). On CPU from ``torch.profiler`` memory events (profile_memory=True:
   every c10 CPU-allocator alloc/free, summed in time order); on CUDA ``torch.cuda.max_memory_allocated``.
@@ -24,11 +26,24 @@ import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
 from ldm_train.checkpoints.compvis import compvis_state_dict
 from ldm_train.config import UNetConfig
+from ldm_train.diffusion.schedule import make_schedule
+from ldm_train.diffusion.step import training_loss
+from ldm_train.models.ldm import LatentDiffusion
 from ldm_train.models.unet import UNetModel
+
+
+class DiffusersUNet(torch.nn.Module):
+    """diffusers' UNet2DConditionModel called as ours is (``unet(x, t, context=...)``), for ``LatentDiffusion``."""
+
+    def __init__(self, unet: torch.nn.Module) -> None:
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x, t, encoder_hidden_states=context).sample
 
 
 def build_pair(cfg: UNetConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -112,7 +127,7 @@ def main() -> None:
     x = torch.randn(args.batch, 4, args.size, args.size, generator=gen).to(device, memory_format=fmt)
     t = torch.randint(0, 1000, (args.batch,), generator=gen).to(device)
     ctx = torch.randn(args.batch, args.context_len, args.context_dim, generator=gen).to(device)
-    target = torch.randn(x.shape, generator=gen).to(device)
+    noise = torch.randn(x.shape, generator=gen).to(device, memory_format=fmt)
 
     with torch.no_grad():
         diff = (ours(x, t, ctx) - theirs(x, t, encoder_hidden_states=ctx).sample).abs().max().item()
@@ -120,26 +135,26 @@ def main() -> None:
         raise SystemExit(f"outputs differ by {diff}: the two models are not the same function")
 
     amp = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
-    runs = {
-        "ours": lambda: ours(x, t, ctx),
-        "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx).sample,
-    }
+    schedule = make_schedule("scaled_linear", 1000, 0.00085, 0.012).to(device)  # the paper's
+    # the cond stage is the identity: both UNets take the same precomputed context
+    ldms = {"ours": LatentDiffusion(ours, torch.nn.Identity(), schedule),
+            "diffusers": LatentDiffusion(DiffusersUNet(theirs), torch.nn.Identity(), schedule)}
     models = {"ours": ours, "diffusers": theirs}
 
     def step(name: str) -> None:
         models[name].zero_grad(set_to_none=True)
         with amp:
-            out = runs[name]()
-        F.mse_loss(out.float(), target).backward()
+            loss = training_loss(ldms[name], x, ctx, t, noise)
+        loss.backward()
 
     def sync() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    times: dict[str, list[float]] = {n: [] for n in runs}
-    cpu_times: dict[str, list[float]] = {n: [] for n in runs}
+    times: dict[str, list[float]] = {n: [] for n in ldms}
+    cpu_times: dict[str, list[float]] = {n: [] for n in ldms}
     for i in range(args.warmup + args.iters):
-        for name in runs:  # interleaved
+        for name in ldms:  # interleaved
             sync()
             t0, c0 = time.perf_counter(), time.process_time()
             step(name)
@@ -174,7 +189,7 @@ def main() -> None:
         else "torch.profiler profile_memory: peak of summed CPU allocator events during one step",
         "iters": args.iters,
     }
-    for name in runs:
+    for name in ldms:
         result[name] = {
             "median_s": statistics.median(times[name]), "min_s": min(times[name]), "max_s": max(times[name]),
             # CPU seconds of this process (all intra-op threads): less sensitive than wall time to other

@@ -1,6 +1,6 @@
 """The encode job: this task's input shards -> latent shards, stats parts and (when all are done) the manifest.
 
-Input shard j (see ``ldm_train.data.readers.list_input_shards``) becomes
+Input shard j (see ``ldm_train.data.input_shards.list_input_shards``) becomes
 ``<output>/<first_stage.name>/shard-{j:06d}.tar``; task i of n takes the shards with j % n == i (SLURM array,
 torchrun ranks or one process), so tasks never collide. DataLoader workers decode, filter, resize and batch
 whole input shards; this process only runs the first stage and writes (``data_prep.encoding``). A shard is
@@ -39,7 +39,8 @@ from data_prep.progress import EncodeProgress
 from ldm_train.checkpoints.compvis import WeightsFile
 from ldm_train.checkpoints.first_stage import read_first_stage_file
 from ldm_train.data import fsspec_io
-from ldm_train.data.readers import Filters, InputShard, list_input_shards
+from ldm_train.data.input_shards import InputShard, list_input_shards
+from ldm_train.data.readers import Filters
 from ldm_train.runtime import preemption
 
 

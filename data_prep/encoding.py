@@ -25,7 +25,8 @@ from data_prep import manifest as mf
 from ldm_train.checkpoints.compvis import WeightsFile
 from ldm_train.config import FirstStageConfig
 from ldm_train.data import fsspec_io
-from ldm_train.data.readers import Filters, InputShard, InputShardError, Sample, Skip, iter_shard
+from ldm_train.data.input_shards import InputShard, InputShardError
+from ldm_train.data.readers import Filters, Sample, Skip, iter_shard
 from ldm_train.runtime.distributed import device_for_rank
 
 # ---------------------------------------------------------------- workers: decode + batch whole shards
@@ -197,7 +198,7 @@ def lowres_pngs(images: torch.Tensor, factor: int) -> list[bytes]:
     """[-1, 1] images [B, 3, H, W] downsampled ``factor`` times (bicubic, antialiased), as 8-bit RGB PNGs."""
     from PIL import Image
 
-    from ldm_train.data.latents import downsample_u8
+    from ldm_train.data.latent_conds import downsample_u8
 
     out = []
     for a in downsample_u8(images, factor).transpose(0, 2, 3, 1):

@@ -28,7 +28,7 @@ class NoSamplesError(FinalizeError):
 def _missing_urls(job: dict[str, Any], missing: list[int]) -> list[str]:
     """Input URLs of the missing shard indices (re-lists the input; falls back to the index)."""
     try:
-        from ldm_train.data.readers import list_input_shards
+        from ldm_train.data.input_shards import list_input_shards
 
         spec = job["input"]["spec"]
         shards = list_input_shards(spec, job["input"]["format"], int(job["encode"].get("files_per_shard", 1000)))

@@ -34,7 +34,8 @@ class FeatureSet:
 
 
 def _first_side(path: str) -> int:
-    from ldm_train.data.readers import decode_image, list_input_shards
+    from ldm_train.data.image_decode import decode_image
+    from ldm_train.data.input_shards import list_input_shards
 
     shard = list_input_shards(path)[0]
     if shard.kind != "tar":

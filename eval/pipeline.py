@@ -77,7 +77,7 @@ def sr_pairs(cfg: EvalConfig, step_dir: str, cond: CondConfig) -> tuple[list[tor
     from omegaconf import OmegaConf
 
     from ldm_train.checkpoints.export import CONFIG_FILE
-    from ldm_train.data.latents import downsample_u8
+    from ldm_train.data.latent_conds import downsample_u8
     from ldm_train.data.readers import image_dataset
 
     if not cfg.reference.path:

@@ -15,7 +15,7 @@ import os
 import shutil
 
 from eval.sampling import sample_path, save_png
-from ldm_train.data.readers import fingerprint
+from ldm_train.data.input_shards import fingerprint
 
 
 def reference_key(path: str, name: str | None, num_images: int, resolution: int) -> str:

@@ -73,12 +73,14 @@ class LiveStorage(TorchDispatchMode):
 
 
 def step_activation_bytes(model: torch.nn.Module, inputs: Callable[[], tuple]) -> tuple[int, int]:
-    """(peak activation bytes, operators dispatched) of ``model(*inputs()).float().mean().backward()``: the
-    parameter gradients it leaves behind are not counted (DeepSpeed moves them into its buckets and partitions,
-    which the planner counts as fixed memory)."""
+    """(peak activation bytes, operators dispatched) of ``training_loss(model, *inputs()).backward()`` (the
+    trainer's micro-step, ``ldm_train/diffusion/step.py``): the parameter gradients it leaves behind are not
+    counted (DeepSpeed moves them into its buckets and partitions, which the planner counts as fixed memory)."""
+    from ldm_train.diffusion.step import training_loss
+
     args = inputs()  # outside the count: the batch is the loader's, not the step's
     with LiveStorage() as tracker:
-        model(*args).float().mean().backward()
+        training_loss(model, *args).backward()
     peak = tracker.transient_peak()  # before the gradients go: they are what is still alive now
     model.zero_grad(set_to_none=True)
     return peak, tracker.ops

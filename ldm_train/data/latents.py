@@ -10,6 +10,7 @@ Batches (one per micro-step, per rank) are dicts::
     "dropped": BoolTensor [B], "key": list[str], "meta": list[dict]
 
 ``sample_latents(moments, scale_factor, generator)`` turns moments into the diffusion model's z.
+Labels and low-resolution images are read by ``latent_conds.py``; the block order below is ``block_plan.py``'s.
 
 Stream order and resume guarantee
 ---------------------------------
@@ -36,111 +37,30 @@ so rank 0's copy in the checkpoint is enough.
 """
 from __future__ import annotations
 
-import io
 import json
-import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from ldm_train.data.block_plan import BlockPlan, next_unstarted_block, seeded_rng
 from ldm_train.data.config import LatentDataConfig
+from ldm_train.data.latent_conds import (
+    LabelSpec,
+    check_first_label,
+    decode_lowres,
+    first_lowres,
+    sample_label,
+)
 from ldm_train.data.manifest import check_manifest, read_manifest, shard_list
 from ldm_train.data.shard_reader import NpyDecoder, damaged_shard_message, iter_samples
 from ldm_train.runtime import preemption
 
 LATENT_EXT = "latent.npy"
 
-
-@dataclass
-class LabelSpec:
-    """Class labels for ``cond.kind=class``: ``json[key]`` of each sample, in ``0..num_classes-1``; a dropped sample
-    (the caption-dropout mask) gets ``null_label``."""
-
-    key: str = "label"
-    num_classes: int = 1000
-    null_label: int | None = None
-
-
-def label_fix_hint(key: str) -> str:
-    return (f"cond.kind=class reads the class label from each sample's json ('{key}'): encode labelled images "
-            "(data_prep.fashion_mnist shards, or ImageNet-style class folders <root>/<class>/<image>) with "
-            f"data_prep.encode, set cond.label_key to the key your json uses, or train with cond.kind=text or none")
-
-
-def sample_label(meta: dict[str, Any], spec: LabelSpec, url: str, key: str) -> int:
-    """The class label of one sample, or a ValueError naming the shard, the sample and the fix."""
-    value = meta.get(spec.key)
-    if isinstance(value, str) and value.lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        got = "has no" if value is None else f"has {spec.key}={value!r}, not a class index, as"
-        raise ValueError(f"shard {url}: sample {key} {got} '{spec.key}' in its json. {label_fix_hint(spec.key)}")
-    if value >= spec.num_classes:
-        raise ValueError(f"shard {url}: sample {key} has {spec.key}={value} but cond.num_classes={spec.num_classes}: "
-                         f"set cond.num_classes to the number of classes of the data set (labels 0..N-1)")
-    return value
-
-
-def check_first_label(shards: list[tuple[str, int]], spec: LabelSpec) -> None:
-    """Read the first sample of the first non-empty shard and check it carries a label (a fast start-up check; the
-    loader checks every sample)."""
-    for url, n in shards:
-        if n:
-            for sample in iter_samples(url):
-                meta = json.loads(sample["json"]) if "json" in sample else {}
-                sample_label(meta, spec, url, sample["__key__"].rsplit("/", 1)[-1])
-                return
-
-
-def downsample_u8(images: torch.Tensor, factor: int) -> np.ndarray:
-    """[-1, 1] images [B, 3, H, W] -> uint8 [B, 3, H/factor, W/factor] (bicubic, antialiased): the low-resolution
-    copy ``data_prep.encode lowres_factor`` stores and eval feeds a super-resolution model."""
-    h, w = images.shape[-2] // factor, images.shape[-1] // factor
-    small = torch.nn.functional.interpolate(images.float().cpu(), size=(h, w), mode="bicubic", align_corners=False,
-                                            antialias=True)
-    return ((small.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy()
-
-
-def lowres_fix_hint(key: str) -> str:
-    return (f"cond.kind=concat reads each sample's low-resolution image ('{key}'): encode the images with "
-            "data_prep.encode lowres_factor=N (N = the super-resolution factor, e.g. 4 as CompVis bsr_sr), "
-            "or train with cond.kind=text, class or none")
-
-
-def decode_lowres(data: bytes | None, url: str, key: str, member: str) -> np.ndarray:
-    """One sample's low-resolution image as uint8 [3, h, w], or a ValueError naming the shard, sample and fix."""
-    from PIL import Image
-
-    if data is None:
-        raise ValueError(f"shard {url}: sample {key} has no '{member}'. {lowres_fix_hint(member)}")
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            return np.asarray(img.convert("RGB")).transpose(2, 0, 1).copy()
-    except Exception as err:
-        raise ValueError(f"shard {url}: sample {key} has an unreadable '{member}' ({err}): re-encode the shard "
-                         "with data_prep.encode verify=true overwrite=true") from err
-
-
-def first_lowres(shards: list[tuple[str, int]], member: str, n: int) -> tuple[list[torch.Tensor], list[str]]:
-    """The low-resolution images ([3, h, w] in [-1, 1]) and keys of the first ``n`` samples, in shard order (the
-    super-resolution inputs of the training sample grid)."""
-    images: list[torch.Tensor] = []
-    keys: list[str] = []
-    for url, count in shards:
-        if not count:
-            continue
-        for sample in iter_samples(url):
-            key = sample["__key__"].rsplit("/", 1)[-1]
-            images.append(torch.from_numpy(decode_lowres(sample.get(member), url, key, member)).float() / 127.5 - 1)
-            keys.append(key)
-            if len(images) == n:
-                return images, keys
-    return images, keys
 
 
 def sample_latents(
@@ -151,45 +71,6 @@ def sample_latents(
     std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
     noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
     return (mean + std * noise) * scale_factor
-
-
-def _rng(seed: int, *stream: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([seed % 2**63, *stream]))
-
-
-class BlockPlan:
-    """Which shards make block g, and how many samples it holds (no I/O)."""
-
-    TAG_EPOCH, TAG_ORDER, TAG_DROP = 1, 2, 3
-
-    def __init__(self, shards: list[tuple[str, int]], shards_per_block: int, seed: int) -> None:
-        self.shards = shards
-        self.k = max(1, min(shards_per_block, len(shards)))
-        self.seed = seed
-        self.blocks_per_epoch = math.ceil(len(shards) / self.k)
-        self._perm: dict[int, np.ndarray] = {}
-
-    def block_shards(self, g: int) -> list[int]:
-        epoch, i = divmod(g, self.blocks_per_epoch)
-        if epoch not in self._perm:
-            self._perm = {epoch: _rng(self.seed, self.TAG_EPOCH, epoch).permutation(len(self.shards))}
-        return [int(j) for j in self._perm[epoch][i * self.k : (i + 1) * self.k]]
-
-    def block_size(self, g: int) -> int:
-        return sum(self.shards[j][1] for j in self.block_shards(g))
-
-    def locate(self, first_block: int, step: int, position: int) -> tuple[int, int]:
-        """The block of the stream first_block, first_block + step, ... holding sample ``position``.
-
-        Returns (block, offset in block); offset 0 means the block has not been started.
-        """
-        g = first_block
-        while True:
-            size = self.block_size(g)
-            if position < size:
-                return g, position
-            position -= size
-            g += step
 
 
 class LatentShardDataset(IterableDataset):
@@ -240,10 +121,10 @@ class LatentShardDataset(IterableDataset):
         shard_ids = self.plan.block_shards(g)
         sizes = [self.plan.shards[j][1] for j in shard_ids]
         readers = [iter_samples(self.plan.shards[j][0]) for j in shard_ids]
-        order_rng = _rng(self.seed, BlockPlan.TAG_ORDER, g)
+        order_rng = seeded_rng(self.seed, BlockPlan.TAG_ORDER, g)
         # a uniformly random interleaving of the shards (which shard the next sample comes from)
         interleave = order_rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
-        drop = _rng(self.seed, BlockPlan.TAG_DROP, g).random(len(interleave)) < self.caption_dropout
+        drop = seeded_rng(self.seed, BlockPlan.TAG_DROP, g).random(len(interleave)) < self.caption_dropout
         buffer: list[dict[str, Any]] = []
         out = 0
 
@@ -343,20 +224,6 @@ class LatentShardDataset(IterableDataset):
                     yield self._collate(pending)
                     pending = []
             g, skip = g + step, 0
-
-
-def next_unstarted_block(state: dict[str, Any], plan: BlockPlan) -> int:
-    """First block index that no stream of the saved topology had started (resume at another topology)."""
-    workers = max(1, int(state["num_workers"]))
-    streams = int(state["world_size"]) * workers
-    n, batch = int(state["batches_yielded"]), int(state["batch_size"])
-    last = int(state.get("base_block", 0)) - 1
-    for s in range(streams):
-        worker = s % workers
-        done = max(0, -(-(n - worker) // workers))
-        g, offset = plan.locate(int(state.get("base_block", 0)) + s, streams, done * batch)
-        last = max(last, g if offset > 0 else g - streams)
-    return last + 1
 
 
 class LatentLoader:

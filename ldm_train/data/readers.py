@@ -1,45 +1,41 @@
 """Image + caption inputs: img2dataset-style tars, image folders with sidecar captions, ImageNet class folders.
 
-Inputs are cut into *input shards* (a tar, or a fixed-size block of files of a folder) listed in a
-deterministic order; shard ``j`` is the unit of work of the encode job (input shard j -> output shard j).
-
-- tars: ``dir/{000000..000099}.tar`` (brace pattern), one ``.tar`` URL, several joined with ``::``, or a
-  directory / prefix holding ``*.tar``; local or any fsspec URL (``s3://bucket/laion/``). Members are grouped
-  by key as WebDataset does (``<key>.jpg|png|webp`` + ``<key>.txt`` + ``<key>.json``).
-- folder: images anywhere below a directory, caption in ``<same name>.txt`` beside the image.
-- imagenet: one sub-directory per class (sorted names -> class index); the caption is
-  ``caption_template.format(class_name=...)``; class names from ``LOC_synset_mapping.txt`` / ``synset_words.txt``
-  / ``classes.txt`` at the root (``wnid name, alias, ...``) when present, else the directory name.
+The samples of one input shard (``ldm_train/data/input_shards.py``: the input forms and their fixed order).
+Tar members are grouped by key as WebDataset does (``<key>.jpg|png|webp`` + ``<key>.txt`` + ``<key>.json``);
+a folder image's caption is ``<same name>.txt`` beside it; an ImageNet class folder's is
+``caption_template.format(class_name=...)``.
 
 ``image_dataset(...)`` is the torch IterableDataset for the autoencoder trainer and eval reference sets.
 ``iter_shard(...)`` is the lower level the encode job uses: it also yields ``Skip`` records with their reason, and
-each ``Sample`` says which ``CONVERSIONS`` it needed (EXIF orientation applied, a 16-bit image brought to 8 bits
-per channel, transparency composited on white, a non-UTF-8 caption decoded with ``Filters.caption_fallback``, a tar member name that would leave the output folder
-renamed: ``safe_key``). Images larger than ``Filters.max_pixels`` are refused
-from their header, before decoding (``too_large``).
+each ``Sample`` says which ``CONVERSIONS`` it needed (``ldm_train/data/image_decode.py``: EXIF orientation applied,
+a 16-bit image brought to 8 bits per channel, transparency composited on white; here: a non-UTF-8 caption decoded
+with ``Filters.caption_fallback``, a tar member name that would leave the output folder renamed: ``safe_key``).
+Images larger than ``Filters.max_pixels`` are refused from their header, before decoding (``too_large``).
 """
 from __future__ import annotations
 
-import io
 import json
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import fsspec
 import torch
-from PIL import Image, ImageOps
 
 from ldm_train.data import fsspec_io
 from ldm_train.data.annotations import fit_annotations, read_annotations
+from ldm_train.data.image_decode import ImageTooLarge, decode_for_side
+from ldm_train.data.input_shards import (
+    CAPTION_EXTS,
+    IMAGE_EXTS,
+    InputShard,
+    InputShardError,
+    list_input_shards,
+)
 from ldm_train.data.transforms import resize_center_crop, to_tensor
 
 fsspec_io.register_fsspec_schemes()  # workers import this module: they can open s3:// through webdataset too
 
-IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
-CAPTION_EXTS = ("txt", "caption")
-CLASS_NAME_FILES = ("LOC_synset_mapping.txt", "synset_words.txt", "classes.txt")
 SKIP_REASONS = ("no_image", "decode_error", "no_caption", "caption_not_utf8", "too_large", "too_small", "bad_aspect",
                 "low_similarity", "unsafe", "watermark", "low_aesthetic", "small_original")
 # img2dataset / LAION fields kept from the source's json (or parquet row) in each latent sample's json ``source``
@@ -49,23 +45,6 @@ SOURCE_FIELDS = ("url", "similarity", "punsafe", "pwatermark", "AESTHETIC_SCORE"
 CONVERSIONS = ("exif_transposed", "scaled_16bit", "alpha_flattened", "caption_fallback", "caption_not_utf8_dropped",
                "unsafe_key_renamed")
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: decoding one image of this size takes ~200 MB as RGB
-
-
-class InputShardError(RuntimeError):
-    """An input shard could not be read (fully). ``salvaged`` is True when the samples before the damage were kept."""
-
-    def __init__(self, message: str, salvaged: bool) -> None:
-        super().__init__(message)
-        self.salvaged = salvaged
-
-
-@dataclass(frozen=True)
-class InputShard:
-    index: int
-    url: str  # the tar, or the folder the files are in
-    kind: str  # "tar" | "folder" | "imagenet"
-    files: tuple[str, ...] = ()  # folder kinds: paths relative to url
-    class_names: tuple[str, ...] = ()  # imagenet: all class names, by class index
 
 
 @dataclass
@@ -139,88 +118,6 @@ class Sample:
     def as_dict(self) -> dict[str, Any]:
         return {"key": self.key, "image": self.image, "caption": self.caption, "meta": self.meta}
 
-
-# ---------------------------------------------------------------- listing input shards
-
-
-def _expand(input: str | Sequence[str]) -> list[str]:
-    import braceexpand
-
-    parts = [input] if isinstance(input, str) else list(input)
-    out: list[str] = []
-    for p in parts:
-        for q in str(p).split("::"):
-            out.extend(braceexpand.braceexpand(q))
-    return out
-
-
-def _walk_files(root: str) -> list[str]:
-    """All files below ``root`` as relative paths, sorted (local or fsspec)."""
-    fs, path = fsspec.core.url_to_fs(root)
-    base = path.rstrip("/") + "/"
-    return sorted(p[len(base):] for p in fs.find(path) if p.startswith(base))
-
-
-def _ext(name: str) -> str:
-    return name.rsplit(".", 1)[-1].lower() if "." in name else ""
-
-
-def _detect(input: str) -> str:
-    if ".tar" in input or "{" in input or "::" in input:
-        return "tar"
-    names = fsspec_io.ls(input)
-    if not names:
-        raise FileNotFoundError(f"input {input!r} is empty or does not exist: give a tar pattern, an image folder or class folders")
-    if any(n.endswith(".tar") for n in names):
-        return "tar"
-    if any(_ext(n) in IMAGE_EXTS for n in names):
-        return "folder"
-    return "imagenet"
-
-
-def _class_names(root: str, dirs: list[str]) -> list[str]:
-    for fname in CLASS_NAME_FILES:
-        url = fsspec_io.join(root, fname)
-        if fsspec_io.exists(url):
-            mapping = {}
-            for line in fsspec_io.read_bytes(url).decode().splitlines():
-                wnid, _, names = line.strip().partition(" ")
-                if wnid:
-                    mapping[wnid] = names.split(",")[0].strip() or wnid
-            return [mapping.get(d, d.replace("_", " ")) for d in dirs]
-    return [d.replace("_", " ") for d in dirs]
-
-
-def list_input_shards(input: str | Sequence[str], input_format: str = "auto", files_per_shard: int = 1000) -> list[InputShard]:
-    """The input shards in their fixed order (the same on every task and every re-run)."""
-    if not isinstance(input, str):
-        input_format = "tar" if input_format == "auto" else input_format
-    fmt = _detect(input) if input_format == "auto" else input_format
-    if fmt == "tar":
-        urls = _expand(input)
-        if len(urls) == 1 and not urls[0].endswith(".tar"):  # a directory / prefix of tars
-            urls = [fsspec_io.join(urls[0], n) for n in fsspec_io.ls(urls[0]) if n.endswith(".tar")]
-        if not urls:
-            raise FileNotFoundError(f"no .tar files found for input {input!r}")
-        return [InputShard(j, u, "tar") for j, u in enumerate(urls)]
-    if not isinstance(input, str):
-        raise ValueError(f"input_format={fmt} takes one directory, got {input!r}")
-    root = input.rstrip("/")
-    if fmt == "folder":
-        files = [f for f in _walk_files(root) if _ext(f) in IMAGE_EXTS]
-        class_names: tuple[str, ...] = ()
-    elif fmt == "imagenet":
-        dirs = [d for d in fsspec_io.ls(root) if fsspec_io.isdir(fsspec_io.join(root, d))]
-        files = [f for f in _walk_files(root) if "/" in f and f.split("/", 1)[0] in dirs and _ext(f) in IMAGE_EXTS]
-        class_names = tuple(_class_names(root, dirs))
-    else:
-        raise ValueError(f"input_format={fmt!r}: use auto, tar, folder or imagenet")
-    if not files:
-        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root!r}")
-    return [
-        InputShard(j, root, fmt, tuple(files[s : s + files_per_shard]), class_names)
-        for j, s in enumerate(range(0, len(files), files_per_shard))
-    ]
 
 
 # ---------------------------------------------------------------- raw records of one shard
@@ -353,87 +250,6 @@ def _all_class_dirs(root: str) -> list[str]:
 
 # ---------------------------------------------------------------- decode + filter
 
-
-class ImageTooLarge(ValueError):
-    """The image header declares more pixels than the limit: nothing was decoded."""
-
-
-_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-def _to_rgb(img: Image.Image, notes: list[str]) -> Image.Image:
-    """A decoded image as 8-bit RGB: 16-bit greyscale scaled (not clipped), transparency composited on white."""
-    if img.mode in _16BIT_MODES:
-        # PIL's convert("L") clips these at 255 (a 16-bit PNG came out ~all white): scale 0..65535 -> 0..255,
-        # rounding to nearest (v * 255 / 65535 = v / 257). Mode "I" holds 16-bit samples too (PGM, TIFF, old PIL)
-        import numpy as np
-
-        arr = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
-        img = Image.fromarray(((arr * 255 + 32767) // 65535).astype(np.uint8), "L")
-        notes.append("scaled_16bit")
-    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        if img.getchannel("A").getextrema()[0] < 255:  # an opaque alpha channel changes nothing: not counted
-            notes.append("alpha_flattened")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
-        img = Image.alpha_composite(bg, img)
-    return img.convert("RGB")
-
-
-def _reduced_16bit(img: Image.Image) -> bool:
-    """True when PIL will read 16-bit samples into 8-bit channels itself (48/64-bit RGB(A), 16-bit grey+alpha):
-    its raw mode says so before ``load``; the 16-bit greyscale modes are scaled by ``_to_rgb`` instead."""
-    if img.mode in _16BIT_MODES:
-        return False
-    for tile in getattr(img, "tile", None) or []:
-        args = tile[3]
-        raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else None
-        if isinstance(raw, str) and ";16" in raw:
-            return True
-    return False
-
-
-def decode_image_checked(data: bytes, max_pixels: int | None = None) -> tuple[Image.Image, list[str]]:
-    """``decode_image`` that also returns what it had to do (of ``CONVERSIONS``) and refuses, from the header
-    alone, an image of more than ``max_pixels`` pixels (``ImageTooLarge``, before any pixel is decoded)."""
-    img, notes, _ = decode_for_side(data, None, max_pixels)
-    return img, notes
-
-
-def decode_for_side(data: bytes, min_side: int | None, max_pixels: int | None = None
-                    ) -> tuple[Image.Image, list[str], tuple[int, int]]:
-    """(RGB image, conversions, stored size upright) of ``data``. With ``min_side``, a JPEG is decoded in the DCT
-    domain at the smallest 1/2, 1/4 or 1/8 scale whose shorter side stays at least ``2 * min_side`` (PIL's
-    ``draft``): several times faster on large photos, and the antialiased resize to ``min_side`` that follows
-    hides the difference. The returned size is the full stored size (after EXIF orientation), not the draft's."""
-    notes: list[str] = []
-    try:
-        img = Image.open(io.BytesIO(data))  # reads the header only
-    except Image.DecompressionBombError as e:  # PIL's own limit (2 * MAX_IMAGE_PIXELS), also header-only
-        raise ImageTooLarge(str(e)) from e
-    w, h = img.size
-    if max_pixels is not None and w * h > max_pixels:
-        raise ImageTooLarge(f"{w}x{h} = {w * h} pixels > filter.max_pixels={max_pixels} (not decoded)")
-    if min_side is not None and img.format == "JPEG" and min(w, h) >= 4 * min_side:
-        keep = 2 * min_side / min(w, h)
-        img.draft(img.mode, (max(1, int(w * keep + 0.999)), max(1, int(h * keep + 0.999))))
-    if _reduced_16bit(img):
-        notes.append("scaled_16bit")
-    img.load()
-    orientation = img.getexif().get(0x0112, 1)
-    if orientation in (2, 3, 4, 5, 6, 7, 8):
-        img = ImageOps.exif_transpose(img)
-        notes.append("exif_transposed")
-        if orientation in (5, 6, 7, 8):
-            w, h = h, w
-    return _to_rgb(img, notes), notes, (w, h)
-
-
-def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
-    """Bytes -> RGB image, fully decoded (so truncated files fail here, not later), EXIF orientation applied
-    (a phone photo stored sideways comes out upright), 16-bit greyscale scaled to 8 bits, alpha composited
-    on white, greyscale to RGB. ``max_pixels``: see ``decode_image_checked``."""
-    return decode_image_checked(data, max_pixels)[0]
 
 
 def _caption(raw: _Raw, filters: Filters, notes: list[str]) -> str | Skip | None:
@@ -583,21 +399,6 @@ class ImageDataset(torch.utils.data.IterableDataset):
                 return
             epoch += 1
 
-
-def fingerprint(spec: str | Sequence[str]) -> str:
-    """A hash of every input file of ``spec`` (URL, size, modification time), from metadata only: keys caches
-    of statistics computed from the files (eval's reference set, the trainer's in-training FID)."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for shard in list_input_shards(spec):
-        urls = [shard.url] if shard.kind == "tar" else [fsspec_io.join(shard.url, f) for f in shard.files]
-        for url in urls:
-            fs, fpath = fsspec.core.url_to_fs(url)
-            info = fs.info(fpath)
-            stamp = info.get("mtime") or info.get("LastModified") or info.get("ETag") or ""
-            digest.update(f"{url}\0{info.get('size')}\0{stamp}\n".encode())
-    return digest.hexdigest()[:16]
 
 
 def image_dataset(

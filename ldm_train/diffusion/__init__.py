@@ -22,6 +22,11 @@ Training loss (``losses.py``)::
     loss = diffusion_loss(model_fn, z, t, noise, schedule, parameterization="eps",
                           min_snr_gamma=None).mean()               # per-sample [B] before .mean()
 
+One training step (``step.py``), as the trainer and the benchmarks run it::
+
+    t, noise = draw_t_and_noise(z0, T, offset_noise, generator)
+    loss = training_loss(model, z0, cond, t, noise)                # LatentDiffusion.forward is ldm_loss
+
 ``q_sample``, ``v_target`` and the conversions ``pred_x0_from_eps``, ``pred_x0_from_v``, ``eps_from_v``,
 ``v_from_eps``, ``to_eps`` share the notation ``x_t = sqrt(a) x0 + sqrt(1 - a) eps``,
 ``v = sqrt(a) eps - sqrt(1 - a) x0``. Min-SNR-gamma weights the eps loss by ``min(snr, g) / snr`` and the

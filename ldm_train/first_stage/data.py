@@ -27,7 +27,7 @@ class ImageStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: AEDataConfig, batch_size: int, seed: int, rank: int, world_size: int,
                  skip_batches: int = 0) -> None:
-        from ldm_train.data.readers import list_input_shards
+        from ldm_train.data.input_shards import list_input_shards
 
         super().__init__()
         self.cfg, self.batch_size, self.seed = cfg, batch_size, seed
@@ -43,7 +43,8 @@ class ImageStream(torch.utils.data.IterableDataset):
                   f"write more shards for faster loading", flush=True)
 
     def _images(self, stream: int, num_streams: int) -> Iterator[torch.Tensor]:
-        from ldm_train.data.readers import Filters, InputShardError, Sample, iter_shard
+        from ldm_train.data.input_shards import InputShardError
+        from ldm_train.data.readers import Filters, Sample, iter_shard
 
         filters = Filters(min_size=0, require_caption=False)  # an autoencoder needs images only
         for epoch in itertools.count():

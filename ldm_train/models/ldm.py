@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ldm_train.config import SPATIAL_KINDS
-from ldm_train.diffusion.losses import diffusion_loss
 from ldm_train.diffusion.schedule import DiffusionSchedule
+from ldm_train.diffusion.step import ldm_loss
 
 
 class DiffusionWrapper(nn.Module):
@@ -27,7 +27,7 @@ class DiffusionWrapper(nn.Module):
 
 
 class LatentDiffusion(nn.Module):
-    """forward(z0, cond, t, noise) -> per-sample diffusion loss [B] (float32).
+    """forward(z0, cond, t, noise) -> per-sample diffusion loss [B] (float32): ``ldm_train/diffusion/step.py``.
 
     ``cond`` is what ``cond_stage_model`` takes: token ids [B, L] (text), class labels [B] (class), None (none);
     with ``cond_kind`` concat it is the low-resolution image [B, 3, h, w] in [-1, 1] that goes beside the noisy
@@ -121,28 +121,5 @@ class LatentDiffusion(nn.Module):
         return self.model(x, t, context=context)
 
     def forward(self, z0: torch.Tensor, cond: torch.Tensor | None, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        if self.cond_kind in SPATIAL_KINDS:
-            if cond is None:
-                what = {"concat": "low-resolution image", "inpaint": "masked image and mask"}.get(self.cond_kind, "map")
-                raise ValueError(f"this model is conditioned on a concatenated {what} (cond.kind={self.cond_kind}) but "
-                                 "got none")
-            concat = self.spatial_input(cond, z0.shape[-2:]).to(z0.dtype)
-
-            def model_fn(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-                return self.model.diffusion_model(x_t, tt, concat=concat)
-        else:
-            context = self.encode_cond(cond)
-
-            def model_fn(x_t: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
-                return self.model(x_t, tt, context=context)
-        schedule = self.schedule_on(z0.device)
-        return diffusion_loss(
-            model_fn,
-            z0,
-            t,
-            noise,
-            schedule,
-            parameterization=self.parameterization,
-            min_snr_gamma=self.min_snr_gamma,
-            loss_type=self.loss_type,
-        )
+        """Per-sample L_LDM [B]: ``ldm_train/diffusion/step.py`` (``ldm_loss``) spells it out."""
+        return ldm_loss(self, z0, cond, t, noise)

@@ -43,7 +43,7 @@ def check_conditioning(cfg: Any) -> CondConfig:
 
 def label_spec(cond: CondConfig) -> Any:
     """The loader's class-label spec for ``cond.kind=class`` (None otherwise)."""
-    from ldm_train.data.latents import LabelSpec
+    from ldm_train.data.latent_conds import LabelSpec
 
     if cond.kind != "class":
         return None

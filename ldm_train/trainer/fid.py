@@ -62,7 +62,7 @@ class InTrainingFID:
         return self._net
 
     def _cache_key(self) -> str:
-        from ldm_train.data.readers import fingerprint
+        from ldm_train.data.input_shards import fingerprint
         from ldm_train.metrics.inception import weights_sha256
 
         net = self._network()

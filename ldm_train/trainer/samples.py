@@ -59,7 +59,7 @@ class SampleGrid:
 
     def use_lowres(self, shards: list[tuple[str, int]], member: str) -> None:
         """concat: the grid super-resolves the low-resolution images of the first training samples."""
-        from ldm_train.data.latents import first_lowres
+        from ldm_train.data.latent_conds import first_lowres
 
         images, keys = first_lowres(shards, member, len(self.layout.conds))
         self.layout = GridLayout(list(images), [f"SR of {k}" for k in keys], self.layout.cols)

@@ -14,8 +14,9 @@ from data_prep.encode_job import run_encode as run_encode_inproc
 from data_prep.encoding import load_encoder
 from data_prep.finalize import FinalizeError, finalize
 from data_prep.synthetic import write_synthetic
+from ldm_train.data.input_shards import InputShard, list_input_shards
 from ldm_train.data.manifest import check_manifest, read_manifest
-from ldm_train.data.readers import InputShard, iter_shard, list_input_shards
+from ldm_train.data.readers import iter_shard
 from tests.data_prep.helpers import encode_args, encode_cfg, read_all_shards, run_encode
 
 

@@ -28,17 +28,11 @@ from data_prep.encode_job import run_encode as run_encode_inproc
 from data_prep.finalize import FinalizeError, finalize
 from data_prep.synthetic import write_synthetic
 from ldm_train.data import fsspec_io
+from ldm_train.data.image_decode import _to_rgb, decode_image_checked
+from ldm_train.data.input_shards import list_input_shards
 from ldm_train.data.latents import LatentShardDataset
 from ldm_train.data.manifest import read_manifest
-from ldm_train.data.readers import (
-    Filters,
-    Sample,
-    Skip,
-    _to_rgb,
-    decode_image_checked,
-    iter_shard,
-    list_input_shards,
-)
+from ldm_train.data.readers import Filters, Sample, Skip, iter_shard
 from ldm_train.data.shard_reader import ShardFormatError, iter_samples
 from tests.data_prep.helpers import REPO, encode_args, encode_cfg, read_all_shards, read_shard, run_encode
 
@@ -107,7 +101,8 @@ def test_huge_image_is_refused_from_its_header_before_decoding(tmp_path):
                                        {"__key__": "ok", "jpg": _jpeg((48, 40)), "txt": "fine"}])
     script = textwrap.dedent(f"""
         import json, resource
-        from ldm_train.data.readers import Skip, iter_shard, list_input_shards
+        from ldm_train.data.readers import Skip, iter_shard
+        from ldm_train.data.input_shards import list_input_shards
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         recs = list(iter_shard(list_input_shards({str(tmp_path / "000000.tar")!r})[0], 32))
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -69,7 +69,8 @@ def test_laion_metadata_is_kept_filtered_and_counted(tmp_path) -> None:
 
 
 def test_without_filters_everything_is_kept_and_exif_is_upright(tmp_path) -> None:
-    from ldm_train.data.readers import Filters, iter_shard, list_input_shards
+    from ldm_train.data.input_shards import list_input_shards
+    from ldm_train.data.readers import Filters, iter_shard
 
     inp = _shard(tmp_path)
     records = list(iter_shard(list_input_shards(str(inp))[0], 32, Filters()))

@@ -9,15 +9,8 @@ import torch
 from PIL import Image
 
 from data_prep.synthetic import write_synthetic
-from ldm_train.data.readers import (
-    Filters,
-    InputShardError,
-    Sample,
-    Skip,
-    image_dataset,
-    iter_shard,
-    list_input_shards,
-)
+from ldm_train.data.input_shards import InputShardError, list_input_shards
+from ldm_train.data.readers import Filters, Sample, Skip, image_dataset, iter_shard
 from ldm_train.data.transforms import resize_center_crop, to_pil, to_tensor
 
 

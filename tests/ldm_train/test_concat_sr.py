@@ -12,7 +12,8 @@ from PIL import Image
 
 from data_prep.encode_job import run_encode as run_encode_inproc
 from data_prep.synthetic import write_synthetic
-from ldm_train.data.readers import iter_shard, list_input_shards
+from ldm_train.data.input_shards import list_input_shards
+from ldm_train.data.readers import iter_shard
 from tests.data_prep.helpers import encode_args, encode_cfg
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm_train.data.readers import decode_for_side
+from ldm_train.data.image_decode import decode_for_side
 from ldm_train.data.transforms import resize_center_crop
 
 

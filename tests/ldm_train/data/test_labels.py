@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from ldm_train.config import FirstStageConfig
-from ldm_train.data.latents import LabelSpec, LatentDataConfig, build_latent_loader
+from ldm_train.data.latent_conds import LabelSpec
+from ldm_train.data.latents import LatentDataConfig, build_latent_loader
 from tests.latent_shards import write_class_shards
 
 FS = FirstStageConfig(name="fmnist_kl_f4", kind="kl", downsample_factor=4, embed_dim=3)

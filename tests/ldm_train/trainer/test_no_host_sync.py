@@ -14,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from ldm_train.build import build_ldm
-from ldm_train.diffusion.losses import sample_noise
+from ldm_train.diffusion.step import draw_t_and_noise, training_loss
 from ldm_train.ema import EMA
 from ldm_train.summary import compose_config
 from ldm_train.trainer.guard import NumericalGuard
@@ -69,9 +69,8 @@ def test_the_step_after_warm_up_neither_syncs_nor_copies_more_than_the_batch() -
         with HostDeviceTraffic() as seen:
             z0 = batch["latents"].to(device, non_blocking=True).float() * 0.5
             tokens = batch["tokens"].to(device, non_blocking=True)
-            t = torch.randint(0, 1000, (z0.shape[0],), device=device)
-            noise = sample_noise(z0.shape, 0.1, None, device)
-            loss = model(z0, tokens, t, noise).float().mean()
+            t, noise = draw_t_and_noise(z0, 1000, 0.1, None)
+            loss = training_loss(model, z0, tokens, t, noise)
             guard.observe_loss(loss)
             loss.backward()
             opt.step()
