@@ -12,7 +12,8 @@ its convolution (inference only; TF's batch norm has no scale) and activations i
 twice as fast as the TorchScript graph, whose ``contiguous()`` after every branch undoes channels_last.
 On CPU a batch is split into chunks of a few images that single-threaded workers, one per intra-op thread, take in
 turn: the features of each image are computed as before (the network has no cross-image op), but no core waits at
-the hundreds of barriers a multi-threaded convolution has per batch, which on a loaded machine cost half the time.
+the hundreds of barriers a multi-threaded convolution has per batch. On a shared 2-core machine the one pass took
+~1.5x the CPU time per image (0.23 s against 0.16 s; the convolutions themselves run near the core's peak).
 ``bench/fid_features.py`` measures the three paths, and ``tests/ldm_train/metrics`` checks the features against the
 TorchScript reference.
 """
