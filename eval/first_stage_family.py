@@ -66,9 +66,9 @@ def _load_json(path: Path) -> dict[str, Any] | None:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    from ldm_train.data.fsspec_io import write_text
+
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def check_inputs(presets: Sequence[str], steps: int, train_images: int, eval_images: int, root: str) -> list[Any]:

@@ -387,9 +387,9 @@ def write_report(sweep_dir: str | os.PathLike, report: dict[str, Any], wandb_mod
     out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "sweep_report.md", "json": out / "report.json", "plot": out / "fid_vs_samples.png"}
     paths["markdown"].write_text(markdown_table(report))
-    tmp = paths["json"].with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
-    os.replace(tmp, paths["json"])
+    from ldm_train.data.fsspec_io import write_text
+
+    write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False))
     plot_curves(report, paths["plot"], log_y)
     if wandb_mode != "disabled":
         paths["wandb"] = Path(_log_wandb(out, report, paths["plot"], wandb_mode))
