@@ -166,11 +166,11 @@ class Trainer:
             else:
                 xrec, reg, info = self.ddp(x)
                 self.usage += info["counts"]
-            loss, log = self.objective.generator_loss(x, xrec, reg, self.step, self.model.last_layer, self.disc)
+            loss, terms = self.objective.generator_loss(x, xrec, reg, self.step, self.model.last_layer, self.disc)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         if self.optim.grad_clip:
-            log["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
         self.opt_g.step()
         if self.objective.disc_active(self.step):
             self.disc.requires_grad_(True)
@@ -181,9 +181,9 @@ class Trainer:
             _average_grads(self.disc)
             self.opt_d.step()
             self.d_steps += 1
-            log.update(d_log)
-        log["psnr"] = psnr(x, xrec.detach().float()).mean()
-        return log
+            terms.update(d_log)
+        terms["psnr"] = psnr(x, xrec.detach().float()).mean()
+        return terms
 
     def _reconstruct(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent the diffusion model would see, reconstruction) of a batch."""
@@ -242,12 +242,12 @@ class Trainer:
         grid = torch.cat([torch.cat(list(top), dim=2), torch.cat(list(bottom), dim=2)], dim=1)
         self.tracker.log_images(self.step, "reconstructions", grid.cpu())
 
-    def _log(self, log: dict[str, torch.Tensor], t0: float, steps: int) -> None:
-        if not bool(torch.isfinite(log["total"])):  # checked at the log interval only: one host sync
+    def _log(self, terms: dict[str, torch.Tensor], t0: float, steps: int) -> None:
+        if not bool(torch.isfinite(terms["total"])):  # checked at the log interval only: one host sync
             raise FloatingPointError(
                 f"non-finite generator loss at step {self.step} on rank {self.rank}: lower optim.base_lr or set "
                 f"optim.grad_clip; the run resumes from the last checkpoint in {self.ckpt_dir}")
-        scalars = {f"train/{k}": v for k, v in log.items()}
+        scalars = {f"train/{k}": v for k, v in terms.items()}
         if self.fs.kind == "vq":  # codebook usage over the interval, all ranks
             counts = all_reduce_(self.usage.clone())
             probs = counts / counts.sum().clamp_min(1)
@@ -281,10 +281,10 @@ class Trainer:
         loader = self.stream.loader()
         while self.step < self.tcfg.max_steps:
             x = next(loader).to(self.device, non_blocking=True)
-            log = self.train_step(x)
+            terms = self.train_step(x)
             self.step += 1
             if self.step % self.tcfg.log_every == 0 or self.step == self.tcfg.max_steps:
-                self._log(log, t0, self.step - since)
+                self._log(terms, t0, self.step - since)
                 t0, since = time.perf_counter(), self.step
             periodic = self.step % self.tcfg.image_every == 0 or self.step % self.tcfg.eval_every == 0
             if periodic and self.step < self.tcfg.max_steps:  # the last step is evaluated by finish()
