@@ -17,7 +17,7 @@ import torch
 
 from ldm_train.checkpoints.safe_load import load_weights_only
 from ldm_train.runtime import checkpoint_dir
-from ldm_train.runtime.distributed import broadcast_object, get_rank, rng_state, set_rng_state
+from ldm_train.runtime.distributed import broadcast_object, get_rank, get_world_size, rng_state, set_rng_state
 from ldm_train.runtime.log import rank0_logger
 
 STATE = "state.pt"
@@ -28,7 +28,7 @@ def rng_name(rank: int) -> str:
     return f"rng_rank{rank:05d}.pt"
 
 
-def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep: int, world_size: int,
+def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep: int,
                     export_fn: Callable[[Path], Any] | None = None) -> Path:
     """All ranks call: rank 0 writes ``state`` (and ``export_fn(path)`` the weights), every rank its RNG."""
     rank = get_rank()
@@ -40,7 +40,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep: int,
             if export_fn is not None:
                 export_fn(folder / "first_stage.safetensors")
 
-    meta = {"step": step, "world_size": world_size}
+    meta = {"step": step, "world_size": get_world_size()}
     return ckpt_dir / checkpoint_dir.save(ckpt_dir, step, write, meta, keep, "train.keep_checkpoints")
 
 

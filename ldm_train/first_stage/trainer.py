@@ -273,7 +273,7 @@ class Trainer:
             export_first_stage(self.model, str(path), {"step": self.step})
 
         return save_checkpoint(self.ckpt_dir, self.step, self._state() if self.rank == 0 else {},
-                               self.tcfg.keep_checkpoints, self.world, export if self.tcfg.export_every_checkpoint else None)
+                               self.tcfg.keep_checkpoints, export if self.tcfg.export_every_checkpoint else None)
 
     def fit(self) -> dict[str, Any]:
         t0, since = time.perf_counter(), self.step

@@ -14,7 +14,7 @@ def _state(step: int) -> dict:
 def test_a_damaged_checkpoint_is_named_moved_aside_and_the_previous_one_resumes(tmp_path, capsys) -> None:
     ckpts = tmp_path / "checkpoints"
     for step in (3, 6, 9):
-        save_checkpoint(ckpts, step, _state(step), keep=5, world_size=1)
+        save_checkpoint(ckpts, step, _state(step), keep=5)
     assert (ckpts / "latest").read_text() == "step_0000009"
     (ckpts / "step_0000009" / rng_name(0)).unlink()
     truncated = ckpts / "step_0000006" / "state.pt"
@@ -43,7 +43,7 @@ def test_checkpoints_of_the_earlier_layout_resume_and_are_pruned_as_new_ones_com
     state = load_checkpoint(ckpts / "step_0000004", 0, 1)  # no rng file: re-seeded
     assert state["step"] == 4 and state["reseed"]
 
-    save_checkpoint(ckpts, 6, _state(6), keep=2, world_size=1)
+    save_checkpoint(ckpts, 6, _state(6), keep=2)
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000004", "step_0000006"]
     assert resume_path(ckpts) == ckpts / "step_0000006"
     assert resume_path(tmp_path / "nothing") is None
