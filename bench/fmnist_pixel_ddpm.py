@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import sys
 import tarfile
 import time
@@ -31,6 +30,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+
+from ldm_train.checkpoints.safe_load import load_weights_only
+from ldm_train.data.fsspec_io import atomic_write
 
 NUM_CLASSES = 10
 NULL_CLASS = NUM_CLASSES  # the label-dropout row: the unconditional input of classifier-free guidance
@@ -78,9 +80,8 @@ def load_images(folder: str) -> tuple[torch.Tensor, torch.Tensor]:
 def _save_state(out: Path, unet, ema, opt, step: int, wall: float, epoch_pos: tuple[int, int], gen) -> None:
     state = {"unet": unet.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step,
              "wall": wall, "epoch": epoch_pos[0], "pos": epoch_pos[1], "rng": gen.get_state()}
-    tmp = out / "state.pt.tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, out / "state.pt")
+    with atomic_write(out / "state.pt") as f:
+        torch.save(state, f)
 
 
 def _snapshot(out: Path, unet, ema, step: int, samples: int, wall: float) -> None:
@@ -116,7 +117,7 @@ def train(args: argparse.Namespace) -> None:
     gen = torch.Generator().manual_seed(args.seed)
     step, wall, epoch, pos = 0, 0.0, 0, 0
     if (out / "state.pt").exists():
-        state = torch.load(out / "state.pt", weights_only=True)
+        state = load_weights_only(out / "state.pt", "the baseline's resume state")
         unet.load_state_dict(state["unet"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])

@@ -27,7 +27,9 @@ from ldm_train.config import FirstStageConfig
 from ldm_train.data import fsspec_io
 from ldm_train.data.input_shards import InputShard, InputShardError
 from ldm_train.data.readers import Filters, Sample, Skip, iter_shard
+from ldm_train.models.autoencoder import DiagonalGaussian
 from ldm_train.runtime.distributed import device_for_rank
+from ldm_train.runtime.precision import precision_dtype
 
 # ---------------------------------------------------------------- workers: decode + batch whole shards
 
@@ -107,10 +109,8 @@ def device_and_autocast(device: str, precision: str) -> tuple[torch.device, torc
     dev = device_for_rank(device)
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
-    dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if precision not in dtypes:
-        raise ValueError(f"precision={precision!r}: use auto, fp32, bf16 or fp16")
-    return dev, dtypes[precision]
+    dtype = precision_dtype(precision)
+    return dev, None if dtype == torch.float32 else dtype
 
 
 @torch.no_grad()
@@ -122,11 +122,9 @@ def encode_batch(model: torch.nn.Module, x: torch.Tensor, kind: str, autocast: t
     m = m.float()
     if kind != "kl":
         return m.half(), m
-    mean, logvar = m.chunk(2, dim=1)
-    logvar = logvar.clamp(-30.0, 20.0)  # as CompVis DiagonalGaussianDistribution
+    posterior = DiagonalGaussian(m)  # stored with its logvar clamped, as the trainer reads it
     # CPU generator: the same noise on any device and in any task split
-    noise = torch.randn(mean.shape, generator=generator).to(mean.device)
-    return torch.cat([mean, logvar], 1).half(), mean + torch.exp(0.5 * logvar) * noise
+    return torch.cat([posterior.mean, posterior.logvar], 1).half(), posterior.sample(generator)
 
 
 # ---------------------------------------------------------------- one output shard being written

@@ -53,9 +53,9 @@ def _json_tail(log: Path) -> dict[str, Any]:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)
+    from ldm_train.data.fsspec_io import write_text
+
+    write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 class Reference:
@@ -166,12 +166,13 @@ class Reference:
         if cache.exists():
             return np.load(cache)
         from eval.fid import feature_set
+        from ldm_train.data.fsspec_io import atomic_write
         from ldm_train.metrics.inception import FIDInception
 
         t0 = time.time()
         feats = feature_set(str(images), FIDInception(), batch_size=100).features.numpy()
-        np.save(cache.with_suffix(".tmp.npy"), feats)
-        os.replace(cache.with_suffix(".tmp.npy"), cache)
+        with atomic_write(cache) as f:
+            np.save(f, feats)
         print(f"    pool3 features of {len(feats)} images in {images}: {time.time() - t0:.0f} s", flush=True)
         return feats
 

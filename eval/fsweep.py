@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eval.quickstart import StageError, run_stage
+from eval.quickstart import StageError, output_dirs, run_stage, stage_env
 
 PY = sys.executable
 POINTS = ("pixel", "fmnist_kl_f2", "fmnist_kl_f4", "fmnist_kl_f8", "fmnist_kl_f16")
@@ -150,14 +150,9 @@ def _run_parallel(stages: list[tuple[str, list[str]]], logs: Path, env: dict[str
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
-    out = Path(a.out).resolve()
-    if a.fresh and out.exists():
-        shutil.rmtree(out)
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    out, logs = output_dirs(a.out, a.fresh)
     t_start = time.time()
-    env = {"WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(a.threads),
-           "DS_ACCELERATOR": "cpu", "HYDRA_FULL_ERROR": "1"}
+    env = stage_env(a.threads)
     times: dict[str, float] = {}
     points = a.points.split(",")
 

@@ -39,7 +39,10 @@ from ldm_train.runtime.distributed import (
     get_world_size,
     init_distributed,
 )
+from ldm_train.runtime.log import rank0_logger
 from ldm_train.sampling import SamplerSettings
+
+log = rank0_logger("eval")
 
 STAGES = ("all", "sample", "metrics")
 
@@ -63,9 +66,8 @@ def eval_scales(cfg: EvalConfig, cond: CondConfig) -> list[float]:
     """The guidance scales sampled: ``guidance_scale``'s, or 1 alone for an unconditional or concat model."""
     scales = guidance_scales(cfg.guidance_scale)
     if cond.kind in ("none", "concat") and scales != [1.0]:
-        if get_rank() == 0:
-            print(f"[eval] {'unconditional' if cond.kind == 'none' else 'super-resolution'} checkpoint "
-                  f"(cond.kind={cond.kind}): guidance_scale={scales} ignored, one set gs1", flush=True)
+        log(f"{'unconditional' if cond.kind == 'none' else 'super-resolution'} checkpoint "
+            f"(cond.kind={cond.kind}): guidance_scale={scales} ignored, one set gs1")
         return [1.0]
     return scales
 
@@ -109,8 +111,8 @@ def conditions(cfg: EvalConfig, cond: CondConfig, step_dir: str | None = None) -
             raise ValueError("prompts=SOURCE is required for a text-conditional checkpoint (a COCO captions .json, "
                              "a .txt with one prompt per line, shards with .txt captions, or a list)")
         return load_prompts(cfg.prompts, cfg.max_prompts)
-    if cfg.prompts is not None and get_rank() == 0:
-        print(f"[eval] cond.kind={cond.kind}: prompts={cfg.prompts!r} ignored", flush=True)
+    if cfg.prompts is not None:
+        log(f"cond.kind={cond.kind}: prompts={cfg.prompts!r} ignored")
     if cond.kind == "none":
         return [None]
     classes = [int(c) for c in cfg.classes] if cfg.classes is not None else list(range(cond.num_classes))
@@ -154,10 +156,7 @@ def _check_settings(folder: str, settings: dict[str, Any]) -> None:
             raise ValueError(f"{folder} holds samples made with other settings {diff} (old, new): "
                              "pick another output_dir or delete the folder")
     elif get_rank() == 0:
-        os.makedirs(folder, exist_ok=True)
-        with open(f"{path}.tmp", "w") as f:
-            json.dump(settings, f, indent=2)
-        os.replace(f"{path}.tmp", path)
+        fsspec_io.write_text(path, json.dumps(settings, indent=2))
 
 
 def _reduce_stats(stats: dict[str, float]) -> dict[str, float]:
@@ -179,8 +178,7 @@ def _reduce_stats(stats: dict[str, float]) -> dict[str, float]:
 def _write_prompts(output_dir: str, prompts: list[Any], num_samples: int, cond: CondConfig | None = None) -> None:
     """``prompts.jsonl``: sample i's prompt (text), label and class name (class), or index alone (none) (rank 0)."""
     cond = cond or CondConfig()
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "prompts.jsonl.tmp"), "w") as f:
+    with fsspec_io.atomic_write(os.path.join(output_dir, "prompts.jsonl"), "w") as f:
         for i in range(num_samples):
             item = prompts[i % len(prompts)]
             row: dict[str, Any] = {"index": i}
@@ -191,7 +189,6 @@ def _write_prompts(output_dir: str, prompts: list[Any], num_samples: int, cond: 
             elif cond.kind == "concat":
                 row["reference_index"] = i % len(prompts)  # the reference image whose low-resolution copy it took
             f.write(json.dumps(row) + "\n")
-    os.replace(os.path.join(output_dir, "prompts.jsonl.tmp"), os.path.join(output_dir, "prompts.jsonl"))
 
 
 def sample_stage(cfg: EvalConfig, prompts: list[str], output_dir: str, device: torch.device) -> dict[str, Any]:
@@ -226,9 +223,8 @@ def sample_stage(cfg: EvalConfig, prompts: list[str], output_dir: str, device: t
         stats = sample_to_folder(model, prompts, cfg.num_samples, folder, settings, rank, world, device,
                                  progress=cfg.progress)
         stats = _reduce_stats(stats)
-        if rank == 0:
-            print(f"[eval] gs={scale:g}: wrote {stats['written']} images ({stats['skipped']} existed) in "
-                  f"{stats['seconds']:.1f}s, {stats['images_per_s']:.2f} images/s on {world} process(es)", flush=True)
+        log(f"gs={scale:g}: wrote {stats['written']} images ({stats['skipped']} existed) in "
+            f"{stats['seconds']:.1f}s, {stats['images_per_s']:.2f} images/s on {world} process(es)")
         out["per_scale"][scale] = stats
     barrier()
     return out
@@ -284,7 +280,7 @@ def _metric_rows(cfg: EvalConfig, fid_cfg: FidelityConfig, scales: list[float], 
         if cond is not None and cond.kind == "concat":
             row.update(_sr_scores(folder, cfg, cond))
         rows.append(row)
-        print(f"[eval] {json.dumps({k: v for k, v in row.items() if k != 'adherence'})}", flush=True)
+        log(json.dumps({k: v for k, v in row.items() if k != "adherence"}))
     return rows
 
 

@@ -42,6 +42,23 @@ class StageError(RuntimeError):
     pass
 
 
+def stage_env(threads: int = 1) -> dict[str, str]:
+    """What every stage command of a CPU orchestrator runs with: W&B offline, ``threads`` intra-op threads per
+    process, DeepSpeed on the CPU accelerator, Hydra's full errors."""
+    return {"WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(threads),
+            "DS_ACCELERATOR": "cpu", "HYDRA_FULL_ERROR": "1"}
+
+
+def output_dirs(out_dir: str | Path, fresh: bool = False) -> tuple[Path, Path]:
+    """(``out_dir`` resolved, its ``logs/``, created); ``fresh`` deletes what an earlier run left there first."""
+    out = Path(out_dir).resolve()
+    if fresh and out.exists():
+        shutil.rmtree(out)
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    return out, logs
+
+
 def run_stage(name: str, cmd: list[str], log_dir: Path, env: dict[str, str] | None = None) -> float:
     """Run one stage, teeing its output to <log_dir>/<name>.log; returns its wall time."""
     log = log_dir / f"{name}.log"
@@ -109,17 +126,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     a = parse_args(argv)
-    out = Path(a.out).resolve()
-    if a.fresh and out.exists():
-        shutil.rmtree(out)
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+    out, logs = output_dirs(a.out, a.fresh)
     t_start = time.time()
     # One intra-op thread per process: every stage runs a loader worker beside it, and torchrun ranks share
     # the cores; on a 2-core machine oversubscribed OpenMP threads were measured 4x slower (1.05 vs 4.7 img/s).
-    env = {"WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
-           "DS_ACCELERATOR": "cpu", "HYDRA_FULL_ERROR": "1"}
-    env_ranks = env
+    env = env_ranks = stage_env(threads=1)
     raw_train, raw_heldout = out / "raw" / "train", out / "raw" / "heldout"
     times: dict[str, float] = {}
 

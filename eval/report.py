@@ -29,10 +29,9 @@ def package_versions() -> dict[str, str | None]:
 
 def write_metrics_json(path: str, report: dict[str, Any]) -> None:
     """Atomic write (a reader never sees a half file)."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump({**report, "versions": package_versions()}, f, indent=2, sort_keys=False, default=str)
-    os.replace(tmp, path)
+    from ldm_train.data.fsspec_io import write_text
+
+    write_text(path, json.dumps({**report, "versions": package_versions()}, indent=2, sort_keys=False, default=str))
 
 
 def training_run_link(checkpoint: str) -> dict[str, Any]:

@@ -5,7 +5,7 @@ None, as the checkpoint's ``cond.kind``) and its own
 ``torch.Generator`` seeded ``seed + i`` for the initial noise and any sampler noise. The samples are cut
 into GLOBAL batches ``[b * B, (b + 1) * B)`` and each rank takes a contiguous run of whole batches, so a
 sample is always computed in the same batch whatever the world size (batch composition can change the
-last bits of a float result on some kernels). Files are written as ``<dir>/<i:06d>.png.tmp`` then renamed:
+last bits of a float result on some kernels). Files are written under a temporary name then renamed:
 a killed job never leaves a half-written PNG, and a re-run skips every batch whose files all exist.
 Identity across world sizes also needs the same kernels: the same GPU type, or on CPU the same thread count
 per process (torchrun sets OMP_NUM_THREADS=1; a 2-thread process can round differently from a 1-thread one).
@@ -23,6 +23,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from eval.checkpoint import SamplingModel
+from ldm_train.data.fsspec_io import atomic_write
 from ldm_train.sampling import SamplerSettings, sample_images
 
 
@@ -97,11 +98,10 @@ def scale_dir(samples_root: str, guidance_scale: float) -> str:
 
 
 def save_png(image: torch.Tensor, path: str) -> None:
-    """[3, H, W] in [-1, 1] -> PNG, atomically (tmp name then rename)."""
+    """[3, H, W] in [-1, 1] -> PNG, atomically (``atomic_write``)."""
     arr = ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    tmp = f"{path}.tmp"
-    Image.fromarray(np.ascontiguousarray(arr)).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        Image.fromarray(np.ascontiguousarray(arr)).save(f, format="PNG")
 
 
 # ---------------------------------------------------------------------------------------------- sampling

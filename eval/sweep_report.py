@@ -21,6 +21,8 @@ from typing import Any
 
 import yaml
 
+from ldm_train.data.fsspec_io import write_text
+
 FID_KEY = re.compile(r"^fid(\d+)$")
 MAX_DEFAULT_BUDGETS = 4
 
@@ -384,12 +386,9 @@ def write_report(sweep_dir: str | os.PathLike, report: dict[str, Any], wandb_mod
                  log_y: bool = False) -> dict[str, Path]:
     """report/sweep_report.md, report.json, fid_vs_samples.png and (unless disabled) the W&B run dir."""
     out = Path(sweep_dir) / "report"
-    out.mkdir(parents=True, exist_ok=True)
     paths = {"markdown": out / "sweep_report.md", "json": out / "report.json", "plot": out / "fid_vs_samples.png"}
-    paths["markdown"].write_text(markdown_table(report))
-    tmp = paths["json"].with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2, allow_nan=False))
-    os.replace(tmp, paths["json"])
+    write_text(paths["markdown"], markdown_table(report))  # creates report/
+    write_text(paths["json"], json.dumps(report, indent=2, allow_nan=False))
     plot_curves(report, paths["plot"], log_y)
     if wandb_mode != "disabled":
         paths["wandb"] = Path(_log_wandb(out, report, paths["plot"], wandb_mode))
@@ -412,9 +411,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     report = build_report(points, args.budgets)
     paths = write_report(args.sweep_dir, report, args.wandb, args.log_y)
-    print(markdown_table(report))
-    for name, path in paths.items():
-        print(f"{name}: {path}")
+    print(markdown_table(report) + "".join(f"\n{name}: {path}" for name, path in paths.items()))
     return 0
 
 

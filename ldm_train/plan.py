@@ -136,8 +136,9 @@ def activation_count(cfg: Any, batch: int, checkpointing: bool, device: str = "m
     """(peak activation bytes, operators) of one training micro-step of the composed model, on ``device``."""
     from ldm_train.build import build_ldm
     from ldm_train.memory import flash_attention, step_activation_bytes
+    from ldm_train.runtime.precision import precision_dtype
 
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(cfg.train.precision), torch.float32)
+    dtype = precision_dtype(str(cfg.train.precision), "train.precision")
     with torch.device(device), flash_attention():
         model = build_ldm(cfg, activation_checkpointing=checkpointing).to(dtype).train()
         return step_activation_bytes(model, _inputs(cfg, batch, dtype))

@@ -19,6 +19,7 @@ import torch
 from ldm_train.config import SPATIAL_KINDS
 from ldm_train.diffusion.samplers import cfg_model_fn, ddim_sample, ddpm_sample, plms_sample
 from ldm_train.models.ldm import LatentDiffusion
+from ldm_train.runtime.precision import autocast
 
 SAMPLERS = ("ddim", "plms", "ddpm")
 
@@ -110,15 +111,9 @@ def sample_images(model: LatentDiffusion, first_stage: torch.nn.Module | None, t
     Without a first stage the first three latent channels are shown, each image normalised to [-1, 1]
     (enough to see whether colours follow the prompt in a run that has no decoder yet).
     """
-    if settings.precision != "fp32":
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
-        if dtype is None:
-            raise ValueError(f"precision={settings.precision!r}: use fp32, bf16 or fp16")
-        with torch.autocast(device.type, dtype=dtype):
-            z = sample_latents(model, tokenizer, conds, seeds, settings, latent_shape, device)
-            return _decode(first_stage, z, scale_factor).float()
-    z = sample_latents(model, tokenizer, conds, seeds, settings, latent_shape, device)
-    return _decode(first_stage, z, scale_factor)
+    with autocast(device, settings.precision):
+        z = sample_latents(model, tokenizer, conds, seeds, settings, latent_shape, device)
+        return _decode(first_stage, z, scale_factor).float()
 
 
 def _decode(first_stage: torch.nn.Module | None, z: torch.Tensor, scale_factor: float) -> torch.Tensor:

@@ -25,6 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ldm_train.data.fsspec_io import write_text
+
 if TYPE_CHECKING:
     import torch
 
@@ -207,9 +209,7 @@ class Tracker:
             run_id = path.read_text().strip()
         else:
             run_id = uuid.uuid4().hex[:12]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        write_text(path, run_id + "\n")
         return run_id
 
     def _init_wandb(self, run_config: dict[str, Any] | None, experiment: str | None) -> None:

@@ -6,7 +6,7 @@ the UNet's parameter names with the dots removed, plus ``decay`` / ``num_updates
 schedule buffers (``betas``, ``alphas_cumprod``, ..., ``scale_factor``). Our modules use the same names,
 so loading is a prefix strip and a strict ``load_state_dict``. This module holds the only prefix table.
 
-Safety: nothing here unpickles code. Torch files go through ``torch.load(weights_only=True)``; a file that
+Safety: nothing here unpickles code. Torch files go through ``safe_load.load_weights_only``; a file that
 needs more is refused with a message naming it. Every path may be local or an fsspec URL.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import hashlib
 import io
 import json
 import os
-import pickle
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ import fsspec
 import torch
 from torch import nn
 
-from ldm_train.checkpoints.safe_load import refusal
+from ldm_train.checkpoints.safe_load import load_weights_only
 
 UNET_PREFIX = "model.diffusion_model."
 TEXT_PREFIX = "cond_stage_model."
@@ -68,10 +67,9 @@ def read_weights(path: str, missing_hint: str = "check the configured checkpoint
         n = check_safetensors_header(path, data[:8], len(data))
         metadata = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
         return WeightsFile(path, load(data), dict(metadata), sha)
-    try:
-        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise refusal(path, err) from None  # names the file and the global it asked for
+    buffer = io.BytesIO(data)
+    buffer.name = path  # the name a refusal gives (the file and the global it asked for)
+    obj = load_weights_only(buffer)
     if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
         obj = obj["state_dict"]  # Lightning checkpoint
     if not isinstance(obj, Mapping):
@@ -158,11 +156,11 @@ def checked_dtypes(own: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tenso
         if value.dtype == torch.float64 and mine.dtype != torch.float64:
             out[key] = value.to(mine.dtype)
             cast.append(key)
-    from ldm_train.runtime.distributed import get_rank
+    from ldm_train.runtime.log import rank0_logger
 
-    if cast and get_rank() == 0:
-        print(f"[weights] {where}: {len(cast)} {what} tensors are float64 (e.g. {cast[0]}); cast to "
-              f"{str(own[cast[0]].dtype).replace('torch.', '')}", flush=True)
+    if cast:
+        rank0_logger("weights")(f"{where}: {len(cast)} {what} tensors are float64 (e.g. {cast[0]}); cast to "
+                                f"{str(own[cast[0]].dtype).replace('torch.', '')}")
     return out
 
 
@@ -250,6 +248,8 @@ def export_safetensors(
     """
     from safetensors.torch import save
 
+    from ldm_train.data.fsspec_io import write_bytes
+
     out: dict[str, torch.Tensor] = {}
     for prefix, part in modules.items():
         sd = part.state_dict() if isinstance(part, nn.Module) else part
@@ -258,8 +258,7 @@ def export_safetensors(
         for key, value in sd.items():
             out[pre + key] = value.detach().to("cpu").contiguous()
     meta = {"format": "compvis-ldm", **{str(k): str(v) for k, v in (metadata or {}).items()}}
-    with fsspec.open(str(path), "wb", auto_mkdir=True) as f:
-        f.write(save(out, metadata=meta))
+    write_bytes(path, save(out, metadata=meta))  # atomic: a reader never sees half a weights file
     return out
 
 

@@ -12,12 +12,12 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-import fsspec
 import torch
 from torch import nn
 
 from ldm_train.checkpoints.compvis import FIRST_STAGE_PREFIX, WeightsFile, checked_dtypes, read_weights
 from ldm_train.config import FirstStageConfig
+from ldm_train.data.fsspec_io import write_bytes, write_text
 
 # fields that change what the weights compute without changing any tensor shape
 _ARCH_FIELDS = ("kind", "embed_dim", "n_embed", "downsample_factor")
@@ -123,10 +123,8 @@ def export_first_stage(model: nn.Module, path: str, extra: dict[str, Any] | None
     info = {"first_stage": asdict(cfg), **(extra or {})}
     info["first_stage"]["checkpoint"] = str(path)
     data = save(tensors, metadata={"format": "pt", "first_stage": json.dumps(info["first_stage"])})
-    with fsspec.open(str(path), "wb") as f:
-        f.write(data)
+    write_bytes(path, data)  # atomic, as the JSON: the next stage may be waiting for the file
     json_path = str(path)[: -len(".safetensors")] if str(path).endswith(".safetensors") else str(path)
     json_path += ".json"
-    with fsspec.open(json_path, "w") as f:
-        json.dump(info, f, indent=2)
+    write_text(json_path, json.dumps(info, indent=2))
     return json_path

@@ -22,7 +22,7 @@ import contextlib
 import os
 import pickle
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import IO, Any
 
 import torch
 
@@ -92,11 +92,12 @@ def _weights_only_load(f: Any, allow: Sequence[Any], hint: str, map_location: An
         raise
 
 
-def load_weights_only(path: str | os.PathLike, what: str | None = None, allow: Sequence[Any] = (),
+def load_weights_only(path: str | os.PathLike | IO[bytes], what: str | None = None, allow: Sequence[Any] = (),
                       map_location: Any = "cpu", mmap: bool = False, hint: str = RESAVE_HINT) -> Any:
     """``torch.load(path, weights_only=True)`` (plus ``allow``); a pickle that needs more is refused naming
     ``path`` and ``what`` (the setting it came from), with ``hint`` as the fix. ``mmap=True`` maps the tensors
-    instead of reading them (zip-format files; others are read), for a check that the file loads."""
+    instead of reading them (zip-format files; others are read), for a check that the file loads. ``path`` may be
+    an open binary file (bytes read from a URL): its ``name`` attribute, when set, is the name errors give."""
     try:
         with torch.serialization.safe_globals(list(allow)):
             try:
@@ -106,7 +107,7 @@ def load_weights_only(path: str | os.PathLike, what: str | None = None, allow: S
                     raise
                 return _ORIGINAL_LOAD(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        raise refusal(os.fspath(path), err, what, hint) from None
+        raise refusal(_name(path), err, what, hint) from None
 
 
 @contextlib.contextmanager

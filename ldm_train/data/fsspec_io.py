@@ -1,7 +1,7 @@
 """Local paths and fsspec URLs (``s3://``, ``file://``, ...) behind one small API.
 
 Every stage reads and writes through these helpers so that nothing assumes one machine:
-``open_url`` / ``atomic_write`` / ``exists`` / ``ls`` / ``join``, and ``register_fsspec_schemes()``
+``open_url`` / ``atomic_write`` (``write_bytes`` / ``write_text``) / ``exists`` / ``ls`` / ``join``, and ``register_fsspec_schemes()``
 which teaches WebDataset's ``gopen`` to open ``s3://`` (and other fsspec protocols) URLs.
 WebDataset has no S3 opener of its own; DataLoader workers import this module (through the readers)
 so the registration also happens in every worker process.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import socket
 import time
@@ -133,9 +134,15 @@ def read_bytes(url: str) -> bytes:
         return f.read()
 
 
-def write_bytes(url: str, data: bytes) -> None:
+def write_bytes(url: str | os.PathLike, data: bytes) -> None:
+    """``data`` as the whole of ``url``, atomically (``atomic_write``)."""
     with atomic_write(url) as f:
         f.write(data)
+
+
+def write_text(url: str | os.PathLike, text: str) -> None:
+    """``text`` (UTF-8) as the whole of ``url``, atomically (``atomic_write``)."""
+    write_bytes(url, text.encode())
 
 
 TMP_MARK = ".tmp-"
@@ -172,14 +179,20 @@ def tmp_is_stale(path: str) -> bool:
 
 
 @contextlib.contextmanager
-def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
-    """Write ``url`` so readers see either nothing or the whole file.
+def atomic_write(url: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
+    """Write ``url`` so readers see either nothing or the whole file (``mode`` "wb", or "w" for text).
+
+    The one way the project writes a file a reader may open at any time (manifests, checkpoints' small files,
+    statistics, reports, samples); libraries that want a path get ``f`` (``torch.save``, ``np.savez``, PIL).
 
     Local: write ``tmp_name(url)`` (``<url>.tmp-<host>-<pid>-<random>``, never shared by two processes) then
     ``os.replace`` (atomic on POSIX; of two writers of the same file the last one wins, whole). Object
     stores: the upload only becomes visible when the multipart/put completes, which is atomic by nature; on
     an exception the partial upload is aborted (fsspec discards it) so no half object appears.
     """
+    if mode not in ("wb", "w"):
+        raise ValueError(f"atomic_write({url!r}, mode={mode!r}): use 'wb' (bytes) or 'w' (text)")
+    url = os.fspath(url)
     if is_local(url):
         final = local_path(url)
         parent = os.path.dirname(final)
@@ -187,7 +200,7 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
             os.makedirs(parent, exist_ok=True)
         tmp = tmp_name(final)
         try:
-            with open(tmp, mode) as f:
+            with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
                 yield f
                 f.flush()
                 os.fsync(f.fileno())
@@ -197,15 +210,17 @@ def atomic_write(url: str, mode: str = "wb") -> Iterator[IO]:
                 os.remove(tmp)
         return
     fs, path = _fs(url)
-    f = fs.open(path, mode)
+    raw = fs.open(path, "wb")
+    f = raw if mode == "wb" else io.TextIOWrapper(raw, encoding="utf-8")
     try:
         yield f
     except BaseException:
         # s3fs: discard() aborts the multipart upload; close() would publish the partial object
-        discard = getattr(f, "discard", None)
+        discard = getattr(raw, "discard", None)
         if discard is not None:
             discard()
-            f.closed = True  # else __del__ -> close() would try to flush the discarded buffer
+            with contextlib.suppress(AttributeError):  # read-only on in-memory files, which have nothing to flush
+                raw.closed = True  # else __del__ -> close() would try to flush the discarded buffer
         raise
     f.close()
 

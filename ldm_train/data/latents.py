@@ -67,10 +67,9 @@ def sample_latents(
     moments: torch.Tensor, scale_factor: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
     """z = (mean + std * noise) * scale_factor from KL moments [B, 2z, h, w] (CompVis DiagonalGaussian)."""
-    mean, logvar = moments.float().chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return (mean + std * noise) * scale_factor
+    from ldm_train.models.autoencoder import DiagonalGaussian
+
+    return DiagonalGaussian(moments.float()).sample(generator) * scale_factor
 
 
 class LatentShardDataset(IterableDataset):

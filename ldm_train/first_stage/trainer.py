@@ -22,13 +22,14 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ldm_train.app import config_dict, config_yaml
 from ldm_train.checkpoints.first_stage import export_first_stage
-from ldm_train.first_stage.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ldm_train.first_stage.checkpoint import load_checkpoint, resume_path, save_checkpoint
 from ldm_train.first_stage.config import AutoencoderAppConfig
 from ldm_train.first_stage.data import ImageStream, load_heldout
 from ldm_train.first_stage.losses import FirstStageLoss, build_lpips
 from ldm_train.models.autoencoder import AutoencoderKL, DiagonalGaussian, build_first_stage
 from ldm_train.models.discriminator import NLayerDiscriminator
 from ldm_train.runtime import preemption
+from ldm_train.runtime.checkpoint_dir import CHECKPOINTS
 from ldm_train.runtime.distributed import (
     all_reduce_,
     cleanup,
@@ -37,8 +38,11 @@ from ldm_train.runtime.distributed import (
     get_world_size,
     init_distributed,
 )
+from ldm_train.runtime.log import rank0_logger
+from ldm_train.runtime.precision import autocast
 from ldm_train.tracking import Tracker
 
+log = rank0_logger("train_autoencoder")
 LOG_KEYS = ["train/total", "train/rec", "train/psnr", "train/d_loss", "train/d_accuracy", "vq/perplexity"]
 
 
@@ -72,6 +76,8 @@ class Trainer:
         self.global_batch = self.optim.batch_size * self.world
         if self.optim.decay not in ("constant", "cosine"):
             raise ValueError(f"optim.decay={self.optim.decay!r}: use constant or cosine")
+        if self.tcfg.precision not in ("fp32", "bf16"):  # fp16 would need a loss scaler, which this trainer has not
+            raise ValueError(f"train.precision={self.tcfg.precision!r}: the first-stage trainer trains in fp32 or bf16")
         self.lr = self.optim.base_lr * self.global_batch if self.optim.scale_lr else self.optim.base_lr
         betas = tuple(self.optim.betas)
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=betas)
@@ -79,7 +85,7 @@ class Trainer:
         self.step, self.d_steps = 0, 0
 
         self.run_dir = self._run_dir()
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.ckpt_dir = self.run_dir / CHECKPOINTS
         reseed = self._maybe_resume()
         if reseed or self.step == 0:  # else the checkpoint restored this rank's RNG streams
             torch.manual_seed(cfg.seed + 1000 * self.rank + self.step)
@@ -90,10 +96,10 @@ class Trainer:
         self.tracker = Tracker(cfg.logger, self.run_dir, run_config=config_dict(cfg), experiment=cfg.run_group)
         self.usage = torch.zeros(max(self.fs.n_embed, 1), device=self.device)  # VQ code counts per log interval
         n_params = sum(p.numel() for p in self.model.parameters())
-        self._print(f"first_stage {self.fs.name} ({self.fs.kind}, f={self.fs.downsample_factor}, {n_params:,} params), "
-                    f"world {self.world} x batch {self.optim.batch_size} = {self.global_batch}, lr {self.lr:.3g}, "
-                    f"disc_start {self.fs.lossconfig.disc_start}, perceptual {'off' if perceptual is None else 'LPIPS'}, "
-                    f"run dir {self.run_dir}, start step {self.step}")
+        log(f"first_stage {self.fs.name} ({self.fs.kind}, f={self.fs.downsample_factor}, {n_params:,} params), "
+            f"world {self.world} x batch {self.optim.batch_size} = {self.global_batch}, lr {self.lr:.3g}, "
+            f"disc_start {self.fs.lossconfig.disc_start}, perceptual {'off' if perceptual is None else 'LPIPS'}, "
+            f"run dir {self.run_dir}, start step {self.step}")
 
     def _build_models(self) -> torch.nn.Module | None:
         """Autoencoder, discriminator and objective (in this order: it fixes the initial weights); the LPIPS."""
@@ -108,10 +114,6 @@ class Trainer:
         self.objective = FirstStageLoss(lc, self.fs.kind, perceptual).to(self.device)
         return perceptual
 
-    def _print(self, msg: str) -> None:
-        if self.rank == 0:
-            print(f"[train_autoencoder] {msg}", flush=True)
-
     def _run_dir(self) -> Path:
         from ldm_train.runtime.rundir import resolve_run_dir, shared_run_dir, slurm_job_id
 
@@ -124,7 +126,7 @@ class Trainer:
         return shared_run_dir(make)
 
     def _maybe_resume(self) -> bool:
-        path = latest_checkpoint(self.ckpt_dir)
+        path = resume_path(self.ckpt_dir)
         if path is None:
             return False
         state = load_checkpoint(path, self.rank, self.world)
@@ -133,13 +135,11 @@ class Trainer:
         self.opt_g.load_state_dict(state["opt_g"])
         self.opt_d.load_state_dict(state["opt_d"])
         self.step, self.d_steps = int(state["step"]), int(state["d_steps"])
-        self._print(f"resumed from {path} at step {self.step}")
+        log(f"resumed from {path} at step {self.step}")
         return bool(state.get("reseed", False))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.tcfg.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        return autocast(self.device, self.tcfg.precision, "train.precision")
 
     def lr_at(self, step: int) -> float:
         """The learning rate of update ``step`` (0-based): linear warm-up, then constant or cosine decay."""
@@ -166,11 +166,11 @@ class Trainer:
             else:
                 xrec, reg, info = self.ddp(x)
                 self.usage += info["counts"]
-            loss, log = self.objective.generator_loss(x, xrec, reg, self.step, self.model.last_layer, self.disc)
+            loss, terms = self.objective.generator_loss(x, xrec, reg, self.step, self.model.last_layer, self.disc)
         self.opt_g.zero_grad(set_to_none=True)
         loss.backward()
         if self.optim.grad_clip:
-            log["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
+            terms["grad_norm"] = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim.grad_clip)
         self.opt_g.step()
         if self.objective.disc_active(self.step):
             self.disc.requires_grad_(True)
@@ -181,9 +181,9 @@ class Trainer:
             _average_grads(self.disc)
             self.opt_d.step()
             self.d_steps += 1
-            log.update(d_log)
-        log["psnr"] = psnr(x, xrec.detach().float()).mean()
-        return log
+            terms.update(d_log)
+        terms["psnr"] = psnr(x, xrec.detach().float()).mean()
+        return terms
 
     def _reconstruct(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent the diffusion model would see, reconstruction) of a batch."""
@@ -242,12 +242,12 @@ class Trainer:
         grid = torch.cat([torch.cat(list(top), dim=2), torch.cat(list(bottom), dim=2)], dim=1)
         self.tracker.log_images(self.step, "reconstructions", grid.cpu())
 
-    def _log(self, log: dict[str, torch.Tensor], t0: float, steps: int) -> None:
-        if not bool(torch.isfinite(log["total"])):  # checked at the log interval only: one host sync
+    def _log(self, terms: dict[str, torch.Tensor], t0: float, steps: int) -> None:
+        if not bool(torch.isfinite(terms["total"])):  # checked at the log interval only: one host sync
             raise FloatingPointError(
                 f"non-finite generator loss at step {self.step} on rank {self.rank}: lower optim.base_lr or set "
                 f"optim.grad_clip; the run resumes from the last checkpoint in {self.ckpt_dir}")
-        scalars = {f"train/{k}": v for k, v in log.items()}
+        scalars = {f"train/{k}": v for k, v in terms.items()}
         if self.fs.kind == "vq":  # codebook usage over the interval, all ranks
             counts = all_reduce_(self.usage.clone())
             probs = counts / counts.sum().clamp_min(1)
@@ -257,12 +257,11 @@ class Trainer:
         scalars.update({"lr": self.lr_at(self.step - 1), "d_steps": self.d_steps,
                         "samples_per_s": steps * self.global_batch / max(time.perf_counter() - t0, 1e-9)})
         values = self.tracker.log(self.step, scalars)  # the host sync of this interval
-        if self.rank == 0:
-            rate = steps / max(time.perf_counter() - t0, 1e-9)  # steps/s over this interval
-            left = (self.tcfg.max_steps - self.step) / max(rate, 1e-9)
-            self._print(f"step {self.step}/{self.tcfg.max_steps} " + " ".join(
-                f"{k.split('/')[-1]} {values[k]:.4g}" for k in LOG_KEYS if k in values)
-                + f" | {rate * self.global_batch:.3g} img/s, ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}")
+        rate = steps / max(time.perf_counter() - t0, 1e-9)  # steps/s over this interval
+        left = (self.tcfg.max_steps - self.step) / max(rate, 1e-9)
+        log(f"step {self.step}/{self.tcfg.max_steps} " + " ".join(
+            f"{k.split('/')[-1]} {values[k]:.4g}" for k in LOG_KEYS if k in values)
+            + f" | {rate * self.global_batch:.3g} img/s, ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}")
 
     def _state(self) -> dict[str, Any]:
         return {"model": self.model.state_dict(), "discriminator": self.disc.state_dict(),
@@ -273,7 +272,7 @@ class Trainer:
         def export(path: Path) -> None:
             export_first_stage(self.model, str(path), {"step": self.step})
 
-        return save_checkpoint(self.ckpt_dir, self.step, self._state() if self.rank == 0 else {}, self.rank,
+        return save_checkpoint(self.ckpt_dir, self.step, self._state() if self.rank == 0 else {},
                                self.tcfg.keep_checkpoints, export if self.tcfg.export_every_checkpoint else None)
 
     def fit(self) -> dict[str, Any]:
@@ -282,10 +281,10 @@ class Trainer:
         loader = self.stream.loader()
         while self.step < self.tcfg.max_steps:
             x = next(loader).to(self.device, non_blocking=True)
-            log = self.train_step(x)
+            terms = self.train_step(x)
             self.step += 1
             if self.step % self.tcfg.log_every == 0 or self.step == self.tcfg.max_steps:
-                self._log(log, t0, self.step - since)
+                self._log(terms, t0, self.step - since)
                 t0, since = time.perf_counter(), self.step
             periodic = self.step % self.tcfg.image_every == 0 or self.step % self.tcfg.eval_every == 0
             if periodic and self.step < self.tcfg.max_steps:  # the last step is evaluated by finish()
@@ -315,8 +314,8 @@ class Trainer:
             export_path.parent.mkdir(parents=True, exist_ok=True)
             export_first_stage(self.model, str(export_path), extra)
             self.tracker.summary(final)
-            self._print(f"exported {export_path}; " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()
-                                                                 if not k.startswith("latent/") or "scale" in k))
+            log(f"exported {export_path}; " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()
+                                                        if not k.startswith("latent/") or "scale" in k))
         return {"export": str(export_path), "run_dir": str(self.run_dir), **extra}
 
     def close(self) -> None:

@@ -7,8 +7,6 @@ torch-fidelity (``eval/fidelity.py``) and agrees with this code on the same feat
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -66,10 +64,10 @@ class FeatureStats:
 
     def save(self, path: str) -> None:
         """Write ``path`` (.npz) atomically, so a concurrent reader never sees half a file."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, count=self.count, sum=self.sum.cpu().numpy(), sum_outer=self.sum_outer.cpu().numpy())
-        os.replace(tmp, path)
+        from ldm_train.data.fsspec_io import atomic_write
+
+        with atomic_write(path) as f:
+            np.savez(f, count=self.count, sum=self.sum.cpu().numpy(), sum_outer=self.sum_outer.cpu().numpy())
 
     @classmethod
     def load(cls, path: str) -> FeatureStats:

@@ -10,6 +10,7 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
+from ldm_train.runtime.precision import check_precision
 from ldm_train.trainer.config import TrainConfig
 
 
@@ -67,8 +68,7 @@ def derive(cfg: TrainConfig, world_size: int, flops_per_sample: float | None = N
         raise ValueError(f"train.optim.lr_scaling={cfg.optim.lr_scaling!r}: use 'none' or 'compvis'")
     if cfg.optim.lr_decay not in ("constant", "cosine"):
         raise ValueError(f"train.optim.lr_decay={cfg.optim.lr_decay!r}: use 'constant' or 'cosine'")
-    if cfg.precision not in ("fp32", "bf16", "fp16"):
-        raise ValueError(f"train.precision={cfg.precision!r}: use fp32, bf16 or fp16")
+    check_precision(cfg.precision, "train.precision")
     return Derived(
         world_size=world_size,
         micro_batch=cfg.micro_batch,

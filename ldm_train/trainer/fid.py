@@ -20,7 +20,10 @@ from typing import Any
 import torch
 
 from ldm_train.config import CondConfig
+from ldm_train.runtime.log import rank0_logger
 from ldm_train.trainer.config import FIDConfig
+
+log = rank0_logger("train")
 
 PROGRESS_EVERY = 500  # reference images between progress lines: the first pass over them can take minutes
 
@@ -72,6 +75,7 @@ class InTrainingFID:
 
     def prepare(self) -> None:
         """Load the cached reference statistics, or compute them (split across ranks) and cache them."""
+        from ldm_train.data.fsspec_io import write_text
         from ldm_train.metrics.fid import FeatureStats
         from ldm_train.runtime.distributed import barrier
 
@@ -87,22 +91,18 @@ class InTrainingFID:
         if cached is not None:
             self.reference = FeatureStats.load(stats_path)
             self.captions, self.labels = cached["captions"], list(cached.get("labels") or [])
-            if self.rank == 0:
-                print(f"[train] in-training FID: reusing reference statistics {stats_path} "
-                      f"({self.reference.count} images of {self.cfg.reference})", flush=True)
+            log(f"in-training FID: reusing reference statistics {stats_path} "
+                f"({self.reference.count} images of {self.cfg.reference})")
             return
         t0 = time.perf_counter()
         stats, captions, labels = self._reference_stats()
         if self.rank == 0:
-            os.makedirs(self.cache_dir, exist_ok=True)
-            tmp = f"{captions_path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"reference": self.cfg.reference, "count": stats.count, "resolution": self.resolution,
-                           "captions": captions, "label_key": self.cond.label_key, "labels": labels}, f)
-            os.replace(tmp, captions_path)
+            write_text(captions_path, json.dumps({
+                "reference": self.cfg.reference, "count": stats.count, "resolution": self.resolution,
+                "captions": captions, "label_key": self.cond.label_key, "labels": labels}))
             stats.save(stats_path)  # atomic; written after the captions, so its presence means both exist
-            print(f"[train] in-training FID: reference statistics of {stats.count} images of {self.cfg.reference} "
-                  f"in {time.perf_counter() - t0:.0f} s -> {stats_path}", flush=True)
+            log(f"in-training FID: reference statistics of {stats.count} images of {self.cfg.reference} "
+                f"in {time.perf_counter() - t0:.0f} s -> {stats_path}")
         barrier()
         self.reference, self.captions, self.labels = stats, captions, labels
 
@@ -116,16 +116,14 @@ class InTrainingFID:
         labels: list[int] = []
         mine: list[torch.Tensor] = []
         t0, total = time.perf_counter(), f"/{limit}" if limit else ""
-        if self.rank == 0:
-            print(f"[train] in-training FID: computing reference statistics of {limit or 'all'} images of "
-                  f"{self.cfg.reference} (once: cached in {self.cache_dir})", flush=True)
+        log(f"in-training FID: computing reference statistics of {limit or 'all'} images of "
+            f"{self.cfg.reference} (once: cached in {self.cache_dir})")
         for i, rec in enumerate(image_dataset(self.cfg.reference, self.resolution)):
             if limit and i >= limit:
                 break
-            if self.rank == 0 and i and i % PROGRESS_EVERY == 0:
+            if i and i % PROGRESS_EVERY == 0:
                 seconds = time.perf_counter() - t0
-                print(f"[train] in-training FID reference: {i}{total} images ({seconds:.0f} s, "
-                      f"{i / seconds:.1f} images/s)", flush=True)
+                log(f"in-training FID reference: {i}{total} images ({seconds:.0f} s, {i / seconds:.1f} images/s)")
             captions.append(rec["caption"] or "")
             label = (rec.get("meta") or {}).get(self.cond.label_key)
             labels.append(int(label) if isinstance(label, int) and not isinstance(label, bool) else -1)
@@ -151,9 +149,8 @@ class InTrainingFID:
             labelled = bool(self.labels) and all(0 <= lab < n for lab in self.labels)
             if not labelled and not self._said_cycling:
                 self._said_cycling = True
-                if self.rank == 0:
-                    print(f"[train] in-training FID: the reference images carry no '{self.cond.label_key}' in 0..{n - 1}: "
-                          f"sample i takes class i % {n}", flush=True)
+                log(f"in-training FID: the reference images carry no '{self.cond.label_key}' in 0..{n - 1}: "
+                    f"sample i takes class i % {n}")
             return [self.labels[i % len(self.labels)] if labelled else i % n for i in indices]
         return [self.captions[i % len(self.captions)] for i in indices]
 

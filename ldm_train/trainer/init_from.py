@@ -44,8 +44,7 @@ def convert_diffusers(path: str, cfg: Any, run_dir: Path) -> str:
         text = to_dataclass(cfg.text_encoder, TextEncoderConfig) if cond_config(cfg).kind == "text" else None
         tensors = compvis_from_diffusers(path, to_dataclass(cfg.unet, UNetConfig),
                                          to_dataclass(cfg.first_stage, FirstStageConfig), text)
-        export_safetensors(str(target) + ".tmp", {"": tensors}, {"converted_from": path})
-        Path(str(target) + ".tmp").replace(target)
+        export_safetensors(str(target), {"": tensors}, {"converted_from": path})  # atomic
     barrier()
     return str(target)
 

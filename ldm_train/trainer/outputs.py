@@ -3,7 +3,6 @@ in-training FID, ``train_summary.json``; and closing the run."""
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import torch
 
 from ldm_train.app import config_yaml
 from ldm_train.checkpoints.export import full_state_dict, write_export
+from ldm_train.data import fsspec_io
 from ldm_train.runtime.distributed import barrier, cleanup, rng_state
 from ldm_train.trainer import checkpoint as ckpt
 from ldm_train.trainer.setup import TrainerSetup
@@ -88,6 +88,4 @@ class TrainerOutputs(TrainerSetup):
                    "fid_wall_s": round(self.fid_wall_s, 1), "fid_share": round(self.fid_wall_s / max(wall_s, 1e-9), 4),
                    "samples_per_s": round(samples / train_s, 2), "world_size": self.world_size,
                    "train_wall_s": round(self.train_wall_s, 1)}
-        tmp = self.run_dir / "train_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, self.run_dir / "train_summary.json")
+        fsspec_io.write_text(str(self.run_dir / "train_summary.json"), json.dumps(summary, indent=2) + "\n")

@@ -17,8 +17,10 @@ import torch
 from ldm_train.app import config_dict, config_yaml
 from ldm_train.build import build_ldm
 from ldm_train.checkpoints.export import EMA_FILE, LazySafetensors
+from ldm_train.data import fsspec_io
 from ldm_train.runtime import preemption
 from ldm_train.runtime.distributed import DistEnv, device_for_rank, init_distributed, set_rng_state
+from ldm_train.runtime.precision import precision_dtype
 from ldm_train.trainer import build
 from ldm_train.trainer import checkpoint as ckpt
 from ldm_train.trainer.config import TrainAppConfig, TrainConfig
@@ -75,9 +77,7 @@ def rewind_stats(run_dir: Path, step: int) -> int:
         return 0
     with open(run_dir / "stats_discarded.jsonl", "a") as f:
         f.writelines(line if line.endswith("\n") else line + "\n" for line in drop)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(keep))
-    os.replace(tmp, path)
+    fsspec_io.write_text(str(path), "".join(keep))
     print(f"[train] stats.jsonl: {len(drop)} row(s) after step {step} moved to stats_discarded.jsonl "
           f"(they are logged again as those steps are retrained)", flush=True)
     return len(drop)
@@ -263,7 +263,7 @@ class TrainerSetup:
         torch.manual_seed(self.tcfg.seed + self.rank)  # seed offset per rank from here on (dropout etc.)
         random.seed(self.tcfg.seed + self.rank)
         self.gen = torch.Generator(device=self.device).manual_seed(self.tcfg.seed * 1000 + self.rank)
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.tcfg.precision, torch.float32)
+        self.dtype = precision_dtype(self.tcfg.precision, "train.precision")
         self.ema = None
         if self.tcfg.ema.enabled:
             from ldm_train.ema import EMA

@@ -10,10 +10,11 @@ link to its run dir into its Hydra subfolder ``<sweep dir>/<n>-<first_stage>/``:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ldm_train.data.fsspec_io import write_text
 
 
 @dataclass
@@ -71,9 +72,7 @@ def write_point(cfg: Any, point: SweepPoint, run_dir: Path, wandb_group: str | N
     info = describe(cfg, point)
     info.update(run_dir=str(Path(run_dir).resolve()), wandb_group=wandb_group)
     path = point.point_dir / "point.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(info, indent=2) + "\n")
     link = point.point_dir / "run"
     if link.is_symlink() or link.exists():
         link.unlink()

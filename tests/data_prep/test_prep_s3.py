@@ -25,7 +25,8 @@ def bucket(s3_server):
 
 
 def test_fsspec_io_on_s3(bucket):
-    assert fsspec_io.ls(f"{bucket}/raw") == ["000000.tar", "000001.tar", "000002.tar"]
+    names = fsspec_io.ls(f"{bucket}/raw")  # each shard with its img2dataset-style _stats.json
+    assert [n for n in names if n.endswith(".tar")] == ["000000.tar", "000001.tar", "000002.tar"]
     url = f"{bucket}/tmp/atomic.bin"
     with pytest.raises(RuntimeError):
         with fsspec_io.atomic_write(url) as f:
@@ -34,6 +35,13 @@ def test_fsspec_io_on_s3(bucket):
     assert not fsspec_io.exists(url)  # an aborted upload leaves no object
     fsspec_io.write_bytes(url, b"whole")
     assert fsspec_io.read_bytes(url) == b"whole"
+    with pytest.raises(RuntimeError):
+        with fsspec_io.atomic_write(f"{bucket}/tmp/atomic.txt", "w") as f:
+            f.write("half")
+            raise RuntimeError("writer died")
+    assert not fsspec_io.exists(f"{bucket}/tmp/atomic.txt")  # text mode aborts the same way
+    fsspec_io.write_text(f"{bucket}/tmp/atomic.txt", "whole")
+    assert fsspec_io.read_bytes(f"{bucket}/tmp/atomic.txt") == b"whole"
 
 
 def test_readers_and_webdataset_over_s3(bucket):

@@ -59,8 +59,10 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, shapes32
             assert a[step][k] == b[step][k], (step, k, a[step][k], b[step][k])
     assert "train/d_loss" in a[4] and "train/d_loss" not in a[2]
     assert resumed["eval_psnr"] == full["eval_psnr"]
-    ckpts = sorted(p.name for p in (tmp_path / "split/autoencoder/run/checkpoints").iterdir())
-    assert ckpts == ["step_0000003", "step_0000005"]  # atomic: no temp dir left behind
+    ckpt_dir = tmp_path / "split/autoencoder/run/checkpoints"
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["latest", "step_0000003", "step_0000005"]  # no partial
+    assert (ckpt_dir / "latest").read_text() == "step_0000005"
+    assert json.loads((ckpt_dir / "step_0000005" / "meta.json").read_text()) == {"step": 5, "world_size": 1}
 
 
 def test_export_loads_in_data_prep_encode(tmp_path, shapes32):

@@ -100,7 +100,7 @@ def test_sigusr1_checkpoints_and_a_rerun_resumes(tmp_path, shapes32):
                            lambda proc: proc.send_signal(signal.SIGUSR1))
     assert code == 0, out[-3000:]
     ckpts = sorted((run / "checkpoints").glob("step_*"))
-    assert len(ckpts) == 1 and not list((run / "checkpoints").glob(".*tmp"))
+    assert len(ckpts) == 1 and not list((run / "checkpoints").glob(".partial-*"))
     stopped_at = torch.load(ckpts[0] / "state.pt", weights_only=True)["step"]
     assert 1 <= stopped_at < 100000 and ckpts[0].name == f"step_{stopped_at:07d}"
     assert not (run / "export").exists()  # a preempted run is not finished: no final export yet

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ldm_train.runtime import checkpoint_dir as cd
 from ldm_train.trainer import checkpoint as ck
 from tests.ldm_train.trainer.helpers import REPO, read_stats, run_trainer, tiny_overrides, trainer_env
 from tests.malicious_pickle import write_malicious
@@ -38,7 +39,7 @@ def base_run(latents_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     run_trainer(_args(latents_root, runs, 6, **{"train.max_steps": 4}), nproc=1)
     ckpts = runs / "tiny" / "r" / "checkpoints"
     assert (ckpts / "latest").read_text().strip() == "step_0000004"
-    assert (ckpts / "step_0000002" / ck.MANIFEST).is_file()
+    assert (ckpts / "step_0000002" / cd.MANIFEST).is_file()
     return runs
 
 
@@ -140,51 +141,51 @@ def test_manifest_check_names_missing_and_changed_files_and_picks_the_newest_int
     """select_resume_tag on plain folders (no DeepSpeed): what each kind of damage reports."""
     ckpts = tmp_path / "checkpoints"
     for step in (2, 4, 6):
-        tag_dir = ckpts / ck.tag_for(step)
+        tag_dir = ckpts / cd.tag_for(step)
         (tag_dir / "sub").mkdir(parents=True)
-        (tag_dir / ck.META).write_text("{}")
+        (tag_dir / cd.META).write_text("{}")
         (tag_dir / "a.pt").write_bytes(b"a" * 100)
         (tag_dir / "sub" / "b.txt").write_text("b")
-        (tag_dir / ck.MANIFEST).write_text(json.dumps({"version": 1, "files": ck.build_manifest(tag_dir)}))
+        (tag_dir / cd.MANIFEST).write_text(json.dumps({"version": 1, "files": cd.build_manifest(tag_dir)}))
     (ckpts / "latest").write_text("step_0000006")
-    assert ck.verify_checkpoint(ckpts, "step_0000006") == []
-    assert ck.select_resume_tag(ckpts) == "step_0000006"
+    assert cd.verify_checkpoint(ckpts, "step_0000006") == []
+    assert cd.select_resume_tag(ckpts) == "step_0000006"
 
     (ckpts / "step_0000006" / "sub" / "b.txt").unlink()
     (ckpts / "step_0000004" / "a.pt").write_bytes(b"b" * 100)  # same size, other bytes
-    assert ck.verify_checkpoint(ckpts, "step_0000006") == [f"{ckpts / 'step_0000006' / 'sub' / 'b.txt'} is missing"]
-    assert ck.verify_checkpoint(ckpts, "step_0000004") == [
+    assert cd.verify_checkpoint(ckpts, "step_0000006") == [f"{ckpts / 'step_0000006' / 'sub' / 'b.txt'} is missing"]
+    assert cd.verify_checkpoint(ckpts, "step_0000004") == [
         f"{ckpts / 'step_0000004' / 'a.pt'} has changed since it was saved "
-        f"(sha256 {ck._sha256(ckpts / 'step_0000002' / 'a.pt')[:12]}... expected)"]
-    assert ck.select_resume_tag(ckpts) == "step_0000002"
+        f"(sha256 {cd._sha256(ckpts / 'step_0000002' / 'a.pt')[:12]}... expected)"]
+    assert cd.select_resume_tag(ckpts) == "step_0000002"
     assert (ckpts / "latest").read_text() == "step_0000002"
     assert sorted(p.name for p in ckpts.iterdir()) == ["damaged-step_0000004", "damaged-step_0000006", "latest",
                                                       "step_0000002"]
     (ckpts / "step_0000002" / "a.pt").unlink()
     with pytest.raises(RuntimeError, match=r"no intact checkpoint .*step_0000002/a\.pt is missing"):
-        ck.select_resume_tag(ckpts)
-    assert ck.select_resume_tag(tmp_path / "nothing") is None
+        cd.select_resume_tag(ckpts)
+    assert cd.select_resume_tag(tmp_path / "nothing") is None
 
 
 def _plain_checkpoints(ckpts: Path, steps: tuple[int, ...]) -> None:
     for step in steps:
-        tag_dir = ckpts / ck.tag_for(step)
+        tag_dir = ckpts / cd.tag_for(step)
         tag_dir.mkdir(parents=True)
-        (tag_dir / ck.META).write_text("{}")
+        (tag_dir / cd.META).write_text("{}")
         (tag_dir / "state.pt").write_bytes(b"s" * 100)
-        (tag_dir / ck.MANIFEST).write_text(json.dumps({"version": 1, "files": ck.build_manifest(tag_dir)}))
-    (ckpts / "latest").write_text(ck.tag_for(steps[-1]))
+        (tag_dir / cd.MANIFEST).write_text(json.dumps({"version": 1, "files": cd.build_manifest(tag_dir)}))
+    (ckpts / "latest").write_text(cd.tag_for(steps[-1]))
 
 
 def test_a_checkpoint_without_its_manifest_is_unverified_and_the_previous_one_is_used(tmp_path, capsys) -> None:
     """Deleting files.json used to switch the check off: the damaged state file beside it was then loaded."""
     ckpts = tmp_path / "checkpoints"
     _plain_checkpoints(ckpts, (2, 4))
-    (ckpts / "step_0000004" / ck.MANIFEST).unlink()
+    (ckpts / "step_0000004" / cd.MANIFEST).unlink()
     (ckpts / "step_0000004" / "state.pt").write_bytes(b"s" * 10)  # damaged: nothing can tell without the manifest
-    assert ck.verify_checkpoint(ckpts, "step_0000004") == [
-        f"{ckpts / 'step_0000004' / ck.MANIFEST} is missing: the checkpoint cannot be verified"]
-    assert ck.select_resume_tag(ckpts) == "step_0000002"
+    assert cd.verify_checkpoint(ckpts, "step_0000004") == [
+        f"{ckpts / 'step_0000004' / cd.MANIFEST} is missing: the checkpoint cannot be verified"]
+    assert cd.select_resume_tag(ckpts) == "step_0000002"
     err = capsys.readouterr().err
     assert "files.json is missing: the checkpoint cannot be verified" in err and "step_0000002, the newest intact" in err
     assert sorted(p.name for p in ckpts.iterdir()) == ["damaged-step_0000004", "latest", "step_0000002"]
@@ -207,15 +208,15 @@ class _Engine:
 def test_a_save_cut_short_by_a_full_disk_says_so_names_the_file_and_leaves_no_checkpoint_folder(tmp_path) -> None:
     ckpts = tmp_path / "checkpoints"
     assert ck.save_checkpoint(_Engine(fail=False), ckpts, 2, {}, {"data": 1}, {"step": 2}) == "step_0000002"
-    assert ck.verify_checkpoint(ckpts, "step_0000002") == []
+    assert cd.verify_checkpoint(ckpts, "step_0000002") == []
     with pytest.raises(OSError, match=r"no space left on device writing \S+/\.partial-step_0000004/"
                                       r"mp_rank_00_model_states\.pt .*`latest` still names step_0000002"):
         ck.save_checkpoint(_Engine(fail=True), ckpts, 4, {}, {"data": 1}, {"step": 4})
     assert sorted(p.name for p in ckpts.iterdir()) == [".partial-step_0000004", "latest", "step_0000002"]
-    assert ck.select_resume_tag(ckpts) == "step_0000002"
+    assert cd.select_resume_tag(ckpts) == "step_0000002"
     assert ck.save_checkpoint(_Engine(fail=False), ckpts, 4, {}, {"data": 1}, {"step": 4}) == "step_0000004"
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_0000002", "step_0000004"]  # leftover gone
-    assert ck.verify_checkpoint(ckpts, "step_0000004") == []
+    assert cd.verify_checkpoint(ckpts, "step_0000004") == []
 
 
 # ---- 3. launchers and stats.jsonl across a resume ----------------------------------------------------------
@@ -308,8 +309,8 @@ def test_latest_naming_a_missing_step_says_so_and_which_step_is_used(tmp_path, c
     ckpts = tmp_path / "checkpoints"
     _plain_checkpoints(ckpts, (2, 4))
     (ckpts / "latest").write_text("step_0000006")
-    assert ck.verify_checkpoint(ckpts, "step_0000006") == [f"{ckpts / 'step_0000006'} does not exist"]
-    assert ck.select_resume_tag(ckpts) == "step_0000004"
+    assert cd.verify_checkpoint(ckpts, "step_0000006") == [f"{ckpts / 'step_0000006'} does not exist"]
+    assert cd.select_resume_tag(ckpts) == "step_0000004"
     err = capsys.readouterr().err
     assert f"latest names step_0000006, but {ckpts / 'step_0000006'} does not exist" in err
     assert (f"resuming from {ckpts / 'step_0000004'}, the newest intact checkpoint, instead of step_0000006: "

@@ -105,18 +105,19 @@ def test_guard_aborts_after_k_consecutive_skips():
 
 
 def test_prune_keeps_last_k_and_latest(tmp_path: Path):
-    from ldm_train.trainer import checkpoint as ck
+    from ldm_train.data.fsspec_io import write_text
+    from ldm_train.runtime import checkpoint_dir as cd
 
     for step in (10, 20, 30, 40):
-        (tmp_path / ck.tag_for(step)).mkdir()
-        (tmp_path / ck.tag_for(step) / ck.META).write_text("{}")
-    ck.atomic_write_text(tmp_path / ck.LATEST, ck.tag_for(40))
-    ck.prune(tmp_path, keep_last=2)
-    assert sorted(p.name for p in tmp_path.glob("step_*")) == [ck.tag_for(30), ck.tag_for(40)]
-    assert ck.latest_tag(tmp_path) == ck.tag_for(40)
-    ck.atomic_write_text(tmp_path / ck.LATEST, ck.tag_for(10))  # names a deleted checkpoint
+        (tmp_path / cd.tag_for(step)).mkdir()
+        (tmp_path / cd.tag_for(step) / cd.META).write_text("{}")
+    write_text(tmp_path / cd.LATEST, cd.tag_for(40))
+    cd.prune(tmp_path, keep_last=2)
+    assert sorted(p.name for p in tmp_path.glob("step_*")) == [cd.tag_for(30), cd.tag_for(40)]
+    assert cd.latest_tag(tmp_path) == cd.tag_for(40)
+    write_text(tmp_path / cd.LATEST, cd.tag_for(10))  # names a deleted checkpoint
     with pytest.raises(FileNotFoundError, match="is missing"):
-        ck.latest_tag(tmp_path)
+        cd.latest_tag(tmp_path)
 
 
 def _compose(overrides: list[str]):
