@@ -5,7 +5,7 @@ Every point of one multirun, with the basic launcher (one after another in this 
 ``<experiment>-<sweep folder name>`` (unless ``logger.group``/``logger.sweep`` are set), puts ``sweep``
 (first stage, f, latent shape, point number) in its W&B config, and writes ``point.json`` plus a ``run``
 link to its run dir into its Hydra subfolder ``<sweep dir>/<n>-<first_stage>/``: the folder
-``python -m eval.sweep_report SWEEP_DIR`` reads.
+``python -m studies.sweep_report SWEEP_DIR`` reads.
 """
 from __future__ import annotations
 

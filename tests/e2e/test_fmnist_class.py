@@ -2,9 +2,9 @@
 on Fashion-MNIST for a few minutes generates the requested class clearly more often than the same model untrained,
 and its in-training FID (the real FID Inception) falls.
 
-The stages, each its own command line as in ``eval.fsweep``:
+The stages, each its own command line as in ``studies.fsweep``:
 
-  1. ``eval.first_stage_family``  32 px train / t10k tars and the ``fmnist_kl_f4`` autoencoder (3x8x8 latents)
+  1. ``studies.first_stage_family``  32 px train / t10k tars and the ``fmnist_kl_f4`` autoencoder (3x8x8 latents)
   2. ``data_prep.encode``         latent shards of the training images (the label rides in each json)
   3. ``ldm_train.train``          ``experiment=fmnist_class`` (ClassEmbedder, 10% null class) with in-training FID
                                   of K guided samples against held-out t10k images, every ``fid_every`` samples
@@ -202,7 +202,7 @@ def run_pipeline(tmp: Path, **sizes: int) -> dict[str, Any]:
     logs, times = tmp / "logs", {}
     fam = tmp / "family"
     times["first_stage"] = _stage("first_stage", [
-        sys.executable, "-m", "eval.first_stage_family", "--out", str(fam), "--presets", "fmnist_kl_f4",
+        sys.executable, "-m", "studies.first_stage_family", "--out", str(fam), "--presets", "fmnist_kl_f4",
         "--train-images", str(s["train_images"]), "--eval-images", str(s["ae_eval_images"]),
         "--steps", str(s["ae_steps"]), "--logger", "disabled", "--root", str(FMNIST)], logs)
     row = json.loads((fam / "family.json").read_text())[0]

@@ -1,4 +1,4 @@
-"""The reference Fashion-MNIST run's command at smoke scale: every stage of ``eval.fmnist_reference --smoke``
+"""The reference Fashion-MNIST run's command at smoke scale: every stage of ``studies.fmnist_reference --smoke``
 (data, first stage, latents, judge, the LDM and the diffusers baseline side by side, scores, report) from nothing,
 then the report's contract: the JSON keys, the plot and the grids. The full run is a documented command
 (docs/results.md); this checks the chain, not the models."""
@@ -24,7 +24,7 @@ KEYS = ("fid", "fid_real_floor", "num_samples", "train_wall_s", "judge_accuracy_
 
 def test_reference_chain_at_smoke_scale(tmp_path: Path) -> None:
     out, report = tmp_path / "fmnist", tmp_path / "report"
-    cmd = [sys.executable, "-m", "eval.fmnist_reference", "--smoke", "--out", str(out), "--report-dir", str(report),
+    cmd = [sys.executable, "-m", "studies.fmnist_reference", "--smoke", "--out", str(out), "--report-dir", str(report),
            "--threads", "1"]
     proc = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

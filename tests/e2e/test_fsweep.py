@@ -21,7 +21,7 @@ FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 @pytest.mark.skipif(not FMNIST.is_file(), reason="needs Debian's dataset-fashion-mnist (apt-get install dataset-fashion-mnist)")
 def test_two_point_sweep_to_the_report(tmp_path: Path) -> None:
     out = tmp_path / "fs"
-    cmd = [sys.executable, "-m", "eval.fsweep", "--out", str(out), "--points", "pixel,fmnist_kl_f4",
+    cmd = [sys.executable, "-m", "studies.fsweep", "--out", str(out), "--points", "pixel,fmnist_kl_f4",
            "--train-images", "1000", "--heldout-images", "128", "--ae-steps", "150", "--ae-eval-images", "32",
            "--budget-s", "90", "--moments", "3", "--fid-samples", "48", "--final-fid-samples", "96",
            "--bootstrap", "5", "--jobs", "2"]

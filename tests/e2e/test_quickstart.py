@@ -24,7 +24,7 @@ SMOKE = ["--train-images", "1000", "--heldout-images", "64", "--ae-steps", "200"
 
 
 def run_quickstart(out: Path, extra: list[str], timeout: float) -> dict[str, Any]:
-    proc = subprocess.run([sys.executable, "-m", "eval.quickstart", "--out", str(out), *extra], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "studies.quickstart", "--out", str(out), *extra], cwd=REPO,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     summary = json.loads((out / "summary.json").read_text())

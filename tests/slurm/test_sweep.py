@@ -57,7 +57,7 @@ def test_multirun_submits_one_slurm_job_per_first_stage(
         trained[config["first_stage"]["name"]] = step_dir
     assert sorted(trained) == sorted(FIRST_STAGES), trained
 
-    # the sweep folder lists every point (the folder eval.sweep_report reads), all in one W&B group
+    # the sweep folder lists every point (the folder studies.sweep_report reads), all in one W&B group
     points = [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/point.json"))]
     assert sorted(p["first_stage"] for p in points) == sorted(FIRST_STAGES), points
     assert len({p["wandb_group"] for p in points}) == 1 and points[0]["wandb_group"].endswith(sweep_dir.name)

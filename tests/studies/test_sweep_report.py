@@ -1,4 +1,4 @@
-"""eval.sweep_report on a 3-point f sweep written here: table, FID@budget (exact and "~"), report.json, plot, W&B."""
+"""studies.sweep_report on a 3-point f sweep written here: table, FID@budget (exact and "~"), report.json, plot, W&B."""
 from __future__ import annotations
 
 import json
@@ -6,7 +6,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from eval.sweep_report import build_report, load_points, main, markdown_table
+from studies.sweep_report import build_report, load_points, main, markdown_table
 
 GROUP = "fsweep-fmnist-20250101"
 

@@ -1,10 +1,10 @@
 """A first-stage family on Fashion-MNIST at 32 px (f = 2, 4, 8, 16): train each, then PSNR / SSIM / rFID.
 
-``python -m eval.first_stage_family --out DIR [--steps N] [--presets fmnist_kl_f2,...] [--train-images N]
+``python -m studies.first_stage_family --out DIR [--steps N] [--presets fmnist_kl_f2,...] [--train-images N]
 [--eval-images N]``
 
 The paper's f-sweep (Sec. 4.1 / Fig. 6) at our scale. Each stage runs as its own command line (as in
-``eval.quickstart``), with its log in ``DIR/logs/``:
+``studies.quickstart``), with its log in ``DIR/logs/``:
 
   0. ``data_prep.fashion_mnist``       train and t10k splits at 32 px under ``DIR/raw/`` (once; in this process)
   1. ``ldm_train.train_autoencoder``   each preset for ``--steps`` steps (L1 + KL: the presets switch LPIPS and
@@ -34,12 +34,12 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.fashion_mnist import DEFAULT_ROOT, write_fashion_mnist
-from eval.quickstart import PY, StageError, output_dirs, run_stage
+from studies.quickstart import PY, StageError, output_dirs, run_stage
 
 RESOLUTION = 32
 PRESETS = ("fmnist_kl_f2", "fmnist_kl_f4", "fmnist_kl_f8", "fmnist_kl_f16")
 SPLIT_SIZES = {"train": 60000, "t10k": 10000}
-# The recipe of the reference run's first stage (eval.quickstart.FIRST_STAGE_RECIPE): Adam at 1e-3 for batch 8,
+# The recipe of the reference run's first stage (studies.quickstart.FIRST_STAGE_RECIPE): Adam at 1e-3 for batch 8,
 # 100 warm-up steps, cosine decay to 0. Measured on the shared 2-core machine (fmnist_kl_f4, one thread, 32 px):
 # 6,400 steps in about 12 minutes reach 30.3 dB PSNR over 5,000 t10k images; 4,800 steps see 38,400 of the
 # 60,000 training images, none twice.
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                             batch_size=a.batch_size, lr=a.lr, logger=a.logger, root=a.root,
                             warmup_steps=a.warmup_steps, decay=a.decay)
     except (ValueError, FileNotFoundError, StageError) as e:
-        sys.exit(f"eval.first_stage_family: {e}")
+        sys.exit(f"studies.first_stage_family: {e}")
     out = Path(a.out).resolve()
     print("\n" + (out / "family.md").read_text())
     print(f"rows: {out / 'family.json'} ({time.time() - t0:.0f} s)")

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from data_prep.fashion_mnist import DEFAULT_ROOT
-from eval.first_stage_family import CONTRACT_KEYS, main, reconstruction_json_path, train_family
+from studies.first_stage_family import CONTRACT_KEYS, main, reconstruction_json_path, train_family
 
 needs_fmnist = pytest.mark.skipif(not os.path.isfile(f"{DEFAULT_ROOT}/t10k-images-idx3-ubyte.gz"),
                                   reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (.ci/run does)")
@@ -81,7 +81,7 @@ def _stand_in_eval(metrics: dict, seen: list):
 
 
 def test_re_evaluation_starts_from_an_empty_eval_folder(tmp_path, monkeypatch) -> None:
-    import eval.first_stage_family as family
+    import studies.first_stage_family as family
 
     export = tmp_path / "runs" / "autoencoder" / "p" / "export" / "first_stage.safetensors"
     export.parent.mkdir(parents=True)
@@ -102,7 +102,7 @@ def test_re_evaluation_starts_from_an_empty_eval_folder(tmp_path, monkeypatch) -
 
 
 def test_non_finite_metric_is_refused_naming_the_file(tmp_path, monkeypatch) -> None:
-    import eval.first_stage_family as family
+    import studies.first_stage_family as family
 
     export = tmp_path / "first_stage.safetensors"
     export.write_bytes(b"weights")

@@ -1,6 +1,6 @@
 """The quickstart: the whole pipeline on the embedded default (synthetic captioned shapes, tiny configs, CPU).
 
-``python -m eval.quickstart [--out quickstart_out] [--nproc 2] [--train-samples N] [--ae-steps N]``
+``python -m studies.quickstart [--out quickstart_out] [--nproc 2] [--train-samples N] [--ae-steps N]``
 
 Each stage runs as its own command line, exactly as a cluster user chains them (only the launcher differs):
 

@@ -1,6 +1,6 @@
 """The reference text-to-image run on Fashion-MNIST, against diffusers' pixel-space DDPM at equal training time.
 
-``python -m eval.fmnist_reference [--out data/fmnist] [--budget-s 2400] [--stages prep,train,score,report]``
+``python -m studies.fmnist_reference [--out data/fmnist] [--budget-s 2400] [--stages prep,train,score,report]``
 
 Each stage runs its commands as separate command lines (logs in ``<out>/logs/``) and skips what is done, so a
 killed run is resumed by running the same command again:
@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from data_prep.fashion_mnist import CLASS_NAMES
-from eval.quickstart import FIRST_STAGE_RECIPE, PY, StageError, run_stage
+from studies.quickstart import FIRST_STAGE_RECIPE, PY, StageError, run_stage
 
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "bench" / "fmnist_pixel_ddpm.py"
@@ -284,7 +284,7 @@ class Reference:
 
     # ---------------------------------------------------------------------------------------------- report
     def report(self) -> dict[str, Any]:
-        from eval.fmnist_plots import curves_png, sample_grid_png
+        from studies.fmnist_plots import curves_png, sample_grid_png
 
         self.report_dir.mkdir(parents=True, exist_ok=True)
         ldm = json.loads((self.score_dir / "ldm.json").read_text())
@@ -321,7 +321,7 @@ class Reference:
             "sampler": {"kind": "ddim", "steps": self.args.steps, "guidance_scale": self.args.guidance_scale},
             "curve": {"ldm": ldm, "baseline": base},
             "commit": commit,
-            "commands": {"all": "python -m eval.fmnist_reference" + (" --smoke" if self.args.smoke else ""),
+            "commands": {"all": "python -m studies.fmnist_reference" + (" --smoke" if self.args.smoke else ""),
                          "ldm": " ".join(self.ldm_cmd()[1:]), "baseline": " ".join(self.baseline_cmd()[1:])},
         }
         curves_png(ldm, base, floor_curve["fid"], self.report_dir / "fmnist_fid_vs_time.png")
@@ -372,7 +372,7 @@ def markdown(r: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m eval.fmnist_reference", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m studies.fmnist_reference", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="data/fmnist")
     ap.add_argument("--stages", default="prep,train,score,report")
     ap.add_argument("--budget-s", type=float, default=None, help="training seconds of each model (default 2400)")

@@ -1,6 +1,6 @@
 """Compare the points of a Hydra multirun sweep over the first stage's downsampling factor f (the paper's Fig. 6).
 
-    python -m eval.sweep_report SWEEP_DIR [--budgets 8000,16000] [--wandb offline|online|disabled] [--log-y]
+    python -m studies.sweep_report SWEEP_DIR [--budgets 8000,16000] [--wandb offline|online|disabled] [--log-y]
 
 Reads ``SWEEP_DIR/<n>-<first_stage>/point.json`` (written by the trainer) and each point's run dir
 (``config.yaml``, ``stats.jsonl``, ``train_summary.json``) plus the first stage's ``X.reconstruction.json``.
@@ -396,7 +396,7 @@ def write_report(sweep_dir: str | os.PathLike, report: dict[str, Any], wandb_mod
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m eval.sweep_report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.sweep_report", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep_dir", help="the Hydra multirun folder (runs/_sweeps/<experiment>/<date>)")
     parser.add_argument("--budgets", type=lambda s: [int(float(b)) for b in s.split(",") if b.strip()],
                         help="samples_seen values for the FID@ columns, e.g. 8000,16000 (default: common ones)")

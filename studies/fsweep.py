@@ -1,8 +1,8 @@
-"""The paper's f-sweep (Sec. 4.1, Fig. 6) end to end at CPU scale: ``python -m eval.fsweep [--out fsweep_out]``.
+"""The paper's f-sweep (Sec. 4.1, Fig. 6) end to end at CPU scale: ``python -m studies.fsweep [--out fsweep_out]``.
 
 Each stage is its own command line (logs in ``<out>/logs/``), as on a cluster:
 
-  1. ``eval.first_stage_family``  Fashion-MNIST at 32 px (train + t10k tars) and the KL first stages f = 2, 4, 8, 16,
+  1. ``studies.first_stage_family``  Fashion-MNIST at 32 px (train + t10k tars) and the KL first stages f = 2, 4, 8, 16,
                                   each with its reconstruction PSNR / rFID (the pixel point, f=1, needs none)
   2. ``data_prep.encode``         latent shards of the training images with every first stage (``first_stage=pixel``
                                   stores the pixels)
@@ -15,7 +15,7 @@ Each stage is its own command line (logs in ``<out>/logs/``), as on a cluster:
                                   ``<out>/sweep/<point>_s<seed>/``, ``--jobs`` side by side (``--threads`` threads
                                   each); ``--second-seed`` trains the named points again with ``train.seed=1``. All
                                   points share one W&B group.
-  4. ``eval.sweep_report``        the tables and the FID-vs-samples / FID-vs-time plot (``<out>/sweep/report/``)
+  4. ``studies.sweep_report``        the tables and the FID-vs-samples / FID-vs-time plot (``<out>/sweep/report/``)
 
 A re-run with the same ``--out`` skips finished first stages and latents and resumes every point from its last
 checkpoint (the run dirs are named after the first stage).
@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eval.quickstart import StageError, output_dirs, run_stage, stage_env
+from studies.quickstart import StageError, output_dirs, run_stage, stage_env
 
 PY = sys.executable
 POINTS = ("pixel", "fmnist_kl_f2", "fmnist_kl_f4", "fmnist_kl_f8", "fmnist_kl_f16")
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def _family(a: argparse.Namespace, out: Path, logs: Path, env: dict[str, str]) -> dict[str, Any]:
     """Train (or reuse) the first stages; returns {name: family row} and the data specs."""
     presets = [p for p in a.points.split(",") if p != "pixel"]
-    cmd = [PY, "-m", "eval.first_stage_family", "--out", str(out / "first_stages"),
+    cmd = [PY, "-m", "studies.first_stage_family", "--out", str(out / "first_stages"),
            "--train-images", str(a.train_images)]
     if presets:
         cmd += ["--presets", ",".join(presets)]
@@ -180,11 +180,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     times["sweep"] = _run_parallel(
         [(f"sweep_{name}_s{seed}", _sweep_cmd(a, out, sweep_dir / f"{name}_s{seed}", [name], seed, heldout_spec))
          for name, seed in tasks], logs, env, a.jobs)
-    times["report"] = run_stage("report", [PY, "-m", "eval.sweep_report", str(sweep_dir)], logs, env)
+    times["report"] = run_stage("report", [PY, "-m", "studies.sweep_report", str(sweep_dir)], logs, env)
 
     report_path = sweep_dir / "report" / "report.json"
     report = json.loads(report_path.read_text())
-    command = "python -m eval.fsweep " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m studies.fsweep " + " ".join(argv if argv is not None else sys.argv[1:])
     # one file with everything the answer rests on: the points, per f over seeds, and the first-stage table
     report.update(command=command, first_stages=list(family.values()), train_budget_s=a.budget_s or None,
                   fid_reference={"images": a.heldout_images, "split": "t10k", "resolution": 32})
