@@ -1,6 +1,10 @@
 """The paper's remaining conditioning kinds end to end at tiny scale: annotated synthetic shapes (16 px) -> the
 encode job (identity first stage) -> the real trainer (DeepSpeed ZeRO-2, CPU, one process) -> ``eval.kinds`` on
-held-out shapes, where the trained model must beat the same model at its random initialisation on pixels."""
+held-out shapes, where the trained model must beat the same model at its random initialisation on pixels.
+
+Kept short for CI: one module-scoped data set and encode for every kind, the fewest steps (at twice the presets'
+learning rate) that still clear each margin with room. Layout has no such test: at this scale its samples do not
+yet put the object in its box more often than chance (docs/stages.md)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,13 +13,13 @@ import pytest
 
 from tests.ldm_train.trainer.helpers import read_stats, run_trainer
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """<root>/raw (512 annotated 16 px shapes), <root>/heldout (16 more, another seed), <root>/latents/pixel (the raw
-    images through the encode job, with inpainting masks)."""
+    images through the encode job, with inpainting masks): written once, read by every kind's test."""
     from data_prep.encode_job import run_encode
     from data_prep.synthetic import write_synthetic
     from tests.data_prep.helpers import encode_args, encode_cfg
@@ -29,12 +33,13 @@ def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _train_and_score(experiment: str, shapes: Path, runs: Path, steps: int = 150) -> tuple[dict, dict]:
+def _train_and_score(experiment: str, shapes: Path, runs: Path, steps: int) -> tuple[dict, dict]:
     from eval.kinds import KindsEvalConfig, evaluate
 
     args = {"experiment": experiment, "runs_root": runs, "run_name": "r", "data.latents_root": shapes / "latents",
             "data.num_workers": 0, "train.global_batch": 16, "train.micro_batch": 16,
-            "train.total_samples": 16 * steps, "train.log_every_samples": 16 * 25, "train.optim.warmup_samples": 160,
+            "train.total_samples": 16 * steps, "train.log_every_samples": 16 * 20, "train.optim.warmup_samples": 160,
+            "train.optim.base_lr": 2e-3,
             "train.checkpoint.every_samples": 16 * steps, "logger.mode": "disabled"}
     run_trainer([f"{k}={v}" for k, v in args.items()], nproc=1)
     run_dir = runs / experiment / "r"
@@ -45,19 +50,19 @@ def _train_and_score(experiment: str, shapes: Path, runs: Path, steps: int = 150
 
 
 def test_inpaint_kind_fills_the_hole_better_than_untrained(shapes: Path, tmp_path: Path) -> None:
-    trained, untrained = _train_and_score("shapes_inpaint", shapes, tmp_path / "runs")
+    trained, untrained = _train_and_score("shapes_inpaint", shapes, tmp_path / "runs", steps=60)
     print("inpaint psnr_masked", trained["psnr_masked"], "untrained", untrained["psnr_masked"])
     assert trained["kind"] == "inpaint" and trained["mask_coverage"] > 0.1
-    assert trained["psnr_masked"] > untrained["psnr_masked"] + 1.5  # measured 5.9 dB against 3.6 dB
+    assert trained["psnr_masked"] > untrained["psnr_masked"] + 1.0  # measured 5.4 dB against 3.6 dB
 
 
 def test_semantic_kind_paints_each_segment_its_colour_better_than_untrained(shapes: Path, tmp_path: Path) -> None:
     from safetensors.torch import load_file
 
-    trained, untrained = _train_and_score("shapes_semantic", shapes, tmp_path / "runs")
+    trained, untrained = _train_and_score("shapes_semantic", shapes, tmp_path / "runs", steps=100)
     print("semantic segment_accuracy", trained["segment_accuracy"], "untrained", untrained["segment_accuracy"])
     weights = load_file(str(next((tmp_path / "runs").rglob("model_ema.safetensors"))))
     # the SpatialRescaler as released: a bias-free 1x1 map from the 9 classes to the 3 concatenated channels
     assert tuple(weights["cond_stage_model.channel_mapper.weight"].shape) == (3, 9, 1, 1)
-    assert trained["segment_accuracy"] > untrained["segment_accuracy"] + 0.08  # measured 0.27 against 0.13
+    assert trained["segment_accuracy"] > untrained["segment_accuracy"] + 0.06  # measured 0.23 against 0.13
 
