@@ -2,6 +2,8 @@
 compose them from any directory."""
 from __future__ import annotations
 
+import json
+import math
 import subprocess
 import sys
 import sysconfig
@@ -61,13 +63,18 @@ def test_wheel_commands_compose_their_configs_from_any_directory(installed: Path
     assert (folder / "train_txt2img.sh").stat().st_mode & 0o111  # still executable
 
 
-def test_wheel_commands_help_and_a_tiny_job_outside_the_checkout(installed: Path, tmp_path: Path) -> None:
-    """Each command's --help, then a tiny first stage and its latents with the installed commands only."""
-    bin_ = installed / "bin"
+def test_wheel_commands_answer_help(installed: Path, tmp_path: Path) -> None:
     for command in COMMANDS:
-        done = subprocess.run([str(bin_ / command), "--help"], capture_output=True, text=True, timeout=300,
-                              cwd=tmp_path)
+        done = subprocess.run([str(installed / "bin" / command), "--help"], capture_output=True, text=True,
+                              timeout=300, cwd=tmp_path)
         assert done.returncode == 0 and done.stdout.strip(), f"{command} --help: {done.stderr[-2000:]}"
+
+
+@pytest.mark.slow
+def test_wheel_runs_the_whole_chain_from_an_empty_directory(installed: Path, tmp_path: Path) -> None:
+    """With the installed commands only, in an empty folder: data, a tiny first stage, its latents, an LDM, eval
+    with the real FID network, and the diffusers export that DiffusionPipeline.from_pretrained reads."""
+    bin_ = installed / "bin"
 
     def run(*args: str) -> None:
         done = subprocess.run(list(args), capture_output=True, text=True, timeout=600, cwd=tmp_path,
@@ -75,16 +82,27 @@ def test_wheel_commands_help_and_a_tiny_job_outside_the_checkout(installed: Path
                                    "WANDB_MODE": "disabled"})
         assert done.returncode == 0, f"{args[0]}: {done.stderr[-3000:]}"
 
-    run(str(bin_ / "python"), "-m", "data_prep.synthetic", "output=raw", "num_samples=16", "resolution=32",
+    run(str(bin_ / "python"), "-m", "data_prep.synthetic", "output=raw", "num_samples=16", "resolution=64",
         "shard_size=16", "split=train", "seed=0")
     run(str(bin_ / "ldm-train-autoencoder"), "first_stage=tiny_kl_f4", "data.input=raw/000000.tar",
         "runs_root=runs", "run_name=ae", "train.max_steps=2", "first_stage.lossconfig.perceptual_weight=0",
         "first_stage.lossconfig.disc_start=1000000000", "optim.batch_size=4", "train.eval_every=2",
-        "train.checkpoint_every=2", "train.image_every=2", "data.num_workers=0", "data.resolution=32",
-        "logger=disabled")
+        "train.checkpoint_every=2", "train.image_every=2", "data.num_workers=0", "logger=disabled")
     export = tmp_path / "runs" / "autoencoder" / "ae" / "export" / "first_stage.safetensors"
     assert export.is_file()
     run(str(bin_ / "ldm-prep-latents"), "input=raw/000000.tar", "output=latents", "first_stage=tiny_kl_f4",
-        f"first_stage.checkpoint={export}", "resolution=32", "num_workers=0")
-    manifest = (tmp_path / "latents" / "tiny_kl_f4" / "manifest.json").read_text()
-    assert '"num_samples": 16' in manifest
+        f"first_stage.checkpoint={export}", "resolution=64", "num_workers=0", "progress=false")
+    manifest = json.loads((tmp_path / "latents" / "tiny_kl_f4" / "manifest.json").read_text())
+    assert manifest["num_samples"] == 16
+    run(str(bin_ / "ldm-train"), "experiment=tiny", "data.latents_root=latents", "runs_root=runs", "run_name=ldm",
+        f"first_stage.checkpoint={export}", "train.max_steps=2", "data.num_workers=0", "logger.mode=disabled")
+    assert (tmp_path / "runs" / "tiny" / "ldm" / "checkpoints" / "step_0000002").is_dir()
+    run(str(bin_ / "ldm-eval"), "checkpoint=runs/tiny/ldm", "prompts=raw/000000.tar", "num_samples=4", "steps=2",
+        "batch_size=4", "device=cpu", "output_dir=ev", "reference.path=raw/000000.tar", "reference.num_images=16",
+        "metrics.isc=false", "metrics.prc=false", "wandb.mode=disabled", "progress=false")
+    row = json.loads((tmp_path / "ev" / "metrics.json").read_text())["per_scale"][0]
+    assert row["num_samples"] == 4 and math.isfinite(row["fid"]) and row["fid"] > 0
+    run(str(bin_ / "ldm-export-diffusers"), "runs/tiny/ldm", "exp")
+    index = json.loads((tmp_path / "exp" / "model_index.json").read_text())
+    assert index["_class_name"] == "LDMTextToImagePipeline"
+    assert all((tmp_path / "exp" / part).is_dir() for part in ("unet", "vqvae", "bert", "tokenizer", "scheduler"))
