@@ -7,6 +7,9 @@ import sys
 
 import torch
 
+# torch modules a checkpointed step would otherwise import on first use, mid-step (78 MB of resident memory that is
+# not the step's tensors), loaded before the peak is reset: ldm_train.flops imports them (torch.utils.flop_counter)
+import ldm_train.flops  # noqa: F401
 from ldm_train.build import build_ldm
 from ldm_train.memory import LiveStorage
 from ldm_train.plan import _inputs
