@@ -60,3 +60,15 @@ def read_shard(data: bytes) -> list[dict]:
 
 def read_all_shards(shard_dir: Path) -> list[dict]:
     return [s for p in sorted(shard_dir.glob("shard-*.tar")) for s in read_shard(p.read_bytes())]
+
+
+def tar_members(path) -> dict[str, dict[str, bytes]]:
+    """A tar's members grouped by sample key: {key: {extension: bytes}}."""
+    import tarfile
+
+    out: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(path) as t:
+        for m in t.getmembers():
+            key, _, ext = m.name.partition(".")
+            out.setdefault(key, {})[ext] = t.extractfile(m).read()
+    return out

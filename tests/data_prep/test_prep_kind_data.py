@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 from PIL import Image
@@ -12,16 +11,7 @@ from PIL import Image
 from data_prep.synthetic import SEG_CLASSES, write_synthetic
 from ldm_train.data.masks import sample_mask
 from ldm_train.data.shapes_captions import COLOURS, SHAPES
-from tests.data_prep.helpers import encode_args, encode_cfg
-
-
-def _members(path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as t:
-        for m in t.getmembers():
-            key, _, ext = m.name.partition(".")
-            out.setdefault(key, {})[ext] = t.extractfile(m).read()
-    return out
+from tests.data_prep.helpers import encode_args, encode_cfg, tar_members
 
 
 def _rgb(blob: bytes) -> np.ndarray:
@@ -30,7 +20,7 @@ def _rgb(blob: bytes) -> np.ndarray:
 
 
 def test_annotated_shapes_carry_a_segmentation_and_a_box_that_match_the_image(tmp_path) -> None:
-    samples = _members(write_synthetic(str(tmp_path), num_samples=12, resolution=32, shard_size=12, annotate=True)[0])
+    samples = tar_members(write_synthetic(str(tmp_path), num_samples=12, resolution=32, shard_size=12, annotate=True)[0])
     palette = np.array([(255, 255, 255), *COLOURS.values()])
     for s in samples.values():
         meta, image = json.loads(s["json"]), _rgb(s["png"])  # lossless: a segment's pixels keep their colour
@@ -45,7 +35,7 @@ def test_annotated_shapes_carry_a_segmentation_and_a_box_that_match_the_image(tm
         assert obj["class"] == SHAPES.index(scene["shape"]) and obj["name"] == scene["shape"]
         ys, xs = np.nonzero(seg == SEG_CLASSES.index(scene["colour"]))
         assert obj["box"] == [xs.min() / 32, ys.min() / 32, (xs.max() + 1) / 32, (ys.max() + 1) / 32]
-    plain = _members(write_synthetic(str(tmp_path / "plain"), num_samples=2, resolution=32, shard_size=2)[0])
+    plain = tar_members(write_synthetic(str(tmp_path / "plain"), num_samples=2, resolution=32, shard_size=2)[0])
     assert set(plain["000000000"]) == {"jpg", "txt", "json"}  # annotate=false: the quickstart's data unchanged
 
 
@@ -58,8 +48,8 @@ def test_encode_stores_annotations_and_inpainting_inputs(tmp_path) -> None:
     assert res.ok and res.num_samples == 6
     manifest = json.loads((tmp_path / "lat" / "pixel" / "manifest.json").read_text())
     assert manifest["inpaint"] == {"masks": "large", "seed": 5}
-    raw = _members(tmp_path / "raw" / "000000.tar")
-    for key, s in _members(tmp_path / "lat" / "pixel" / "shard-000000.tar").items():
+    raw = tar_members(tmp_path / "raw" / "000000.tar")
+    for key, s in tar_members(tmp_path / "lat" / "pixel" / "shard-000000.tar").items():
         assert s["seg.png"] == raw[key]["seg.png"]  # at the encoded resolution: passed through as written
         assert json.loads(s["json"])["objects"] == json.loads(raw[key]["json"])["objects"]
         with Image.open(io.BytesIO(s["mask.png"])) as im:

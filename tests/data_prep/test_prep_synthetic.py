@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 
 import numpy as np
 import pytest
@@ -12,23 +11,15 @@ from PIL import Image
 from data_prep import synthetic
 from data_prep.synthetic import object_core_mask, write_synthetic
 from ldm_train.data.shapes_captions import COLOURS, HELDOUT_COMBOS, Scene, parse_caption
-
-
-def _read_tar(path) -> dict[str, dict[str, bytes]]:
-    out: dict[str, dict[str, bytes]] = {}
-    with tarfile.open(path) as t:
-        for m in t.getmembers():
-            key, _, ext = m.name.partition(".")
-            out.setdefault(key, {})[ext] = t.extractfile(m).read()
-    return out
+from tests.data_prep.helpers import tar_members
 
 
 def test_layout_and_determinism(tmp_path):
     a = write_synthetic(str(tmp_path / "a"), num_samples=25, resolution=32, shard_size=10, seed=3)
     b = write_synthetic(str(tmp_path / "b"), num_samples=25, resolution=32, shard_size=25, seed=3)
     assert [p.rsplit("/", 1)[-1] for p in a] == ["000000.tar", "000001.tar", "000002.tar"]
-    sa = {k: v for p in a for k, v in _read_tar(p).items()}
-    sb = _read_tar(b[0])
+    sa = {k: v for p in a for k, v in tar_members(p).items()}
+    sb = tar_members(b[0])
     assert sorted(sa) == [f"{i:09d}" for i in range(25)]
     # the same sample whatever the shard size
     assert all(sa[k]["jpg"] == sb[k]["jpg"] and sa[k]["txt"] == sb[k]["txt"] for k in sa)
@@ -36,7 +27,7 @@ def test_layout_and_determinism(tmp_path):
     assert meta["key"] == "000000007" and meta["caption"] == sa["000000007"]["txt"].decode()
     assert (meta["width"], meta["height"]) == (32, 32)
     c = write_synthetic(str(tmp_path / "c"), num_samples=5, resolution=32, shard_size=5, seed=4)
-    assert _read_tar(c[0])["000000000"]["jpg"] != sa["000000000"]["jpg"]
+    assert tar_members(c[0])["000000000"]["jpg"] != sa["000000000"]["jpg"]
 
 
 def test_heldout_combos_never_in_train(tmp_path):
@@ -88,5 +79,5 @@ def test_object_colour_measurable_at_64px(tmp_path, size):
 
 def test_cli(tmp_path):
     synthetic.main([f"output={tmp_path}", "num_samples=3", "resolution=16", "split=heldout", "seed=2"])
-    caps = [v["txt"].decode() for v in _read_tar(tmp_path / "000000.tar").values()]
+    caps = [v["txt"].decode() for v in tar_members(tmp_path / "000000.tar").values()]
     assert len(caps) == 3 and all((parse_caption(c).colour, parse_caption(c).shape) in HELDOUT_COMBOS for c in caps)
