@@ -6,11 +6,24 @@ and is torn down at the end; tests that need it take the `slurm_cluster` fixture
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
-import pytest
+# Under pytest-xdist every worker runs its tests beside the others: one OpenMP thread per worker process (and per
+# process it starts, unless a test sets its own), since oversubscribed OpenMP threads spin against each other on
+# a small machine. Set before any test module imports torch.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    os.environ.setdefault("MKL_NUM_THREADS", "1")
 
-from tests.slurm_cluster import LocalSlurmCluster, missing_binaries
+import pytest  # noqa: E402
+
+from tests.slurm_cluster import LocalSlurmCluster, missing_binaries  # noqa: E402
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: one worker per CPU, at most 4 (many tests start trainings of two processes each)."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")

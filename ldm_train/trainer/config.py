@@ -185,6 +185,16 @@ class TrainAppConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
 
+    def __post_init__(self) -> None:
+        # One home per setting: conf/train.yaml sets the loader's batch, caption dropout and seed from train.*; an
+        # override of the data.* copy would feed the loader one value while the trainer plans with the other.
+        for data_key, train_key in (("batch_size", "micro_batch"), ("caption_dropout", "caption_dropout"),
+                                    ("seed", "seed")):
+            ours, theirs = getattr(self.data, data_key), getattr(self.train, train_key)
+            if ours != theirs:
+                raise ValueError(f"data.{data_key}={ours} differs from train.{train_key}={theirs}: the loader follows "
+                                 f"train.{train_key}; set train.{train_key}={ours} instead of data.{data_key}")
+
 
 def register_trainer_configs() -> None:
     """Register ``train_schema`` (the root of conf/train.yaml) and the group schemas with Hydra's ConfigStore."""

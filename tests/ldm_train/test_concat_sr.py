@@ -39,7 +39,7 @@ def _compose(latents, **extra: object):
     from ldm_train.app import compose
     from ldm_train.trainer.config import TrainAppConfig
 
-    args = {"experiment": "fmnist_sr", "data.latents_root": latents, "data.num_workers": 0, "data.batch_size": 4,
+    args = {"experiment": "fmnist_sr", "data.latents_root": latents, "data.num_workers": 0, "train.micro_batch": 4,
             **extra}
     return compose("train", TrainAppConfig, [f"{k}={v}" for k, v in args.items()])
 
