@@ -1,5 +1,6 @@
 """``train.compile``: the UNet and the text encoder compiled in place train through the real
-DeepSpeed engine under ZeRO 1, 2 and 3 (CPU, gloo, one process) with the eager losses to fp32 tolerance, and write
+DeepSpeed engine under ZeRO 2 and 3 (CPU, gloo, one process; ZeRO 1 runs the same optimizer class as 2, and the
+compiled forward does not see the stage) with the eager losses to fp32 tolerance, and write
 checkpoints with the eager model's keys. Inductor compiles for a minute or more per run on these cores: slow."""
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def _run(latents_root: Path, runs: Path, zero: int, compiled: bool) -> tuple[lis
     return [r["loss"] for r in read_stats(run_dir)], time.perf_counter() - t0, run_dir
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize("zero", [2, 3])
 def test_compiled_training_matches_eager(latents_root: Path, tmp_path: Path, zero: int) -> None:
     eager, eager_s, eager_dir = _run(latents_root, tmp_path / "eager", zero, False)
     compiled, compiled_s, compiled_dir = _run(latents_root, tmp_path / "compiled", zero, True)
