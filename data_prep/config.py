@@ -11,7 +11,9 @@ from typing import Any
 from omegaconf import MISSING
 
 from ldm_train.config import FirstStageConfig
-from ldm_train.config_checks import bounded
+from ldm_train.config_checks import bounded, one_of
+from ldm_train.data.config import INPUT_FORMATS
+from ldm_train.runtime.precision import PRECISIONS
 
 
 @dataclass
@@ -41,7 +43,7 @@ class EncodeConfig:
     """``python -m data_prep.encode``: images + captions -> latent WebDataset shards + manifest.json."""
 
     input: Any = MISSING  # str or list[str]: tars, an image folder or ImageNet class folders
-    input_format: str = "auto"  # auto | tar | folder | imagenet
+    input_format: str = one_of("auto", INPUT_FORMATS)  # auto | tar | folder | imagenet
     files_per_shard: int = bounded(1000, ge=1)  # folder inputs: images per input shard
     caption_template: str = "a photo of a {class_name}"  # imagenet inputs
     output: str = "data/latents"  # latents root; shards go to <output>/<first_stage.name>/
@@ -59,7 +61,7 @@ class EncodeConfig:
     num_workers: int = bounded(2, ge=0)  # DataLoader processes decoding/resizing (0: in the encoding process)
     prefetch_factor: int = bounded(4, ge=1)
     device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16 | fp16
+    precision: str = one_of("auto", ("auto", *PRECISIONS))  # auto (bf16 autocast on cuda, fp32 on cpu) | fp32 | bf16 | fp16
     allow_random_first_stage: bool = False  # random weights when first_stage.checkpoint is null (plumbing only)
     seed: int = 0  # noise for the KL latent statistics (sampled z)
     # work split: task i of n takes the input shards j with j % n == i
@@ -70,5 +72,5 @@ class EncodeConfig:
     # presence and size
     verify: bool = False
     # auto: write manifest.json when every input shard is done (the last task does it) | true | false
-    finalize: bool | str = "auto"
+    finalize: bool | str = one_of("auto", ("auto", True, False))
     progress: bool = True

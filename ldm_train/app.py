@@ -6,8 +6,8 @@ Each app (``ldm_train.train``, ``ldm_train.train_autoencoder``, ``data_prep.enco
 presets only and a mistyped key or value fails at composition. The composed config is converted to the
 dataclass ONCE, here, and the app's ``run(cfg)`` receives that object. ``run``'s return value is the exit
 status (Hydra drops a task's return value, so a non-zero code is raised as ``SystemExit``). A key given twice on
-the command line, a key no schema field reads and a non-finite or out-of-range number are refused, naming the key
-(``ldm_train.config_checks``). ``--help`` composes the config and fills the app's help template without Hydra's
+the command line, a key no schema field reads, a non-finite or out-of-range number and a string setting outside its
+choices are refused, naming the key (``ldm_train.config_checks``). ``--help`` composes the config and fills the app's help template without Hydra's
 listing of every config group; the apps import torch only inside ``run``, so help answers in about a second.
 """
 from __future__ import annotations
@@ -37,8 +37,8 @@ def register_schema(config_name: str, schema: type) -> None:
 
 
 def to_config(cfg: DictConfig, schema: type) -> Any:
-    """The composed config as an instance of ``schema`` (interpolations resolved, unknown keys and non-finite or
-    out-of-range values refused: ``ldm_train.config_checks``)."""
+    """The composed config as an instance of ``schema`` (interpolations resolved, unknown keys, non-finite or
+    out-of-range values and values outside a setting's choices refused: ``ldm_train.config_checks``)."""
     from ldm_train.config_checks import check_config
 
     if isinstance(cfg, schema):

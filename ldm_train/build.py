@@ -26,9 +26,7 @@ from ldm_train.models.ldm import LatentDiffusion
 
 def diffusion_config(cfg: Any) -> Any:
     """The ``train.diffusion`` node of ``cfg`` as a DiffusionConfig (defaults for absent keys)."""
-    from ldm_train.diffusion.losses import LOSS_TYPES
-    from ldm_train.diffusion.schedule import AMBIGUOUS_LINEAR, BETA_SCHEDULES
-    from ldm_train.trainer.config import DiffusionConfig
+    from ldm_train.trainer.config import AMBIGUOUS_LINEAR, BETA_SCHEDULES, LOSS_TYPES, DiffusionConfig
 
     node = OmegaConf.select(cfg, "train.diffusion", default=None) if OmegaConf.is_config(cfg) else \
         getattr(getattr(cfg, "train", None), "diffusion", None)

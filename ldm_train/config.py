@@ -12,7 +12,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from ldm_train.config_checks import bounded
+from ldm_train.config_checks import bounded, one_of
+
+# the allowed values of the string settings below (``one_of``: refused at composition; the model code imports them)
+ATTN_TYPES = ("vanilla", "none")  # ddconfig.attn_type
+FIRST_STAGE_KINDS = ("kl", "vq", "pixel")
+SCALE_FACTOR_RULES = ("manifest", "first_batch")  # first_stage.scale_factor_from (ldm_train/trainer/scale_factor.py)
 
 
 @dataclass
@@ -34,7 +39,7 @@ class DDConfig:
     norm_groups: int = 32
     # "vanilla": self-attention in the mid block (and at attn_resolutions); "none": no attention anywhere (an
     # identity, as CompVis vq-f4-noattn: no mid.attn_1 weights)
-    attn_type: str = "vanilla"
+    attn_type: str = one_of("vanilla", ATTN_TYPES)
 
 
 @dataclass
@@ -58,7 +63,7 @@ class FirstStageConfig:
     """An autoencoder of the paper: ``kind`` kl (AutoencoderKL), vq (VQModel) or pixel (the identity, f=1: LDM-1)."""
 
     name: str = "kl_f8"
-    kind: str = "kl"  # "kl", "vq" or "pixel" (identity: no weights, the diffusion model runs on pixels)
+    kind: str = one_of("kl", FIRST_STAGE_KINDS)  # "kl", "vq" or "pixel" (identity: no weights, the diffusion model runs on pixels)
     downsample_factor: int = 8  # f; must equal 2 ** (len(ddconfig.ch_mult) - 1)
     embed_dim: int = 4  # latent channels the diffusion model sees
     n_embed: int = 0  # VQ codebook size (0 for KL)
@@ -69,7 +74,7 @@ class FirstStageConfig:
     # scale_factor_from: "manifest" (1/std in the latent manifest) or "first_batch" (CompVis scale_by_std: 1/std of
     # the first training batch, then recorded here in the run's config). ldm_train/trainer/scale_factor.py
     scale_factor: float | None = bounded(None, gt=0)
-    scale_factor_from: str = "manifest"
+    scale_factor_from: str = one_of("manifest", SCALE_FACTOR_RULES)
 
 
 @dataclass
@@ -146,7 +151,7 @@ class CondConfig:
     (empty caption, or the null class).
     """
 
-    kind: str = "text"  # text | class | none | concat | inpaint | semantic | layout
+    kind: str = one_of("text", COND_KINDS)  # text | class | none | concat | inpaint | semantic | layout
     num_classes: int = 1000  # class: labels 0..num_classes-1 (the null class is one more embedding row)
     null_class: bool = True  # class: the extra null-class row (needed for label dropout and guidance)
     label_key: str = "label"  # class: the key of the label in each sample's json

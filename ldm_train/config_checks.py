@@ -6,6 +6,9 @@
   it as an attribute nothing reads, so a typo (``+train.totl_samples=16``) would change nothing.
 - Every float is finite, and a field declared with ``bounded(...)`` lies in its range (learning rates,
   probabilities, counts, intervals), each error naming the key.
+- A field declared with ``one_of(default, choices)`` holds one of its choices (schedules, loss types, precisions,
+  samplers, conditioning kinds, ...), each error naming the key, the value and the allowed values. The tuples of
+  choices live beside the schemas (torch-free), and the runtime code that branches on a value imports them from there.
 """
 from __future__ import annotations
 
@@ -20,6 +23,19 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
             lt: float | None = None) -> Any:
     """A dataclass field with ``default`` whose value (when not None) must satisfy the given bounds."""
     return dataclasses.field(default=default, metadata={"bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt}})
+
+
+def one_of(default: Any, choices: tuple[Any, ...], *, notes: dict[Any, str] | None = None) -> Any:
+    """A dataclass field with ``default`` whose value must be one of ``choices`` (None only when the default is None);
+    ``notes``: a further explanation printed when a given refused value is used (e.g. an ambiguous name)."""
+    if default is not None and default not in choices:
+        raise ValueError(f"default {default!r} is not one of {choices}")
+    return dataclasses.field(default=default, metadata={"choices": tuple(choices), "notes": notes or {}})
+
+
+def _show(value: Any) -> str:
+    """A value as it is written in YAML or on the command line (true and null, not True and None)."""
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
 
 
 _OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
@@ -81,7 +97,8 @@ def unknown_keys(obj: Any, path: str = "") -> list[str]:
 
 
 def bad_values(obj: Any, path: str = "") -> list[str]:
-    """Errors for non-finite floats anywhere, and for ``bounded`` fields outside their range."""
+    """Errors for non-finite floats anywhere, for ``bounded`` fields outside their range and for ``one_of`` fields
+    holding a value that is not one of their choices."""
     errors = []
     for key, value, f in _children(obj, path):
         if isinstance(value, float) and not math.isfinite(value):
@@ -92,13 +109,23 @@ def bad_values(obj: Any, path: str = "") -> list[str]:
             limits = [(sym, ok, bounds[op]) for op, (sym, ok) in _OPS.items() if bounds[op] is not None]
             if not all(ok(value, b) for _, ok, b in limits):
                 errors.append(f"{key}={value}: must be {' and '.join(f'{sym} {b}' for sym, _, b in limits)}")
+        choices = f.metadata.get("choices") if f is not None else None
+        if choices and not (value is None and f.default is None) and not _is_choice(value, choices):
+            note = f.metadata["notes"].get(value) if isinstance(value, str) else None
+            errors.append(f"{key}={_show(value)}: must be one of {', '.join(_show(c) for c in choices)}"
+                          + (f"; {note}" if note else ""))
         if dataclasses.is_dataclass(value) or isinstance(value, (dict, list, tuple)):
             errors += bad_values(value, f"{key}." if not isinstance(value, (list, tuple)) else key)
     return errors
 
 
+def _is_choice(value: Any, choices: tuple[Any, ...]) -> bool:
+    # by type as well as by value: True == 1 and "1" is not True
+    return any(type(value) is type(c) and value == c for c in choices)
+
+
 def check_config(cfg: Any) -> None:
-    """Raise a ValueError listing every unknown key and out-of-range value of the typed root ``cfg``."""
+    """Raise a ValueError listing every unknown key and out-of-range or disallowed value of the typed root ``cfg``."""
     errors = unknown_keys(cfg) + bad_values(cfg)
     if errors:
         raise ValueError("; ".join(errors) + " (fix the override on the command line, or the preset in conf/)")

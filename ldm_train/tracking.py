@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ldm_train.config_checks import one_of
 from ldm_train.data.fsspec_io import write_text
 
 if TYPE_CHECKING:
@@ -35,11 +36,15 @@ STATS_FILE = "stats.jsonl"
 _SECRET = re.compile(r"(^|[_\-.])(api_?key|key|token|secret|password|passwd|credentials?)($|[_\-.])", re.I)
 
 
+LOGGER_MODES = ("online", "offline", "disabled")  # W&B mode: logger.mode and eval's wandb.mode
+WANDB_CONSOLES = ("auto", "off", "wrap", "redirect", "wrap_raw", "wrap_emu")  # wandb.Settings(console=...)
+
+
 @dataclass
 class LoggerConfig:
     """``conf/logger/*.yaml``: where the dashboards go."""
 
-    mode: str = "offline"  # "online" | "offline" | "disabled" (W&B); stats.jsonl and console always
+    mode: str = one_of("offline", LOGGER_MODES)  # "online" | "offline" | "disabled" (W&B); stats.jsonl and console always
     project: str = "ldm-train"
     entity: str | None = None
     group: str | None = None  # default: the experiment name (+ "-" + sweep when given)
@@ -48,7 +53,7 @@ class LoggerConfig:
     name: str | None = None  # default: the run directory's name
     tags: list[str] = field(default_factory=list)
     notes: str | None = None
-    console: str = "auto"  # W&B console capture: "auto" | "off" | "wrap"
+    console: str = one_of("auto", WANDB_CONSOLES)  # W&B console capture: "auto" | "off" | "wrap" | ...
 
 
 def wandb_group(cfg: LoggerConfig, experiment: str | None) -> str | None:
@@ -185,8 +190,6 @@ class Tracker:
             from ldm_train.config import to_dataclass
 
             cfg = to_dataclass(cfg, LoggerConfig)
-        if cfg.mode not in ("online", "offline", "disabled"):
-            raise ValueError(f"logger.mode={cfg.mode!r}: use online, offline or disabled")
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.rank = get_rank() if rank is None else rank

@@ -6,6 +6,10 @@ from dataclasses import dataclass
 
 from ldm_train.config_checks import bounded
 
+# input_format of the image readers (ldm_train.data.input_shards) in the encode job and the first-stage trainer:
+# auto (detected from the input) | tar | folder | imagenet (class folders)
+INPUT_FORMATS = ("auto", "tar", "folder", "imagenet")
+
 
 @dataclass
 class LatentDataConfig:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import fsspec
 
 from ldm_train.data import fsspec_io
+from ldm_train.data.config import INPUT_FORMATS
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "bmp")
 CAPTION_EXTS = ("txt", "caption")
@@ -115,7 +116,7 @@ def list_input_shards(input: str | Sequence[str], input_format: str = "auto", fi
         files = [f for f in _walk_files(root) if "/" in f and f.split("/", 1)[0] in dirs and _ext(f) in IMAGE_EXTS]
         class_names = tuple(_class_names(root, dirs))
     else:
-        raise ValueError(f"input_format={fmt!r}: use auto, tar, folder or imagenet")
+        raise ValueError(f"input_format={fmt!r}: use one of {', '.join(INPUT_FORMATS)}")
     if not files:
         raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTS)}) found under {root!r}")
     return [

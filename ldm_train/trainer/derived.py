@@ -10,7 +10,6 @@ import json
 import math
 from dataclasses import asdict, dataclass
 
-from ldm_train.runtime.precision import check_precision
 from ldm_train.trainer.config import TrainConfig
 
 
@@ -60,15 +59,8 @@ def derive(cfg: TrainConfig, world_size: int, flops_per_sample: float | None = N
             f"or change train.micro_batch"
         )
     accumulation = cfg.global_batch // per_step
-    if cfg.optim.lr_scaling == "compvis":
-        lr = cfg.optim.base_lr * cfg.global_batch
-    elif cfg.optim.lr_scaling == "none":
-        lr = cfg.optim.base_lr
-    else:
-        raise ValueError(f"train.optim.lr_scaling={cfg.optim.lr_scaling!r}: use 'none' or 'compvis'")
-    if cfg.optim.lr_decay not in ("constant", "cosine"):
-        raise ValueError(f"train.optim.lr_decay={cfg.optim.lr_decay!r}: use 'constant' or 'cosine'")
-    check_precision(cfg.precision, "train.precision")
+    # lr_scaling, lr_decay and precision are one of their choices: the schema refuses others at composition
+    lr = cfg.optim.base_lr * cfg.global_batch if cfg.optim.lr_scaling == "compvis" else cfg.optim.base_lr
     return Derived(
         world_size=world_size,
         micro_batch=cfg.micro_batch,

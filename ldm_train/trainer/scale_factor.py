@@ -21,8 +21,6 @@ from pathlib import Path
 
 import torch
 
-SCALE_FACTOR_RULES = ("manifest", "first_batch")
-
 
 @dataclass(frozen=True)
 class ScaleFactor:
@@ -53,11 +51,9 @@ def first_batch_scale_factor(z: torch.Tensor) -> float:
 def resolve_scale_factor(fixed: float | None, rule: str, manifest_value: float | None, init_value: float | None,
                          recorded: float | None, resuming: bool, measure: Callable[[], float]) -> ScaleFactor:
     """The scale factor by the precedence of the module docstring: ``fixed`` is ``data.scale_factor`` (which is
-    ``first_stage.scale_factor`` unless set apart), ``rule`` ``first_stage.scale_factor_from``, ``recorded``
+    ``first_stage.scale_factor`` unless set apart), ``rule`` ``first_stage.scale_factor_from`` (one of
+    ``ldm_train.config.SCALE_FACTOR_RULES``: the schema refuses others), ``recorded``
     the resumed run's value; ``measure()`` reads the first batch (never on a resume)."""
-    if rule not in SCALE_FACTOR_RULES:
-        raise ValueError(f"first_stage.scale_factor_from={rule!r}: use manifest (1/std from manifest.json) or "
-                         "first_batch (CompVis scale_by_std); a fixed value is first_stage.scale_factor=NUMBER")
     if fixed is not None:
         return ScaleFactor(float(fixed), "first_stage.scale_factor", False)
     if init_value is not None:

