@@ -126,6 +126,9 @@ class Reference:
         env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         procs = []
         for name, cmd in (("ldm", self.ldm_cmd()), ("baseline", self.baseline_cmd())):
+            if self._trained(name):
+                print(f"==> [{name}] already trained for {self.budget:g} s: kept", flush=True)
+                continue
             print(f"==> [{name}] {' '.join(cmd)}", flush=True)
             log = open(self.logs / f"train_{name}.log", "a")
             procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), log))
@@ -138,6 +141,15 @@ class Reference:
                 failed.append(f"{name} (exit {rc}, log {self.logs / f'train_{name}.log'})")
         if failed:
             raise StageError("training failed: " + ", ".join(failed) + "; run the same command again to resume")
+
+    def _trained(self, name: str) -> bool:
+        """Whether a finished run of ``name`` already spent the whole budget (a rerun then starts no process)."""
+        if name == "ldm":
+            summary = self.ldm_dir / "train_summary.json"
+            return summary.exists() and json.loads(summary.read_text()).get("train_wall_s", 0.0) >= self.budget
+        snaps = self.base_dir / "snapshots.jsonl"
+        lines = snaps.read_text().splitlines() if snaps.exists() else []
+        return bool(lines) and json.loads(lines[-1])["train_wall_s"] >= self.budget
 
     # ---------------------------------------------------------------------------------------------- score
     def ldm_points(self) -> list[dict[str, Any]]:

@@ -15,6 +15,8 @@ HEAVY = ("torch", "deepspeed", "transformers", "diffusers", "wandb", "torch_fide
 # calls `module:function` as the console script does, with `--help`, then names the heavy modules it loaded
 PROBE = """
 import importlib, json, sys
+
+pytestmark = pytest.mark.integration  # starts processes or servers
 target, name, heavy = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 module, function = target.split(":")
 sys.argv = [name, "--help"]

@@ -19,6 +19,8 @@ from ldm_train.data.manifest import check_manifest, read_manifest
 from ldm_train.data.readers import iter_shard
 from tests.data_prep.helpers import encode_args, encode_cfg, read_all_shards, run_encode
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 
 @pytest.fixture(scope="module")
 def six_shards(tmp_path_factory):

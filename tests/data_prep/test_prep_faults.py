@@ -20,6 +20,8 @@ from ldm_train.data.manifest import read_manifest
 from ldm_train.data.readers import iter_shard
 from tests.data_prep.helpers import REPO, encode_args, encode_cfg, read_all_shards, run_encode
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_signal_to_the_group_mid_run_then_resume(tmp_path, sig):

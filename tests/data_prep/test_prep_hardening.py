@@ -36,6 +36,8 @@ from ldm_train.data.readers import Filters, Sample, Skip, iter_shard
 from ldm_train.data.shard_reader import ShardFormatError, iter_samples
 from tests.data_prep.helpers import REPO, encode_args, encode_cfg, read_all_shards, read_shard, run_encode
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 FS = "tiny_kl_f4"
 
 

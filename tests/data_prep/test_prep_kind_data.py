@@ -6,12 +6,15 @@ import io
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from data_prep.synthetic import SEG_CLASSES, write_synthetic
 from ldm_train.data.masks import sample_mask
 from ldm_train.data.shapes_captions import COLOURS, SHAPES
 from tests.data_prep.helpers import encode_args, encode_cfg, tar_members
+
+pytestmark = pytest.mark.integration  # starts processes or servers
 
 
 def _rgb(blob: bytes) -> np.ndarray:

@@ -8,11 +8,14 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from data_prep.encode_job import run_encode as run_encode_inproc
 from ldm_train.data.manifest import read_manifest
 from tests.data_prep.helpers import encode_args, encode_cfg, read_all_shards
 from tests.data_prep.test_prep_hardening import FS, _exif6_jpeg, _jpeg, _records
+
+pytestmark = pytest.mark.integration  # starts processes or servers
 
 
 def _meta(url: str, **fields: float) -> bytes:

@@ -15,7 +15,7 @@ from ldm_train.data.readers import image_dataset
 from ldm_train.models.autoencoder import build_first_stage
 from tests.data_prep.helpers import encode_args, encode_cfg, read_all_shards
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 R = 16  # tiny_kl_f4 trains fastest here; f=4 -> 4x4x3 latents
 STEPS = 300  # a plain reconstruction loop; ~3 min on 2 shared cores

@@ -13,6 +13,8 @@ from ldm_train.data.manifest import read_manifest
 from ldm_train.data.readers import image_dataset
 from tests.data_prep.helpers import encode_args, encode_cfg, read_shard, run_encode
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 
 @pytest.fixture(scope="module")
 def bucket(s3_server):

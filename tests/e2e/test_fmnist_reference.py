@@ -15,7 +15,7 @@ from tests.ldm_train.trainer.helpers import REPO, trainer_env
 
 FMNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
-pytestmark = [pytest.mark.slow,
+pytestmark = [pytest.mark.integration, pytest.mark.slow,
               pytest.mark.skipif(not FMNIST.is_file(), reason="needs Debian's dataset-fashion-mnist")]
 
 KEYS = ("fid", "fid_real_floor", "num_samples", "train_wall_s", "judge_accuracy_t10k", "prompt_adherence",
@@ -42,4 +42,5 @@ def test_reference_chain_at_smoke_scale(tmp_path: Path) -> None:
     # a second run resumes: every stage is done, nothing trains again
     again = subprocess.run(cmd, cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already trained for 15 s: kept") == 2, again.stdout[-3000:]
     assert json.loads((report / "fmnist_ldm.json").read_text())["samples_seen"] == result["samples_seen"]

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 REPO = Path(__file__).resolve().parents[2]
 KEYS = ["first_stage_psnr", "fid", "fid_untrained", "kid", "kid_untrained", "precision", "recall", "prompt_adherence",
         "prompt_adherence_untrained", "train_samples_per_s", "wall_s"]

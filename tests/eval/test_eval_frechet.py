@@ -8,6 +8,8 @@ from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics
 
 from ldm_train.metrics.fid import FeatureStats, fid_from_stats, frechet_distance
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 
 def fid_from_features(features1: np.ndarray, features2: np.ndarray, chunk: int = 4096) -> float:
     """FID between two feature matrices [N, D], streamed through FeatureStats in chunks."""

@@ -12,6 +12,8 @@ import pytest
 
 from eval.sampling import load_prompts, rank_batches
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = [
     "a large red circle in the center on a white background",

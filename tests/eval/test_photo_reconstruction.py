@@ -26,7 +26,7 @@ try:
     MISSING = ""
 except FileNotFoundError as e:
     MISSING = str(e)
-pytestmark = pytest.mark.skipif(bool(MISSING), reason=f"scikit-image's photographs are missing: {MISSING}")
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(bool(MISSING), reason=f"scikit-image's photographs are missing: {MISSING}")]
 
 
 def test_named_splits_are_disjoint_and_keep_the_stereo_pair_together() -> None:

@@ -16,6 +16,8 @@ from ldm_train.data.input_shards import list_input_shards
 from ldm_train.data.readers import iter_shard
 from tests.data_prep.helpers import encode_args, encode_cfg
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory):

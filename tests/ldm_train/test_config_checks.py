@@ -12,6 +12,8 @@ import pytest
 
 from ldm_train.app import compose
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 REPO = Path(__file__).resolve().parents[2]
 
 # the five apps: (module, config name, schema, overrides that compose)

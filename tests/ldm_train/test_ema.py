@@ -13,6 +13,8 @@ from torch import nn
 
 from ldm_train.ema import EMA
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 
 def _model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)

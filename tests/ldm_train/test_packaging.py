@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 REPO = Path(__file__).resolve().parents[2]
 COMMANDS = {
     "ldm-train": ["experiment=tiny", "--cfg", "job"],

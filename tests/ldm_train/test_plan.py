@@ -24,6 +24,8 @@ from ldm_train.plan import (
 )
 from ldm_train.summary import compose_config
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 REPO = Path(__file__).resolve().parents[2]
 # the 1.45B layout at reduced width: every block type of the real model, CPU-sized
 REDUCED = ["experiment=txt2img_1p45b", "train.precision=fp32", "unet.model_channels=64", "text_encoder.n_embed=256",

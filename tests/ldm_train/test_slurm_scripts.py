@@ -11,6 +11,8 @@ import pytest
 
 from ldm_train import slurm_scripts
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 REPO = Path(__file__).resolve().parents[2]
 STAGE_SCRIPTS = ("train_txt2img.sh", "train_autoencoder.sh", "prep_latents.sh", "eval.sh")
 

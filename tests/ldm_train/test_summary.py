@@ -6,8 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from ldm_train.flops import summarize
 from ldm_train.summary import compose_config
+
+pytestmark = pytest.mark.integration  # starts processes or servers
 
 
 def test_1p45b_summary_cli() -> None:

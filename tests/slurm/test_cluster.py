@@ -11,7 +11,7 @@ import pytest
 
 from tests.slurm_cluster import LocalSlurmCluster, SlurmError, parse_scontrol_record
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
 
 def _script(path: Path, body: str) -> Path:

@@ -16,7 +16,7 @@ from tests.slurm_cluster import LocalSlurmCluster
 from .conftest import Latents, TrainRun
 from .helpers import REPO, require, submit_and_wait
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
 
 NUM_SAMPLES = 4
 

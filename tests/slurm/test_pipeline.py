@@ -14,7 +14,7 @@ from tests.slurm_cluster import LocalSlurmCluster
 from .conftest import TINY_TRAIN_ARGS
 from .helpers import REPO, job_env, job_logs, require
 
-pytestmark = pytest.mark.slurm
+pytestmark = [pytest.mark.integration, pytest.mark.slurm]
 
 STAGE_SCRIPTS = ("slurm/prep_latents.sh", "slurm/train_txt2img.sh", "slurm/eval.sh")
 # The stage scripts' #SBATCH defaults are sized for GPU nodes; these fit the 2-CPU local nodes.

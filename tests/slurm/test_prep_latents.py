@@ -11,7 +11,7 @@ from tests.slurm_cluster import LocalSlurmCluster
 
 from .conftest import PREP_TASKS, SYNTH_SAMPLES, SYNTH_SHARD, Latents
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
 
 
 def test_array_tasks_encode_every_shard_and_finalize_writes_manifest(

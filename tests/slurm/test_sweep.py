@@ -17,7 +17,7 @@ from tests.slurm_cluster import LocalSlurmCluster
 from .conftest import TINY_TRAIN_ARGS, Latents, export_random_first_stage, prep_latents
 from .helpers import REPO, job_env, require
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
 
 FIRST_STAGES = ("tiny_kl_f4", "tiny_kl_f8")
 

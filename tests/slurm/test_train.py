@@ -14,7 +14,7 @@ from tests.slurm_cluster import LocalSlurmCluster
 from .conftest import TINY_TRAIN_ARGS, Latents, TrainRun
 from .helpers import REPO, job_logs, require, submit, submit_and_wait
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.slurm, pytest.mark.slow]
 
 
 def _stats_steps(run_dir: Path) -> list[int]:

@@ -12,6 +12,8 @@ import pytest
 from data_prep.fashion_mnist import DEFAULT_ROOT
 from studies.first_stage_family import CONTRACT_KEYS, main, reconstruction_json_path, train_family
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 needs_fmnist = pytest.mark.skipif(not os.path.isfile(f"{DEFAULT_ROOT}/t10k-images-idx3-ubyte.gz"),
                                   reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (.ci/run does)")
 

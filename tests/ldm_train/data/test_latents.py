@@ -20,6 +20,8 @@ from ldm_train.data.manifest import ManifestError, check_manifest, read_manifest
 from ldm_train.data.tokenizer import BatchTokenizer
 from tests.ldm_train.data.helpers import write_latent_shards
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 
 def make_loader(shards_dir: Path, rank: int = 0, world_size: int = 1, tokenize_fn=None, **kw) -> LatentLoader:
     cfg = LatentDataConfig(shards=str(shards_dir), **{"batch_size": 4, "num_workers": 0, "shuffle_buffer": 8,

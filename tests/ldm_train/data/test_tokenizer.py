@@ -15,6 +15,8 @@ from ldm_train.data.tokenizer import (
     train_tokenizer,
 )
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 CAPTIONS = [
     "a red circle on a blue background",
     "two green squares next to a yellow triangle",

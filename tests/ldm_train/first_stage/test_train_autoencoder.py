@@ -8,11 +8,14 @@ import sys
 import tarfile
 
 import numpy as np
+import pytest
 import torch
 
 from ldm_train.first_stage.trainer import Trainer, train
 
 from .helpers import REPO, ae_cfg, stats
+
+pytestmark = pytest.mark.integration  # starts processes or servers
 
 
 def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from ldm_train.first_stage.trainer import train
 
 from .helpers import REPO, ae_cfg, stats
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 @pytest.mark.timeout(2400)  # ~3 min alone on 2 cores; 20 min was seen with 8 engineers sharing them

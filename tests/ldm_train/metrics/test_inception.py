@@ -14,6 +14,8 @@ from PIL import Image
 
 from ldm_train.metrics.inception import FIDInception, default_weights_path, load_reference
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 PHOTOS = ("astronaut.png", "chelsea.png", "coffee.png", "rocket.jpg", "motorcycle_left.png", "hubble_deep_field.jpg")
 
 

@@ -16,6 +16,8 @@ import pytest
 from ldm_train.runtime import distributed
 from ldm_train.runtime.distributed import DistEnv, master_addr_from_nodelist
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 SLURM_TASK = {  # what srun gives task 3 of a 2-node x 2-task step
     "SLURM_JOB_ID": "123456",
     "SLURM_STEP_ID": "0",

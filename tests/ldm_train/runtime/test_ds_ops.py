@@ -7,7 +7,11 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from ldm_train.runtime.ds_ops import clear_stale_locks
+
+pytestmark = pytest.mark.integration  # starts processes or servers
 
 REPO = Path(__file__).resolve().parents[3]
 

@@ -23,7 +23,7 @@ from ldm_train.trainer import checkpoint as ck
 from tests.ldm_train.trainer.helpers import REPO, read_stats, run_trainer, tiny_overrides, trainer_env
 from tests.malicious_pickle import write_malicious
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 STEP_ARGS = {"train.checkpoint.every_samples": 8 * 2, "train.checkpoint.keep_last": 5}
 

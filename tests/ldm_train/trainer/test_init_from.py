@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from tests.ldm_train.trainer.helpers import only_run_dir, run_trainer, tiny_overrides
+
+pytestmark = pytest.mark.integration  # starts processes or servers
 
 
 def _compvis_file(latents_root: Path, path: Path) -> dict[str, torch.Tensor]:

@@ -20,6 +20,8 @@ from tests.ldm_train.trainer.helpers import (
     write_latent_shards,
 )
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 STEPS = 10
 BATCH = 4  # global batch: 2 micro-batches of 2
 

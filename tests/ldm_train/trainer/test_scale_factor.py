@@ -16,6 +16,8 @@ from ldm_train.trainer.scale_factor import (
 )
 from tests.ldm_train.trainer.helpers import only_run_dir, run_trainer, tiny_overrides
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 
 def _never() -> float:
     raise AssertionError("the first batch must not be read")

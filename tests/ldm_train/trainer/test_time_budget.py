@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from tests.ldm_train.trainer.helpers import only_run_dir, read_stats, run_trainer, tiny_overrides
+
+pytestmark = pytest.mark.integration  # starts processes or servers
 
 
 def test_time_budget_ends_the_run_and_is_kept_across_resumes(latents_root: Path, tmp_path: Path) -> None:

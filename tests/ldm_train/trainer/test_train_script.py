@@ -18,6 +18,8 @@ SCRIPT = REPO / "slurm" / "train_txt2img.sh"
 PROBE = """#!{python}
 import json, os, signal, sys, time
 from ldm_train.runtime.distributed import DistEnv
+
+pytestmark = pytest.mark.integration  # starts processes or servers
 out = os.environ["PROBE_OUT"]
 env = DistEnv.from_env()
 rec = {{"argv": sys.argv[1:], "rank": env.rank, "world": env.world_size, "local_rank": env.local_rank,

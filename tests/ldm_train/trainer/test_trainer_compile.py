@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tests.ldm_train.trainer.helpers import read_stats, run_trainer, tiny_overrides
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
 
 def _run(latents_root: Path, runs: Path, zero: int, compiled: bool) -> tuple[list[float], float, Path]:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from tests.latent_shards import write_class_shards
 from tests.ldm_train.trainer.helpers import read_stats, run_trainer
 
-pytestmark = [pytest.mark.timeout(900), pytest.mark.slow]  # two trainer starts each: ~1.5-3 min on 2 shared cores
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900), pytest.mark.slow]  # two trainer starts each: ~1.5-3 min on 2 shared cores
 
 
 @pytest.fixture(scope="module")

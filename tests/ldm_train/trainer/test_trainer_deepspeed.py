@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from tests.ldm_train import wandb_reader
 from tests.ldm_train.trainer.helpers import only_run_dir, read_stats, run_trainer, tiny_overrides
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
 def _losses(run_dir: Path) -> dict[int, float]:

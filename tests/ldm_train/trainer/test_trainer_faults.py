@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from tests.ldm_train.trainer.helpers import REPO, read_stats, run_trainer, tiny_overrides, trainer_env
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from tests.ldm_train.trainer.helpers import read_stats, run_trainer
 
-pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
