@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "deepspeed", "transformers", "diffusers", "wandb", "torch_fidelity", "lpips")
 # calls `module:function` as the console script does, with `--help`, then names the heavy modules it loaded
 PROBE = """
 import importlib, json, sys
-
-pytestmark = pytest.mark.integration  # starts processes or servers
 target, name, heavy = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
 module, function = target.split(":")
 sys.argv = [name, "--help"]

@@ -14,12 +14,12 @@ import pytest
 
 from ldm_train.runtime.rundir import LOCK_FILE, RunDirInUse, release_run_dir, resolve_run_dir, shared_run_dir
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 REPO = Path(__file__).resolve().parents[3]
 HOLD = """
 import sys, time
 from ldm_train.runtime.rundir import resolve_run_dir
-
-pytestmark = pytest.mark.integration  # starts processes or servers
 run_dir = resolve_run_dir(sys.argv[1], "tiny", "tiny-x-gpus1-batch8", sys.argv[2] or None, sys.argv[3] or None)
 print(run_dir, flush=True)
 time.sleep(600)

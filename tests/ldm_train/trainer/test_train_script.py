@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.integration  # starts processes or servers
+
 REPO = Path(__file__).resolve().parents[3]
 SCRIPT = REPO / "slurm" / "train_txt2img.sh"
 
@@ -18,8 +20,6 @@ SCRIPT = REPO / "slurm" / "train_txt2img.sh"
 PROBE = """#!{python}
 import json, os, signal, sys, time
 from ldm_train.runtime.distributed import DistEnv
-
-pytestmark = pytest.mark.integration  # starts processes or servers
 out = os.environ["PROBE_OUT"]
 env = DistEnv.from_env()
 rec = {{"argv": sys.argv[1:], "rank": env.rank, "world": env.world_size, "local_rank": env.local_rank,
