@@ -154,6 +154,9 @@ class LocalSlurmCluster:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
                     "GROUP_RANK", "ROLE_RANK", "TORCHELASTIC_RUN_ID"):
             env.pop(key, None)
+        # Nor the test runner's one OpenMP thread per xdist worker: a job sizes its threads from its allocation.
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.pop(key, None)
         return env
 
     def start(self) -> LocalSlurmCluster:

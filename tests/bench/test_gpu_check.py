@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_gpu_check_dry_run_prints_its_json() -> None:
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True,
-                          text=True, timeout=600, cwd=REPO)
+                          text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHON": sys.executable})
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["bench"] == "gpu_check" and result["dry_run"] and result["experiment"] == "tiny"
