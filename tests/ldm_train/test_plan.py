@@ -47,6 +47,7 @@ def test_meta_count_equals_the_real_tensor_count(checkpointing: bool) -> None:
     assert abs(meta - real) / real < 0.005, (meta, real)
 
 
+@pytest.mark.slow  # four fresh processes each running a real step: about a minute per case
 @pytest.mark.parametrize("checkpointing", ["0", "1"], ids=["eager", "checkpointed"])
 def test_count_matches_the_resident_memory_growth_of_a_real_cpu_step(checkpointing: str) -> None:
     """Independent of the counter: the kernel's peak resident set (VmHWM, reset before the step) of a fresh process
