@@ -22,10 +22,11 @@ from tests.slurm_cluster import LocalSlurmCluster, missing_binaries  # noqa: E40
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
-    """``-n auto``: one worker more than CPUs, since tests spend a good share of their time waiting on the processes
-    and servers they start (2 CPUs: 3 workers ran the default suite in 487 s, 2 in about 520 s), and at most 4, since
-    many tests start trainings of two processes each. The slow suite, whose end-to-end tests learn within a budget of
-    training seconds, runs with ``-n <CPUs>`` (.ci/run)."""
+    """``-n auto``: one worker more than CPUs, since tests spend a good share of their time waiting on the
+    processes and servers they start (2 CPUs: 3 workers ran the default suite in 487 s; 2 workers took 581 s with
+    two tests since moved to the slow suite, about 60 s of it), and at most 4, since many tests start trainings of
+    two processes each. The slow suite, whose end-to-end tests learn within a budget of training seconds, runs
+    with ``-n <CPUs>`` (.ci/run)."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     return max(1, min(4, cpus + 1))
 
