@@ -52,8 +52,10 @@ def test_fid_train_vs_test_small_test_vs_noisy_large(sets, capsys) -> None:
     # covariances from 120 samples), so the "same distribution" FID is not near 0; KID is unbiased and is.
     assert close["fid"] < 120 and far["fid"] > close["fid"] + 50
     assert abs(close["kid_mean"]) < 0.02 and far["kid_mean"] > 0.05
-    from_stats = main([sets["stats"], sets["noisy"]])  # statistics saved by the first call: same FID, no KID
-    assert from_stats["fid"] == pytest.approx(far["fid"], rel=1e-9) and from_stats["kid_mean"] is None
+    # statistics saved by the first call: the same FID to float64 rounding of a different order of summation (the
+    # saved mean and covariance against ones recomputed: 1.1e-9 relative apart with one thread per process), no KID
+    from_stats = main([sets["stats"], sets["noisy"]])
+    assert from_stats["fid"] == pytest.approx(far["fid"], rel=1e-6) and from_stats["kid_mean"] is None
 
 
 def test_first_side_of_image_shards_reads_one_image(tmp_path) -> None:
