@@ -11,7 +11,7 @@ from typing import Any
 from omegaconf import MISSING
 
 from ldm_train.config import FirstStageConfig
-from ldm_train.config_checks import bounded, one_of
+from ldm_train.config_checks import AUTO_OR_BOOL, bounded, one_of
 from ldm_train.data.config import INPUT_FORMATS
 from ldm_train.runtime.precision import PRECISIONS
 
@@ -72,5 +72,5 @@ class EncodeConfig:
     # presence and size
     verify: bool = False
     # auto: write manifest.json when every input shard is done (the last task does it) | true | false
-    finalize: bool | str = one_of("auto", ("auto", True, False))
+    finalize: bool | str = one_of("auto", AUTO_OR_BOOL)
     progress: bool = True

@@ -11,11 +11,10 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from ldm_train.config import FirstStageConfig
-from ldm_train.config_checks import bounded, one_of
+from ldm_train.config import SAMPLERS, TIMESTEP_SPACINGS, FirstStageConfig
+from ldm_train.config_checks import AUTO_OR_BOOL, bounded, one_of
 from ldm_train.runtime.precision import PRECISIONS
 from ldm_train.tracking import LOGGER_MODES
-from ldm_train.trainer.config import SAMPLERS, TIMESTEP_SPACINGS
 
 EXTRACTORS = ("pretrained", "random-init")
 PRC_FEATURES = ("inception", "vgg16")
@@ -97,7 +96,7 @@ class EvalConfig:
     progress: bool = True
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     metrics: FidelityConfig = field(default_factory=FidelityConfig)
-    adherence: Any = one_of("auto", ("auto", True, False))  # auto: prompt adherence when every prompt parses as a synthetic-shapes caption | true | false
+    adherence: Any = one_of("auto", AUTO_OR_BOOL)  # auto: prompt adherence when every prompt parses as a synthetic-shapes caption | true | false
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
 

@@ -45,7 +45,6 @@ from ldm_train.sampling import SamplerSettings
 log = rank0_logger("eval")
 
 
-
 def guidance_scales(value: Any) -> list[float]:
     if isinstance(value, (list, tuple)):
         return [float(v) for v in value]

@@ -26,7 +26,8 @@ from ldm_train.models.ldm import LatentDiffusion
 
 def diffusion_config(cfg: Any) -> Any:
     """The ``train.diffusion`` node of ``cfg`` as a DiffusionConfig (defaults for absent keys)."""
-    from ldm_train.trainer.config import AMBIGUOUS_LINEAR, BETA_SCHEDULES, LOSS_TYPES, DiffusionConfig
+    from ldm_train.config import AMBIGUOUS_LINEAR, BETA_SCHEDULES, LOSS_TYPES
+    from ldm_train.trainer.config import DiffusionConfig
 
     node = OmegaConf.select(cfg, "train.diffusion", default=None) if OmegaConf.is_config(cfg) else \
         getattr(getattr(cfg, "train", None), "diffusion", None)

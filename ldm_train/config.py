@@ -18,6 +18,19 @@ from ldm_train.config_checks import bounded, one_of
 ATTN_TYPES = ("vanilla", "none")  # ddconfig.attn_type
 FIRST_STAGE_KINDS = ("kl", "vq", "pixel")
 SCALE_FACTOR_RULES = ("manifest", "first_batch")  # first_stage.scale_factor_from (ldm_train/trainer/scale_factor.py)
+# the allowed values of the training and sampling settings (``one_of`` in ldm_train.trainer.config, the first-stage
+# trainer and eval: refused at composition); the diffusion and sampling code imports them from here, torch-free
+LR_DECAYS = ("constant", "cosine")
+BETA_SCHEDULES = ("scaled_linear", "sqrt_linear", "sqrt", "cosine")  # ldm_train/diffusion/schedule.py
+AMBIGUOUS_LINEAR = (
+    "beta schedule 'linear' is ambiguous: CompVis configs (every released LDM) mean "
+    "linspace(sqrt(start), sqrt(end), T) ** 2, write scaled_linear; diffusers and DDPM mean linspace(start, end, T), "
+    "write sqrt_linear (CompVis' name; an older ldm-train config.yaml with 'linear' meant this one)"
+)
+PARAMETERIZATIONS = ("eps", "v")
+LOSS_TYPES = ("l2", "l1")  # CompVis get_loss: mse, or (target - pred).abs(); both averaged over C, H, W
+SAMPLERS = ("ddim", "plms", "ddpm")  # ldm_train.sampling
+TIMESTEP_SPACINGS = ("leading", "trailing", "uniform_compvis")  # ldm_train/diffusion/samplers.py make_timesteps
 
 
 @dataclass

@@ -25,6 +25,9 @@ def bounded(default: Any, *, ge: float | None = None, gt: float | None = None, l
     return dataclasses.field(default=default, metadata={"bounds": {"ge": ge, "gt": gt, "le": le, "lt": lt}})
 
 
+AUTO_OR_BOOL = ("auto", True, False)  # a setting that is decided automatically unless set true or false
+
+
 def one_of(default: Any, choices: tuple[Any, ...], *, notes: dict[Any, str] | None = None) -> Any:
     """A dataclass field with ``default`` whose value must be one of ``choices`` (None only when the default is None);
     ``notes``: a further explanation printed when a given refused value is used (e.g. an ambiguous name)."""

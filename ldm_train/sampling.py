@@ -16,11 +16,10 @@ from typing import Any
 
 import torch
 
-from ldm_train.config import SPATIAL_KINDS
+from ldm_train.config import SAMPLERS, SPATIAL_KINDS
 from ldm_train.diffusion.samplers import cfg_model_fn, ddim_sample, ddpm_sample, plms_sample
 from ldm_train.models.ldm import LatentDiffusion
 from ldm_train.runtime.precision import autocast
-from ldm_train.trainer.config import SAMPLERS
 
 
 @dataclass

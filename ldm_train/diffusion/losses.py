@@ -10,8 +10,8 @@ from collections.abc import Callable
 
 import torch
 
+from ldm_train.config import LOSS_TYPES, PARAMETERIZATIONS
 from ldm_train.diffusion.schedule import DiffusionSchedule, min_snr_weight
-from ldm_train.trainer.config import LOSS_TYPES, PARAMETERIZATIONS
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ldm_train.config import TIMESTEP_SPACINGS
 from ldm_train.diffusion.schedule import DiffusionSchedule
-from ldm_train.trainer.config import TIMESTEP_SPACINGS
 
 ModelFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 GeneratorArg = torch.Generator | Sequence[torch.Generator] | None

@@ -23,7 +23,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from ldm_train.trainer.config import AMBIGUOUS_LINEAR, BETA_SCHEDULES
+from ldm_train.config import AMBIGUOUS_LINEAR, BETA_SCHEDULES
 
 # CompVis make_beta_schedule's names -> ours (its default, and every released LDM's, is "linear")
 COMPVIS_BETA_SCHEDULES = {"linear": "scaled_linear", "sqrt_linear": "sqrt_linear", "sqrt": "sqrt", "cosine": "cosine"}

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ldm_train.config import FirstStageConfig
+from ldm_train.config import LR_DECAYS, FirstStageConfig
 from ldm_train.config_checks import bounded, one_of
 from ldm_train.data.config import INPUT_FORMATS
 from ldm_train.tracking import LoggerConfig
-from ldm_train.trainer.config import LR_DECAYS
 
 AE_PRECISIONS = ("fp32", "bf16")  # no fp16: it would need a loss scaler, which this trainer has not
 

@@ -10,26 +10,24 @@ from typing import Any
 
 from omegaconf import MISSING
 
-from ldm_train.config import CondConfig, FirstStageConfig, TextEncoderConfig, UNetConfig
+from ldm_train.config import (
+    AMBIGUOUS_LINEAR,
+    BETA_SCHEDULES,
+    LOSS_TYPES,
+    LR_DECAYS,
+    PARAMETERIZATIONS,
+    TIMESTEP_SPACINGS,
+    CondConfig,
+    FirstStageConfig,
+    TextEncoderConfig,
+    UNetConfig,
+)
 from ldm_train.config_checks import bounded, one_of
 from ldm_train.data.config import LatentDataConfig
 from ldm_train.runtime.precision import PRECISIONS
 from ldm_train.tracking import LoggerConfig
 
-# the allowed values of the string settings below (``one_of``: refused at composition); the diffusion and sampling
-# code imports them from here, so each list is written once
-LR_SCALINGS = ("none", "compvis")
-LR_DECAYS = ("constant", "cosine")
-BETA_SCHEDULES = ("scaled_linear", "sqrt_linear", "sqrt", "cosine")  # ldm_train/diffusion/schedule.py
-AMBIGUOUS_LINEAR = (
-    "beta schedule 'linear' is ambiguous: CompVis configs (every released LDM) mean "
-    "linspace(sqrt(start), sqrt(end), T) ** 2, write scaled_linear; diffusers and DDPM mean linspace(start, end, T), "
-    "write sqrt_linear (CompVis' name; an older ldm-train config.yaml with 'linear' meant this one)"
-)
-PARAMETERIZATIONS = ("eps", "v")
-LOSS_TYPES = ("l2", "l1")  # CompVis get_loss: mse, or (target - pred).abs(); both averaged over C, H, W
-SAMPLERS = ("ddim", "plms", "ddpm")  # ldm_train.sampling
-TIMESTEP_SPACINGS = ("leading", "trailing", "uniform_compvis")  # ldm_train/diffusion/samplers.py make_timesteps
+LR_SCALINGS = ("none", "compvis")  # optim.lr_scaling (``one_of``: refused at composition)
 
 
 @dataclass
