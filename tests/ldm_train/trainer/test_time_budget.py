@@ -16,7 +16,7 @@ def test_time_budget_ends_the_run_and_is_kept_across_resumes(latents_root: Path,
     runs = tmp_path / "runs"
     # a budget far below total_samples' worth of steps: the budget, not the sample count, ends the run
     args = tiny_overrides(latents_root, runs, **{"train.total_samples": 8 * 100000, "train.time_budget_s": 2,
-                                                 "train.checkpoint.every_samples": 16, "run_name": "budget"})
+                                                 "train.checkpoint.every_samples": 8, "run_name": "budget"})
     run_trainer(args, nproc=1)
     run_dir = only_run_dir(runs)
     summary = json.loads((run_dir / "train_summary.json").read_text())
@@ -27,10 +27,13 @@ def test_time_budget_ends_the_run_and_is_kept_across_resumes(latents_root: Path,
     meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
     assert meta["step"] == steps[-1]
     assert abs(meta["train_wall_s"] - summary["train_wall_s"]) < 0.1  # saved at the step the budget ended
-    # every periodic checkpoint records the training seconds it was taken at, increasing
-    walls = [json.loads((d / "meta.json").read_text())["train_wall_s"]
-             for d in sorted((run_dir / "checkpoints").glob("step_*"))]
-    assert walls == sorted(walls) and len(walls) >= 2
+    # a checkpoint after every step (the last few kept), each recording the training seconds it was taken at,
+    # increasing; how many steps fit in the budget depends on the machine's load, so the count is not asserted
+    metas = [json.loads((d / "meta.json").read_text()) for d in sorted((run_dir / "checkpoints").glob("step_*"))]
+    kept = [m["step"] for m in metas]
+    assert kept and kept == steps[-len(kept):], (kept, steps)
+    walls = [m["train_wall_s"] for m in metas]
+    assert all(a < b for a, b in zip(walls, walls[1:], strict=False)), walls
     # the same command again: the budget is spent, nothing trains, the checkpoint stays
     proc = run_trainer(args, nproc=1)
     assert [row["step"] for row in read_stats(run_dir) if "loss" in row] == steps, proc.stdout[-2000:]
