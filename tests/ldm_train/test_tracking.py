@@ -106,16 +106,22 @@ def test_disabled_mode_still_writes_stats(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "wandb").exists()
 
 
-def test_helpers() -> None:
+def test_helpers(monkeypatch: pytest.MonkeyPatch) -> None:
     assert mfu(780e9, 100.0, 312e12) == pytest.approx(0.25)
     assert strip_secrets({"a": [{"hf_token": "t", "token_len": 3}], "password": "p", "keys": 1}) == {
         "a": [{"hf_token": "***", "token_len": "***"}], "password": "***", "keys": 1}
+    clock = [100.0]  # the timer's clock, moved by hand: no share depends on how busy the machine is
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
     timer = StepTimer()
     for _ in range(3):
         with timer.data():
-            time.sleep(0.05)  # all of the step is spent waiting for data
+            clock[0] += 0.3  # waiting for the loader
+        clock[0] += 0.1  # the step itself
+        with timer.excluded():
+            clock[0] += 5.0  # a checkpoint: not training time
         timer.step(samples=8)
     summary = timer.summary()
-    assert 0.5 < summary["data_wait_share"] <= 1.0
-    assert summary["samples_per_s"] > 0 and summary["step_time_s"] >= 0.05
+    assert summary["data_wait_share"] == pytest.approx(0.75)
+    assert summary["step_time_s"] == pytest.approx(0.4) and summary["samples_per_s"] == pytest.approx(24 / 1.2)
+    clock[0] += 1.0
     assert timer.summary()["samples_per_s"] == 0.0  # reset after reading
