@@ -1,6 +1,6 @@
 """The reference text-to-image run on Fashion-MNIST, against diffusers' pixel-space DDPM at equal training time.
 
-``python -m studies.fmnist_reference [--out data/fmnist] [--budget-s 2400] [--stages prep,train,score,report]``
+``python -m studies.fmnist_reference [--out data/fmnist] [--budget-s 2400] [--stages prep,train,sampler,score,report]``
 
 Each stage runs its commands as separate command lines (logs in ``<out>/logs/``) and skips what is done, so a
 killed run is resumed by running the same command again:
@@ -9,8 +9,13 @@ killed run is resumed by running the same command again:
          6,400 steps x batch 8), the latent shards (``data_prep.encode``), the judge (``eval.fmnist_judge``)
   train  ``ldm_train.train experiment=fmnist_txt2img`` and ``bench/fmnist_pixel_ddpm.py train`` side by side, one
          thread each, each for ``--budget-s`` seconds of training steps (both resume)
-  score  the first stage's PSNR / SSIM (``eval.reconstruction``) and rFID over 5,000 t10k images; for every LDM checkpoint and baseline snapshot: ``--curve-samples`` images (``--fid-samples`` for the
-         last) with DDIM ``--steps`` steps and guidance ``--guidance-scale``, sample i prompted with class i % 10
+  sampler the DDIM steps x guidance grid on the final LDM checkpoint: 1,000 samples per setting, their FID against
+         the first 10,000 *train* images (so the choice never looks at t10k) and their prompt adherence; the
+         setting with the lowest FID among those with adherence >= 0.85 is the one ``score`` uses (unless
+         ``--steps`` / ``--guidance-scale`` are given)
+  score  the first stage's PSNR / SSIM (``eval.reconstruction``) and rFID over 5,000 t10k images; for every LDM
+         checkpoint and baseline snapshot: ``--curve-samples`` images (``--fid-samples`` for the
+         last) with the chosen DDIM steps and guidance (both models alike), sample i prompted with class i % 10
          from seed i; FID with ``python -m eval.fid`` against all t10k images; the real-data floor (the first
          ``--fid-samples`` train images against t10k); prompt adherence of the final sets by the judge
   report ``docs/results/fmnist_ldm.json`` (``--report-dir``) and ``.md``, the FID-against-time plot, the 10 x 8
@@ -35,9 +40,12 @@ from studies.quickstart import FIRST_STAGE_RECIPE, PY, StageError, run_stage
 REPO = Path(__file__).resolve().parent.parent
 BASELINE = REPO / "bench" / "fmnist_pixel_ddpm.py"
 PROMPTS = [f"a photo of a {name}" for name in CLASS_NAMES]
-FULL = {"ae_steps": 6400, "budget_s": 2400.0, "fid_samples": 5000, "curve_samples": 500, "baseline_final": 1000, "train_shards": 60,
+# the sampler grid: DDIM steps x guidance scales, SAMPLER_SAMPLES images each; the adherence a setting must keep
+SAMPLER_STEPS, SAMPLER_GUIDANCE, SAMPLER_MIN_ADHERENCE = (20, 50), (1.0, 1.5, 2.0, 3.0), 0.85
+DEFAULT_SAMPLER = {"steps": 20, "guidance_scale": 2.0}  # without a sampler stage's choice
+FULL = {"sampler_samples": 1000, "sampler_reference": 10000, "ae_steps": 6400, "budget_s": 2400.0, "fid_samples": 5000, "curve_samples": 500, "baseline_final": 1000, "train_shards": 60,
         "t10k_shards": 10, "reference_images": 10000, "judge_epochs": 3, "ldm_checkpoint_every": 24000, "baseline_snapshot_every_s": 600.0, "baseline_curve_stride": 2}
-SMOKE = {"ae_steps": 20, "budget_s": 15.0, "fid_samples": 40, "curve_samples": 20, "baseline_final": 20, "train_shards": 2,
+SMOKE = {"sampler_samples": 20, "sampler_reference": 100, "ae_steps": 20, "budget_s": 15.0, "fid_samples": 40, "curve_samples": 20, "baseline_final": 20, "train_shards": 2,
          "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 256, "baseline_snapshot_every_s": 8.0, "baseline_curve_stride": 1}
 
 def _tars(folder: Path, n: int) -> str:
@@ -201,19 +209,90 @@ class Reference:
             # the full-rank reference first: its Cholesky is the cheap path (the samples' covariance may be singular)
             return round(float(frechet_distance(ref["mu"], ref["sigma"], f.mean(0), np.cov(f, rowvar=False))), 3)
 
-    def _sample_ldm(self, point: dict[str, Any], n: int, folder: Path) -> None:
+    def sampler(self) -> dict[str, Any]:
+        """The DDIM steps x guidance grid on the final LDM checkpoint: FID against train images and adherence per
+        setting; the choice (lowest FID among the settings with adherence >= SAMPLER_MIN_ADHERENCE) goes to
+        ``scores/sampler.json``, which ``score`` reads."""
+        import numpy as np
+
+        from ldm_train.metrics.fid import frechet_distance
+
+        out = self.score_dir / "sampler.json"
+        if out.exists():
+            return json.loads(out.read_text())
+        points = self.ldm_points()
+        if not points:
+            raise StageError("no LDM checkpoints for the sampler grid: run --stages train first")
+        self.score_dir.mkdir(parents=True, exist_ok=True)
+        ref_n, n = self.n["sampler_reference"], self.n["sampler_samples"]
+        ref = self.score_dir / f"train_fid_stats_{ref_n}.npz"
+        if not ref.exists():
+            from eval.fid import feature_set
+            from ldm_train.data.fsspec_io import atomic_write
+            from ldm_train.metrics.inception import FIDInception
+
+            fs = feature_set(_tars(self.raw / "train", self.n["train_shards"]).strip("'"), FIDInception(),
+                             batch_size=100, limit=ref_n)
+            with atomic_write(ref) as f:
+                np.savez(f, mu=fs.mu, sigma=fs.sigma, count=ref_n)
+        with np.load(ref) as r:
+            mu, sigma = r["mu"], r["sigma"]
+        rows = []
+        steps_grid = SAMPLER_STEPS if not self.args.smoke else SAMPLER_STEPS[:1]
+        for steps in steps_grid:
+            for gs in SAMPLER_GUIDANCE if not self.args.smoke else SAMPLER_GUIDANCE[::2]:
+                setting = {"steps": steps, "guidance_scale": gs}
+                folder = self._draw("ldm", points[-1], n, self._sample_ldm, setting)
+                feats = self._features(folder).astype(np.float64)
+                fid = float(frechet_distance(mu, sigma, feats.mean(0), np.cov(feats, rowvar=False)))
+                judged = self._judge(folder)
+                rows.append({**setting, "fid_vs_train": round(fid, 3), "prompt_adherence": judged["prompt_adherence"]})
+                print(f"    sampler {setting}: FID{n} vs train {fid:.2f}, adherence {judged['prompt_adherence']:.3f}",
+                      flush=True)
+        ok = [r for r in rows if r["prompt_adherence"] >= SAMPLER_MIN_ADHERENCE] or rows
+        best = min(ok, key=lambda r: r["fid_vs_train"])
+        result = {"checkpoint": points[-1]["name"], "num_samples": n, "reference": f"first {ref_n:,} train images",
+                  "min_adherence": SAMPLER_MIN_ADHERENCE, "grid": rows,
+                  "chosen": {"steps": best["steps"], "guidance_scale": best["guidance_scale"]}}
+        _write_json(out, result)
+        return result
+
+    def setting(self) -> dict[str, Any]:
+        """The DDIM steps and guidance of the scores: the command line's, else the sampler grid's choice, else
+        DEFAULT_SAMPLER."""
+        chosen = dict(DEFAULT_SAMPLER)
+        grid = self.score_dir / "sampler.json"
+        if grid.exists():
+            chosen.update(json.loads(grid.read_text())["chosen"])
+        if self.args.steps is not None:
+            chosen["steps"] = self.args.steps
+        if self.args.guidance_scale is not None:
+            chosen["guidance_scale"] = self.args.guidance_scale
+        return chosen
+
+    def _judge(self, folder: Path) -> dict[str, Any]:
+        """The judge's prompt adherence of a folder of samples (scored once; the log is named after the folder)."""
+        name = "_".join(folder.relative_to(self.score_dir).parts)
+        log = self.logs / f"judge_{name}.log"
+        if not log.exists() or not log.read_text().strip().startswith("{"):
+            run_stage(f"judge_{name}", [PY, "-m", "eval.fmnist_judge", "score", "--weights", str(self.judge),
+                                        "--images", str(folder)], self.logs)
+        return _json_tail(log)
+
+    def _sample_ldm(self, point: dict[str, Any], n: int, folder: Path, setting: dict[str, Any]) -> None:
         prompts = self.out / "prompts.txt"
         prompts.write_text("\n".join(PROMPTS) + "\n")
-        run_stage(f"sample_ldm_{point['name']}_{n}", [
+        run_stage(f"sample_ldm_{folder.name}", [
             PY, "-m", "eval.run", f"checkpoint={point['path']}", f"prompts={prompts}", f"num_samples={n}",
-            f"steps={self.args.steps}", f"guidance_scale={self.args.guidance_scale}", "stage=sample",
+            f"steps={setting['steps']}", f"guidance_scale={setting['guidance_scale']}", "stage=sample",
             f"output_dir={folder}", "batch_size=250", "wandb.mode=disabled", "progress=false", "metrics.fid=false",
             "metrics.prc=false", "adherence=false"], self.logs)
 
-    def _sample_baseline(self, point: dict[str, Any], n: int, folder: Path) -> None:
-        run_stage(f"sample_baseline_{point['name']}_{n}", [
+    def _sample_baseline(self, point: dict[str, Any], n: int, folder: Path, setting: dict[str, Any]) -> None:
+        run_stage(f"sample_baseline_{folder.name}", [
             PY, str(BASELINE), "sample", "--out", str(self.base_dir), "--snapshot", point["name"],
-            "--num-samples", str(n), "--steps", str(self.args.steps), "--guidance-scale", str(self.args.guidance_scale),
+            "--num-samples", str(n), "--steps", str(setting["steps"]),
+            "--guidance-scale", str(setting["guidance_scale"]),
             "--images", str(folder), "--batch-size", "250", "--threads", str(self.args.threads)], self.logs)
 
     def _images_of(self, folder: Path) -> Path:
@@ -254,20 +333,17 @@ class Reference:
         for model, points, _, _ in models:
             if not points:
                 raise StageError(f"no {model} checkpoints to score: run --stages train first")
-        curve_n = self.n["curve_samples"]
+        curve_n, setting = self.n["curve_samples"], self.setting()
+        _write_json(self.score_dir / "setting.json", setting)
         # the final points first (the headline numbers), then the curves, then the first stage
         for model, points, sample, final_n in models:
-            folder = self._draw(model, points[-1], final_n, sample)
-            judge_log = self.logs / f"judge_{model}.log"
-            if not judge_log.exists() or not judge_log.read_text().strip().startswith("{"):
-                run_stage(f"judge_{model}", [PY, "-m", "eval.fmnist_judge", "score", "--weights", str(self.judge),
-                                             "--images", str(folder)], self.logs)
-            _write_json(self.score_dir / f"{model}_adherence.json", _json_tail(judge_log))
+            folder = self._draw(model, points[-1], final_n, sample, setting)
+            _write_json(self.score_dir / f"{model}_adherence.json", self._judge(folder))
         for model, points, sample, final_n in models:
             rows = []
             for i, point in enumerate(points):
                 final = i == len(points) - 1
-                folder = self._draw(model, point, final_n if final else curve_n, sample)
+                folder = self._draw(model, point, final_n if final else curve_n, sample, setting)
                 feats = self._features(folder)
                 # every curve point at the same size and seeds (the first curve_n images; biased upwards alike)
                 row = {**point, "fid": self._fid(feats, curve_n), "fid_samples": curve_n, "images": str(folder)}
@@ -286,11 +362,11 @@ class Reference:
             feats = feature_set(train, FIDInception(), batch_size=100, limit=curve_n).features.numpy()
             _write_json(floor_curve, {"fid": self._fid(feats, curve_n), "num_images": curve_n})
 
-    def _draw(self, model: str, point: dict[str, Any], n: int, sample: Any) -> Path:
-        """The folder of PNGs of ``n`` samples of this point (drawn once)."""
-        folder = self.score_dir / model / f"{point['name']}-n{n}"
+    def _draw(self, model: str, point: dict[str, Any], n: int, sample: Any, setting: dict[str, Any]) -> Path:
+        """The folder of PNGs of ``n`` samples of this point with this sampler setting (drawn once)."""
+        folder = self.score_dir / model / f"{point['name']}-n{n}-ddim{setting['steps']}-g{setting['guidance_scale']:g}"
         if not (folder / "done").exists():
-            sample(point, n, folder)
+            sample(point, n, folder, setting)
             (folder / "done").write_text("")
         return self._images_of(folder)
 
@@ -307,6 +383,9 @@ class Reference:
         judge = json.loads((self.score_dir / "ldm_adherence.json").read_text())
         judge_base = json.loads((self.score_dir / "baseline_adherence.json").read_text())
         ldm_sum = json.loads((self.ldm_dir / "train_summary.json").read_text())
+        setting = json.loads((self.score_dir / "setting.json").read_text())
+        grid = self.score_dir / "sampler.json"
+        sampler_grid = json.loads(grid.read_text()) if grid.exists() else None
         curve_n = self.n["curve_samples"]
         base_final = base[-1]["fid"]  # at curve_n samples, as every curve point
         # the first LDM point at or below the baseline's final FID, both at curve_n samples (None: not reached)
@@ -330,7 +409,7 @@ class Reference:
             "speedup_to_baseline_final_fid": (round(base[-1]["train_wall_s"] / reached["train_wall_s"], 2)
                                               if reached else None),
             "first_stage": recon,
-            "sampler": {"kind": "ddim", "steps": self.args.steps, "guidance_scale": self.args.guidance_scale},
+            "sampler": {"kind": "ddim", **setting}, "sampler_grid": sampler_grid,
             "curve": {"ldm": ldm, "baseline": base},
             "commit": commit,
             "commands": {"all": "python -m studies.fmnist_reference" + (" --smoke" if self.args.smoke else ""),
@@ -380,25 +459,34 @@ def markdown(r: dict[str, Any]) -> str:
     lines += ["", (f"The LDM reached the baseline's final FID{r['curve_fid_samples']} after {reached:,.0f} s of its "
                    f"{r['baseline_train_wall_s']:,.0f} s: {r['speedup_to_baseline_final_fid']}x sooner.") if reached else
               "The LDM did not reach the baseline's final FID within the budget."]
+    grid = r.get("sampler_grid")
+    if grid:
+        lines += ["", f"The sampler (chosen on {grid['num_samples']:,} samples of {grid['checkpoint']} against the "
+                      f"{grid['reference']}, never t10k: the lowest FID with prompt adherence >= {grid['min_adherence']}):",
+                  "", "| DDIM steps | guidance | FID vs train | prompt adherence |", "| ---: | ---: | ---: | ---: |"]
+        lines += [f"| {g['steps']} | {g['guidance_scale']:g} | {g['fid_vs_train']:.2f} | {g['prompt_adherence']:.3f} |"
+                  for g in grid["grid"]]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m studies.fmnist_reference", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="data/fmnist")
-    ap.add_argument("--stages", default="prep,train,score,report")
+    ap.add_argument("--stages", default="prep,train,sampler,score,report")
     ap.add_argument("--budget-s", type=float, default=None, help="training seconds of each model (default 2400)")
-    ap.add_argument("--steps", type=int, default=20, help="DDIM steps of both models")
-    ap.add_argument("--guidance-scale", type=float, default=2.0)
+    ap.add_argument("--steps", type=int, default=None,
+                    help="DDIM steps of both models (default: the sampler stage's choice, else 20)")
+    ap.add_argument("--guidance-scale", type=float, default=None,
+                    help="guidance of both models (default: the sampler stage's choice, else 2.0)")
     ap.add_argument("--threads", type=int, default=2, help="threads for sampling (training: one each)")
     ap.add_argument("--report-dir", default=None, help="where the JSON and PNGs go (default docs/results)")
     ap.add_argument("--smoke", action="store_true", help="seconds and tens of images: checks the chain only")
     args = ap.parse_args(argv)
     ref = Reference(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = set(stages) - {"prep", "train", "score", "report"}
+    unknown = set(stages) - {"prep", "train", "sampler", "score", "report"}
     if unknown:
-        ap.error(f"--stages: unknown {sorted(unknown)}; use prep, train, score, report")
+        ap.error(f"--stages: unknown {sorted(unknown)}; use prep, train, sampler, score, report")
     t0 = time.time()
     try:
         for stage in stages:

@@ -1,7 +1,7 @@
 """The reference Fashion-MNIST run's command at smoke scale: every stage of ``studies.fmnist_reference --smoke``
-(data, first stage, latents, judge, the LDM and the diffusers baseline side by side, scores, report) from nothing,
-then the report's contract: the JSON keys, the plot and the grids. The full run is a documented command
-(docs/results.md); this checks the chain, not the models."""
+(data, first stage, latents, judge, the LDM and the diffusers baseline side by side, the sampler grid, scores,
+report) from nothing, then the report's contract: the JSON keys, the plot and the grids. The full run is a documented
+command (docs/results.md); this checks the chain, not the models."""
 from __future__ import annotations
 
 import json
@@ -36,6 +36,11 @@ def test_reference_chain_at_smoke_scale(tmp_path: Path) -> None:
     assert len(result["curve"]["ldm"]) >= 2 and len(result["curve"]["baseline"]) >= 2
     assert 0.0 <= result["prompt_adherence"] <= 1.0 and result["judge_accuracy_t10k"] > 0.5
     assert result["fid"] > 0 and result["baseline_fid"] > 0 and result["first_stage"]["psnr"] > 10
+    # the sampler grid (DDIM 20 steps x guidance 1 and 2 at smoke scale) chose the setting the scores used
+    grid = result["sampler_grid"]
+    assert [(g["steps"], g["guidance_scale"]) for g in grid["grid"]] == [(20, 1.0), (20, 2.0)]
+    assert all(g["fid_vs_train"] > 0 and 0 <= g["prompt_adherence"] <= 1 for g in grid["grid"])
+    assert {k: result["sampler"][k] for k in ("steps", "guidance_scale")} == grid["chosen"]
     for png in ("fmnist_fid_vs_time.png", "fmnist_ldm_samples.png", "fmnist_baseline_samples.png",
                 "fmnist_kl_f4_reconstructions.png"):
         assert (report / png).stat().st_size > 1000, png
