@@ -39,7 +39,7 @@ from studies.quickstart import FIRST_STAGE_RECIPE, PY, StageError, run_stage
 FULL = {"sampler_samples": 1000, "sampler_reference": 10000, "ae_steps": 6400, "budget_s": 2400.0, "fid_samples": 5000, "curve_samples": 500, "baseline_final": 1000, "train_shards": 60,
         "t10k_shards": 10, "reference_images": 10000, "judge_epochs": 3, "ldm_checkpoint_every": 24000, "baseline_snapshot_every_s": 600.0, "baseline_curve_stride": 2}
 SMOKE = {"sampler_samples": 20, "sampler_reference": 100, "ae_steps": 20, "budget_s": 15.0, "fid_samples": 40, "curve_samples": 20, "baseline_final": 20, "train_shards": 2,
-         "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 256, "baseline_snapshot_every_s": 8.0, "baseline_curve_stride": 1}
+         "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 64, "curve_points": 2, "baseline_snapshot_every_s": 8.0, "baseline_curve_stride": 1}
 
 
 class Reference(Scoring):

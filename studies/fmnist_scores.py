@@ -52,7 +52,11 @@ class Scoring:
             points.append({"name": meta.parent.name, "path": str(meta.parent), "samples": m["samples_seen"],
                            "train_wall_s": m.get("train_wall_s")})
         # a periodic checkpoint a few steps before the budget's end adds a point on top of the final one
-        return [p for p in points[:-1] if p["samples"] < 0.95 * points[-1]["samples"]] + points[-1:]
+        periodic = [p for p in points[:-1] if p["samples"] < 0.95 * points[-1]["samples"]]
+        keep = self.n.get("curve_points")  # at most this many periodic points, evenly spaced (None: all)
+        if keep and len(periodic) > keep:
+            periodic = [periodic[round(i * (len(periodic) - 1) / max(keep - 1, 1))] for i in range(keep)]
+        return periodic + points[-1:]
 
     def baseline_points(self) -> list[dict[str, Any]]:
         lines = (self.base_dir / "snapshots.jsonl").read_text().splitlines()
