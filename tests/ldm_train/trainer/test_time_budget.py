@@ -57,9 +57,15 @@ def test_fid_at_training_time_moments_and_at_the_budgets_end(latents_root: Path,
                                                  "train.fid.steps": 2, "train.fid.bootstrap": 2,
                                                  "train.fid.batch_size": 4, "run_name": "moments"})
     proc = run_trainer(args, nproc=1)
-    rows = [r for r in read_stats(only_run_dir(runs)) if "fid4" in r]
+    stats = read_stats(only_run_dir(runs))
+    rows = [r for r in stats if "fid4" in r]
     walls = [r["train_wall_s"] for r in rows]
-    # one FID per second of training time (decided at the log interval, so at or just past each second)
-    assert len(rows) == 3, proc.stdout[-3000:]
-    assert [int(w) for w in walls] == [1, 2, 3], walls
+    # an FID after the step that passes each second of training time, the last at the budget's end (3 s), which
+    # is the run's last step
+    moments = [int(w) for w in walls]
+    assert moments == sorted(set(moments)) and moments[0] >= 1 and walls[-1] >= 3, (walls, proc.stdout[-3000:])
+    assert rows[-1]["step"] == max(r["step"] for r in stats if "loss" in r)
+    # with steps well under a second (an unloaded machine) no second passes inside one step: one FID per second
+    if max(r["step_time_s"] for r in stats if "loss" in r) < 0.5:
+        assert moments == [1, 2, 3], walls
     assert all(r["fid4_std"] >= 0 for r in rows)
