@@ -85,8 +85,9 @@ class Scoring:
         print(f"    pool3 features of {len(feats)} images in {images}: {time.time() - t0:.0f} s", flush=True)
         return feats
 
-    def _fid(self, feats: Any, limit: int) -> float:
-        """FID of the first ``limit`` images against the t10k statistics (eval.fid's Frechet distance)."""
+    def _fid(self, feats: Any, limit: int, stats: Path | None = None) -> float:
+        """FID of the first ``limit`` images against ``stats`` (an .npz of mu and sigma; default the t10k
+        statistics), with eval.fid's Frechet distance."""
         import numpy as np
 
         from ldm_train.metrics.fid import frechet_distance
@@ -94,7 +95,7 @@ class Scoring:
         if len(feats) < limit:
             raise StageError(f"{limit} images asked for an FID, {len(feats)} drawn")
         f = feats[:limit].astype(np.float64)
-        with np.load(self.t10k_stats) as ref:
+        with np.load(stats or self.t10k_stats) as ref:
             # the full-rank reference first: its Cholesky is the cheap path (the samples' covariance may be singular)
             return round(float(frechet_distance(ref["mu"], ref["sigma"], f.mean(0), np.cov(f, rowvar=False))), 3)
 
@@ -103,8 +104,6 @@ class Scoring:
         setting; the choice (lowest FID among the settings with adherence >= SAMPLER_MIN_ADHERENCE) goes to
         ``scores/sampler.json``, which ``score`` reads."""
         import numpy as np
-
-        from ldm_train.metrics.fid import frechet_distance
 
         out = self.score_dir / "sampler.json"
         if out.exists():
@@ -124,18 +123,15 @@ class Scoring:
                              batch_size=100, limit=ref_n)
             with atomic_write(ref) as f:
                 np.savez(f, mu=fs.mu, sigma=fs.sigma, count=ref_n)
-        with np.load(ref) as r:
-            mu, sigma = r["mu"], r["sigma"]
         rows = []
         steps_grid = SAMPLER_STEPS if not self.args.smoke else SAMPLER_STEPS[:1]
         for steps in steps_grid:
             for gs in SAMPLER_GUIDANCE if not self.args.smoke else SAMPLER_GUIDANCE[::2]:
                 setting = {"steps": steps, "guidance_scale": gs}
                 folder = self._draw("ldm", points[-1], n, self._sample_ldm, setting)
-                feats = self._features(folder).astype(np.float64)
-                fid = float(frechet_distance(mu, sigma, feats.mean(0), np.cov(feats, rowvar=False)))
+                fid = self._fid(self._features(folder), n, ref)
                 judged = self._judge(folder)
-                rows.append({**setting, "fid_vs_train": round(fid, 3), "prompt_adherence": judged["prompt_adherence"]})
+                rows.append({**setting, "fid_vs_train": fid, "prompt_adherence": judged["prompt_adherence"]})
                 print(f"    sampler {setting}: FID{n} vs train {fid:.2f}, adherence {judged['prompt_adherence']:.3f}",
                       flush=True)
         ok = [r for r in rows if r["prompt_adherence"] >= SAMPLER_MIN_ADHERENCE] or rows
