@@ -2,6 +2,7 @@
 
     python -m data_prep.fashion_mnist output=DIR split=train|t10k [limit=N resolution=28 shard_size=1000 root=...]
 
+Root config ``conf/fashion_mnist.yaml`` (schema ``FashionMNISTConfig``).
 Reads the IDX files ``<root>/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`` (60,000 + 10,000 greyscale 28x28
 images in 10 classes; ``apt-get install dataset-fashion-mnist`` puts them in /usr/share/datasets/fashion-mnist)
 and writes img2dataset-style tars ``000000.tar ...`` of ``<key>.png`` (lossless, the grey value copied to R, G
@@ -16,15 +17,16 @@ import gzip
 import io
 import json
 import os
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import MISSING
 from PIL import Image
 
 from data_prep.image_shards import write_image_shards
+from ldm_train.app import hydra_app
+from ldm_train.config_checks import bounded, one_of
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
 SPLITS = ("train", "t10k")
@@ -91,21 +93,24 @@ def write_fashion_mnist(output: str, split: str = "train", limit: int | None = N
 
 @dataclass
 class FashionMNISTConfig:
-    output: str = "???"
-    split: str = "train"
-    limit: int | None = None
-    resolution: int = 28
-    shard_size: int = 1000
-    root: str = DEFAULT_ROOT
+    """``python -m data_prep.fashion_mnist``: the typed root config of ``conf/fashion_mnist.yaml``."""
+
+    output: str = MISSING  # folder or URL of the tars
+    split: str = one_of("train", SPLITS)
+    limit: int | None = bounded(None, ge=0)  # the first N images of the split; None: all
+    resolution: int = bounded(28, ge=1)  # 28: as stored; another side resizes, bicubic
+    shard_size: int = bounded(1000, ge=1)  # samples per tar
+    root: str = DEFAULT_ROOT  # folder of the IDX files *-ubyte.gz
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
-    cfg: FashionMNISTConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(FashionMNISTConfig), args))
-    if cfg.output == "???":
-        raise SystemExit("usage: python -m data_prep.fashion_mnist output=DIR split=train|t10k [limit=N]")
+def _run(cfg: FashionMNISTConfig) -> None:
     urls = write_fashion_mnist(cfg.output, cfg.split, cfg.limit, cfg.resolution, cfg.shard_size, cfg.root)
     print(json.dumps({"output": cfg.output, "split": cfg.split, "shards": len(urls)}))
+
+
+def main() -> None:
+    hydra_app("fashion_mnist", FashionMNISTConfig, _run,
+              usage="python -m data_prep.fashion_mnist output=DIR split=train|t10k [limit=N]")
 
 
 if __name__ == "__main__":

@@ -2,19 +2,32 @@
 
     python -m data_prep.finalize output=<latents root> first_stage=<name>    (or output=<the shard folder>)
 
-Checks that every input shard has its output shard and part, and fails listing the missing ones (re-run the
+Root config ``conf/finalize.yaml`` (schema ``FinalizeConfig``): ``first_stage=<name>`` selects the first-stage preset
+the encode job used, whose shard folder is ``<output>/<first_stage.name>``. Checks that every input shard has its output shard and part, and fails listing the missing ones (re-run the
 encode job: it redoes exactly those). The encode job calls this itself when its last task finishes
 (``finalize=auto``), so running it by hand is only needed after ``finalize=false``.
 """
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING
 
 from data_prep import manifest as mf
+from ldm_train.app import hydra_app
+from ldm_train.config import FirstStageConfig
 from ldm_train.data import fsspec_io
+
+
+@dataclass
+class FinalizeConfig:
+    """``python -m data_prep.finalize``: the typed root config of ``conf/finalize.yaml``."""
+
+    output: str = MISSING  # the latents root (with first_stage) or the shard folder itself
+    # first_stage=<preset>: the shard folder is <output>/<first_stage.name> (unless output holds the job itself)
+    first_stage: FirstStageConfig | None = None
 
 
 class FinalizeError(RuntimeError):
@@ -89,20 +102,23 @@ def finalize(output: str) -> dict[str, Any]:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
-    if "output" not in args:
-        raise SystemExit("usage: python -m data_prep.finalize output=<latents root> first_stage=<name>")
-    output = str(args.output)
-    if "first_stage" in args and not fsspec_io.exists(mf.job_url(output)):
-        output = fsspec_io.join(output, str(args.first_stage))
+def _run(cfg: FinalizeConfig) -> int:
+    output = cfg.output
+    if cfg.first_stage is not None and not fsspec_io.exists(mf.job_url(output)):
+        output = fsspec_io.join(output, cfg.first_stage.name)
     try:
         m = finalize(output)
     except FinalizeError as e:  # NoSamplesError included
         print(f"[finalize] {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+        return 1
     print(f"[finalize] {m['_url']}: {m['num_samples']} samples in {m['num_shards']} shards, "
           f"scale_factor={m['scale_factor']}, skipped={m['skipped']}", flush=True)
+    return 0
+
+
+def main() -> None:
+    hydra_app("finalize", FinalizeConfig, _run,
+              usage="python -m data_prep.finalize output=<latents root> first_stage=<name>")
 
 
 if __name__ == "__main__":

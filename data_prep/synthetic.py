@@ -1,10 +1,11 @@
 """The built-in captioned-shapes dataset: the embedded default for the quickstart and the tests.
 
 ``python -m data_prep.synthetic output=DIR num_samples=N resolution=R [shard_size=1000 seed=0 split=train|heldout
-quality=95]`` draws one shape per image (circle, square, triangle, star; small or large; at one of five positions;
-in one of eight well separated colours, on white or on another plain colour) and writes it as img2dataset lays out
-LAION: WebDataset tars ``000000.tar ...`` of ``<key>.jpg`` + ``<key>.txt`` (caption) + ``<key>.json`` (metadata), keys
-``000000000``-style. The caption says exactly what is drawn: "a small red circle at the top left on a blue background".
+quality=95 annotate=false]`` (root config ``conf/synthetic.yaml``, schema ``SyntheticConfig``) draws one shape
+per image (circle, square, triangle, star; small or large; at one of five positions; in one of eight well separated
+colours, on white or on another plain colour) and writes it as img2dataset lays out LAION: WebDataset tars
+``000000.tar ...`` of ``<key>.jpg`` + ``<key>.txt`` (caption) + ``<key>.json`` (metadata), keys ``000000000``-style.
+The caption says exactly what is drawn: "a small red circle at the top left on a blue background".
 
 Every image is a pure function of (seed, split, index), so any shard size gives the same samples. The
 (colour, shape) pairs in ``HELDOUT_COMBOS`` are never drawn in ``split=train`` and are the only ones drawn in
@@ -18,15 +19,16 @@ from __future__ import annotations
 import io
 import json
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from omegaconf import OmegaConf
+from omegaconf import MISSING
 from PIL import Image, ImageDraw
 
 from data_prep.image_shards import write_image_shards
+from ldm_train.app import hydra_app
+from ldm_train.config_checks import bounded, one_of
 from ldm_train.data.shapes_captions import (  # the caption grammar, shared with eval
     COLOURS,
     HELDOUT_COMBOS,
@@ -149,13 +151,15 @@ def sample_scene(seed: int, split: str, index: int) -> tuple[Scene, np.random.Ge
 
 @dataclass
 class SyntheticConfig:
-    output: str = "???"
-    num_samples: int = 1000
-    resolution: int = 64
-    shard_size: int = 1000
+    """``python -m data_prep.synthetic``: the typed root config of ``conf/synthetic.yaml``."""
+
+    output: str = MISSING  # folder or URL of the tars
+    num_samples: int = bounded(1000, ge=1)
+    resolution: int = bounded(64, ge=1)
+    shard_size: int = bounded(1000, ge=1)  # samples per tar
     seed: int = 0
-    split: str = "train"
-    quality: int = 95  # JPEG quality
+    split: str = one_of("train", SPLITS)  # heldout: only the (colour, shape) pairs of HELDOUT_COMBOS
+    quality: int = bounded(95, ge=0, le=100)  # JPEG quality
     annotate: bool = False  # also seg.png (colour classes) and json objects (shape class + box)
 
 
@@ -194,14 +198,15 @@ def write_synthetic(
     return write_image_shards(output, records(), shard_size)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
-    cfg: SyntheticConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(SyntheticConfig), args))
-    if cfg.output == "???":
-        raise SystemExit("usage: python -m data_prep.synthetic output=DIR num_samples=N resolution=R [split=train]")
+def _run(cfg: SyntheticConfig) -> None:
     urls = write_synthetic(cfg.output, cfg.num_samples, cfg.resolution, cfg.shard_size, cfg.seed, cfg.split, cfg.quality,
                            cfg.annotate)
     print(json.dumps({"output": cfg.output, "split": cfg.split, "num_samples": cfg.num_samples, "shards": len(urls)}))
+
+
+def main() -> None:
+    hydra_app("synthetic", SyntheticConfig, _run,
+              usage="python -m data_prep.synthetic output=DIR num_samples=N resolution=R [split=train]")
 
 
 if __name__ == "__main__":

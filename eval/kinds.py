@@ -19,24 +19,29 @@ was, a sample is drawn (DDIM, seed ``seed + i``, no guidance for the concatenate
   everywhere and so covers the box best, while a barely trained model's faint object covers little of it.
 
 ``untrained=true`` scores the same model at its random initialisation: the baseline a trained model must beat.
-Writes ``metrics.json`` (and ``samples.png``: originals above samples) under ``output`` when given.
+Prints the scores as one JSON line; writes ``metrics.json`` (and ``samples.png``: originals above samples) under
+``output`` when given. Root config ``conf/eval_kinds.yaml`` (schema ``KindsEvalConfig``); torch loads inside the
+functions that use it, so ``--help`` answers without it.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
-import sys
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
-from omegaconf import OmegaConf
+from omegaconf import MISSING
 from PIL import Image
 
+from ldm_train.app import hydra_app
+from ldm_train.config_checks import bounded
 from ldm_train.data import fsspec_io
 from ldm_train.data.shapes_captions import BACKGROUND_WHITE, COLOURS
+
+if TYPE_CHECKING:
+    import torch  # loaded by the functions that use it: --help answers without it
 
 KINDS = ("inpaint", "semantic", "layout")
 PALETTE = np.array([BACKGROUND_WHITE, *COLOURS.values()], np.float64)  # data_prep.synthetic.SEG_CLASSES' colours
@@ -45,12 +50,14 @@ FAR_FROM_BACKGROUND = 80.0  # RGB distance (eval.adherence's): the palette colou
 
 @dataclass
 class KindsEvalConfig:
-    checkpoint: str = "???"  # run dir, checkpoints dir or step dir of a cond.kind inpaint / semantic / layout run
-    images: str = "???"  # annotated held-out tars (a folder of *.tar or one tar) at the model's resolution
-    num_images: int = 32
-    steps: int = 20
+    """``python -m eval.kinds``: the typed root config of ``conf/eval_kinds.yaml``."""
+
+    checkpoint: str = MISSING  # run dir, checkpoints dir or step dir of a cond.kind inpaint / semantic / layout run
+    images: str = MISSING  # annotated held-out tars (a folder of *.tar or one tar) at the model's resolution
+    num_images: int = bounded(32, ge=1)
+    steps: int = bounded(20, ge=1)
     seed: int = 0  # sample i's noise seed is seed + i; inpainting masks are drawn from (seed, key)
-    batch_size: int = 16
+    batch_size: int = bounded(16, ge=1)
     untrained: bool = False  # score the same model at its random initialisation
     use_ema: bool = True
     fid: bool = True  # inpaint: FID of the inpainted images against the originals
@@ -61,6 +68,8 @@ class KindsEvalConfig:
 def heldout(path: str, resolution: int, limit: int) -> list[dict[str, Any]]:
     """The first ``limit`` annotated samples under ``path``: key, image [3, R, R] in [-1, 1], seg (uint8 [R, R] or
     None), objects."""
+    import torch
+
     from ldm_train.data.shard_reader import iter_samples
 
     urls = [path] if path.endswith(".tar") else [fsspec_io.join(path, n) for n in fsspec_io.ls(path) if n.endswith(".tar")]
@@ -97,6 +106,8 @@ def _need(items: list[dict[str, Any]], field: str, kind: str, path: str) -> None
 
 def conditions(model: Any, items: list[dict[str, Any]], cfg: KindsEvalConfig, device: torch.device) -> tuple[list, Any]:
     """The model's condition of each held-out sample, and what scoring needs beside the images (the masks)."""
+    import torch
+
     from ldm_train.data.cond_inputs import inpaint_concat, one_hot
     from ldm_train.data.masks import sample_mask
 
@@ -161,6 +172,8 @@ def layout_scores(samples: np.ndarray, items: list[dict[str, Any]]) -> dict[str,
 
 def inpaint_scores(samples: torch.Tensor, originals: torch.Tensor, masks: torch.Tensor, fid: bool) -> dict[str, float]:
     """``samples`` already pasted into the known pixels; all in [-1, 1]."""
+    import torch
+
     err = ((samples - originals) / 2) ** 2 * masks
     mse = err.flatten(1).sum(1) / (masks.flatten(1).sum(1) * 3).clamp_min(1)
     out = {"psnr_masked": float((10 * torch.log10(1 / mse.clamp_min(1e-10))).mean()),
@@ -175,6 +188,8 @@ def inpaint_scores(samples: torch.Tensor, originals: torch.Tensor, masks: torch.
 
 
 def evaluate(cfg: KindsEvalConfig) -> dict[str, Any]:
+    import torch
+
     from eval.checkpoint import load_sampling_model
     from ldm_train.build import build_ldm
     from ldm_train.runtime.distributed import device_for_rank
@@ -213,6 +228,8 @@ def evaluate(cfg: KindsEvalConfig) -> dict[str, Any]:
 
 
 def _write(output: str, report: dict[str, Any], originals: torch.Tensor, samples: torch.Tensor) -> None:
+    import torch
+
     os.makedirs(output, exist_ok=True)
     with open(os.path.join(output, "metrics.json"), "w") as f:
         json.dump(report, f, indent=2)
@@ -221,15 +238,16 @@ def _write(output: str, report: dict[str, Any], originals: torch.Tensor, samples
     Image.fromarray(grid).save(os.path.join(output, "samples.png"))
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    args = OmegaConf.from_cli(sys.argv[1:] if argv is None else argv)
-    cfg: KindsEvalConfig = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(KindsEvalConfig), args))
-    if "???" in (cfg.checkpoint, cfg.images):
-        raise SystemExit("usage: python -m eval.kinds checkpoint=RUN_DIR images=HELDOUT_TARS [num_images=32 steps=20 "
-                         "untrained=false fid=true output=DIR]")
+def _run(cfg: KindsEvalConfig) -> dict[str, Any]:
     report = evaluate(cfg)
     print(json.dumps(report))
     return report
+
+
+def main() -> None:
+    hydra_app("eval_kinds", KindsEvalConfig, _run,
+              usage="python -m eval.kinds checkpoint=RUN_DIR images=HELDOUT_TARS [num_images=32 steps=20 "
+                    "untrained=false fid=true output=DIR]")
 
 
 if __name__ == "__main__":

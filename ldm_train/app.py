@@ -1,13 +1,16 @@
 """The one way every stage is wired to Hydra: ``hydra_app(config_name, schema, run)``.
 
-Each app (``ldm_train.train``, ``ldm_train.train_autoencoder``, ``data_prep.encode``, ``eval.run``,
-``eval.reconstruction``) has a typed root config: a dataclass registered in Hydra's ConfigStore as
+Every pipeline stage command is such an app: ``ldm_train.train``, ``ldm_train.train_autoencoder``,
+``data_prep.encode``, ``data_prep.finalize``, ``data_prep.synthetic``, ``data_prep.fashion_mnist``, ``eval.run``,
+``eval.reconstruction`` and ``eval.kinds`` (bench/ and studies/ scripts and the small tools take argparse flags).
+Each has a typed root config: a dataclass registered in Hydra's ConfigStore as
 ``<config_name>_schema``, which ``conf/<config_name>.yaml`` lists first in its defaults, so the YAML holds
 presets only and a mistyped key or value fails at composition. The composed config is converted to the
 dataclass ONCE, here, and the app's ``run(cfg)`` receives that object. ``run``'s return value is the exit
 status (Hydra drops a task's return value, so a non-zero code is raised as ``SystemExit``). A key given twice on
 the command line, a key no schema field reads, a non-finite or out-of-range number and a string setting outside its
-choices are refused, naming the key (``ldm_train.config_checks``). ``--help`` composes the config and fills the app's help template without Hydra's
+choices are refused, naming the key (``ldm_train.config_checks``); so is a required key left unset (``???``), with
+the app's usage line when it has one. ``--help`` composes the config and fills the app's help template without Hydra's
 listing of every config group; the apps import torch only inside ``run``, so help answers in about a second.
 """
 from __future__ import annotations
@@ -99,8 +102,20 @@ def app_help(config_name: str, schema: type, overrides: list[str], resolve: bool
         return None  # Hydra's help reports the error in its own words
 
 
-def hydra_app(config_name: str, schema: type, run: Callable[[Any], Any]) -> None:
-    """Parse the command line with Hydra (overrides, ``-m`` sweeps, launchers) and call ``run(typed_cfg)``."""
+def missing_keys_error(config_name: str, cfg: DictConfig, usage: str | None = None) -> str | None:
+    """The error for the required keys (``???``) that ``cfg`` leaves unset, with ``usage`` (None: all are set)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if not missing:
+        return None
+    given = " ".join(f"{key}=..." for key in missing)
+    return (f"[{config_name}] required key{'s' if len(missing) > 1 else ''} not set: {', '.join(missing)} "
+            f"(give {given} on the command line)" + (f"\nusage: {usage}" if usage else ""))
+
+
+def hydra_app(config_name: str, schema: type, run: Callable[[Any], Any], usage: str | None = None) -> None:
+    """Parse the command line with Hydra (overrides, ``-m`` sweeps, launchers) and call ``run(typed_cfg)``.
+
+    ``usage``: an example command, printed when a required key is not set."""
     import hydra
     from hydra._internal.utils import get_args_parser
 
@@ -117,6 +132,8 @@ def hydra_app(config_name: str, schema: type, run: Callable[[Any], Any]) -> None
 
     @hydra.main(config_path=str(CONF_DIR), config_name=config_name, version_base=HYDRA_VERSION_BASE)
     def _app(cfg: DictConfig) -> None:
+        if error := missing_keys_error(config_name, cfg, usage):
+            raise SystemExit(error)
         code = run(to_config(cfg, schema))
         if isinstance(code, int) and code:
             raise SystemExit(code)

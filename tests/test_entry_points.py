@@ -36,7 +36,8 @@ def console_scripts() -> dict[str, str]:
     return dict(re.findall(r'^([\w-]+) = "([\w.:]+)"$', section, re.M))
 
 
-COMMANDS = {**console_scripts(), "python -m eval.reconstruction": "eval.reconstruction:main"}
+COMMANDS = {**console_scripts(), **{f"python -m {module}": f"{module}:main" for module in (
+    "eval.reconstruction", "eval.kinds", "data_prep.synthetic", "data_prep.fashion_mnist", "data_prep.finalize")}}
 
 
 def test_every_console_script_is_covered() -> None:

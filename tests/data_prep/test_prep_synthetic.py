@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,8 @@ from data_prep import synthetic
 from data_prep.synthetic import object_core_mask, write_synthetic
 from ldm_train.data.shapes_captions import COLOURS, HELDOUT_COMBOS, Scene, parse_caption
 from tests.data_prep.helpers import tar_members
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_layout_and_determinism(tmp_path):
@@ -77,7 +82,12 @@ def test_object_colour_measurable_at_64px(tmp_path, size):
     assert n > 50 and hits == n
 
 
+@pytest.mark.integration  # starts a process
 def test_cli(tmp_path):
-    synthetic.main([f"output={tmp_path}", "num_samples=3", "resolution=16", "split=heldout", "seed=2"])
+    done = subprocess.run([sys.executable, "-m", "data_prep.synthetic", f"output={tmp_path}", "num_samples=3",
+                           "resolution=16", "split=heldout", "seed=2"], cwd=REPO, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout) == {"output": str(tmp_path), "split": "heldout", "num_samples": 3, "shards": 1}
     caps = [v["txt"].decode() for v in tar_members(tmp_path / "000000.tar").values()]
     assert len(caps) == 3 and all((parse_caption(c).colour, parse_caption(c).shape) in HELDOUT_COMBOS for c in caps)

@@ -16,14 +16,18 @@ pytestmark = pytest.mark.integration  # starts processes or servers
 
 REPO = Path(__file__).resolve().parents[2]
 
-# the five apps: (module, config name, schema, overrides that compose)
+# every app: (module, config name, schema, overrides that compose)
 APPS = {
     "ldm_train.train": ("train", "ldm_train.trainer.config:TrainAppConfig", ["experiment=tiny"]),
     "ldm_train.train_autoencoder": ("train_autoencoder", "ldm_train.first_stage.config:AutoencoderAppConfig",
                                     ["data.input=raw"]),
     "data_prep.encode": ("encode", "data_prep.config:EncodeConfig", ["input=raw", "first_stage=tiny_kl_f4"]),
+    "data_prep.finalize": ("finalize", "data_prep.finalize:FinalizeConfig", ["output=latents", "first_stage=tiny_kl_f4"]),
+    "data_prep.synthetic": ("synthetic", "data_prep.synthetic:SyntheticConfig", ["output=raw"]),
+    "data_prep.fashion_mnist": ("fashion_mnist", "data_prep.fashion_mnist:FashionMNISTConfig", ["output=raw"]),
     "eval.run": ("eval", "eval.config:EvalConfig", ["checkpoint=run"]),
     "eval.reconstruction": ("eval_reconstruction", "eval.config:ReconstructionConfig", ["images=raw"]),
+    "eval.kinds": ("eval_kinds", "eval.kinds:KindsEvalConfig", ["checkpoint=run", "images=raw"]),
 }
 
 
@@ -45,9 +49,32 @@ def test_every_app_composes_its_defaults(module: str) -> None:
 @pytest.mark.parametrize("module", sorted(APPS))
 def test_a_key_no_setting_reads_is_refused(module: str) -> None:
     key = {"ldm_train.train": "train.totl_samples", "ldm_train.train_autoencoder": "train.max_stesp",
-           "data_prep.encode": "batch_sise", "eval.run": "num_sampels", "eval.reconstruction": "num_imgaes"}[module]
+           "data_prep.encode": "batch_sise", "data_prep.finalize": "outptu", "data_prep.synthetic": "num_sampels",
+           "data_prep.fashion_mnist": "limt", "eval.run": "num_sampels", "eval.reconstruction": "num_imgaes",
+           "eval.kinds": "num_imgaes"}[module]
     with pytest.raises(ValueError, match=re.escape(key) + r": no setting of \w+ reads this key.*did you mean"):
         _compose(module, f"+{key}=16")
+
+
+# the commands whose required keys, left unset, are named with the command's usage line
+REQUIRED = {"data_prep.finalize": ["output"], "data_prep.synthetic": ["output"], "data_prep.fashion_mnist": ["output"],
+            "eval.kinds": ["checkpoint", "images"]}
+
+
+@pytest.mark.parametrize("module", sorted(REQUIRED))
+def test_the_command_line_names_a_missing_required_key_and_an_unknown_key(module: str) -> None:
+    def run(*overrides: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", module, *overrides], cwd=REPO, capture_output=True, text=True,
+                              timeout=300)
+
+    keys = REQUIRED[module]
+    missing = run()
+    assert missing.returncode != 0
+    assert f"required key{'s' if len(keys) > 1 else ''} not set: {', '.join(keys)}" in missing.stderr
+    assert f"usage: python -m {module} " in missing.stderr
+    unknown = run(*(f"{key}=x" for key in keys), "num_sampels=3")
+    assert unknown.returncode != 0
+    assert "Could not override 'num_sampels'" in unknown.stderr
 
 
 def test_the_hint_names_the_key_meant() -> None:
@@ -158,7 +185,9 @@ def test_a_key_given_twice_is_found_whatever_its_prefix() -> None:
 def test_an_unquoted_brace_pattern_is_refused_on_every_command_line(module: str, tmp_path) -> None:
     """bash turns ``input=raw/{000000..000001}.tar`` into two arguments; Hydra would keep the last one."""
     key = {"ldm_train.train": "data.shards", "ldm_train.train_autoencoder": "data.input",
-           "data_prep.encode": "input", "eval.run": "reference.path", "eval.reconstruction": "images"}[module]
+           "data_prep.encode": "input", "data_prep.finalize": "output", "data_prep.synthetic": "output",
+           "data_prep.fashion_mnist": "output", "eval.run": "reference.path", "eval.reconstruction": "images",
+           "eval.kinds": "images"}[module]
     cmd = f"{sys.executable} -m {module} {key}={tmp_path}/raw/{{000000..000001}}.tar hydra.run.dir={tmp_path}/h"
     proc = subprocess.run(["bash", "-c", cmd], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
