@@ -47,7 +47,7 @@ PRESETS = ("tiny_kl_f4", "tiny_kl_f8", "tiny_vq_f4")
 CROP_SIZE = 64
 # L1 + KL / codebook only: LPIPS needs torchvision's VGG16 file, the GAN would start after the budget anyway
 TRAIN_OVERRIDES = ("first_stage.lossconfig.perceptual_weight=0", "first_stage.lossconfig.disc_start=1000000000",
-                   "optim.base_lr=3.75e-5", "data.num_workers=1", "logger=disabled")
+                   "train.optim.base_lr=3.75e-5", "data.num_workers=1", "logger=disabled")
 RUN_ENV = {"OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
 
 
@@ -131,9 +131,9 @@ def train_preset(preset: str, splits: dict[str, Any], runs_root: Path, steps: in
     shutil.rmtree(run_dir, ignore_errors=True)  # another length or split: start over, never resume across them
     cmd = [sys.executable, "-m", "ldm_train.train_autoencoder", f"first_stage={preset}",
            f"data.input={splits['train_dir']}", f"data.heldout={splits['heldout_dir']}", f"runs_root={runs_root}",
-           f"run_name={preset}", f"train.max_steps={steps}", f"optim.batch_size={batch_size}",
+           f"run_name={preset}", f"train.max_steps={steps}", f"train.micro_batch={batch_size}",
            f"data.shuffle_buffer={shuffle_buffer}", f"train.eval_every={steps}", f"train.image_every={steps}",
-           f"train.checkpoint_every={steps}", f"train.log_every={min(50, steps)}", *TRAIN_OVERRIDES]
+           f"train.checkpoint.every_steps={steps}", f"train.log_every={min(50, steps)}", *TRAIN_OVERRIDES]
     logs = logs or runs_root
     logs.mkdir(parents=True, exist_ok=True)
     log = logs / f"train_{preset}.log"

@@ -8,9 +8,10 @@ Each has a typed root config: a dataclass registered in Hydra's ConfigStore as
 presets only and a mistyped key or value fails at composition. The composed config is converted to the
 dataclass ONCE, here, and the app's ``run(cfg)`` receives that object. ``run``'s return value is the exit
 status (Hydra drops a task's return value, so a non-zero code is raised as ``SystemExit``). A key given twice on
-the command line, a key no schema field reads, a non-finite or out-of-range number and a string setting outside its
-choices are refused, naming the key (``ldm_train.config_checks``); so is a required key left unset (``???``), with
-the app's usage line when it has one. ``--help`` composes the config and fills the app's help template without Hydra's
+the command line, a key no schema field reads, a key the schema has renamed (its ``renamed_keys`` table: the error
+names the new key), a non-finite or out-of-range number and a string setting outside its choices are refused, naming
+the key (``ldm_train.config_checks``); so is a required key left unset (``???``), with the app's usage line when it
+has one. ``--help`` composes the config and fills the app's help template without Hydra's
 listing of every config group; the apps import torch only inside ``run``, so help answers in about a second.
 """
 from __future__ import annotations
@@ -48,8 +49,13 @@ def to_config(cfg: DictConfig, schema: type) -> Any:
         return cfg
     merged = OmegaConf.merge(OmegaConf.structured(schema), cfg)
     typed = OmegaConf.to_object(merged)
-    check_config(typed)
+    check_config(typed, renamed_keys(schema))
     return typed
+
+
+def renamed_keys(schema: type) -> dict[str, str]:
+    """The keys ``schema`` has renamed, old -> new (its ``renamed_keys`` class attribute; none by default)."""
+    return getattr(schema, "renamed_keys", {})
 
 
 def config_yaml(cfg: Any) -> str:
@@ -67,6 +73,10 @@ def _compose(config_name: str, schema: type, overrides: list[str], with_hydra: b
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    from ldm_train.config_checks import renamed_overrides
+
+    if error := renamed_overrides(overrides, renamed_keys(schema)):
+        raise ValueError(error)
     register_schema(config_name, schema)  # overrides given twice: the last wins (a caller's defaults, then its own)
     if not (CONF_DIR / f"{config_name}.yaml").is_file():
         raise FileNotFoundError(f"no {config_name}.yaml in {CONF_DIR}: set LDM_TRAIN_CONF to a conf/ directory of this layout or unset it to use the packaged ldm_train/conf")
@@ -119,10 +129,10 @@ def hydra_app(config_name: str, schema: type, run: Callable[[Any], Any], usage: 
     import hydra
     from hydra._internal.utils import get_args_parser
 
-    from ldm_train.config_checks import duplicate_overrides
+    from ldm_train.config_checks import duplicate_overrides, renamed_overrides
 
     args = get_args_parser().parse_known_args()[0]
-    if error := duplicate_overrides(args.overrides):
+    if error := duplicate_overrides(args.overrides) or renamed_overrides(args.overrides, renamed_keys(schema)):
         raise SystemExit(f"[{config_name}] {error}")
     if args.help and not (args.config_path or args.config_name or args.config_dir):
         if (text := app_help(config_name, schema, args.overrides, args.resolve)) is not None:

@@ -21,6 +21,8 @@ SCALE_FACTOR_RULES = ("manifest", "first_batch")  # first_stage.scale_factor_fro
 # the allowed values of the training and sampling settings (``one_of`` in ldm_train.trainer.config, the first-stage
 # trainer and eval: refused at composition); the diffusion and sampling code imports them from here, torch-free
 LR_DECAYS = ("constant", "cosine")
+# none: lr = base_lr; compvis: lr = base_lr x the global batch (CompVis main.py scale_lr), both trainers
+LR_SCALINGS = ("none", "compvis")
 BETA_SCHEDULES = ("scaled_linear", "sqrt_linear", "sqrt", "cosine")  # ldm_train/diffusion/schedule.py
 AMBIGUOUS_LINEAR = (
     "beta schedule 'linear' is ambiguous: CompVis configs (every released LDM) mean "

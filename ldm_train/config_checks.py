@@ -4,6 +4,8 @@
   unquoted brace pattern becomes once the shell has expanded it (``input=raw/{000000..000001}.tar``).
 - A key that no schema field reads is refused: Hydra's ``+key=value`` adds any key, and the typed object keeps
   it as an attribute nothing reads, so a typo (``+train.totl_samples=16``) would change nothing.
+- A key a schema has renamed (its ``renamed_keys`` table: old key -> new key) is refused naming the new key, on the
+  command line before Hydra parses it (Hydra would only say it cannot override it) and in the typed config.
 - Every float is finite, and a field declared with ``bounded(...)`` lies in its range (learning rates,
   probabilities, counts, intervals), each error naming the key.
 - A field declared with ``one_of(default, choices)`` holds one of its choices (schedules, loss types, precisions,
@@ -45,15 +47,21 @@ _OPS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
         "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
 
 
-def duplicate_overrides(overrides: list[str]) -> str | None:
-    """The error for a key given more than once among Hydra ``overrides`` (None: each key once)."""
+def _parse_overrides(overrides: list[str]) -> list[Any] | None:
+    """Hydra's parse of ``overrides`` (None: malformed, which Hydra's own parser reports)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
-        parsed_all = OverridesParser.create().parse_overrides(overrides)
+        return OverridesParser.create().parse_overrides(overrides)
     except HydraException:
-        return None  # malformed: Hydra's own parser reports it
+        return None
+
+
+def duplicate_overrides(overrides: list[str]) -> str | None:
+    """The error for a key given more than once among Hydra ``overrides`` (None: each key once)."""
+    if (parsed_all := _parse_overrides(overrides)) is None:
+        return None
     seen: dict[str, list[str]] = {}
     for text, parsed in zip(overrides, parsed_all, strict=True):
         key = parsed.key_or_group + (f"@{parsed.package}" if parsed.package else "")
@@ -68,6 +76,25 @@ def duplicate_overrides(overrides: list[str]) -> str | None:
             "pattern for Hydra, e.g. \"input='raw/train/{000000..000009}.tar'\"; otherwise give each key once")
 
 
+def _renamed(key: str, renamed: dict[str, str]) -> str | None:
+    """``key`` (or the nearest node above it) was renamed: the error, else None."""
+    parts = key.split(".")
+    for end in range(len(parts), 0, -1):
+        old = ".".join(parts[:end])
+        if old in renamed:
+            return f"{old} was renamed {renamed[old]}" + (f" (in {key})" if old != key else "")
+    return None
+
+
+def renamed_overrides(overrides: list[str], renamed: dict[str, str]) -> str | None:
+    """The error for Hydra ``overrides`` that name a key of the ``renamed`` table, with or without ``+``, ``++`` or
+    ``~`` (None: none does)."""
+    if not renamed or (parsed_all := _parse_overrides(overrides)) is None:
+        return None
+    errors = [e for parsed in parsed_all if not parsed.package and (e := _renamed(parsed.key_or_group, renamed))]
+    return "; ".join(dict.fromkeys(errors)) + ": set the new key instead" if errors else None
+
+
 def _children(obj: Any, path: str) -> Iterator[tuple[str, Any, dataclasses.Field | None]]:
     if dataclasses.is_dataclass(obj):
         for f in dataclasses.fields(obj):
@@ -80,22 +107,26 @@ def _children(obj: Any, path: str) -> Iterator[tuple[str, Any, dataclasses.Field
             yield f"{path.rstrip('.')}[{i}]", v, None
 
 
-def unknown_keys(obj: Any, path: str = "") -> list[str]:
-    """Errors for attributes of the typed config that are not fields of its schema (keys added with ``+``)."""
+def unknown_keys(obj: Any, path: str = "", renamed: dict[str, str] | None = None) -> list[str]:
+    """Errors for attributes of the typed config that are not fields of its schema (keys added with ``+``); a key
+    of the ``renamed`` table (old -> new, from the root) is named with its new key."""
     errors = []
     if dataclasses.is_dataclass(obj):
         names = [f.name for f in dataclasses.fields(obj)]
         for extra in sorted(set(vars(obj)) - set(names)):
+            if renamed and (error := _renamed(f"{path}{extra}", renamed)):
+                errors.append(error)
+                continue
             close = difflib.get_close_matches(extra, names, n=1)
             hint = f"did you mean {path}{close[0]}?" if close else f"the keys of {path or 'the root'} are: {', '.join(names)}"
             errors.append(f"{path}{extra}: no setting of {type(obj).__name__} reads this key, so it would change "
                           f"nothing ({hint})")
     for key, value, _ in _children(obj, path):
         if dataclasses.is_dataclass(value):
-            errors += unknown_keys(value, f"{key}.")
+            errors += unknown_keys(value, f"{key}.", renamed)
         elif isinstance(value, (list, tuple)):
             errors += [e for _, v, _ in _children(value, key) if dataclasses.is_dataclass(v)
-                       for e in unknown_keys(v, f"{key}.")]
+                       for e in unknown_keys(v, f"{key}.", renamed)]
     return errors
 
 
@@ -127,8 +158,9 @@ def _is_choice(value: Any, choices: tuple[Any, ...]) -> bool:
     return any(type(value) is type(c) and value == c for c in choices)
 
 
-def check_config(cfg: Any) -> None:
-    """Raise a ValueError listing every unknown key and out-of-range or disallowed value of the typed root ``cfg``."""
-    errors = unknown_keys(cfg) + bad_values(cfg)
+def check_config(cfg: Any, renamed: dict[str, str] | None = None) -> None:
+    """Raise a ValueError listing every unknown (or ``renamed``: old -> new) key and out-of-range or disallowed value
+    of the typed root ``cfg``."""
+    errors = unknown_keys(cfg, renamed=renamed) + bad_values(cfg)
     if errors:
         raise ValueError("; ".join(errors) + " (fix the override on the command line, or the preset in conf/)")

@@ -156,10 +156,10 @@ def train_preset(name: str, out: Path, train_tars: str, eval_tars: str, steps: i
     wall = run_stage(f"train_{name}", [
         PY, "-m", "ldm_train.train_autoencoder", f"first_stage={name}", f"data.input={train_tars}",
         f"data.heldout={eval_tars}", f"runs_root={out / 'runs'}", "run_group=autoencoder", f"run_name={name}",
-        f"train.max_steps={steps}", f"optim.batch_size={batch_size}", f"optim.base_lr={lr}", "optim.scale_lr=false",
-        f"optim.warmup_steps={warmup_steps}", f"optim.decay={decay}", f"train.eval_every={every}",
-        f"train.checkpoint_every={every}", f"train.image_every={every}",
-        "train.log_every=50", "train.keep_checkpoints=1", "data.num_workers=1", f"logger={logger}"], logs, env)
+        f"train.max_steps={steps}", f"train.micro_batch={batch_size}", f"train.optim.base_lr={lr}",
+        "train.optim.lr_scaling=none", f"train.optim.warmup_steps={warmup_steps}", f"train.optim.lr_decay={decay}",
+        f"train.eval_every={every}", f"train.checkpoint.every_steps={every}", f"train.image_every={every}",
+        "train.log_every=50", "train.checkpoint.keep_last=1", "data.num_workers=1", f"logger={logger}"], logs, env)
     info = _load_json(export.with_suffix(".json"))
     if info is None or info.get("step") != steps:
         raise StageError(f"train_{name} finished but {export.with_suffix('.json')} does not record step {steps}: "

@@ -77,7 +77,7 @@ class Reference(Scoring):
                 f"data.heldout={tars(self.raw / 't10k', 1)}", f"runs_root={self.out / 'runs'}",
                 "run_name=fmnist_kl_f4_ref", *FIRST_STAGE_RECIPE, f"train.max_steps={self.n['ae_steps']}",
                 "train.log_every=200", "train.eval_every=1600", "train.image_every=1600",
-                "train.checkpoint_every=800", "train.eval_images=256", "data.num_workers=1", "logger=disabled"],
+                "train.checkpoint.every_steps=800", "train.eval_images=256", "data.num_workers=1", "logger=disabled"],
                 self.logs)
         latents = self.out / "latents" / "fmnist_kl_f4" / "manifest.json"
         if not latents.exists():

@@ -34,8 +34,8 @@ PY = sys.executable
 # The first stage's recipe for a few CPU minutes (the Fashion-MNIST f4 first stage reached 30.6 dB with it): a
 # 27x higher learning rate than CompVis' 4.5e-6 x batch, warmed up and decayed to 0 over the run. With CompVis'
 # constant 3e-4 the quickstart's 200 steps gave 18.7 dB and reconstructions whose shapes were unreadable.
-FIRST_STAGE_RECIPE = ["optim.batch_size=8", "optim.base_lr=1e-3", "optim.scale_lr=false", "optim.warmup_steps=100",
-                      "optim.decay=cosine"]
+FIRST_STAGE_RECIPE = ["train.micro_batch=8", "train.optim.base_lr=1e-3", "train.optim.lr_scaling=none",
+                      "train.optim.warmup_steps=100", "train.optim.lr_decay=cosine"]
 
 
 class StageError(RuntimeError):
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"data.heldout={heldout_tars}", f"runs_root={out / 'runs'}", "run_name=tiny_kl_f4",
             f"train.max_steps={a.ae_steps}", "first_stage.lossconfig.perceptual_weight=0",
             "first_stage.lossconfig.disc_start=1000000000", *FIRST_STAGE_RECIPE,
-            f"train.eval_every={a.ae_steps}", f"train.checkpoint_every={a.ae_steps}",
+            f"train.eval_every={a.ae_steps}", f"train.checkpoint.every_steps={a.ae_steps}",
             f"train.image_every={a.ae_steps}", "train.log_every=50", "data.num_workers=1"], logs, env)
     ae_stats = last_json_line(ae_run / "stats.jsonl", "eval/psnr")
 

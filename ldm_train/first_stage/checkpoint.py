@@ -1,6 +1,6 @@
 """Resumable first-stage checkpoints: ``<run>/checkpoints/step_NNNNNNN/`` in the checkpoint directory both
 trainers share (``ldm_train.runtime.checkpoint_dir``: written whole or not at all, ``files.json``, ``latest``,
-``train.keep_checkpoints``; a damaged checkpoint is moved aside, naming the file, and the previous one is used).
+``train.checkpoint.keep_last``; a damaged checkpoint is moved aside, naming the file, and the previous one is used).
 
 Rank 0 writes the shared state (``state.pt``: models, optimizers, step, config) and, when asked, the
 first-stage weights (``first_stage.safetensors``); every rank writes its RNG streams (``rng_rank<R>.pt``).
@@ -41,7 +41,7 @@ def save_checkpoint(ckpt_dir: Path, step: int, state: dict[str, Any], keep: int,
                 export_fn(folder / "first_stage.safetensors")
 
     meta = {"step": step, "world_size": get_world_size()}
-    return ckpt_dir / checkpoint_dir.save(ckpt_dir, step, write, meta, keep, "train.keep_checkpoints")
+    return ckpt_dir / checkpoint_dir.save(ckpt_dir, step, write, meta, keep, "train.checkpoint.keep_last")
 
 
 def resume_path(ckpt_dir: Path) -> Path | None:

@@ -69,12 +69,13 @@ class Trainer:
         self.rank, self.world = get_rank(), get_world_size()
         self.device = device_for_rank()
         self.cfg = cfg
-        self.fs, self.data, self.optim, self.tcfg = cfg.first_stage, cfg.data, cfg.optim, cfg.train
+        self.fs, self.data, self.tcfg, self.optim = cfg.first_stage, cfg.data, cfg.train, cfg.train.optim
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         perceptual = self._build_models()
-        self.global_batch = self.optim.batch_size * self.world
-        self.lr = self.optim.base_lr * self.global_batch if self.optim.scale_lr else self.optim.base_lr
+        self.global_batch = self.tcfg.micro_batch * self.world
+        scale = self.global_batch if self.optim.lr_scaling == "compvis" else 1
+        self.lr = self.optim.base_lr * scale
         betas = tuple(self.optim.betas)
         self.opt_g = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=betas)
@@ -86,14 +87,14 @@ class Trainer:
         if reseed or self.step == 0:  # else the checkpoint restored this rank's RNG streams
             torch.manual_seed(cfg.seed + 1000 * self.rank + self.step)
         self.ddp = DistributedDataParallel(self.model) if self.world > 1 else self.model
-        self.stream = ImageStream(self.data, self.optim.batch_size, cfg.seed + (self.step if reseed else 0),
+        self.stream = ImageStream(self.data, self.tcfg.micro_batch, cfg.seed + (self.step if reseed else 0),
                                   self.rank, self.world, skip_batches=0 if reseed else self.step)
         self.heldout = load_heldout(self.data, self.tcfg.eval_images)
         self.tracker = Tracker(cfg.logger, self.run_dir, run_config=config_dict(cfg), experiment=cfg.run_group)
         self.usage = torch.zeros(max(self.fs.n_embed, 1), device=self.device)  # VQ code counts per log interval
         n_params = sum(p.numel() for p in self.model.parameters())
         log(f"first_stage {self.fs.name} ({self.fs.kind}, f={self.fs.downsample_factor}, {n_params:,} params), "
-            f"world {self.world} x batch {self.optim.batch_size} = {self.global_batch}, lr {self.lr:.3g}, "
+            f"world {self.world} x batch {self.tcfg.micro_batch} = {self.global_batch}, lr {self.lr:.3g}, "
             f"disc_start {self.fs.lossconfig.disc_start}, perceptual {'off' if perceptual is None else 'LPIPS'}, "
             f"run dir {self.run_dir}, start step {self.step}")
 
@@ -142,7 +143,7 @@ class Trainer:
         o = self.optim
         if step < o.warmup_steps:
             return self.lr * (step + 1) / o.warmup_steps
-        if o.decay == "cosine":
+        if o.lr_decay == "cosine":
             span = max(self.tcfg.max_steps - o.warmup_steps, 1)
             frac = min((step - o.warmup_steps) / span, 1.0)
             return self.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
@@ -203,7 +204,7 @@ class Trainer:
         z_sq, z_n = torch.zeros_like(z_sum), torch.zeros((), device=self.device, dtype=torch.float64)
         mean_image = self.heldout.mean(0, keepdim=True).to(self.device)
         recs = []
-        for chunk in mine.split(self.optim.batch_size):
+        for chunk in mine.split(self.tcfg.micro_batch):
             z, rec = self._reconstruct(chunk)
             recs.append(rec)
             sums[0] += psnr(chunk, rec).double().sum()
@@ -241,8 +242,8 @@ class Trainer:
     def _log(self, terms: dict[str, torch.Tensor], t0: float, steps: int) -> None:
         if not bool(torch.isfinite(terms["total"])):  # checked at the log interval only: one host sync
             raise FloatingPointError(
-                f"non-finite generator loss at step {self.step} on rank {self.rank}: lower optim.base_lr or set "
-                f"optim.grad_clip; the run resumes from the last checkpoint in {self.ckpt_dir}")
+                f"non-finite generator loss at step {self.step} on rank {self.rank}: lower train.optim.base_lr or "
+                f"set train.optim.grad_clip; the run resumes from the last checkpoint in {self.ckpt_dir}")
         scalars = {f"train/{k}": v for k, v in terms.items()}
         if self.fs.kind == "vq":  # codebook usage over the interval, all ranks
             counts = all_reduce_(self.usage.clone())
@@ -268,8 +269,9 @@ class Trainer:
         def export(path: Path) -> None:
             export_first_stage(self.model, str(path), {"step": self.step})
 
-        return save_checkpoint(self.ckpt_dir, self.step, self._state() if self.rank == 0 else {},
-                               self.tcfg.keep_checkpoints, export if self.tcfg.export_every_checkpoint else None)
+        ckpt = self.tcfg.checkpoint
+        return save_checkpoint(self.ckpt_dir, self.step, self._state() if self.rank == 0 else {}, ckpt.keep_last,
+                               export if ckpt.export_weights else None)
 
     def fit(self) -> dict[str, Any]:
         t0, since = time.perf_counter(), self.step
@@ -288,7 +290,7 @@ class Trainer:
             if self.preemption.should_stop(self.device):
                 stopped = True
                 break
-            if self.step % self.tcfg.checkpoint_every == 0 and self.step < self.tcfg.max_steps:
+            if self.step % self.tcfg.checkpoint.every_steps == 0 and self.step < self.tcfg.max_steps:
                 self.checkpoint()
         self.checkpoint()
         if stopped:

@@ -15,6 +15,7 @@ from ldm_train.config import (
     BETA_SCHEDULES,
     LOSS_TYPES,
     LR_DECAYS,
+    LR_SCALINGS,
     PARAMETERIZATIONS,
     TIMESTEP_SPACINGS,
     CondConfig,
@@ -26,8 +27,6 @@ from ldm_train.config_checks import bounded, one_of
 from ldm_train.data.config import LatentDataConfig
 from ldm_train.runtime.precision import PRECISIONS
 from ldm_train.tracking import LoggerConfig
-
-LR_SCALINGS = ("none", "compvis")  # optim.lr_scaling (``one_of``: refused at composition)
 
 
 @dataclass

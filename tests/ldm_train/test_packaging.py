@@ -88,8 +88,8 @@ def test_wheel_runs_the_whole_chain_from_an_empty_directory(installed: Path, tmp
         "shard_size=16", "split=train", "seed=0")
     run(str(bin_ / "ldm-train-autoencoder"), "first_stage=tiny_kl_f4", "data.input=raw/000000.tar",
         "runs_root=runs", "run_name=ae", "train.max_steps=2", "first_stage.lossconfig.perceptual_weight=0",
-        "first_stage.lossconfig.disc_start=1000000000", "optim.batch_size=4", "train.eval_every=2",
-        "train.checkpoint_every=2", "train.image_every=2", "data.num_workers=0", "logger=disabled")
+        "first_stage.lossconfig.disc_start=1000000000", "train.micro_batch=4", "train.eval_every=2",
+        "train.checkpoint.every_steps=2", "train.image_every=2", "data.num_workers=0", "logger=disabled")
     export = tmp_path / "runs" / "autoencoder" / "ae" / "export" / "first_stage.safetensors"
     assert export.is_file()
     run(str(bin_ / "ldm-prep-latents"), "input=raw/000000.tar", "output=latents", "first_stage=tiny_kl_f4",

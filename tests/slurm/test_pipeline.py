@@ -47,7 +47,7 @@ def test_pipeline_runs_every_stage_after_the_one_it_needs(slurm_cluster: LocalSl
     jobs = run_pipeline(
         slurm_cluster, work, SYNTH_SAMPLES="32", SYNTH_SHARD_SIZE="16", PREP_TASKS="2",
         TRAIN_FIRST_STAGE="1", **SMALL_SBATCH,
-        AE_ARGS="train.max_steps=2 optim.batch_size=4 data.num_workers=0 loss.lpips_random_backbone=true",
+        AE_ARGS="train.max_steps=2 train.micro_batch=4 data.num_workers=0 loss.lpips_random_backbone=true",
         PREP_ARGS="num_workers=0 batch_size=16 progress=false", TRAIN_NODES="2",
         TRAIN_ARGS=" ".join([a for a in TINY_TRAIN_ARGS if not a.startswith("experiment=")]
                             + ["train.total_samples=16"]),

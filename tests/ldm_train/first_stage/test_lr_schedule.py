@@ -18,7 +18,7 @@ def test_constant_is_the_compvis_default() -> None:
 
 
 def test_warmup_then_cosine_to_the_floor() -> None:
-    kw = {"warmup_steps": 100, "decay": "cosine", "min_lr_ratio": 0.1}
+    kw = {"warmup_steps": 100, "lr_decay": "cosine", "min_lr_ratio": 0.1}
     assert math.isclose(_lr(0, **kw), 1e-5) and math.isclose(_lr(99, **kw), 1e-3)
     assert math.isclose(_lr(100, **kw), 1e-3)
     assert math.isclose(_lr(600, **kw), 1e-3 * (0.1 + 0.9 * 0.5))  # half-way: the mean of lr and floor

@@ -49,7 +49,7 @@ def test_discriminator_waits_for_disc_start_then_alternates(tmp_path, shapes32):
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tmp_path, shapes32):
-    common = ["first_stage.lossconfig.disc_start=2", "data.num_workers=2", "train.checkpoint_every=3"]
+    common = ["first_stage.lossconfig.disc_start=2", "data.num_workers=2", "train.checkpoint.every_steps=3"]
     full = train(ae_cfg(tmp_path / "full", shapes32, *common, "train.max_steps=5"))
     train(ae_cfg(tmp_path / "split", shapes32, *common, "train.max_steps=3"))
     resumed = train(ae_cfg(tmp_path / "split", shapes32, *common, "train.max_steps=5"))

@@ -25,8 +25,9 @@ def test_tiny_kl_f4_beats_the_mean_image_on_heldout(tmp_path, shapes32):
     batch 4 at 64 px 14.0 dB after 150; the mean image scores 8.8-8.9 dB.
     """
     t0 = time.perf_counter()
-    result = train(ae_cfg(tmp_path, shapes32, "optim.batch_size=4", "optim.base_lr=7.5e-5", "train.max_steps=200",
-                          "train.log_every=25", "train.eval_images=16", "data.shuffle_buffer=64", resolution=32))
+    result = train(ae_cfg(tmp_path, shapes32, "train.micro_batch=4", "train.optim.base_lr=7.5e-5",
+                          "train.max_steps=200", "train.log_every=25", "train.eval_images=16",
+                          "data.shuffle_buffer=64", resolution=32))
     wall = time.perf_counter() - t0
     psnr, baseline = result["eval_psnr"], result["eval_psnr_mean_image"]
     print(f"tiny_kl_f4 32px 200 steps x 4: held-out PSNR {psnr:.2f} dB vs mean image {baseline:.2f} dB "
@@ -40,7 +41,7 @@ def test_ddp_two_processes_train_both_players(tmp_path, shapes32):
     overrides = [f"data.input={shapes32['train']}", f"data.heldout={shapes32['heldout']}", f"runs_root={tmp_path}",
                  "run_name=ddp", "logger=disabled", "first_stage.ddconfig.resolution=16", "data.resolution=16",
                  "first_stage.lossconfig.perceptual_weight=0", "first_stage.lossconfig.disc_num_layers=2",
-                 "first_stage.lossconfig.disc_start=1", "data.num_workers=1", "optim.batch_size=2",
+                 "first_stage.lossconfig.disc_start=1", "data.num_workers=1", "train.micro_batch=2",
                  "train.max_steps=3", "train.log_every=1", "train.eval_images=8"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -65,7 +66,7 @@ def _cli(tmp_path, shapes32, *extra: str) -> list[str]:
     return [sys.executable, "-m", "ldm_train.train_autoencoder", f"data.input={shapes32['train']}",
             f"runs_root={tmp_path}", "logger=disabled", "first_stage.ddconfig.resolution=16", "data.resolution=16",
             "first_stage.lossconfig.perceptual_weight=0", "first_stage.lossconfig.disc_num_layers=2",
-            "optim.batch_size=2", "train.log_every=1", "train.eval_images=4", *extra]
+            "train.micro_batch=2", "train.log_every=1", "train.eval_images=4", *extra]
 
 
 def _signalled(cmd: list[str], ready, send, poll_s: float = 0.5, **popen) -> tuple[int, str]:
