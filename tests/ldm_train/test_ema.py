@@ -131,6 +131,7 @@ def _run_worker(tmp_path: Path, stage: int, precision: str) -> dict:
     return json.loads(out.read_text())
 
 
+@pytest.mark.slow  # two ZeRO-3 processes (~20 s)
 def test_zero3_gathered_ema_equals_plain_ema(tmp_path: Path) -> None:
     """2 gloo ranks, ZeRO-3 fp32 (DeepSpeed on CPU, recipes/cpu-stack.md): each rank averages its own
     partition; the gathered EMA must equal the EMA of an unpartitioned model trained on the same data."""
@@ -146,8 +147,9 @@ def test_zero3_gathered_ema_equals_plain_ema(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("stage", "precision", "optimizer"), [
     (2, "fp32", "DeepSpeedZeroOptimizer"),
-    (2, "bf16", "DeepSpeedZeroOptimizer"),
-    (1, "bf16-accum-fp32", "BF16_Optimizer"),
+    # the other two precisions start their own pair of processes (~18 s each): run with the slow suite
+    pytest.param(2, "bf16", "DeepSpeedZeroOptimizer", marks=pytest.mark.slow),
+    pytest.param(1, "bf16-accum-fp32", "BF16_Optimizer", marks=pytest.mark.slow),
 ])
 def test_zero12_ema_is_sharded_from_the_fp32_master(tmp_path: Path, stage: int, precision: str, optimizer: str) -> None:
     """ZeRO-1/2: each rank keeps only its fragment of the optimizer's fp32 master partition (no full

@@ -40,6 +40,7 @@ def test_time_budget_ends_the_run_and_is_kept_across_resumes(latents_root: Path,
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == latest
 
 
+@pytest.mark.slow  # a training that measures FID with the real Inception every second (~45 s)
 def test_fid_at_training_time_moments_and_at_the_budgets_end(latents_root: Path, tmp_path: Path) -> None:
     import numpy as np
     from PIL import Image
