@@ -13,13 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from ldm_train.runtime.distributed import free_ports
+
 AWS_TEST_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @contextmanager
@@ -30,7 +26,7 @@ def moto_server(log_path: Path, start_timeout: float = 30.0) -> Iterator[dict[st
     exe = shutil.which("moto_server") or str(Path(sys.executable).parent / "moto_server")
     if not Path(exe).exists():
         pytest.skip("moto_server not installed: pip install 'moto[server]'")
-    port = _free_port()
+    port = free_ports()[0]
     with open(log_path, "wb") as log:
         proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT)
         try:

@@ -33,6 +33,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
+from ldm_train.runtime.distributed import free_ports
+
 REQUIRED_BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "scancel", "srun")
 
 # Job states after which nothing more happens to the job (unless someone requeues it).
@@ -57,20 +59,6 @@ def missing_binaries() -> list[str]:
     """The SLURM/munge executables that are not on PATH (or in /usr/sbin, where Debian puts the daemons)."""
     search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
     return [b for b in REQUIRED_BINARIES if shutil.which(b, path=search) is None]
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports the kernel calls free on 127.0.0.1 right now (held open together so they are distinct)."""
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _die_with_parent() -> None:
@@ -322,7 +310,7 @@ class LocalSlurmCluster:
             key.write_bytes(os.urandom(1024))
         os.chmod(key, 0o400)
 
-        ports = _free_ports(1 + self.n_nodes)
+        ports = free_ports(1 + self.n_nodes)
         self.ctld_port = ports[0]
         self.node_ports = dict(zip(self.nodes, ports[1:], strict=True))
         user = getpass.getuser()

@@ -205,6 +205,29 @@ def master_addr_from_nodelist(
     return "127.0.0.1"
 
 
+def free_ports(count: int = 1, low: int = 0, high: int = 0) -> list[int]:
+    """``count`` distinct TCP ports free on 127.0.0.1 right now: any (the kernel's pick) or, with ``high``, ones in
+    [low, high). They are held open together while chosen, so they differ; a later bind can still lose a race."""
+    candidates = iter(random.sample(range(low, high), high - low)) if high else None
+    socks: list[socket.socket] = []
+    try:
+        while len(socks) < count:
+            port = 0 if candidates is None else next(candidates, None)
+            if port is None:
+                raise RuntimeError(f"fewer than {count} free ports on 127.0.0.1 in [{low}, {high})")
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _env_int(*names: str, default: int) -> int:
     for name in names:
         if os.environ.get(name, "") != "":

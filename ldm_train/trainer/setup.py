@@ -47,11 +47,9 @@ def _process_group() -> DistEnv:
 def _single_process_group() -> None:
     """A 1-process group on a free loopback port, for a plain ``python -m`` start (without a launcher
     DeepSpeed would bind 29500, which collides when a sweep runs several single-process jobs on one machine)."""
-    import socket
+    from ldm_train.runtime.distributed import free_ports
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_ports()[0]
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl",
                                          init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
@@ -14,7 +13,7 @@ from unittest import mock
 import pytest
 
 from ldm_train.runtime import distributed
-from ldm_train.runtime.distributed import DistEnv, master_addr_from_nodelist
+from ldm_train.runtime.distributed import DistEnv, free_ports, master_addr_from_nodelist
 
 pytestmark = pytest.mark.integration  # starts processes or servers
 
@@ -131,19 +130,6 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in drop}
 
 
-def _free_port(low: int = 0, high: int = 0) -> int:
-    """A port free on 127.0.0.1 now (any, or one in [low, high))."""
-    candidates = random.sample(range(low, high), 200) if high else [0]
-    for port in candidates:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError(f"no free port in [{low}, {high})")
-
-
 def _results(out: Path, n: int) -> list[dict]:
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(n)]
 
@@ -151,7 +137,7 @@ def _results(out: Path, n: int) -> list[dict]:
 def test_two_process_gloo_group_under_torchrun(tmp_path: Path) -> None:
     (tmp_path / "worker.py").write_text(WORKER)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(tmp_path / "worker.py"), str(tmp_path)]
+           "--master_port", str(free_ports()[0]), str(tmp_path / "worker.py"), str(tmp_path)]
     proc = subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for r, res in enumerate(_results(tmp_path, 2)):
@@ -162,7 +148,7 @@ def test_two_process_gloo_group_under_torchrun(tmp_path: Path) -> None:
 def test_two_process_gloo_group_from_slurm_env(tmp_path: Path) -> None:
     # the variables srun sets; the port comes from the job id, the address from the node list
     (tmp_path / "worker.py").write_text(WORKER)
-    port = _free_port(20000, 40000)  # then job id = port - 20000 gives it (20000 + id % 20000)
+    port = free_ports(1, 20000, 40000)[0]  # then job id = port - 20000 gives it (20000 + id % 20000)
     procs = []
     for r in range(2):
         env = _clean_env() | {"SLURM_JOB_ID": str(port - 20000), "SLURM_STEP_ID": "0", "SLURM_PROCID": str(r),
@@ -203,3 +189,17 @@ def test_sbatch_shell_is_not_a_rank(slurm_cluster, tmp_path: Path) -> None:
     lines = out.read_text().split("\n")
     assert lines[1] == "none 1"  # the shell itself
     assert sorted(lines[2:6]) == ["slurm 4"] * 4  # the srun tasks
+
+
+def test_free_ports_are_distinct_bindable_and_in_the_range_asked() -> None:
+    ports = free_ports(4)
+    assert len(set(ports)) == 4
+    for port in ports:  # free now: each binds
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", port))
+    assert all(20000 <= p < 20050 for p in free_ports(3, 20000, 20050))
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        with pytest.raises(RuntimeError, match="free ports"):
+            free_ports(1, taken, taken + 1)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pytest
 import torch
 
 from ldm_train.runtime import checkpoint_dir as cd
+from ldm_train.runtime.distributed import free_ports
 from ldm_train.trainer import checkpoint as ck
 from tests.ldm_train.trainer.helpers import REPO, read_stats, run_trainer, tiny_overrides, trainer_env
 from tests.malicious_pickle import write_malicious
@@ -238,12 +238,6 @@ def test_resume_after_a_kill_logs_each_step_once(latents_root, base_run, tmp_pat
     assert [r["loss"] for r in rows[2:4]] == [before[3], before[4]]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_with_one_process_trains_and_resumes(latents_root, tmp_path) -> None:
     """It used to hang forever without a word: the trainer made its own group on another port, and torch then
     waited for torchrun's agent store there. Fresh (--standalone) and resumed (--master_port) under a timeout."""
@@ -261,7 +255,7 @@ def test_torchrun_with_one_process_trains_and_resumes(latents_root, tmp_path) ->
         return proc
 
     torchrun(["--standalone"], 4, **{"train.max_steps": 2})
-    proc = torchrun(["--master_addr", "127.0.0.1", "--master_port", str(_free_port())], 4)
+    proc = torchrun(["--master_addr", "127.0.0.1", "--master_port", str(free_ports()[0])], 4)
     assert "at step 2 (16 samples)" in proc.stdout
     run_dir = runs / "tiny" / "r"
     assert _steps(run_dir) == [1, 2, 3, 4]
@@ -275,7 +269,7 @@ def test_srun_with_one_task_trains(latents_root, tmp_path) -> None:
            if not k.startswith(("SLURM_", "TORCHELASTIC_")) and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     env.update(SLURM_PROCID="0", SLURM_NTASKS="1", SLURM_STEP_ID="0", SLURM_LOCALID="0", SLURM_NODEID="0",
                SLURM_JOB_ID="4242", SLURM_JOB_NODELIST="localhost", SLURM_STEP_TASKS_PER_NODE="1",
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))  # as an sbatch script may export them
+               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_ports()[0]))  # as an sbatch script may export them
     cmd = [sys.executable, "-m", "ldm_train.train", *_args(latents_root, runs, 2)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
