@@ -14,6 +14,7 @@ pytestmark = pytest.mark.integration  # starts processes or servers
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow  # the whole GPU check script on CPU: 25-55 s on the 2-core machine
 def test_gpu_check_dry_run_prints_its_json() -> None:
     done = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--dry-run"], capture_output=True,
                           text=True, timeout=600, cwd=REPO, env={**os.environ, "PYTHON": sys.executable})

@@ -68,6 +68,7 @@ def _digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.png"))}
 
 
+@pytest.mark.slow  # three eval runs, one of them with two processes: 25-55 s on the 2-core machine
 def test_one_and_two_processes_write_byte_identical_pngs(tiny_export, tmp_path) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")

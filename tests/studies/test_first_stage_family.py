@@ -20,6 +20,7 @@ needs_fmnist = pytest.mark.skipif(not os.path.isfile(f"{DEFAULT_ROOT}/t10k-image
 SMALL = {"train_images": 16, "eval_images": 6, "batch_size": 4, "logger": "disabled"}
 
 
+@pytest.mark.slow  # the study's whole chain on Fashion-MNIST, twice: 25-55 s on the 2-core machine
 @needs_fmnist
 def test_one_preset_end_to_end_then_resumed(tmp_path) -> None:
     rows = train_family(tmp_path, ["fmnist_kl_f16"], steps=2, **SMALL)

@@ -37,6 +37,7 @@ def _ops(kernel: str) -> set[str]:
     return set(kernel.split("_"))
 
 
+@pytest.mark.slow  # torch.compile of a block, forward and backward: 25-55 s on the 2-core machine
 def test_groupnorm_and_silu_share_a_kernel_forward_and_backward() -> None:
     torch.manual_seed(0)
     block = ResBlock(64, 128, 0.0, out_channels=64)

@@ -238,6 +238,7 @@ def test_resume_after_a_kill_logs_each_step_once(latents_root, base_run, tmp_pat
     assert [r["loss"] for r in rows[2:4]] == [before[3], before[4]]
 
 
+@pytest.mark.slow  # torchrun, two sessions with a kill between them: 25-55 s on the 2-core machine
 def test_torchrun_with_one_process_trains_and_resumes(latents_root, tmp_path) -> None:
     """It used to hang forever without a word: the trainer made its own group on another port, and torch then
     waited for torchrun's agent store there. Fresh (--standalone) and resumed (--master_port) under a timeout."""
