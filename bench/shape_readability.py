@@ -15,30 +15,24 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tarfile
+from typing import Any
 
 from eval.adherence import adherence_of_folder
+from ldm_train.data.shard_reader import shard_captions
 
 FIELDS = ("colour", "shape", "position", "background")
 
 
-def captions(tar_path: str) -> list[str]:
-    """The ``.txt`` captions of one tar shard, in the tar's order."""
-    with tarfile.open(tar_path) as tar:
-        return [tar.extractfile(m).read().decode().strip() for m in tar.getmembers()  # type: ignore[union-attr]
-                if m.isfile() and m.name.endswith(".txt")]
-
-
-def readability(reconstruction_dir: str, tar_path: str) -> dict[str, dict[str, float]]:
-    caps = captions(tar_path)
+def readability(reconstruction_dir: str, tar_path: str) -> dict[str, Any]:
+    """Accuracies per field of the originals and of the reconstructions, and the number of images scored."""
+    caps = shard_captions([tar_path])
     n = min(len(caps), len([f for f in os.listdir(os.path.join(reconstruction_dir, "originals")) if f.endswith(".png")]))
     if n == 0:
         raise SystemExit(f"no captions in {tar_path} or no PNGs under {reconstruction_dir}/originals")
-    out: dict[str, dict[str, float]] = {}
+    out: dict[str, Any] = {"num_images": n}
     for sub in ("originals", "reconstructions"):
         scores = adherence_of_folder(os.path.join(reconstruction_dir, sub), caps[:n])
         out[sub] = {f: round(scores[f"all_{f}_accuracy"], 4) for f in FIELDS}
-    out["num_images"] = n  # type: ignore[assignment]
     return out
 
 
