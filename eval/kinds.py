@@ -3,7 +3,8 @@
 ``python -m eval.kinds checkpoint=RUN_DIR images=HELDOUT [num_images=32 steps=20 seed=0 untrained=false fid=true
 output=DIR]``: ``images`` holds tars of ``python -m data_prep.synthetic annotate=true`` at the model's resolution
 (image, ``seg.png``, json ``objects``); the condition of each held-out image is made from it as the training data
-was, a sample is drawn (DDIM, seed ``seed + i``, no guidance for the concatenated kinds) and decoded, and:
+was, a sample is drawn (DDIM, seed ``seed + i``; layout guided by ``guidance_scale`` against the empty layout, the
+concatenated kinds unguided) and decoded, and:
 
 - inpaint: the hole is the paper's large mask of (``seed``, key); the sample is pasted into the known pixels, then
   ``psnr_masked`` (PSNR of the hole's pixels against the original, in [0, 1]) and, with ``fid``, ``fid`` of the
@@ -57,6 +58,7 @@ class KindsEvalConfig:
     num_images: int = bounded(32, ge=1)
     steps: int = bounded(20, ge=1)
     seed: int = 0  # sample i's noise seed is seed + i; inpainting masks are drawn from (seed, key)
+    guidance_scale: float = bounded(1.0, ge=0.0)  # layout: classifier-free guidance against the empty layout
     batch_size: int = bounded(16, ge=1)
     untrained: bool = False  # score the same model at its random initialisation
     use_ema: bool = True
@@ -206,7 +208,7 @@ def evaluate(cfg: KindsEvalConfig) -> dict[str, Any]:
             model.ldm.load_state_dict(build_ldm(model.config).state_dict())
     items = heldout(cfg.images, model.resolution, cfg.num_images)
     conds, masks = conditions(model, items, cfg, device)
-    settings = SamplerSettings("ddim", cfg.steps, 0.0, 1.0, cfg.seed)
+    settings = SamplerSettings("ddim", cfg.steps, 0.0, cfg.guidance_scale, cfg.seed)
     parts = []
     for i in range(0, len(conds), cfg.batch_size):
         seeds = [cfg.seed + j for j in range(i, min(i + cfg.batch_size, len(conds)))]
@@ -221,7 +223,8 @@ def evaluate(cfg: KindsEvalConfig) -> dict[str, Any]:
         u8 = ((samples + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
         scores = (semantic_scores if kind == "semantic" else layout_scores)(u8, items)
     report = {"kind": kind, "checkpoint": cfg.checkpoint, "untrained": cfg.untrained, "num_images": len(items),
-              "steps": cfg.steps, "seed": cfg.seed, "first_stage": model.first_stage_file, **scores}
+              "steps": cfg.steps, "seed": cfg.seed, "guidance_scale": cfg.guidance_scale if kind == "layout" else 1.0,
+              "first_stage": model.first_stage_file, **scores}
     if cfg.output:
         _write(cfg.output, report, originals, samples)
     return report
