@@ -21,17 +21,25 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(600), pytest.mark.slo
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """<root>/raw (512 annotated 16 px shapes), <root>/heldout (16 more, another seed), <root>/latents/pixel (the raw
     images through the encode job, with inpainting masks): written once, read by every kind's test."""
+    root = tmp_path_factory.mktemp("shapes16")
+    _write_shapes(root, train=512, shard_size=128, heldout=16, inpaint_masks=True)
+    return root
+
+
+def _write_shapes(root: Path, train: int, shard_size: int, heldout: int, inpaint_masks: bool = False) -> None:
+    """``train`` annotated 16 px shapes in <root>/raw, encoded (identity first stage) to <root>/latents/pixel, and
+    ``heldout`` more from another seed in <root>/heldout."""
     from data_prep.encode_job import run_encode
     from data_prep.synthetic import write_synthetic
     from tests.data_prep.helpers import encode_args, encode_cfg
 
-    root = tmp_path_factory.mktemp("shapes16")
-    write_synthetic(str(root / "raw"), num_samples=512, resolution=16, shard_size=128, annotate=True)
-    write_synthetic(str(root / "heldout"), num_samples=16, resolution=16, shard_size=16, seed=1, annotate=True)
+    write_synthetic(str(root / "raw"), num_samples=train, resolution=16, shard_size=shard_size, annotate=True)
+    write_synthetic(str(root / "heldout"), num_samples=heldout, resolution=16, shard_size=heldout, seed=1,
+                    annotate=True)
     res = run_encode(encode_cfg(encode_args(input=root / "raw", output=root / "latents", resolution=16,
-                                            first_stage="pixel", inpaint_masks="true", num_workers=0)))
-    assert res.ok and res.num_samples == 512
-    return root
+                                            first_stage="pixel", inpaint_masks=str(inpaint_masks).lower(),
+                                            num_workers=0)))
+    assert res.ok and res.num_samples == train
 
 
 def _train_and_score(experiment: str, shapes: Path, runs: Path, steps: int) -> tuple[dict, dict]:
@@ -76,16 +84,9 @@ def test_layout_kind_puts_the_object_in_its_box(tmp_path: Path) -> None:
     """experiment=shapes_layout as preset (2,048 shapes, 6,000 steps of 16), scored on 256 held-out layouts: the
     share of the drawn object's pixels inside its box must clear the chance level (the same pixels' share inside the
     other held-out boxes) and the untrained model by a wide margin."""
-    from data_prep.encode_job import run_encode
-    from data_prep.synthetic import write_synthetic
     from eval.kinds import KindsEvalConfig, evaluate
-    from tests.data_prep.helpers import encode_args, encode_cfg
 
-    write_synthetic(str(tmp_path / "raw"), num_samples=2048, resolution=16, shard_size=256, annotate=True)
-    write_synthetic(str(tmp_path / "heldout"), num_samples=256, resolution=16, shard_size=256, seed=1, annotate=True)
-    res = run_encode(encode_cfg(encode_args(input=tmp_path / "raw", output=tmp_path / "latents", resolution=16,
-                                            first_stage="pixel", num_workers=0)))
-    assert res.ok and res.num_samples == 2048
+    _write_shapes(tmp_path, train=2048, shard_size=256, heldout=256)
     run_trainer(["experiment=shapes_layout", f"runs_root={tmp_path / 'runs'}", "run_name=r", "data.num_workers=0",
                  f"data.latents_root={tmp_path / 'latents'}", "logger.mode=disabled"], nproc=1, timeout=3000)
     common = dict(checkpoint=str(tmp_path / "runs" / "shapes_layout" / "r"), images=str(tmp_path / "heldout"),
