@@ -10,8 +10,11 @@ the same machine load; medians over the rounds:
   whole batch with ``--threads`` intra-op threads (``eval.fid``'s path before the workers).
 - ``workers``: ``FIDInception()``, the default: the batch split across ``--threads`` single-threaded workers.
 
-Per path: images/s (wall), the same per core (over ``--threads``) and CPU seconds per image (this process's CPU
-time, spin-waiting included). ``load_avg`` is the 1-minute load before and after: the machine may be shared.
+Per path: images/s (wall), the same per core (over ``--threads``), CPU seconds per image (this process's CPU
+time, spin-waiting included) and GFLOPS per core against the machine's limit: ``gflop_per_image`` is counted by
+``torch.utils.flop_counter`` on one image (convolutions and matmuls), ``sgemm_gflops_per_core`` is the best rate
+of a 1024 x 1024 fp32 matmul on one thread here, and ``ceiling_images_per_s_per_core`` their quotient: the rate if
+every convolution ran as fast as a large matmul. ``load_avg`` is the 1-minute load before and after: the machine may be shared.
 Input: the first ``--batch`` Fashion-MNIST test images (28x28, grey as RGB), random uint8 images of ``--size``, or
 the PNG/JPEG images of a tar shard (RGB, own size).
 """
@@ -69,6 +72,27 @@ def torchscript_path(reference: torch.jit.ScriptModule, images: torch.Tensor) ->
         return reference((x - 128) / 128)
 
 
+def gflop_per_image(images: torch.Tensor) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        FIDInception(cpu_workers=1)(images[:1])
+    return counter.get_total_flops() / 1e9
+
+
+def sgemm_gflops_per_core(threads: int, rounds: int = 5) -> float:
+    """Best rate of a 1024^3 fp32 matmul on one thread (the intra-op threads restored after)."""
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    torch.set_num_threads(1)
+    best = float("inf")
+    for _ in range(rounds + 1):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    torch.set_num_threads(threads)
+    return 2 * 1024**3 / best / 1e9
+
+
 def commit() -> str:
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
@@ -107,13 +131,18 @@ def main() -> None:
             wall[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
     want = first["torchscript"]
+    gflop, sgemm = gflop_per_image(images), sgemm_gflops_per_core(args.threads)
     out: dict = {"input": args.input, "input_shape": list(images.shape), "batch": args.batch, "threads": args.threads,
                  "cpus": os.cpu_count(), "rounds": args.rounds, "compile": args.compile,
-                 "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
+                 "load_avg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+                 "gflop_per_image": round(gflop, 3), "sgemm_gflops_per_core": round(sgemm, 1),
+                 "ceiling_images_per_s_per_core": round(sgemm / gflop, 3)}
     for name in paths:
         rate = args.batch / float(np.median(wall[name]))
         out[name] = {"images_per_s": round(rate, 3), "images_per_s_per_core": round(rate / args.threads, 3),
                      "cpu_s_per_image": round(float(np.median(cpu[name])) / args.batch, 4),
+                     "gflops_per_core": round(rate / args.threads * gflop, 1),
+                     "fraction_of_sgemm": round(rate / args.threads * gflop / sgemm, 3),
                      "max_abs_feature_diff": (first[name] - want).abs().max().item()}
     out["speedup_workers_over_one_batch"] = round(float(np.median(wall["one_batch"]) / np.median(wall["workers"])), 2)
     out["speedup_workers_over_torchscript"] = round(float(np.median(wall["torchscript"]) / np.median(wall["workers"])),

@@ -89,10 +89,16 @@ def step_activation_bytes(model: torch.nn.Module, inputs: Callable[[], tuple]) -
 class flash_attention:
     """Within: ``F.scaled_dot_product_attention`` runs as the flash kernel's op (its output and log-sum-exp saved
     for backward, no N x N matrix), which is what a GPU runs and what the CPU picks for real tensors; the meta
-    device would otherwise take the math path and count the attention matrices."""
+    device would otherwise take the math path and count the attention matrices. The UNet's narrow-head CPU path
+    (``ldm_train.models.attention``) is off within, as it is on a GPU."""
 
     def __enter__(self) -> flash_attention:
         import torch.nn.functional as F
+
+        from ldm_train.models.attention import sdpa_only
+
+        self._sdpa_only = sdpa_only()
+        self._sdpa_only.__enter__()
 
         self._orig = F.scaled_dot_product_attention
 
@@ -108,3 +114,4 @@ class flash_attention:
         import torch.nn.functional as F
 
         F.scaled_dot_product_attention = self._orig
+        self._sdpa_only.__exit__(None, None, None)

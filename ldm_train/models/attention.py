@@ -2,13 +2,18 @@
 
 ``SpatialTransformer`` (text / cross-attention conditioning) and the legacy ``AttentionBlock`` (used when
 the UNet has no context, as the released unconditional LDMs do). Every attention runs through
-``torch.nn.functional.scaled_dot_product_attention`` so flash / memory-efficient kernels are picked on GPU.
+``attention`` (below): ``torch.nn.functional.scaled_dot_product_attention`` everywhere (flash / memory-efficient
+kernels on GPU), except narrow heads in fp32 on CPU, where an explicit softmax attention is faster.
 """
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import FunctionCtx
 from torch.utils.checkpoint import checkpoint
 
 
@@ -18,6 +23,68 @@ def autocast_enabled(device: torch.device) -> bool:
         return torch.is_autocast_enabled(device.type)
     except RuntimeError:
         return False
+
+
+# On CPU, the flash kernel and the GEMMs whose output is one head wide (P @ V, dS @ K) run far below the
+# machine's rate when heads are 16 channels or fewer (the small UNets trained on CPU): there the attention
+# matrix is kept and every GEMM is issued with the long side as its output (see NarrowHeadAttention).
+NARROW_HEAD_MAX = 16
+NARROW_HEAD_MAX_BYTES = 64 * 2**20  # the kept attention matrix per call, beyond which the flash kernel is used
+_sdpa_only = 0
+
+
+@contextlib.contextmanager
+def sdpa_only() -> Iterator[None]:
+    """Within: every attention runs through SDPA, as on a GPU (the planner's memory count uses this)."""
+    global _sdpa_only
+    _sdpa_only += 1
+    try:
+        yield
+    finally:
+        _sdpa_only -= 1
+
+
+class NarrowHeadAttention(torch.autograd.Function):
+    """Softmax attention of ``[B, H, N, D]`` queries over ``[B, H, M, D]`` keys/values (scale ``D**-0.5``), with
+    the probabilities kept for backward and each product computed in the orientation whose output is N or M
+    wide, never D wide (``P @ V`` as ``(V^T P^T)^T``, and so on): equal to SDPA to fp32 rounding."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, h, n, d = q.shape
+        m = k.shape[2]
+        q3, k3, v3 = q.reshape(b * h, n, d), k.reshape(b * h, m, d), v.reshape(b * h, m, d)
+        p = torch.softmax(torch.bmm(q3 * d**-0.5, k3.transpose(1, 2)), dim=-1)
+        ctx.save_for_backward(q3, k3, v3, p)
+        return torch.bmm(v3.transpose(1, 2), p.transpose(1, 2)).transpose(1, 2).reshape(b, h, n, d)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        q3, k3, v3, p = ctx.saved_tensors
+        bh, n, d = q3.shape
+        m = k3.shape[1]
+        shape = (grad.shape[0], grad.shape[1])
+        g3 = grad.reshape(bh, n, d)
+        dv = torch.bmm(g3.transpose(1, 2), p).transpose(1, 2)
+        ds = torch._softmax_backward_data(torch.bmm(g3, v3.transpose(1, 2)), p, -1, p.dtype)
+        dq = torch.bmm(k3.transpose(1, 2), ds.transpose(1, 2)).transpose(1, 2) * d**-0.5
+        dk = torch.bmm(q3.transpose(1, 2), ds).transpose(1, 2) * d**-0.5
+        return dq.reshape(*shape, n, d), dk.reshape(*shape, m, d), dv.reshape(*shape, m, d)
+
+
+def uses_narrow_head_path(q: torch.Tensor, k: torch.Tensor) -> bool:
+    """Whether ``attention(q, k, v)`` takes ``NarrowHeadAttention`` rather than SDPA."""
+    b, h, n, d = q.shape
+    return (not _sdpa_only and q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == torch.float32
+            and d <= NARROW_HEAD_MAX and b * h * n * k.shape[2] * 4 <= NARROW_HEAD_MAX_BYTES
+            and not autocast_enabled(q.device))
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Softmax attention with scale ``1/sqrt(dim_head)`` (as CompVis) of ``[B, H, N, D]`` tensors."""
+    if uses_narrow_head_path(q, k):
+        return NarrowHeadAttention.apply(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 def _split_heads(t: torch.Tensor, heads: int) -> torch.Tensor:
@@ -53,7 +120,7 @@ class CrossAttention(nn.Module):
         q = _split_heads(self.to_q(x), self.heads)
         k = _split_heads(self.to_k(context), self.heads)
         v = _split_heads(self.to_v(context), self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(dim_head), as CompVis
+        out = attention(q, k, v)
         b, _, n, _ = out.shape
         return self.to_out(out.transpose(1, 2).reshape(b, n, -1))
 
@@ -192,7 +259,7 @@ class AttentionBlock(nn.Module):
         flat = x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(flat))  # [B, 3C, T]
         q, k, v = qkv.reshape(b, self.num_heads, 3 * c // self.num_heads, -1).chunk(3, dim=2)
-        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        out = attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         out = out.transpose(-1, -2).reshape(b, c, -1)
         return (flat + self.proj_out(out)).reshape(x.shape)
 
