@@ -3,7 +3,8 @@
 ``SpatialTransformer`` (text / cross-attention conditioning) and the legacy ``AttentionBlock`` (used when
 the UNet has no context, as the released unconditional LDMs do). Every attention runs through
 ``attention`` (below): ``torch.nn.functional.scaled_dot_product_attention`` everywhere (flash / memory-efficient
-kernels on GPU), except narrow heads in fp32 on CPU, where an explicit softmax attention is faster.
+kernels on GPU), except narrow heads with a small attention matrix in fp32 on CPU, where an explicit softmax
+attention is faster.
 """
 from __future__ import annotations
 
@@ -26,10 +27,13 @@ def autocast_enabled(device: torch.device) -> bool:
 
 
 # On CPU, the flash kernel and the GEMMs whose output is one head wide (P @ V, dS @ K) run far below the
-# machine's rate when heads are 16 channels or fewer (the small UNets trained on CPU): there the attention
-# matrix is kept and every GEMM is issued with the long side as its output (see NarrowHeadAttention).
-NARROW_HEAD_MAX = 16
-NARROW_HEAD_MAX_BYTES = 64 * 2**20  # the kept attention matrix per call, beyond which the flash kernel is used
+# machine's rate for 8-channel heads (the small UNets trained on CPU): there the attention matrix is kept and every
+# GEMM is issued with the long side as its output (see NarrowHeadAttention). Measured on one core
+# (docs/performance.md): it wins for heads of 8 channels while the kept matrix is small; for 16-channel heads only
+# when Inductor compiles it (which fuses the softmax and its backward); past a few MiB the flash kernel's tiling wins.
+NARROW_HEAD_MAX = 8
+NARROW_HEAD_MAX_COMPILED = 16
+NARROW_HEAD_MAX_BYTES = 4 * 2**20  # the kept attention matrix per call
 _sdpa_only = 0
 
 
@@ -75,8 +79,9 @@ class NarrowHeadAttention(torch.autograd.Function):
 def uses_narrow_head_path(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Whether ``attention(q, k, v)`` takes ``NarrowHeadAttention`` rather than SDPA."""
     b, h, n, d = q.shape
+    widest = NARROW_HEAD_MAX_COMPILED if torch.compiler.is_compiling() else NARROW_HEAD_MAX
     return (not _sdpa_only and q.device.type == "cpu" and q.dtype == torch.float32 and k.dtype == torch.float32
-            and d <= NARROW_HEAD_MAX and b * h * n * k.shape[2] * 4 <= NARROW_HEAD_MAX_BYTES
+            and d <= widest and b * h * n * k.shape[2] * 4 <= NARROW_HEAD_MAX_BYTES
             and not autocast_enabled(q.device))
 
 

@@ -36,13 +36,13 @@ def test_narrow_head_attention_equals_sdpa(shape: tuple[int, ...]) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
-def test_the_narrow_path_is_taken_only_for_narrow_fp32_heads_on_cpu() -> None:
+def test_the_narrow_path_is_taken_only_for_narrow_fp32_heads_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     def path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str:
         return type(attention(q, k, v).grad_fn).__name__
 
-    q, k, v = _qkv(2, 8, 256, 77, 16)
+    q, k, v = _qkv(2, 8, 256, 77, 8)
     assert uses_narrow_head_path(q, k) and path(q, k, v) == "NarrowHeadAttentionBackward"
-    wide = _qkv(2, 2, 256, 77, 32)
+    wide = _qkv(2, 8, 256, 77, 16)
     assert not uses_narrow_head_path(wide[0], wide[1]) and "NarrowHead" not in path(*wide)
     with sdpa_only():  # the planner's count: what a GPU runs
         assert not uses_narrow_head_path(q, k) and "NarrowHead" not in path(q, k, v)
@@ -51,9 +51,12 @@ def test_the_narrow_path_is_taken_only_for_narrow_fp32_heads_on_cpu() -> None:
         assert not uses_narrow_head_path(q, k)
     half = [t.detach().bfloat16() for t in (q, k)]
     assert not uses_narrow_head_path(*half)
-    big = torch.empty(64, 8, 1024, 8), torch.empty(64, 8, 1024, 8)  # a 2 GiB attention matrix: the flash kernel
-    assert not uses_narrow_head_path(*big)
+    assert uses_narrow_head_path(torch.empty(2, 8, 256, 8), torch.empty(2, 8, 256, 8))  # a 4 MiB matrix
+    assert not uses_narrow_head_path(torch.empty(4, 8, 256, 8), torch.empty(4, 8, 256, 8))  # 8 MiB: the flash kernel
     assert not uses_narrow_head_path(torch.empty(2, 8, 256, 8, device="meta"), torch.empty(2, 8, 77, 8, device="meta"))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # as while Inductor traces the model
+    assert uses_narrow_head_path(wide[0], wide[1])
+    assert not uses_narrow_head_path(*_qkv(2, 2, 256, 77, 32)[:2])
 
 
 def test_the_unet_trains_through_the_narrow_path_as_through_sdpa(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -86,7 +89,7 @@ def test_the_unet_trains_through_the_narrow_path_as_through_sdpa(monkeypatch: py
             out = unet(x, t, ctx)
         out.square().mean().backward()
         results.append((out.detach(), [p.grad.clone() for p in unet.parameters()], len(calls)))
-    assert results[0][2] == 0 and results[1][2] == 14  # 7 transformer blocks (2 down, 1 middle, 4 up) x 2
+    assert results[0][2] == 0 and results[1][2] == 6  # the 3 blocks with 8-channel heads (1 down, 2 up) x 2
     torch.testing.assert_close(results[1][0], results[0][0], rtol=0, atol=1e-5)
     for a, b in zip(results[1][1], results[0][1], strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
