@@ -20,6 +20,8 @@ from ldm_train.config import FirstStageConfig
 from ldm_train.data.fsspec_io import write_bytes, write_text
 
 # fields that change what the weights compute without changing any tensor shape
+# header key of a decoder fine-tune's export: the sha256 of the file its frozen encoder came from
+ENCODER_SHA256 = "encoder_sha256"
 _ARCH_FIELDS = ("kind", "embed_dim", "n_embed", "downsample_factor")
 _DD_FIELDS = ("z_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "double_z", "norm_groups")
 
@@ -52,6 +54,13 @@ def first_stage_state_dict(weights: WeightsFile) -> dict[str, torch.Tensor]:
         state = {k[len(FIRST_STAGE_PREFIX):]: v for k, v in state.items() if k.startswith(FIRST_STAGE_PREFIX)}
     # the training objective (LPIPS, discriminator, logvar) ships in released files but is not the model
     return {k: v for k, v in state.items() if not k.startswith("loss.")}
+
+
+def encoder_sha256(weights: WeightsFile) -> str:
+    """sha256 of the file whose encoder this one carries unchanged: the header's ``encoder_sha256`` when the file is
+    a decoder fine-tune (``train.trainable=decoder``), else the file's own; latents encoded with that file decode
+    with this one."""
+    return weights.metadata.get(ENCODER_SHA256) or weights.sha256
 
 
 def stored_config(weights: WeightsFile) -> dict[str, Any] | None:
@@ -122,7 +131,10 @@ def export_first_stage(model: nn.Module, path: str, extra: dict[str, Any] | None
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     info = {"first_stage": asdict(cfg), **(extra or {})}
     info["first_stage"]["checkpoint"] = str(path)
-    data = save(tensors, metadata={"format": "pt", "first_stage": json.dumps(info["first_stage"])})
+    metadata = {"format": "pt", "first_stage": json.dumps(info["first_stage"])}
+    if info.get(ENCODER_SHA256):  # a decoder fine-tune: the file its (unchanged) encoder came from
+        metadata[ENCODER_SHA256] = str(info[ENCODER_SHA256])
+    data = save(tensors, metadata=metadata)
     write_bytes(path, data)  # atomic, as the JSON: the next stage may be waiting for the file
     json_path = str(path)[: -len(".safetensors")] if str(path).endswith(".safetensors") else str(path)
     json_path += ".json"

@@ -119,12 +119,29 @@ def check_manifest(
     checkpoint = _get(first_stage_cfg, "checkpoint")
     if verify_checkpoint and checkpoint and fs.get("sha256"):
         sha = fsspec_io.sha256(str(checkpoint))
-        if sha != fs["sha256"]:
+        if sha != fs["sha256"] and _encoder_source(str(checkpoint)) != fs["sha256"]:
             raise ManifestError(
                 f"manifest {url} was encoded with first stage {fs.get('checkpoint')} (sha256 {fs['sha256'][:12]}...) "
                 f"but first_stage.checkpoint={checkpoint} has sha256 {sha[:12]}...: point first_stage.checkpoint at "
-                f"the encoding checkpoint or re-encode with this one"
+                f"the encoding checkpoint (or a decoder fine-tune of it: train.trainable=decoder) or re-encode with this one"
             )
+
+
+def _encoder_source(checkpoint: str) -> str | None:
+    """The sha256 a decoder fine-tune's export names as its encoder's source (None for any other file): latents
+    encoded with that source decode with it."""
+    import struct
+
+    from ldm_train.checkpoints.first_stage import ENCODER_SHA256
+
+    try:  # the safetensors header only: 8 bytes of length, then JSON with the string metadata
+        with fsspec_io.open_url(checkpoint, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size)) if size < 1 << 26 else {}
+    except (OSError, ValueError, struct.error):  # not a safetensors file: no such record
+        return None
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata.get(ENCODER_SHA256) if isinstance(metadata, dict) else None
 
 
 def shard_list(manifest: dict[str, Any], base_url: str | None = None) -> list[tuple[str, int]]:

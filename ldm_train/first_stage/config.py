@@ -19,6 +19,9 @@ from ldm_train.data.config import INPUT_FORMATS
 from ldm_train.tracking import LoggerConfig
 
 AE_PRECISIONS = ("fp32", "bf16")  # no fp16: it would need a loss scaler, which this trainer has not
+# all: the whole autoencoder. decoder: the decoder and post_quant_conv only (encoder, quant_conv and codebook frozen),
+# so every latent stays what it was and latents encoded before the fine-tune remain valid for the LDM
+AE_TRAINABLE = ("all", "decoder")
 
 # Earlier first-stage keys, old -> new (the LDM trainer's names): an old key is refused at composition naming its
 # new one (the schema's ``renamed_keys``, checked by ``ldm_train.app`` on the command line and in the typed config).
@@ -75,6 +78,9 @@ class AETrainConfig:
     max_steps: int = bounded(1000, ge=1)
     micro_batch: int = bounded(8, ge=1)  # per rank per step; no accumulation: the global batch is micro_batch * world
     precision: str = one_of("fp32", AE_PRECISIONS)  # fp32 | bf16 (autocast)
+    # what the optimizer updates; "decoder" fine-tunes a trained first stage (first_stage.checkpoint: the weights a
+    # new run starts from) without changing its latents, e.g. with the patch GAN from step 0 (lossconfig.disc_start=0)
+    trainable: str = one_of("all", AE_TRAINABLE)
     log_every: int = bounded(50, ge=1)
     image_every: int = bounded(500, ge=1)
     eval_every: int = bounded(500, ge=1)  # steps: held-out PSNR vs the mean-image baseline, latent stats

@@ -73,11 +73,13 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         perceptual = self._build_models()
+        self.encoder_source: str | None = None  # sha256 of the file the frozen encoder is from (trainable=decoder)
+        trained = self._initial_weights()
         self.global_batch = self.tcfg.micro_batch * self.world
         scale = self.global_batch if self.optim.lr_scaling == "compvis" else 1
         self.lr = self.optim.base_lr * scale
         betas = tuple(self.optim.betas)
-        self.opt_g = torch.optim.Adam(self.model.parameters(), lr=self.lr, betas=betas)
+        self.opt_g = torch.optim.Adam(trained, lr=self.lr, betas=betas)
         self.opt_d = torch.optim.Adam(self.disc.parameters(), lr=self.lr, betas=betas)
         self.step, self.d_steps = 0, 0
 
@@ -96,7 +98,8 @@ class Trainer:
         log(f"first_stage {self.fs.name} ({self.fs.kind}, f={self.fs.downsample_factor}, {n_params:,} params), "
             f"world {self.world} x batch {self.tcfg.micro_batch} = {self.global_batch}, lr {self.lr:.3g}, "
             f"disc_start {self.fs.lossconfig.disc_start}, perceptual {'off' if perceptual is None else 'LPIPS'}, "
-            f"run dir {self.run_dir}, start step {self.step}")
+            f"trains {self.tcfg.trainable} ({sum(p.numel() for p in trained):,} params)"
+            f"{f' from {self.fs.checkpoint}' if self.fs.checkpoint else ''}, run dir {self.run_dir}, start step {self.step}")
 
     def _build_models(self) -> torch.nn.Module | None:
         """Autoencoder, discriminator and objective (in this order: it fixes the initial weights); the LPIPS."""
@@ -110,6 +113,30 @@ class Trainer:
         perceptual = build_lpips(loss.lpips_backbone, loss.lpips_random_backbone) if lc.perceptual_weight > 0 else None
         self.objective = FirstStageLoss(lc, self.fs.kind, perceptual).to(self.device)
         return perceptual
+
+    def _initial_weights(self) -> list[torch.nn.Parameter]:
+        """Load ``first_stage.checkpoint`` (the weights a new run starts from; a resume overrides them) and freeze
+        what ``train.trainable`` leaves out; returns the parameters the generator's optimizer updates."""
+        if self.fs.checkpoint:
+            from ldm_train.checkpoints.first_stage import (
+                encoder_sha256,
+                load_first_stage,
+                read_first_stage_file,
+            )
+
+            weights = read_first_stage_file(self.fs)
+            self.model.load_state_dict(load_first_stage(self.fs, weights=weights).state_dict())
+            if self.tcfg.trainable == "decoder":  # the exports carry it: latents of that encoder stay valid
+                self.encoder_source = encoder_sha256(weights)
+        if self.tcfg.trainable == "decoder":
+            if not self.fs.checkpoint:
+                raise ValueError("train.trainable=decoder fine-tunes a trained first stage with its encoder frozen: "
+                                 "set first_stage.checkpoint=PATH (an export/first_stage.safetensors), or use "
+                                 "train.trainable=all to train from scratch")
+            self.model.requires_grad_(False)
+            self.model.decoder.requires_grad_(True)
+            self.model.post_quant_conv.requires_grad_(True)
+        return [p for p in self.model.parameters() if p.requires_grad]
 
     def _run_dir(self) -> Path:
         from ldm_train.runtime.rundir import resolve_run_dir, shared_run_dir, slurm_job_id
@@ -265,9 +292,14 @@ class Trainer:
                 "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(), "step": self.step,
                 "d_steps": self.d_steps, "world_size": self.world, "config": config_dict(self.cfg)}
 
+    def _provenance(self) -> dict[str, str]:
+        from ldm_train.checkpoints.first_stage import ENCODER_SHA256
+
+        return {ENCODER_SHA256: self.encoder_source} if self.encoder_source else {}
+
     def checkpoint(self) -> Path:
         def export(path: Path) -> None:
-            export_first_stage(self.model, str(path), {"step": self.step})
+            export_first_stage(self.model, str(path), {"step": self.step, **self._provenance()})
 
         ckpt = self.tcfg.checkpoint
         return save_checkpoint(self.ckpt_dir, self.step, self._state() if self.rank == 0 else {}, ckpt.keep_last,
@@ -306,7 +338,7 @@ class Trainer:
                  "latent_mean": [final[k] for k in sorted(final) if k.startswith("latent/mean_")],
                  "latent_std": [final[k] for k in sorted(final) if k.startswith("latent/std_")],
                  "eval_psnr": final.get("eval/psnr"), "eval_psnr_mean_image": final.get("eval/psnr_mean_image"),
-                 "train_images_psnr": final.get("eval_train/psnr")}
+                 "train_images_psnr": final.get("eval_train/psnr"), **self._provenance()}
         export_path = self.run_dir / "export" / "first_stage.safetensors"
         if self.rank == 0:
             export_path.parent.mkdir(parents=True, exist_ok=True)

@@ -112,3 +112,49 @@ def test_vq_trains_and_logs_codebook_usage(tmp_path, shapes32):
     for s in logged:
         assert 1.0 <= s["vq/perplexity"] <= 256 and 0 <= s["vq/dead_codes"] < 256 and s["train/codebook"] > 0
     assert result["latent_std"] and result["eval_psnr"] > 0
+
+
+def test_decoder_fine_tune_keeps_every_latent(tmp_path, shapes32):
+    """train.trainable=decoder starts from first_stage.checkpoint, trains decoder and discriminator, leaves the
+    encoder (so every latent) exactly as it was; without a checkpoint it is refused before anything is written."""
+    first = train(ae_cfg(tmp_path / "base", shapes32, "train.max_steps=2"))
+    tuned = ["train.trainable=decoder", f"first_stage.checkpoint={first['export']}",
+             "first_stage.lossconfig.disc_start=0"]
+    trainer = Trainer(ae_cfg(tmp_path / "tune", shapes32, *tuned, "train.max_steps=3"))
+    try:
+        from ldm_train.checkpoints.first_stage import load_first_stage
+
+        start = load_first_stage(trainer.fs)
+        assert not _changed(_params(start), trainer.model)  # the run starts from the given weights
+        frozen = {k: v for k, v in _params(trainer.model).items() if not k.startswith(("decoder.", "post_quant"))}
+        decoder, disc = _params(trainer.model.decoder), _params(trainer.disc)
+        batches = trainer.stream.loader()
+        for _ in range(3):
+            log = trainer.train_step(next(batches))
+            trainer.step += 1
+        assert "d_loss" in log and "g_loss" in log
+        assert _changed(decoder, trainer.model.decoder) and _changed(disc, trainer.disc)
+        now = trainer.model.state_dict()
+        assert all(torch.equal(v, now[k]) for k, v in frozen.items())
+        x = next(batches)
+        with torch.no_grad():
+            assert torch.equal(start.encode_moments(x), trainer.model.encode_moments(x))
+    finally:
+        trainer.close()
+    # its export names the file its encoder came from: latents encoded with that file pass the LDM's check
+    from ldm_train.checkpoints.compvis import read_weights
+    from ldm_train.data.fsspec_io import sha256
+    from ldm_train.data.manifest import ManifestError, check_manifest
+
+    tuned_export = train(ae_cfg(tmp_path / "tune2", shapes32, *tuned, "train.max_steps=1"))["export"]
+    assert read_weights(tuned_export).metadata["encoder_sha256"] == sha256(first["export"])
+    fs = dict(json.loads(open(first["export"].replace(".safetensors", ".json")).read())["first_stage"])
+    manifest = {"first_stage": {**fs, "z_channels": fs["embed_dim"], "sha256": sha256(first["export"])},
+                "stored": "moments", "latent_shape": [6, 4, 4]}
+    check_manifest(manifest, {**fs, "checkpoint": tuned_export}, verify_checkpoint=True)
+    manifest["first_stage"]["sha256"] = "0" * 64  # latents of another encoder are still refused
+    with pytest.raises(ManifestError, match="decoder fine-tune of it"):
+        check_manifest(manifest, {**fs, "checkpoint": tuned_export}, verify_checkpoint=True)
+    with pytest.raises(ValueError, match="first_stage.checkpoint=PATH"):
+        train(ae_cfg(tmp_path / "refused", shapes32, "train.trainable=decoder", "train.max_steps=1"))
+    assert not (tmp_path / "refused").exists()
