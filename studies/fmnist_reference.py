@@ -6,7 +6,9 @@ Each stage runs its commands as separate command lines (logs in ``<out>/logs/``)
 killed run is resumed by running the same command again:
 
   prep   32 px train / t10k tars (``data_prep.fashion_mnist``), the ``fmnist_kl_f4`` first stage (cosine lr,
-         6,400 steps x batch 8), the latent shards (``data_prep.encode``), the judge (``eval.fmnist_judge``)
+         6,400 steps x batch 8), the latent shards (``data_prep.encode``), the judge (``eval.fmnist_judge``),
+         and (``--decoder-steps``: 1,200 by default, 0: off) its decoder fine-tuned with the patch GAN, encoder frozen
+         (``train.trainable=decoder``): the latents stay valid, and the LDM's samples are decoded with it
   train  ``ldm_train.train experiment=fmnist_txt2img`` and ``bench/fmnist_pixel_ddpm.py train`` side by side, one
          thread each, each for ``--budget-s`` seconds of training steps (both resume)
   sampler the DDIM steps x guidance grid on the final LDM checkpoint: 1,000 samples per setting, their FID against
@@ -36,10 +38,15 @@ from pathlib import Path
 from studies.fmnist_scores import BASELINE, REPO, Scoring, tars
 from studies.quickstart import FIRST_STAGE_RECIPE, PY, StageError, run_stage
 
+# the decoder's fine-tune: L1 + the patch GAN from its first step (adaptive weight 0.5, hinge), Adam 0.5/0.9
+DECODER_RECIPE = ["train.micro_batch=16", "train.optim.base_lr=1e-4", "train.optim.lr_scaling=none",
+                  "first_stage.lossconfig.disc_start=0", "first_stage.lossconfig.perceptual_weight=0"]
 FULL = {"sampler_samples": 1000, "sampler_reference": 10000, "ae_steps": 6400, "budget_s": 2400.0, "fid_samples": 5000, "curve_samples": 500, "baseline_final": 1000, "train_shards": 60,
-        "t10k_shards": 10, "reference_images": 10000, "judge_epochs": 3, "ldm_checkpoint_every": 24000, "baseline_snapshot_every_s": 600.0, "baseline_curve_stride": 2}
+        "t10k_shards": 10, "reference_images": 10000, "judge_epochs": 3, "ldm_checkpoint_every": 24000, "baseline_snapshot_every_s": 600.0, "baseline_curve_stride": 2,
+        "decoder_steps": 1200}
 SMOKE = {"sampler_samples": 20, "sampler_reference": 100, "ae_steps": 20, "budget_s": 15.0, "fid_samples": 40, "curve_samples": 20, "baseline_final": 20, "train_shards": 2,
-         "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 64, "curve_points": 2, "baseline_snapshot_every_s": 8.0, "baseline_curve_stride": 1}
+         "t10k_shards": 1, "reference_images": 100, "judge_epochs": 1, "ldm_checkpoint_every": 64, "curve_points": 2, "baseline_snapshot_every_s": 8.0, "baseline_curve_stride": 1,
+         "decoder_steps": 4}
 
 
 class Reference(Scoring):
@@ -52,6 +59,11 @@ class Reference(Scoring):
         self.raw = self.out / "raw"
         self.ae_dir = self.out / "runs" / "autoencoder" / "fmnist_kl_f4_ref"
         self.ae_export = self.ae_dir / "export" / "first_stage.safetensors"
+        self.dec_dir = self.out / "runs" / "autoencoder" / "fmnist_kl_f4_gan"
+        self.dec_export = self.dec_dir / "export" / "first_stage.safetensors"
+        self.decoder_steps = args.decoder_steps if args.decoder_steps is not None else self.n["decoder_steps"]
+        # the first stage the samples and the reconstructions are decoded with
+        self.decoder = self.dec_export if self.decoder_steps else self.ae_export
         self.judge = self.out / "judge.safetensors"
         self.ldm_dir = self.out / "runs" / "fmnist_txt2img" / "reference"
         self.base_dir = self.out / "runs" / "pixel_ddpm"
@@ -85,6 +97,16 @@ class Reference(Scoring):
                 PY, "-m", "data_prep.encode", f"input={tars(self.raw / 'train', self.n['train_shards'])}",
                 f"output={self.out / 'latents'}", "resolution=32", "first_stage=fmnist_kl_f4",
                 f"first_stage.checkpoint={self.ae_export}", "num_workers=0"], self.logs)
+        if self.decoder_steps and not self.dec_export.exists():
+            run_stage("first_stage_decoder", [
+                PY, "-m", "ldm_train.train_autoencoder", "first_stage=fmnist_kl_f4",
+                f"first_stage.checkpoint={self.ae_export}", "train.trainable=decoder",
+                f"data.input={tars(self.raw / 'train', self.n['train_shards'])}",
+                f"data.heldout={tars(self.raw / 't10k', 1)}", f"runs_root={self.out / 'runs'}",
+                "run_name=fmnist_kl_f4_gan", *DECODER_RECIPE, f"train.max_steps={self.decoder_steps}",
+                "train.log_every=100", f"train.eval_every={self.decoder_steps}",
+                f"train.image_every={self.decoder_steps}", "train.checkpoint.every_steps=200",
+                "train.eval_images=256", "data.num_workers=1", "logger=disabled"], self.logs)
         if not self.judge.exists():
             limit = ["--train-images", "2000"] if self.args.smoke else []
             run_stage("judge", [PY, "-m", "eval.fmnist_judge", "train", "--out", str(self.judge),
@@ -145,6 +167,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="DDIM steps of both models (default: the sampler stage's choice, else 20)")
     ap.add_argument("--guidance-scale", type=float, default=None,
                     help="guidance of both models (default: the sampler stage's choice, else 2.0)")
+    ap.add_argument("--decoder-steps", type=int, default=None,
+                    help="steps of the decoder's patch-GAN fine-tune (default 1200; 0: none, decode with the first stage as trained)")
     ap.add_argument("--threads", type=int, default=2, help="threads for sampling (training: one each)")
     ap.add_argument("--report-dir", default=None, help="where the JSON and PNGs go (default docs/results)")
     ap.add_argument("--smoke", action="store_true", help="seconds and tens of images: checks the chain only")

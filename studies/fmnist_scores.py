@@ -2,8 +2,9 @@
 ``Reference``, the report's markdown, and what both modules share (paths, prompts, the sampler grid, small helpers).
 
 ``Scoring`` reads the orchestrator's attributes: ``args`` (the command line), ``n`` (FULL or SMOKE sizes), ``out``,
-``logs``, ``raw``, ``ae_export``, ``judge``, ``ldm_dir``, ``base_dir``, ``score_dir``, ``report_dir``, ``t10k_stats``, and
-its ``ldm_cmd()`` / ``baseline_cmd()`` (named in the report).
+``logs``, ``raw``, ``ae_export``, ``decoder`` (the first stage samples and reconstructions are decoded with),
+``judge``, ``ldm_dir``, ``base_dir``, ``score_dir``, ``report_dir``, ``t10k_stats``, and its ``ldm_cmd()`` /
+``baseline_cmd()`` (named in the report).
 """
 from __future__ import annotations
 
@@ -170,7 +171,7 @@ class Scoring:
         run_stage(f"sample_ldm_{folder.name}", [
             PY, "-m", "eval.run", f"checkpoint={point['path']}", f"prompts={prompts}", f"num_samples={n}",
             f"steps={setting['steps']}", f"guidance_scale={setting['guidance_scale']}", "stage=sample",
-            f"output_dir={folder}", "batch_size=250", "wandb.mode=disabled", "progress=false", "metrics.fid=false",
+            f"first_stage_checkpoint={self.decoder}", f"output_dir={folder}", "batch_size=250", "wandb.mode=disabled", "progress=false", "metrics.fid=false",
             "metrics.prc=false", "adherence=false"], self.logs)
 
     def _sample_baseline(self, point: dict[str, Any], n: int, folder: Path, setting: dict[str, Any]) -> None:
@@ -195,7 +196,7 @@ class Scoring:
         recon = self.out / "reconstruction"
         if not (recon / "metrics.json").exists():
             run_stage("reconstruction", [
-                PY, "-m", "eval.reconstruction", "first_stage=fmnist_kl_f4", f"first_stage.checkpoint={self.ae_export}",
+                PY, "-m", "eval.reconstruction", "first_stage=fmnist_kl_f4", f"first_stage.checkpoint={self.decoder}",
                 f"images={tars(self.raw / 't10k', self.n['t10k_shards'])}", f"num_images={self.n['fid_samples']}",
                 f"output_dir={recon}", "lpips.enabled=false", "metrics.fid=false", "batch_size=100"], self.logs)
         metrics = json.loads((recon / "metrics.json").read_text())
@@ -293,11 +294,12 @@ class Scoring:
             "ldm_wall_s_to_baseline_final_fid": reached["train_wall_s"] if reached else None,
             "speedup_to_baseline_final_fid": (round(base[-1]["train_wall_s"] / reached["train_wall_s"], 2)
                                               if reached else None),
-            "first_stage": recon,
+            "first_stage": {**recon, "checkpoint": str(self.decoder), "decoder_fine_tune_steps": self.decoder_steps},
             "sampler": {"kind": "ddim", **setting}, "sampler_grid": sampler_grid,
             "curve": {"ldm": ldm, "baseline": base},
             "commit": commit,
-            "commands": {"all": "python -m studies.fmnist_reference" + (" --smoke" if self.args.smoke else ""),
+            "commands": {"all": "python -m studies.fmnist_reference" + (" --smoke" if self.args.smoke else "") + (
+                             f" --decoder-steps {self.decoder_steps}" if self.decoder_steps != self.n["decoder_steps"] else ""),
                          "ldm": " ".join(self.ldm_cmd()[1:]), "baseline": " ".join(self.baseline_cmd()[1:])},
         }
         curves_png(ldm, base, floor_curve["fid"], self.report_dir / "fmnist_fid_vs_time.png")

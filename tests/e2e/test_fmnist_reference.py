@@ -36,6 +36,9 @@ def test_reference_chain_at_smoke_scale(tmp_path: Path) -> None:
     assert len(result["curve"]["ldm"]) >= 2 and len(result["curve"]["baseline"]) >= 2
     assert 0.0 <= result["prompt_adherence"] <= 1.0 and result["judge_accuracy_t10k"] > 0.5
     assert result["fid"] > 0 and result["baseline_fid"] > 0 and result["first_stage"]["psnr"] > 10
+    # samples and reconstructions are decoded by the decoder fine-tuned with the patch GAN (encoder frozen)
+    assert result["first_stage"]["checkpoint"].endswith("fmnist_kl_f4_gan/export/first_stage.safetensors")
+    assert result["first_stage"]["decoder_fine_tune_steps"] == 4
     # the sampler grid (DDIM 20 steps x guidance 1 and 2 at smoke scale) chose the setting the scores used
     grid = result["sampler_grid"]
     assert [(g["steps"], g["guidance_scale"]) for g in grid["grid"]] == [(20, 1.0), (20, 2.0)]
