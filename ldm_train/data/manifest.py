@@ -130,15 +130,16 @@ def check_manifest(
 def _encoder_source(checkpoint: str) -> str | None:
     """The sha256 a decoder fine-tune's export names as its encoder's source (None for any other file): latents
     encoded with that source decode with it."""
-    import struct
-
     from ldm_train.checkpoints.first_stage import ENCODER_SHA256
+    from ldm_train.checkpoints.safe_load import check_safetensors_header
 
     try:  # the safetensors header only: 8 bytes of length, then JSON with the string metadata
         with fsspec_io.open_url(checkpoint, "rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size)) if size < 1 << 26 else {}
-    except (OSError, ValueError, struct.error):  # not a safetensors file: no such record
+            head = f.read(8)
+            size = f.seek(0, 2)
+            f.seek(8)
+            header = json.loads(f.read(check_safetensors_header(checkpoint, head, size)))
+    except (OSError, ValueError):  # not a safetensors file: no such record
         return None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return metadata.get(ENCODER_SHA256) if isinstance(metadata, dict) else None
