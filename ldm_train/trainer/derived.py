@@ -30,6 +30,7 @@ class Derived:
     flops_per_step: float | None
     lr_decay: str = "constant"  # after warm-up: "constant" (CompVis) or "cosine" (to lr * min_lr_ratio at the end)
     min_lr_ratio: float = 0.0
+    time_budget_s: float = 0.0  # > 0: the cosine also ends where train.time_budget_s does, whichever end comes first
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -76,17 +77,22 @@ def derive(cfg: TrainConfig, world_size: int, flops_per_sample: float | None = N
         flops_per_sample=flops_per_sample,
         lr_decay=cfg.optim.lr_decay,
         min_lr_ratio=cfg.optim.min_lr_ratio,
+        time_budget_s=float(cfg.time_budget_s),
         flops_per_step=None if flops_per_sample is None else flops_per_sample * cfg.global_batch,
     )
 
 
-def lr_at(step: int, d: Derived) -> float:
+def lr_at(step: int, d: Derived, train_wall_s: float = 0.0) -> float:
     """Linear warm-up over ``warmup_steps`` optimizer steps (the CompVis LambdaLR warm-up), then constant, or a
-    cosine decay from ``lr`` to ``lr * min_lr_ratio`` at ``total_steps`` (``train.optim.lr_decay=cosine``)."""
+    cosine decay from ``lr`` to ``lr * min_lr_ratio`` (``train.optim.lr_decay=cosine``) that ends at ``total_steps``
+    or, with ``train.time_budget_s`` set, when ``train_wall_s`` (training time so far, the same on every rank) reaches
+    the budget, whichever comes first: a time-bounded run decays to its floor by its last step."""
     if d.warmup_steps and step < d.warmup_steps:
         return d.lr * (step + 1) / d.warmup_steps
     if d.lr_decay == "cosine" and d.total_steps > d.warmup_steps:
         progress = min(1.0, (step - d.warmup_steps) / (d.total_steps - d.warmup_steps))
+        if d.time_budget_s > 0:
+            progress = max(progress, min(1.0, train_wall_s / d.time_budget_s))
         floor = d.lr * d.min_lr_ratio
         return floor + (d.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     return d.lr
@@ -100,7 +106,9 @@ def describe(d: Derived) -> str:
             f"world size {d.world_size}, micro batch {d.micro_batch}, accumulation {d.accumulation}, "
             f"global batch {d.global_batch} samples/step",
             f"lr {d.lr:.3g} (warm-up {d.warmup_steps} steps, then {d.lr_decay}"
-            + (f" to {d.lr * d.min_lr_ratio:.3g}" if d.lr_decay == "cosine" else "") + f"), total {d.total_steps} steps",
+            + (f" to {d.lr * d.min_lr_ratio:.3g}" if d.lr_decay == "cosine" else "")
+            + (f" by the end of {d.time_budget_s:g} s of training" if d.lr_decay == "cosine" and d.time_budget_s else "")
+            + f"), total {d.total_steps} steps",
             f"log every {d.log_every_steps} steps, checkpoint every {d.checkpoint_every_steps or 'exit-only'} steps, "
             f"samples every {d.sample_every_steps or 'never'} steps, FID every {d.fid_every_steps or 'never'} steps",
             f"FLOPs per step {flops}",

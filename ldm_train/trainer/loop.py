@@ -86,7 +86,7 @@ class Trainer(TrainerOutputs):
         exit_code = 0
         try:
             while self.step < d.total_steps and not self._budget_spent():
-                lr = lr_at(self.step, d)
+                lr = lr_at(self.step, d, self._lr_wall_s)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
                 if d.sample_every_steps and self.step % d.sample_every_steps == 0 and self.step > start_step:
@@ -140,6 +140,7 @@ class Trainer(TrainerOutputs):
             spent = spent.to(self.device)
             torch.distributed.broadcast(spent, 0)
         self.train_wall_s = float(spent.item())
+        self._lr_wall_s = self.train_wall_s  # rank 0's time: every rank's lr stays the same
         self._budget_reached = bool(self.tcfg.time_budget_s) and self.train_wall_s >= self.tcfg.time_budget_s
         if not every_s:
             return False

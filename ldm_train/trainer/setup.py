@@ -98,6 +98,7 @@ class TrainerSetup:
         self.step = 0
         self.samples_seen = 0
         self.train_wall_s = 0.0  # time in training steps, summed over sessions (train.time_budget_s)
+        self._lr_wall_s = 0.0  # train_wall_s as the ranks last agreed on it (the time-bounded cosine reads it)
         self._budget_reached = False  # decided at the log interval, the same on every rank
         self._fid_moment = 0  # training-time moments (train.fid.every_s) whose FID has been measured
         self._setup_data()
@@ -281,6 +282,7 @@ class TrainerSetup:
         state = client["trainer"]
         self.step, self.samples_seen = int(state["step"]), int(state["samples_seen"])
         self.train_wall_s = float(state.get("train_wall_s", 0.0))  # the same on every rank (rank 0's)
+        self._lr_wall_s = self.train_wall_s
         self._budget_reached = bool(self.tcfg.time_budget_s) and self.train_wall_s >= self.tcfg.time_budget_s
         if self.tcfg.fid.every_s:
             self._fid_moment = int(self.train_wall_s // float(self.tcfg.fid.every_s))

@@ -1,8 +1,9 @@
-"""``train.time_budget_s``: the run ends on its budget of training-step seconds, records it, and a resumed run whose
-budget is spent does not train again."""
+"""``train.time_budget_s``: the run ends on its budget of training-step seconds, records it, a cosine lr decays to
+its floor by the budget's end, and a resumed run whose budget is spent does not train again."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -16,13 +17,18 @@ def test_time_budget_ends_the_run_and_is_kept_across_resumes(latents_root: Path,
     runs = tmp_path / "runs"
     # a budget far below total_samples' worth of steps: the budget, not the sample count, ends the run
     args = tiny_overrides(latents_root, runs, **{"train.total_samples": 8 * 100000, "train.time_budget_s": 2,
-                                                 "train.checkpoint.every_samples": 8, "run_name": "budget"})
+                                                 "train.checkpoint.every_samples": 8, "run_name": "budget",
+                                                 "train.optim.lr_decay": "cosine"})
     run_trainer(args, nproc=1)
     run_dir = only_run_dir(runs)
     summary = json.loads((run_dir / "train_summary.json").read_text())
     assert summary["train_wall_s"] >= 2  # stopped at the first log interval past the budget
     assert summary["samples_seen"] < 8 * 100000
     steps = [row["step"] for row in read_stats(run_dir) if "loss" in row]
+    # the cosine follows the training time, not the 100,000 steps total_samples allows: it falls at every logged
+    # step, and each step's lr is the cosine at the training time the step before it ended (its checkpoint's)
+    lr = {row["step"]: row["lr"] for row in read_stats(run_dir) if "loss" in row}
+    assert list(lr) == steps and all(lr[a] > lr[b] for a, b in zip(steps, steps[1:], strict=False)), lr
     latest = (run_dir / "checkpoints" / "latest").read_text().strip()
     meta = json.loads((run_dir / "checkpoints" / latest / "meta.json").read_text())
     assert meta["step"] == steps[-1]
@@ -34,6 +40,10 @@ def test_time_budget_ends_the_run_and_is_kept_across_resumes(latents_root: Path,
     assert kept and kept == steps[-len(kept):], (kept, steps)
     walls = [m["train_wall_s"] for m in metas]
     assert all(a < b for a, b in zip(walls, walls[1:], strict=False)), walls
+    for before, m in zip(metas, metas[1:], strict=False):
+        cosine = 1e-3 * 0.5 * (1 + math.cos(math.pi * min(1.0, before["train_wall_s"] / 2)))
+        # meta.json keeps the seconds to 0.01: the cosine's slope (at most pi/4 * 1e-3 per s) bounds the difference
+        assert lr[m["step"]] == pytest.approx(cosine, abs=4e-6), (m, before, lr)
     # the same command again: the budget is spent, nothing trains, the checkpoint stays
     proc = run_trainer(args, nproc=1)
     assert [row["step"] for row in read_stats(run_dir) if "loss" in row] == steps, proc.stdout[-2000:]

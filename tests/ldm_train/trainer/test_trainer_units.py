@@ -65,6 +65,26 @@ def test_cosine_decay_after_warmup_reaches_the_floor_at_the_end():
     assert "then cosine to 0.1" in describe(d)
 
 
+def test_cosine_with_a_time_budget_ends_at_the_budget_or_the_last_step_whichever_first():
+    cfg = _cfg(global_batch=10, micro_batch=10)
+    cfg.total_samples = 10_000_000  # 1,000,000 steps: the time budget ends the run long before
+    cfg.time_budget_s = 100.0
+    cfg.optim.base_lr, cfg.optim.warmup_samples = 1.0, 40
+    cfg.optim.lr_decay, cfg.optim.min_lr_ratio = "cosine", 0.1
+    d = derive(cfg, 1)
+    assert lr_at(2, d, train_wall_s=50.0) == 0.75  # warm-up is counted in steps
+    assert lr_at(10, d, train_wall_s=0.0) == pytest.approx(1.0, abs=1e-9)
+    assert lr_at(10, d, train_wall_s=50.0) == pytest.approx(0.1 + 0.9 * 0.5)  # half the budget: half way
+    assert lr_at(10, d, train_wall_s=100.0) == pytest.approx(0.1)
+    assert lr_at(10, d, train_wall_s=250.0) == pytest.approx(0.1)  # past the budget (a resumed run): the floor
+    assert "by the end of 100 s of training" in describe(d)
+    cfg.total_samples = 140  # the steps end first: the step count decides
+    d = derive(cfg, 1)
+    assert lr_at(14, d, train_wall_s=1.0) == pytest.approx(0.1)
+    cfg.optim.lr_decay = "constant"  # a time budget alone changes nothing
+    assert lr_at(10, derive(cfg, 1), train_wall_s=99.0) == 1.0
+
+
 def test_ds_config_takes_batch_precision_clipping_from_train():
     cfg = _cfg(global_batch=32, micro_batch=4, precision="bf16")
     cfg.optim.grad_clip = 0.5
