@@ -38,7 +38,9 @@ class OptimConfig:
     # ngpu * batch_size * accumulate_grad_batches * base_learning_rate).
     lr_scaling: str = one_of("none", LR_SCALINGS)
     warmup_samples: int = bounded(0, ge=0)  # linear warm-up from 0 to lr over this many samples, then constant (CompVis LambdaLR)
-    lr_decay: str = one_of("constant", LR_DECAYS)  # after warm-up: "constant" (CompVis, the paper presets) or "cosine"
+    # after warm-up: "constant" (CompVis, the paper presets) or "cosine" (to the floor at total_samples, or at the end
+    # of train.time_budget_s when that comes first)
+    lr_decay: str = one_of("constant", LR_DECAYS)
     min_lr_ratio: float = bounded(0.0, ge=0, le=1)  # cosine: the final lr as a share of lr
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = bounded(1.0e-8, gt=0)
