@@ -47,3 +47,14 @@ def test_any_composition() -> None:
     vq = summarize(compose_config(["first_stage=tiny_vq_f4"]))
     assert vq["first_stage"] == "tiny_vq_f4" and "first_stage_error" not in vq
     assert vq["first_stage_decode_gflops"] > 0 and vq["first_stage_params"] > 0
+
+
+def test_a_first_stage_preset_can_extend_another() -> None:
+    """fmnist_kl_f4_z8 is fmnist_kl_f4 (its defaults list) with 8 latent channels: the LDM's input follows."""
+    z8 = compose_config(["experiment=fmnist_txt2img", "first_stage=fmnist_kl_f4_z8"])
+    z3 = compose_config(["experiment=fmnist_txt2img"])
+    assert z8.first_stage.name == "fmnist_kl_f4_z8" and z3.first_stage.name == "fmnist_kl_f4"
+    assert z8.first_stage.embed_dim == z8.first_stage.ddconfig.z_channels == 8 == z8.unet.in_channels
+    assert z8.first_stage.ddconfig.ch_mult == z3.first_stage.ddconfig.ch_mult
+    assert z8.first_stage.lossconfig == z3.first_stage.lossconfig
+    assert summarize(z8)["latent_shape"] == [8, 8, 8]
