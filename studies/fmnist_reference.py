@@ -23,6 +23,10 @@ killed run is resumed by running the same command again:
   report ``docs/results/fmnist_ldm.json`` (``--report-dir``) and ``.md``, the FID-against-time plot, the 10 x 8
          sample grids and the first stage's reconstructions (PNG)
 
+Scores are kept under ``<out>/scores``: the LDM's samples, the sampler's choice and the first stage's reconstructions
+per decoder (``gan_decoder/`` or, with ``--decoder-steps 0``, ``trained_decoder/``), the baseline's samples and the
+reference statistics shared by both.
+
 ``--smoke`` shrinks every number (seconds of training, tens of images) to check the chain, not the models.
 """
 from __future__ import annotations
@@ -67,7 +71,11 @@ class Reference(Scoring):
         self.judge = self.out / "judge.safetensors"
         self.ldm_dir = self.out / "runs" / "fmnist_txt2img" / "reference"
         self.base_dir = self.out / "runs" / "pixel_ddpm"
-        self.score_dir = self.out / "scores"
+        # the baseline's samples and the reference statistics are shared; the LDM's samples and the first stage's
+        # reconstructions depend on the decoder, so each decoder has its own folder (a rerun with the other
+        # --decoder-steps never reuses images the other one decoded)
+        self.scores = self.out / "scores"
+        self.score_dir = self.scores / ("gan_decoder" if self.decoder_steps else "trained_decoder")
         # a smoke run never overwrites the committed results
         default_report = self.out / "reference" if args.smoke else REPO / "docs" / "results"
         self.report_dir = Path(args.report_dir) if args.report_dir else default_report
@@ -97,6 +105,8 @@ class Reference(Scoring):
                 PY, "-m", "data_prep.encode", f"input={tars(self.raw / 'train', self.n['train_shards'])}",
                 f"output={self.out / 'latents'}", "resolution=32", "first_stage=fmnist_kl_f4",
                 f"first_stage.checkpoint={self.ae_export}", "num_workers=0"], self.logs)
+        if self.decoder_steps and self.dec_export.exists():
+            self._check_decoder_steps()
         if self.decoder_steps and not self.dec_export.exists():
             run_stage("first_stage_decoder", [
                 PY, "-m", "ldm_train.train_autoencoder", "first_stage=fmnist_kl_f4",
@@ -111,6 +121,17 @@ class Reference(Scoring):
             limit = ["--train-images", "2000"] if self.args.smoke else []
             run_stage("judge", [PY, "-m", "eval.fmnist_judge", "train", "--out", str(self.judge),
                                 "--epochs", str(self.n["judge_epochs"]), *limit], self.logs)
+
+    def _check_decoder_steps(self) -> None:
+        """The fine-tuned decoder on disk was trained for the steps asked for (else its scores would be misnamed)."""
+        import yaml
+
+        config = self.dec_dir / "config.yaml"
+        steps = (yaml.safe_load(config.read_text()) or {}).get("train", {}).get("max_steps") if config.exists() else None
+        if steps is not None and int(steps) != self.decoder_steps:
+            raise StageError(f"{self.dec_dir} was fine-tuned for {steps} steps, not --decoder-steps "
+                             f"{self.decoder_steps}: pass --decoder-steps {steps}, or move that folder away to "
+                             "fine-tune again")
 
     # ---------------------------------------------------------------------------------------------- train
     def ldm_cmd(self) -> list[str]:

@@ -3,7 +3,9 @@
 
 ``Scoring`` reads the orchestrator's attributes: ``args`` (the command line), ``n`` (FULL or SMOKE sizes), ``out``,
 ``logs``, ``raw``, ``ae_export``, ``decoder`` (the first stage samples and reconstructions are decoded with),
-``judge``, ``ldm_dir``, ``base_dir``, ``score_dir``, ``report_dir``, ``t10k_stats``, and its ``ldm_cmd()`` /
+``judge``, ``ldm_dir``, ``base_dir``, ``scores`` (shared: the baseline's samples, the reference statistics),
+``score_dir`` (per decoder: the LDM's samples, the reconstructions), ``report_dir``, ``t10k_stats``, and its
+``ldm_cmd()`` /
 ``baseline_cmd()`` (named in the report).
 """
 from __future__ import annotations
@@ -114,7 +116,7 @@ class Scoring:
             raise StageError("no LDM checkpoints for the sampler grid: run --stages train first")
         self.score_dir.mkdir(parents=True, exist_ok=True)
         ref_n, n = self.n["sampler_reference"], self.n["sampler_samples"]
-        ref = self.score_dir / f"train_fid_stats_{ref_n}.npz"
+        ref = self.scores / f"train_fid_stats_{ref_n}.npz"
         if not ref.exists():
             from eval.fid import feature_set
             from ldm_train.data.fsspec_io import atomic_write
@@ -158,7 +160,7 @@ class Scoring:
 
     def _judge(self, folder: Path) -> dict[str, Any]:
         """The judge's prompt adherence of a folder of samples (scored once; the log is named after the folder)."""
-        name = "_".join(folder.relative_to(self.score_dir).parts)
+        name = "_".join(folder.relative_to(self.scores).parts)
         log = self.logs / f"judge_{name}.log"
         if not log.exists() or not log.read_text().strip().startswith("{"):
             run_stage(f"judge_{name}", [PY, "-m", "eval.fmnist_judge", "score", "--weights", str(self.judge),
@@ -193,7 +195,7 @@ class Scoring:
     def reconstruction(self) -> dict[str, Any]:
         """PSNR / SSIM of the first stage over the first fid_samples t10k images, and their rFID: the
         reconstructions against the same t10k statistics the samples are scored with."""
-        recon = self.out / "reconstruction"
+        recon = self.score_dir / "reconstruction"
         if not (recon / "metrics.json").exists():
             run_stage("reconstruction", [
                 PY, "-m", "eval.reconstruction", "first_stage=fmnist_kl_f4", f"first_stage.checkpoint={self.decoder}",
@@ -239,7 +241,7 @@ class Scoring:
                 rows.append(row)
                 write_json(self.score_dir / f"{model}.json", rows)
         write_json(self.score_dir / "first_stage.json", self.reconstruction())
-        floor_curve = self.score_dir / "real_floor_curve.json"
+        floor_curve = self.scores / "real_floor_curve.json"
         if not floor_curve.exists():  # the real-data floor at the curve's sample count (FID is biased upwards alike)
             from eval.fid import feature_set
             from ldm_train.metrics.inception import FIDInception
@@ -250,7 +252,7 @@ class Scoring:
 
     def _draw(self, model: str, point: dict[str, Any], n: int, sample: Any, setting: dict[str, Any]) -> Path:
         """The folder of PNGs of ``n`` samples of this point with this sampler setting (drawn once)."""
-        folder = self.score_dir / model / f"{point['name']}-n{n}-ddim{setting['steps']}-g{setting['guidance_scale']:g}"
+        folder = (self.score_dir if model == "ldm" else self.scores) / model / f"{point['name']}-n{n}-ddim{setting['steps']}-g{setting['guidance_scale']:g}"
         if not (folder / "done").exists():
             sample(point, n, folder, setting)
             (folder / "done").write_text("")
@@ -264,7 +266,7 @@ class Scoring:
         ldm = json.loads((self.score_dir / "ldm.json").read_text())
         base = json.loads((self.score_dir / "baseline.json").read_text())
         floor = json_tail(self.logs / "fid_real_floor.log")
-        floor_curve = json.loads((self.score_dir / "real_floor_curve.json").read_text())
+        floor_curve = json.loads((self.scores / "real_floor_curve.json").read_text())
         recon = json.loads((self.score_dir / "first_stage.json").read_text())
         judge = json.loads((self.score_dir / "ldm_adherence.json").read_text())
         judge_base = json.loads((self.score_dir / "baseline_adherence.json").read_text())
@@ -306,7 +308,7 @@ class Scoring:
         cols = min(8, n_base // 10)  # 10 prompts x 8 seeds (fewer in a smoke run)
         sample_grid_png(ldm[-1]["images"], self.report_dir / "fmnist_ldm_samples.png", rows=10, cols=cols)
         sample_grid_png(base[-1]["images"], self.report_dir / "fmnist_baseline_samples.png", rows=10, cols=cols)
-        recon_dir = self.out / "reconstruction"
+        recon_dir = self.score_dir / "reconstruction"
         sample_grid_png(str(recon_dir / "originals"), self.report_dir / "fmnist_kl_f4_reconstructions.png", rows=2,
                         cols=16, second=str(recon_dir / "reconstructions"))
         write_json(self.report_dir / "fmnist_ldm.json", result)
