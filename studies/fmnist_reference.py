@@ -179,7 +179,7 @@ class Reference(Scoring):
         return bool(lines) and json.loads(lines[-1])["train_wall_s"] >= self.budget
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m studies.fmnist_reference", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="data/fmnist")
     ap.add_argument("--stages", default="prep,train,sampler,score,report")
@@ -193,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="threads for sampling (training: one each)")
     ap.add_argument("--report-dir", default=None, help="where the JSON and PNGs go (default docs/results)")
     ap.add_argument("--smoke", action="store_true", help="seconds and tens of images: checks the chain only")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     args = ap.parse_args(argv)
     ref = Reference(args)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]

@@ -6,20 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from studies.fmnist_reference import Reference, main
+from studies.fmnist_reference import Reference, main, parser
 from studies.quickstart import StageError
 
 
 def _reference(out: Path, *extra: str) -> Reference:
-    import argparse
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--decoder-steps", type=int, default=None)
-    ap.add_argument("--budget-s", type=float, default=None)
-    ap.add_argument("--report-dir", default=None)
-    args = ap.parse_args(list(extra))
-    args.out, args.smoke = str(out), True
-    return Reference(args)
+    """The command's own parsing of ``--smoke --out OUT EXTRA``."""
+    return Reference(parser().parse_args(["--smoke", "--out", str(out), *extra]))
 
 
 def test_each_decoder_scores_its_own_samples_and_the_baseline_is_shared(tmp_path: Path) -> None:
