@@ -100,10 +100,13 @@ def test_all_reduce_across_two_ranks_equals_one_pass(tmp_path) -> None:
 
 
 def test_singular_covariance_fallback_matches_torch_fidelity() -> None:
-    # 6 samples in 10-D: rank-deficient covariance, so the Cholesky route fails and the PSD square root is used
+    # 6 samples in 10-D: a rank-deficient covariance, so the Cholesky of the other side's is used (either order);
+    # 6 against 8 samples: both singular, so the PSD square root is
     rng = np.random.default_rng(5)
     a = torch.from_numpy(rng.normal(size=(6, 10)))
     b = torch.from_numpy(rng.normal(size=(40, 10)) * 0.7 + 0.3)
-    theirs = fid_statistics_to_metric(fid_features_to_statistics(a), fid_features_to_statistics(b), False)
-    assert fid_from_features(a, b) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
-    assert fid_from_features(b, a) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+    c = torch.from_numpy(rng.normal(size=(8, 10)) * 1.2 - 0.1)
+    for x, y in ((a, b), (a, c)):
+        theirs = fid_statistics_to_metric(fid_features_to_statistics(x), fid_features_to_statistics(y), False)
+        assert fid_from_features(x, y) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
+        assert fid_from_features(y, x) == pytest.approx(theirs["frechet_inception_distance"], rel=1e-6)
