@@ -204,5 +204,7 @@ def test_the_final_measurement_draws_more_and_keeps_the_first_k(reference, tmp_p
     periodic = hook.measure({})
     final = hook.measure({}, final=True)
     assert set(periodic) == {"fid6", "fid_seconds"} and set(final) == {"fid6", "fid12", "fid_seconds"}
-    assert abs(final["fid6"] - periodic["fid6"]) < 1e-6  # the same seeds, the same first six images
+    # the same seeds, the same first six images: equal up to the float32 rounding of the feature pass, whose batches
+    # differ when the images are split across threads (3.7e-6 apart at FID ~300 with two threads per process)
+    assert final["fid6"] == pytest.approx(periodic["fid6"], rel=1e-7)
     assert final["fid12"] != final["fid6"]
