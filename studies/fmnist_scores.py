@@ -5,8 +5,7 @@
 ``logs``, ``raw``, ``ae_export``, ``decoder`` (the first stage samples and reconstructions are decoded with),
 ``judge``, ``ldm_dir``, ``base_dir``, ``scores`` (shared: the baseline's samples, the reference statistics),
 ``score_dir`` (per decoder: the LDM's samples, the reconstructions), ``report_dir``, ``t10k_stats``, and its
-``ldm_cmd()`` /
-``baseline_cmd()`` (named in the report).
+``ldm_cmd()`` / ``baseline_cmd()`` (named in the report).
 """
 from __future__ import annotations
 
