@@ -96,7 +96,8 @@ def _snapshot(out: Path, unet, ema, step: int, samples: int, wall: float) -> Non
     save_file(weights, str(snap / f"{name}.safetensors"),
               {"step": str(step), "samples": str(samples), "train_wall_s": f"{wall:.1f}"})
     with open(out / "snapshots.jsonl", "a") as f:
-        f.write(json.dumps({"name": name, "step": step, "samples": samples, "train_wall_s": round(wall, 1)}) + "\n")
+        f.write(json.dumps({"name": name, "step": step, "samples": samples, "train_wall_s": round(wall, 1),
+                            "width": unet.config.block_out_channels[0]}) + "\n")
 
 
 def train(args: argparse.Namespace) -> None:
@@ -177,7 +178,7 @@ def sample(args: argparse.Namespace) -> None:
     out = Path(args.out)
     snaps = [json.loads(line) for line in (out / "snapshots.jsonl").read_text().splitlines()]
     name = args.snapshot or snaps[-1]["name"]
-    unet = build_unet(args.width)
+    unet = build_unet(_snapshot_width(snaps, name, args.width, out))
     unet.load_state_dict(load_file(str(out / "snapshots" / f"{name}.safetensors")))
     unet.eval()
     ddim = DDIMScheduler.from_config(build_scheduler().config)
@@ -206,6 +207,21 @@ def sample(args: argparse.Namespace) -> None:
                       "wall_s": round(time.perf_counter() - t_start, 1)}), flush=True)
 
 
+def _snapshot_width(snaps: list[dict], name: str, asked: int | None, out: Path) -> int:
+    """The UNet width a snapshot was trained with (snapshots.jsonl; rows written before it was recorded: --width,
+    else the default 32)."""
+    rows = [r for r in snaps if r["name"] == name]
+    if not rows:
+        raise SystemExit(f"{out}/snapshots.jsonl has no snapshot {name!r}: choose one of {[r['name'] for r in snaps]}")
+    if "width" not in rows[-1]:
+        return asked or 32
+    width = int(rows[-1]["width"])
+    if asked is not None and asked != width:
+        raise SystemExit(f"--width {asked}: snapshot {name!r} in {out} was trained with --width {width}; "
+                         "drop --width or pass that one")
+    return width
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -213,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
         s = sub.add_parser(name)
         s.add_argument("--out", required=True, help="the run folder (state, snapshots)")
         s.add_argument("--threads", type=int, default=1)
-        s.add_argument("--width", type=int, default=32, help="channels of the first level (then x2, x4)")
+        s.add_argument("--width", type=int, default=None if name == "sample" else 32,
+                       help="channels of the first level (then x2, x4); sample: the snapshot's")
         s.add_argument("--seed", type=int, default=0)
         s.add_argument("--batch-size", type=int, default=64)
     t = sub.choices["train"]

@@ -146,7 +146,7 @@ class Reference(Scoring):
         return [PY, str(BASELINE), "train", "--data", str(self.raw / "train"), "--out", str(self.base_dir),
                 "--budget-s", str(self.budget), "--snapshot-every-s", str(self.n["baseline_snapshot_every_s"]),
                 "--threads", "1", "--batch-size", "32", "--warmup-steps", "100"] + (
-                ["--batch-size", "16", "--warmup-steps", "2"] if self.args.smoke else [])
+                ["--batch-size", "16", "--warmup-steps", "2"] if self.args.smoke else []) + self.baseline_width()
 
     def train(self) -> None:
         """Both trainings at once, one thread each: the same cores, the same wall time, the same load."""

@@ -25,7 +25,7 @@ def test_two_point_sweep_to_the_report(tmp_path: Path) -> None:
     out = tmp_path / "fs"
     cmd = [sys.executable, "-m", "studies.fsweep", "--out", str(out), "--points", "pixel,fmnist_kl_f4",
            "--train-images", "1000", "--heldout-images", "128", "--ae-steps", "150", "--ae-eval-images", "32",
-           "--budget-s", "90", "--moments", "3", "--fid-samples", "32", "--final-fid-samples", "64",
+           "--budget-s", "60", "--moments", "3", "--fid-samples", "32", "--final-fid-samples", "64",
            "--bootstrap", "5", "--jobs", "2"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=2300,
                           env={**os.environ, "WANDB_MODE": "offline"})
@@ -41,16 +41,17 @@ def test_two_point_sweep_to_the_report(tmp_path: Path) -> None:
         assert (run / "train_summary.json").is_file()
         wandb_runs = list((run / "wandb").glob("offline-run-*"))
         assert wandb_runs, f"no offline W&B run in {run}"
-        # the in-training FID at 30, 60, 90 s of training; the last also over 64 samples
+        # the in-training FID at 20, 40, 60 s of training; the last also over 64 samples
         rows = [json.loads(line) for line in (run / "stats.jsonl").read_text().splitlines() if '"fid32"' in line]
         assert len(rows) == 3, rows
-        assert [int(r["train_wall_s"] // 30) for r in rows] == [1, 2, 3], rows
+        assert [int(r["train_wall_s"] // 20) for r in rows] == [1, 2, 3], rows
         assert all(math.isfinite(r["fid32"]) for r in rows), rows
-        if p["first_stage"] == "fmnist_kl_f4":  # LDM-4 learns within the budget (LDM-1 sees ~30x fewer samples)
+        # LDM-4 learns within the budget (LDM-1 sees ~30x fewer samples); measured: fid32 330.6 at 20 s -> 294.2 at 60 s
+        if p["first_stage"] == "fmnist_kl_f4":
             assert rows[-1]["fid32"] < rows[0]["fid32"] - 10, rows
         assert "fid64" in rows[-1] and rows[-1]["fid64_std"] > 0, rows[-1]
         summary = json.loads((run / "train_summary.json").read_text())
-        assert 90 <= summary["train_wall_s"] < 100, summary
+        assert 60 <= summary["train_wall_s"] < 70, summary
 
     # the report: a finite final FID per point, the first-stage metrics of the f=4 point, the plot
     report = json.loads((out / "sweep" / "report" / "report.json").read_text())
@@ -58,7 +59,7 @@ def test_two_point_sweep_to_the_report(tmp_path: Path) -> None:
     assert set(rows) == {"pixel", "fmnist_kl_f4"}
     for r in rows.values():
         assert isinstance(r["final_fid"], float) and math.isfinite(r["final_fid"]), r
-        assert r["fid_samples"] == 64 and r["fid_std"] > 0 and r["train_budget_s"] == 90, r
+        assert r["fid_samples"] == 64 and r["fid_std"] > 0 and r["train_budget_s"] == 60, r
         assert [row["fid_std"] > 0 for row in r["rows"]] == [True] * 3, r["rows"]
     assert {g["f"] for g in report["by_f"]} == {1, 4}
     assert rows["pixel"]["first_stage_metrics"] == "identity"
