@@ -182,11 +182,6 @@ class Scoring:
             "--guidance-scale", str(setting["guidance_scale"]),
             "--images", str(folder), "--batch-size", "250", "--threads", str(self.args.threads)], self.logs)
 
-    def baseline_width(self) -> list[str]:
-        """The pixel UNet's width flag for training (sampling reads it from the snapshot): the recipe's default (32)
-        in the real run, 8 in a smoke run (a quarter of the channels: its sampling took ~65 of the smoke's ~450 s)."""
-        return ["--width", "8"] if self.args.smoke else []
-
     def _images_of(self, folder: Path) -> Path:
         """eval.run writes <output_dir>/<set>/NNNNNN.png: the folder that holds the PNGs."""
         if any(folder.glob("*.png")):

@@ -2,7 +2,6 @@
 sampling builds that UNet without being told, and a contradicting --width is refused naming the snapshot."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -10,17 +9,10 @@ from pathlib import Path
 import pytest
 
 from data_prep.fashion_mnist import DEFAULT_ROOT, write_fashion_mnist
+from tests.bench import load_script
 
-REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.skipif(not os.path.isfile(f"{DEFAULT_ROOT}/train-images-idx3-ubyte.gz"),
                                 reason="Fashion-MNIST not installed: apt-get install dataset-fashion-mnist (.ci/run does)")
-
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("fmnist_pixel_ddpm", REPO / "bench" / "fmnist_pixel_ddpm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture
@@ -28,7 +20,7 @@ def bench():
     import torch
 
     threads = torch.get_num_threads()  # the bench sets its --threads in this process: given back afterwards
-    yield _bench()
+    yield load_script("fmnist_pixel_ddpm")
     torch.set_num_threads(threads)
 
 

@@ -2,24 +2,15 @@
 the rows at 64 px (random-init rFID network: the plumbing; the real network is tested in test_eval_fidelity)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "photo_reconstruction.py"
+from tests.bench import load_script
 
-
-def _bench():
-    spec = importlib.util.spec_from_file_location("photo_reconstruction", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-pr = _bench()
+pr = load_script("photo_reconstruction")
 try:
     DATA_DIR = pr.skimage_data_dir()
     pr.check_photos(DATA_DIR, pr.TRAIN_PHOTOS + pr.HELDOUT_COLOUR + pr.HELDOUT_GREY)
